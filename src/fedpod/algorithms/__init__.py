@@ -1,0 +1,1 @@
+"""Algorithms that run at pods (and the pure halves that run at the modeller)."""

@@ -1,0 +1,39 @@
+"""fedpod's SQL dialect: DuckDB's, plus backtick identifiers so Bitfount task files run as written.
+
+MySQL's dialect also reads backticks, but it takes "double quoted" text as a string, which
+would silently change DuckDB queries; extending DuckDB's tokenizer changes nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.dialects.duckdb import DuckDB
+from sqlglot.errors import ParseError, TokenError
+
+from fedpod.errors import SqlRejected
+
+# sqlglot warns when it falls back to an opaque Command; we refuse those anyway.
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+
+class FedpodSql(DuckDB):
+    class Tokenizer(DuckDB.Tokenizer):
+        IDENTIFIERS = [*DuckDB.Tokenizer.IDENTIFIERS, "`"]
+
+
+def parse_statement(query: str) -> exp.Expression:
+    """Parse exactly one statement; several statements (`SELECT 1; DROP ...`) are refused."""
+    try:
+        statements = [s for s in sqlglot.parse(query, read=FedpodSql) if s is not None]
+    except (ParseError, TokenError) as exc:
+        raise SqlRejected(f"query does not parse: {exc}") from exc
+    if len(statements) != 1:
+        raise SqlRejected(f"expected exactly one statement, got {len(statements)}")
+    return statements[0]
+
+
+def to_duckdb(expression: exp.Expression) -> str:
+    return expression.sql(dialect="duckdb")

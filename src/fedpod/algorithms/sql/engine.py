@@ -1,0 +1,68 @@
+"""A pod's SQL engine: one in-memory DuckDB holding the pod's datasets, locked down.
+
+Lock-down order matters (see FIELD-NOTES): load every dataset, switch off Python
+replacement scans (untrusted SQL could otherwise read the pod process's variables), disable
+external access, then lock the configuration so no query can switch anything back.
+Each query runs on its own cursor with a deadline enforced by `interrupt()`, because DuckDB
+has no statement timeout of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.algorithms.sql.guard import check_read_only
+from fedpod.data.datasets import DatasetSpec, describe, load_dataset
+from fedpod.errors import SqlExecutionError, SqlRejected, TaskTimeout
+
+
+class SqlEngine:
+    def __init__(self, datasets: list[DatasetSpec], base: Path, *, memory_limit: str | None = None) -> None:
+        self._connection = duckdb.connect(":memory:")
+        self.datasets = {spec.name: spec for spec in datasets}
+        self.schemas: dict[str, tuple[dict[str, str], int]] = {}
+        for spec in datasets:
+            load_dataset(self._connection, spec, base)
+            self.schemas[spec.name] = describe(self._connection, spec.name)
+        self._connection.execute("SET python_enable_replacements = false")
+        if memory_limit:
+            self._connection.execute(f"SET memory_limit = '{memory_limit}'")
+        self._connection.execute("SET enable_external_access = false")
+        self._connection.execute("SET lock_configuration = true")
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def run(self, query: str, dataset: str, *, timeout_s: float = 60.0) -> pa.Table:
+        """Run a read-only query that may reference only `dataset`; returns an Arrow table."""
+        if dataset not in self.datasets:
+            raise SqlRejected(f"unknown dataset {dataset!r}")
+        check_read_only(query, {dataset})
+        duckdb_sql = to_duckdb(parse_statement(query))
+        cursor = self._connection.cursor()
+        try:
+            try:
+                referenced = cursor.get_table_names(duckdb_sql)
+            except duckdb.Error as exc:
+                raise SqlExecutionError(f"DuckDB cannot read the query: {exc}") from exc
+            stray = {name for name in referenced if name.lower() != dataset.lower()}
+            if stray:
+                raise SqlRejected(f"query references {sorted(stray)}, which are not this task's dataset")
+            timer = threading.Timer(timeout_s, cursor.interrupt)
+            timer.start()
+            try:
+                return cursor.sql(duckdb_sql).to_arrow_table()
+            except duckdb.InterruptException as exc:
+                raise TaskTimeout(f"query ran longer than {timeout_s}s and was stopped",
+                                  where=f"dataset {dataset}") from exc
+            except duckdb.Error as exc:
+                raise SqlExecutionError(str(exc).splitlines()[0], where=f"dataset {dataset}") from exc
+            finally:
+                timer.cancel()
+        finally:
+            cursor.close()

@@ -1,0 +1,303 @@
+"""Rewrite an aggregate query into mergeable partials, and the query that merges them.
+
+The global answer must equal the answer on the pooled rows, so each aggregate travels as
+sufficient statistics and is recombined exactly:
+
+    COUNT(x)        -> COUNT(x)                      merged by SUM
+    SUM(x)          -> SUM(x)                        merged by SUM
+    MIN/MAX(x)      -> MIN/MAX(x)                    merged by MIN/MAX
+    AVG(x)          -> SUM(x), COUNT(x)              SUM(s) / SUM(n)
+    VAR/STDDEV(x)   -> COUNT(x), SUM(x), M2(x)       Chan et al.'s parallel combination of M2
+
+GROUP BY keys are computed at the pods and become the merge's GROUP BY; WHERE runs at the
+pods; HAVING, ORDER BY, LIMIT/OFFSET and DISTINCT run only after the merge. A plain row
+query (no aggregate) is merged by concatenation, with ORDER BY/LIMIT re-applied. Anything
+that has no exact merge (COUNT(DISTINCT), MEDIAN, window functions, joins, ...) raises
+NotMergeable naming the construct, rather than returning an approximation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlglot import exp
+
+from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.errors import NotMergeable, SqlRejected
+
+PARTIALS = "partials"
+
+_VARIANCE_KINDS: dict[type[exp.Expression], tuple[bool, bool]] = {
+    # class -> (sample (n-1) rather than population, square root)
+    exp.Variance: (True, False),
+    exp.VariancePop: (False, False),
+    exp.Stddev: (True, True),
+    exp.StddevSamp: (True, True),
+    exp.StddevPop: (False, True),
+}
+_SIMPLE = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """`partial_sql` runs at every pod; `merge_sql` runs at the modeller over table `partials`
+    (the concatenated pod results). In "partials" mode the merge's output columns are
+    `c0 .. c{output_count-1}`, to be renamed to the original query's names by the caller; in
+    "rows" mode they already carry the pods' column names (`output_count` is 0)."""
+
+    partial_sql: str
+    merge_sql: str
+    mode: Literal["rows", "partials"]
+    output_count: int
+
+
+def col(name: str) -> exp.Column:
+    return exp.column(name)
+
+
+def _sum(e: exp.Expression) -> exp.Expression:
+    return exp.Sum(this=e)
+
+
+class _Rewriter:
+    def __init__(self, select: exp.Select) -> None:
+        self.select = select
+        self.partials: list[exp.Expression] = []  # aliased partial columns, in order
+        self.keys: list[exp.Expression] = []
+        self.windows: list[exp.Expression] = []  # group totals for variance merges (aliased)
+        self.variance_count = 0
+
+    def add_partial(self, expression: exp.Expression) -> exp.Column:
+        name = f"p{len(self.partials)}"
+        self.partials.append(exp.alias_(expression, name))
+        return col(name)
+
+    def merge_aggregate(self, node: exp.AggFunc, wrap: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+        """Return the merge-side expression for one aggregate; `wrap` re-applies its FILTER."""
+        construct = to_duckdb(node)
+        if node.find(exp.Distinct) is not None and not isinstance(node, exp.Min | exp.Max):
+            raise NotMergeable(construct, "DISTINCT aggregates need every distinct value at the modeller")
+        if node.find(exp.Window) is not None or node.find(exp.AggFunc) not in (node, None) and any(
+            inner is not node for inner in node.find_all(exp.AggFunc)
+        ):
+            raise NotMergeable(construct, "nested aggregates cannot be merged")
+        argument = node.this
+        if isinstance(node, exp.Count):
+            return exp.cast(_sum(self.add_partial(wrap(node.copy()))), "BIGINT")
+        if isinstance(node, exp.Sum):
+            return _sum(self.add_partial(wrap(node.copy())))
+        if isinstance(node, exp.Min | exp.Max):
+            merged = node.copy()
+            merged.set("this", self.add_partial(wrap(node.copy())))
+            return merged
+        if isinstance(node, exp.Avg):
+            total = self.add_partial(wrap(exp.Sum(this=argument.copy())))
+            count = self.add_partial(wrap(exp.Count(this=argument.copy())))
+            return exp.Div(this=exp.cast(_sum(total), "DOUBLE"),
+                           expression=exp.func("NULLIF", _sum(count), exp.Literal.number(0)))
+        if type(node) in _VARIANCE_KINDS:
+            return self._merge_variance(node, argument, wrap)
+        raise NotMergeable(construct, f"{node.sql_name()} has no exact merge from per-dataset partials")
+
+    def _merge_variance(self, node: exp.AggFunc, argument: exp.Expression,
+                        wrap: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+        sample, root = _VARIANCE_KINDS[type(node)]
+        value = exp.cast(argument.copy(), "DOUBLE")
+        n = self.add_partial(wrap(exp.Count(this=argument.copy())))
+        s = self.add_partial(wrap(exp.Sum(this=value.copy())))
+        m2 = self.add_partial(exp.func("COALESCE", wrap(exp.VariancePop(this=value.copy())), exp.Literal.number(0))
+                              * exp.cast(wrap(exp.Count(this=argument.copy())), "DOUBLE"))
+        index = self.variance_count
+        self.variance_count += 1
+        group_n, group_s = f"gn{index}", f"gs{index}"
+        partition = [k.copy() for k in self.key_columns()]
+        self.windows.append(exp.alias_(exp.Window(this=_sum(n.copy()), partition_by=partition), group_n))
+        self.windows.append(exp.alias_(exp.Window(this=_sum(s.copy()), partition_by=[k.copy() for k in partition]), group_s))
+        local_mean = exp.Div(this=s.copy(), expression=exp.func("NULLIF", n.copy(), exp.Literal.number(0)))
+        global_mean = exp.Div(this=col(group_s), expression=exp.func("NULLIF", col(group_n), exp.Literal.number(0)))
+        spread = exp.Paren(this=exp.Sub(this=local_mean, expression=global_mean))
+        correction = exp.func("COALESCE", exp.Mul(this=n.copy(), expression=exp.Mul(this=spread, expression=spread.copy())),
+                              exp.Literal.number(0))
+        m2_total = _sum(exp.Add(this=m2.copy(), expression=correction))
+        count_total = _sum(n.copy())
+        denominator = exp.Sub(this=count_total, expression=exp.Literal.number(1)) if sample else count_total
+        variance = exp.Div(this=m2_total, expression=exp.func("NULLIF", denominator, exp.Literal.number(0)))
+        variance = exp.Case(ifs=[exp.If(this=exp.GT(this=count_total.copy(), expression=exp.Literal.number(0)),
+                                        true=variance)])
+        return exp.func("SQRT", variance) if root else variance
+
+    def key_columns(self) -> list[exp.Column]:
+        return [col(f"k{i}") for i in range(len(self.keys))]
+
+    def transform(self, expression: exp.Expression) -> exp.Expression:
+        """Rewrite a select/HAVING/ORDER expression into its merge-side form."""
+
+        def replace(node: exp.Expression) -> exp.Expression:
+            for index, key in enumerate(self.keys):
+                if node == key:
+                    return col(f"k{index}")
+            if isinstance(node, exp.Filter) and isinstance(node.this, exp.AggFunc):
+                condition = node.expression
+
+                def wrap(e: exp.Expression) -> exp.Expression:
+                    return exp.Filter(this=e, expression=condition.copy())
+
+                return self.merge_aggregate(node.this, wrap)
+            if isinstance(node, exp.AggFunc):
+                return self.merge_aggregate(node, lambda e: e)
+            return node
+
+        return expression.copy().transform(replace)
+
+
+def _refuse_unmergeable(select: exp.Select) -> None:
+    for kind, text in ((exp.Join, "JOIN"), (exp.Window, "window function"), (exp.With, "WITH (CTE)"),
+                       (exp.Subquery, "subquery"), (exp.Lateral, "LATERAL"), (exp.Unnest, "UNNEST")):
+        node = select.find(kind)
+        if node is not None:
+            raise NotMergeable(text, f"{to_duckdb(node)!r} cannot be split into per-dataset partials")
+    group = select.args.get("group")
+    if group is not None and any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets", "all")):
+        raise NotMergeable("GROUP BY ROLLUP/CUBE/GROUPING SETS/ALL", "only plain GROUP BY keys are merged")
+    if select.args.get("qualify") is not None:
+        raise NotMergeable("QUALIFY", "it filters on window functions")
+    distinct = select.args.get("distinct")
+    if distinct is not None and distinct.args.get("on") is not None:
+        raise NotMergeable("DISTINCT ON", "it picks arbitrary rows per key")
+
+
+def _resolve_group_keys(select: exp.Select) -> list[exp.Expression]:
+    group = select.args.get("group")
+    if group is None:
+        return []
+    projections = select.expressions
+    aliases = {p.alias: p.this for p in projections if isinstance(p, exp.Alias)}
+    keys: list[exp.Expression] = []
+    for key in group.expressions:
+        if isinstance(key, exp.Literal) and not key.is_string:
+            position = int(key.this)
+            if not 1 <= position <= len(projections):
+                raise SqlRejected(f"GROUP BY {position} is out of range")
+            target = projections[position - 1]
+            keys.append((target.this if isinstance(target, exp.Alias) else target).copy())
+        elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
+            keys.append(aliases[key.name].copy())
+        else:
+            keys.append(key.copy())
+    return keys
+
+
+def _has_aggregate(select: exp.Select) -> bool:
+    parts = [*select.expressions, select.args.get("having"), select.args.get("order")]
+    return any(p is not None and p.find(exp.AggFunc) is not None for p in parts)
+
+
+def plan_merge(query: str) -> MergePlan:
+    """Plan an exact federated evaluation of `query` (see the module docstring)."""
+    tree = parse_statement(query)
+    if not isinstance(tree, exp.Select):
+        construct = tree.key.upper()
+        raise NotMergeable(construct, "only a single SELECT can be merged exactly")
+    _refuse_unmergeable(tree)
+    if tree.args.get("group") is None and not _has_aggregate(tree):
+        return _plan_rows(tree)
+    return _plan_aggregate(tree)
+
+
+def _limit_clauses(select: exp.Select) -> tuple[exp.Expression | None, exp.Expression | None]:
+    limit = select.args.get("limit")
+    offset = select.args.get("offset")
+    return (limit.expression if limit is not None else None, offset.expression if offset is not None else None)
+
+
+def _plan_rows(select: exp.Select) -> MergePlan:
+    """Concatenate rows. ORDER BY keys travel as hidden columns, so that ORDER BY and
+    LIMIT/OFFSET can be re-applied after the concatenation; each pod applies LIMIT+OFFSET."""
+    limit, offset = _limit_clauses(select)
+    partial = select.copy()
+    partial.set("offset", None)
+    hidden: list[exp.Expression] = []
+    merge_order: list[exp.Ordered] = []
+    order = select.args.get("order")
+    for ordered in order.expressions if order is not None else []:
+        name = f"__fedpod_order_{len(hidden)}"
+        target = ordered.this
+        if isinstance(target, exp.Literal) and not target.is_string:
+            projection = select.expressions[int(target.this) - 1]
+            target = projection.this if isinstance(projection, exp.Alias) else projection
+        hidden.append(exp.alias_(target.copy(), name))
+        merge_order.append(exp.Ordered(this=exp.column(name), desc=ordered.args.get("desc"),
+                                       nulls_first=ordered.args.get("nulls_first")))
+    if hidden and select.args.get("distinct") is not None:
+        raise NotMergeable("SELECT DISTINCT ... ORDER BY", "order by selected columns only, or drop DISTINCT")
+    if hidden:
+        partial.set("expressions", [*partial.expressions, *hidden])
+    if limit is not None and offset is not None:
+        partial.set("limit", exp.Limit(expression=exp.Add(this=limit.copy(), expression=offset.copy())))
+    star = exp.Star(**({"except_": [exp.column(h.alias) for h in hidden]} if hidden else {}))
+    merge = exp.select(star).from_(PARTIALS)
+    if select.args.get("distinct") is not None:
+        merge.set("distinct", exp.Distinct())
+    if merge_order:
+        merge.set("order", exp.Order(expressions=merge_order))
+    if limit is not None:
+        merge = merge.limit(limit.copy())
+    if offset is not None:
+        merge = merge.offset(offset.copy())
+    return MergePlan(to_duckdb(partial), to_duckdb(merge), "rows", 0)
+
+
+def _plan_aggregate(select: exp.Select) -> MergePlan:
+    rewriter = _Rewriter(select)
+    rewriter.keys = _resolve_group_keys(select)
+    aliases = {p.alias for p in select.expressions if isinstance(p, exp.Alias)}
+    outputs = [rewriter.transform(p.this if isinstance(p, exp.Alias) else p) for p in select.expressions]
+    for output in outputs:
+        if isinstance(output, exp.Star) or output.find(exp.Star) is not None and output.find(exp.Count) is None:
+            raise NotMergeable("SELECT *", "an aggregated query must name its columns")
+    having = select.args.get("having")
+    merged_having = rewriter.transform(having.this) if having is not None else None
+    order = select.args.get("order")
+    merged_order: list[exp.Expression] = []
+    for ordered in order.expressions if order is not None else []:
+        target = ordered.this
+        if isinstance(target, exp.Literal) and not target.is_string:
+            replacement: exp.Expression = exp.column(f"c{int(target.this) - 1}")
+        elif isinstance(target, exp.Column) and not target.table and target.name in aliases:
+            index = next(i for i, p in enumerate(select.expressions) if p.alias == target.name)
+            replacement = exp.column(f"c{index}")
+        else:
+            replacement = rewriter.transform(target)
+        merged_order.append(exp.Ordered(this=replacement, desc=ordered.args.get("desc"),
+                                        nulls_first=ordered.args.get("nulls_first")))
+
+    key_aliases = [exp.alias_(k.copy(), f"k{i}") for i, k in enumerate(rewriter.keys)]
+    partial = exp.select(*key_aliases, *rewriter.partials)
+    from_clause = select.args.get("from_") or select.args.get("from")
+    partial.set("from_" if "from_" in exp.Select.arg_types else "from", from_clause.copy() if from_clause else None)
+    where = select.args.get("where")
+    if where is not None:
+        partial.set("where", where.copy())
+    if rewriter.keys:
+        partial = partial.group_by(*[col(f"k{i}") for i in range(len(rewriter.keys))])
+
+    source: exp.Expression = exp.to_table(PARTIALS)
+    if rewriter.windows:
+        source = exp.select(exp.Star(), *rewriter.windows).from_(PARTIALS).subquery("merged_partials")
+    merge = exp.select(*[exp.alias_(o, f"c{i}") for i, o in enumerate(outputs)]).from_(source)
+    if rewriter.keys:
+        merge = merge.group_by(*rewriter.key_columns())
+    if merged_having is not None:
+        merge = merge.having(merged_having)
+    if select.args.get("distinct") is not None:
+        merge.set("distinct", exp.Distinct())
+    if merged_order:
+        merge.set("order", exp.Order(expressions=merged_order))
+    limit, offset = _limit_clauses(select)
+    if limit is not None:
+        merge = merge.limit(limit.copy())
+    if offset is not None:
+        merge = merge.offset(offset.copy())
+    return MergePlan(to_duckdb(partial), to_duckdb(merge), "partials", len(outputs))

@@ -1,0 +1,80 @@
+"""Envelopes over the bus: what pods and modellers share to talk to each other securely.
+
+A `SecureChannel` seals typed messages for a recipient and sends them to its inbox, and
+opens what arrives in its own inbox, counting every rejected envelope by reason. Large
+frames are sealed and opened in a worker thread so the event loop (heartbeats, other
+tasks) keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from fedpod.errors import EnvelopeRejected
+from fedpod.security.envelope import Opened, ReplayGuard, open_envelope, seal
+from fedpod.security.identity import Identity, PublicIdentity
+from fedpod.transport import subjects
+from fedpod.transport.bus import Bus, Payload
+from fedpod.wire.codec import pack
+from fedpod.wire.messages import WireMessage
+
+OFFLOAD_BYTES = 1024 * 1024
+OpenedHandler = Callable[[Opened], Awaitable[None]]
+RejectedHandler = Callable[[EnvelopeRejected], Awaitable[None]]
+
+
+class SecureChannel:
+    def __init__(self, bus: Bus, identity: Identity) -> None:
+        self.bus = bus
+        self.identity = identity
+        self.guard = ReplayGuard()
+        self.rejections: Counter[str] = Counter()
+        self._seq = itertools.count(1)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    async def _seal(self, message_type: str, payload: bytes, recipients: list[PublicIdentity] | None,
+                    task_id: str) -> list[bytes]:
+        seq = next(self._seq)
+        if len(payload) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(seal, self.identity, message_type, payload, recipients=recipients,
+                                           task_id=task_id, seq=seq)
+        return seal(self.identity, message_type, payload, recipients=recipients, task_id=task_id, seq=seq)
+
+    async def send(self, recipient: PublicIdentity, message: WireMessage, *, task_id: str = "",
+                   timeout_s: float = 30.0) -> None:
+        parts = await self._seal(message.TYPE, pack(message), [recipient], task_id)
+        await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
+                            recipient=f"{recipient.name} ({recipient.fingerprint})")
+
+    async def broadcast(self, subject: str, message: WireMessage) -> None:
+        parts = await self._seal(message.TYPE, pack(message), None, "")
+        await self.bus.publish(subject, b"".join(parts))
+
+    async def open(self, frame: Payload) -> Opened:
+        if len(frame) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(open_envelope, frame, self.identity, self.guard)
+        return open_envelope(frame, self.identity, self.guard)
+
+    async def listen(self, subject: str, on_opened: OpenedHandler, on_rejected: RejectedHandler) -> None:
+        """Subscribe `subject`; verified envelopes go to `on_opened`, rejections are counted
+        and reported to `on_rejected` — never raised into the subscription."""
+
+        async def on_frame(frame: Payload) -> None:
+            try:
+                opened = await self.open(frame)
+            except EnvelopeRejected as exc:
+                self.rejections[exc.reason] += 1
+                await on_rejected(exc)
+                return
+            await on_opened(opened)
+
+        await self.bus.subscribe(subject, on_frame)
+
+    async def listen_inbox(self, on_opened: OpenedHandler, on_rejected: RejectedHandler) -> None:
+        await self.listen(subjects.inbox(self.fingerprint), on_opened, on_rejected)

@@ -1,0 +1,1 @@
+"""The `fedpod` command line (typer + rich)."""

@@ -1,0 +1,311 @@
+"""`fedpod` commands. Thin: each parses options, calls the library, and prints with rich."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedpod import __version__
+from fedpod.cli.options import BrokerUrl, Creds, IdentityName, Keystore, Timeout, TlsCa, TlsCert, TlsKey, broker_options
+from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.errors import ConfigError, FedpodError
+from fedpod.governance.access import TrustedModeller
+from fedpod.governance.audit import AuditLog
+from fedpod.pod.config import BrokerSettings, PodConfig
+from fedpod.security.identity import Identity, default_keystore
+
+console = Console()
+err = Console(stderr=True)
+app = typer.Typer(help="fedpod: federated data collaboration over NATS.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+broker_app = typer.Typer(help="Run a local NATS broker.", no_args_is_help=True)
+identity_app = typer.Typer(help="Create and show identities (signing + encryption keys).", no_args_is_help=True)
+pod_app = typer.Typer(help="Configure and run a pod.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Register datasets in a pod config.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Discover datasets that pods advertise.", no_args_is_help=True)
+data_app = typer.Typer(help="Synthetic data.", no_args_is_help=True)
+audit_app = typer.Typer(help="Inspect and verify a pod's audit log.", no_args_is_help=True)
+for sub, name in ((broker_app, "broker"), (identity_app, "identity"), (pod_app, "pod"), (dataset_app, "dataset"),
+                  (datasets_app, "datasets"), (data_app, "data"), (audit_app, "audit")):
+    app.add_typer(sub, name=name)
+
+ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
+
+
+def print_frame(frame: pd.DataFrame, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in frame.columns:
+        table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.6g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="print the version")] = False) -> None:
+    if version:
+        console.print(f"fedpod {__version__}")
+        raise typer.Exit()
+
+
+@broker_app.command("start")
+def broker_start(
+    port: Annotated[int | None, typer.Option(help="port (default: a free one)")] = None,
+    store: Annotated[Path | None, typer.Option(help="JetStream store folder (default: temporary)")] = None,
+) -> None:
+    """Run nats-server (JetStream on) on 127.0.0.1 until Ctrl-C; prints its URL."""
+    from fedpod.transport.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port=port, store=store) as broker:
+        console.print(broker.url)
+        console.print(f"[dim]export FEDPOD_BROKER={broker.url}   # Ctrl-C stops the broker[/dim]", highlight=False)
+        try:
+            broker.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+@identity_app.command("create")
+def identity_create(name: str, keystore: Keystore = None) -> None:
+    """Create identity NAME: Ed25519 + X25519 keys, saved with mode 0600."""
+    identity = Identity.generate(name)
+    path = identity.save(keystore or default_keystore())
+    console.print(f"created {name}  fingerprint [bold]{identity.fingerprint}[/bold]  ({path})")
+
+
+@identity_app.command("show")
+def identity_show(name: str, keystore: Keystore = None) -> None:
+    """Print an identity's fingerprint."""
+    console.print(Identity.load(name, keystore or default_keystore()).fingerprint)
+
+
+@pod_app.command("init")
+def pod_init(
+    name: Annotated[str, typer.Option(help="pod name: the owner part of dataset identifiers")],
+    config: ConfigPath = Path("pod.yaml"),
+    broker: BrokerUrl = "nats://127.0.0.1:4222",
+    tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
+) -> None:
+    """Write a pod config, creating the pod's identity beside it (keys/NAME.key)."""
+    if config.exists():
+        raise ConfigError(f"{config} exists already", hint="edit it, or choose another --config")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(name, config.parent / "keys")
+    settings = BrokerSettings(url=broker, tls_ca=_opt(tls_ca), tls_cert=_opt(tls_cert), tls_key=_opt(tls_key),
+                              creds=_opt(creds))
+    PodConfig(name=name, identity=f"keys/{name}.key", broker=settings).save(config)
+    console.print(f"wrote {config}; pod {name} fingerprint [bold]{identity.fingerprint}[/bold]")
+
+
+def _opt(path: Path | None) -> str | None:
+    return str(path.resolve()) if path else None
+
+
+@pod_app.command("allow")
+def pod_allow(
+    modeller: Annotated[str, typer.Option("--name", help="modeller's name")],
+    fingerprint: Annotated[str, typer.Option(help="modeller's fingerprint, compared out of band")],
+    config: ConfigPath = Path("pod.yaml"),
+) -> None:
+    """Accept tasks from a modeller identified by its fingerprint."""
+    settings = PodConfig.load(config)
+    if any(m.fingerprint == fingerprint for m in settings.access.modellers):
+        console.print(f"{modeller} is already accepted")
+        return
+    settings.access.modellers.append(TrustedModeller(name=modeller, fingerprint=fingerprint))
+    settings.save(config)
+    console.print(f"pod {settings.name} now accepts {modeller} ({fingerprint})")
+
+
+@pod_app.command("start")
+def pod_start(config: ConfigPath = Path("pod.yaml")) -> None:
+    """Run the pod until Ctrl-C / SIGTERM. It connects out to the broker; it opens no port."""
+    from fedpod.pod.service import Pod
+
+    settings = PodConfig.load(config)
+    pod = Pod(settings, config)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        ready = asyncio.Event()
+        runner = asyncio.create_task(pod.run(stop, ready))
+        waiter = asyncio.create_task(ready.wait())
+        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            console.print(f"pod {settings.name} ({pod.fingerprint}) ready on {settings.broker.url} "
+                          f"serving {', '.join(d.name for d in settings.datasets) or 'no datasets'}", highlight=False)
+        await runner
+
+    asyncio.run(main())
+
+
+@dataset_app.command("add")
+def dataset_add(
+    name: Annotated[str, typer.Option(help="dataset name (the table name in SQL)")],
+    kind: Annotated[str, typer.Option("--type", help="csv | parquet | sqlite | postgres")],
+    config: ConfigPath = Path("pod.yaml"),
+    tags: Annotated[str, typer.Option(help="comma-separated tags")] = "",
+    path: Annotated[str | None, typer.Option(help="file (csv, parquet, sqlite)")] = None,
+    dsn: Annotated[str | None, typer.Option(help="PostgreSQL connection string")] = None,
+    table: Annotated[str | None, typer.Option(help="table in the SQLite/PostgreSQL database")] = None,
+    description: str = "",
+) -> None:
+    """Register a dataset; its schema and row count are inferred and stored."""
+    settings = PodConfig.load(config)
+    if settings.dataset(name):
+        raise ConfigError(f"pod {settings.name} already has a dataset {name!r}", where=str(config))
+    if path and not Path(path).is_absolute():
+        path = str(Path(path).resolve())
+    try:
+        spec = DatasetSpec(name=name, type=kind, tags=[t for t in tags.split(",") if t], path=path, dsn=dsn,  # type: ignore[arg-type]
+                           table=table, description=description)
+    except ValueError as exc:
+        raise ConfigError(str(exc), where="fedpod dataset add") from exc
+    spec = inspect(spec, config.parent.resolve())
+    settings.datasets.append(spec)
+    settings.save(config)
+    console.print(f"added {settings.name}/{name}: {spec.rows} rows, columns {', '.join(spec.columns)}")
+
+
+def _modeller(identity: str, keystore: Path | None, url: str, tls_ca: Path | None, tls_cert: Path | None,
+              tls_key: Path | None, creds: Path | None, timeout: float):  # type: ignore[no-untyped-def]
+    from fedpod.modeller.client import Modeller
+
+    return Modeller(identity, broker=broker_options(url, tls_ca, tls_cert, tls_key, creds), keystore=keystore,
+                    timeout_s=timeout)
+
+
+@datasets_app.command("list")
+def datasets_list(
+    broker: BrokerUrl = "nats://127.0.0.1:4222", identity: IdentityName = "modeller", keystore: Keystore = None,
+    tags: Annotated[str, typer.Option(help="only datasets carrying all these tags (comma-separated)")] = "",
+    wait: Annotated[float, typer.Option(help="seconds to collect adverts")] = 1.0,
+    tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
+) -> None:
+    """List the datasets that pods on the broker advertise."""
+    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, 30.0) as modeller:
+        targets = modeller.datasets(tags=[t for t in tags.split(",") if t] or None, window_s=wait)
+    table = Table(title=f"{len(targets)} dataset(s)", title_justify="left")
+    for column in ("identifier", "tags", "rows (rounded)", "columns", "pod fingerprint"):
+        table.add_column(column)
+    for target in targets:
+        d = target.dataset
+        table.add_row(d.identifier, ",".join(d.tags), str(d.rows_rounded), ", ".join(d.columns),
+                      target.pod.fingerprint)
+    console.print(table)
+
+
+def _save_results(result: pd.DataFrame | dict[str, pd.DataFrame], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(result, dict):
+        for identifier, frame in result.items():
+            file = out / (identifier.replace("/", "__") + ".csv")
+            frame.to_csv(file, index=False)
+            print_frame(frame, f"{identifier}  →  {file}")
+    else:
+        file = out / "aggregate.csv"
+        result.to_csv(file, index=False)
+        print_frame(result, f"aggregated over all datasets  →  {file}")
+
+
+@app.command("run")
+def run_task(
+    task_file: Annotated[Path, typer.Argument(help="Bitfount-style task YAML")],
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    broker: BrokerUrl = "nats://127.0.0.1:4222", identity: IdentityName = "modeller", keystore: Keystore = None,
+    timeout: Timeout = 60.0,
+    tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
+) -> None:
+    """Run a task file; results are saved as CSV at the modeller (one per dataset, or aggregate.csv)."""
+    from fedpod.tasks.yaml_front import load_task
+
+    task = load_task(task_file)
+    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout) as modeller:
+        result = modeller.sql(task.query, datasets=task.targets.identifiers or None,
+                              tags=task.targets.tags or None, aggregate=task.aggregate)
+    _save_results(result, out)
+
+
+@app.command("sql")
+def sql(
+    query: str,
+    datasets: Annotated[str, typer.Option(help="comma-separated owner/name identifiers")] = "",
+    tags: Annotated[str, typer.Option(help="comma-separated tags (every tag must match)")] = "",
+    aggregate: Annotated[bool, typer.Option(help="one exact global result instead of one per dataset")] = False,
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("results"),
+    broker: BrokerUrl = "nats://127.0.0.1:4222", identity: IdentityName = "modeller", keystore: Keystore = None,
+    timeout: Timeout = 60.0,
+    tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
+) -> None:
+    """Run one federated SQL query."""
+    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout) as modeller:
+        result = modeller.sql(query, datasets=[d for d in datasets.split(",") if d] or None,
+                              tags=[t for t in tags.split(",") if t] or None, aggregate=aggregate)
+    _save_results(result, out)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="output folder")],
+    centres: Annotated[int, typer.Option(help="number of centres")] = 3,
+    patients: Annotated[int, typer.Option(help="patients over all centres")] = 3000,
+    seed: int = 0,
+) -> None:
+    """Write synthetic patients + observation events per centre (deterministic for a seed)."""
+    from fedpod.data.synth import generate, write
+
+    for folder in write(generate(centres, patients, seed), out):
+        rows = sum(1 for _ in (folder / "patients.csv").open()) - 1
+        console.print(f"{folder}: {rows} patients")
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigPath = Path("pod.yaml")) -> None:
+    """Check the pod's audit log hash chain; exit 1 if it was tampered with."""
+    settings = PodConfig.load(config)
+    storage = Path(settings.storage)
+    path = (storage if storage.is_absolute() else config.parent / storage) / "audit.jsonl"
+    result = AuditLog.verify(path)
+    if result.ok:
+        console.print(f"audit log intact: {result.entries} entries ({path})")
+    else:
+        err.print(f"[red]audit log TAMPERED[/red] after {result.entries} good entries: {result.problem} ({path})")
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("fedpod-demo"),
+    patients: Annotated[int, typer.Option(help="synthetic patients over the three centres")] = 6000,
+    seed: int = 7,
+) -> None:
+    """The whole story on one machine: broker, three pods, federated SQL checked against pooled data."""
+    from fedpod.cli.demo import run_demo
+
+    run_demo(out, patients=patients, seed=seed, console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except FedpodError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,25 @@
+"""Options shared by every command that talks to a broker or uses an identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedpod.transport.bus import BrokerOptions
+
+BrokerUrl = Annotated[str, typer.Option("--broker", envvar="FEDPOD_BROKER", help="NATS URL (nats:// or tls://)")]
+TlsCa = Annotated[Path | None, typer.Option("--tls-ca", help="CA bundle to verify the broker's TLS certificate")]
+TlsCert = Annotated[Path | None, typer.Option("--tls-cert", help="client certificate for mutual TLS")]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="client key for mutual TLS")]
+Creds = Annotated[Path | None, typer.Option("--creds", help="NATS credentials file (JWT + nkey)")]
+Keystore = Annotated[Path | None, typer.Option("--keystore", envvar="FEDPOD_KEYSTORE",
+                                               help="folder of identities (default $FEDPOD_HOME/keys)")]
+IdentityName = Annotated[str, typer.Option("--identity", envvar="FEDPOD_IDENTITY", help="modeller identity name")]
+Timeout = Annotated[float, typer.Option("--timeout", help="seconds to wait for each pod")]
+
+
+def broker_options(url: str, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+                   creds: Path | None) -> BrokerOptions:
+    return BrokerOptions(url, tls_ca, tls_cert, tls_key, creds)

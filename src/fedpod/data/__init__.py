@@ -1,0 +1,1 @@
+"""Datasets a pod serves (CSV, Parquet, SQLite, PostgreSQL) and the synthetic hospitals."""

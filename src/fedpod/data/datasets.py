@@ -1,0 +1,126 @@
+"""Dataset specifications and loading them into DuckDB.
+
+Every source is loaded into an in-memory DuckDB table named after the dataset *before* the
+engine is locked (see `fedpod.algorithms.sql.engine`), so that queries never need file or
+network access. SQLite and PostgreSQL are read through Python's drivers rather than DuckDB
+extensions, which would have to be downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedpod.errors import ConfigError
+
+DatasetKind = Literal["csv", "parquet", "sqlite", "postgres"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+
+
+class DatasetSpec(BaseModel):
+    """One dataset as written in the pod config. `columns` and `rows` are inferred by
+    `fedpod dataset add` and refreshed whenever the pod starts."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    tags: list[str] = []
+    kind: DatasetKind = Field(alias="type")
+    path: str | None = None
+    dsn: str | None = None
+    table: str | None = None
+    description: str = ""
+    columns: dict[str, str] = {}
+    rows: int = 0
+
+    @model_validator(mode="after")
+    def _source_is_complete(self) -> DatasetSpec:
+        if self.kind in ("csv", "parquet", "sqlite") and not self.path:
+            raise ValueError(f"dataset {self.name!r} of type {self.kind} needs a path")
+        if self.kind == "postgres" and not self.dsn:
+            raise ValueError(f"dataset {self.name!r} of type postgres needs a dsn")
+        if self.kind in ("sqlite", "postgres") and not self.table:
+            raise ValueError(f"dataset {self.name!r} of type {self.kind} needs a table")
+        return self
+
+    def resolved_path(self, base: Path) -> Path:
+        assert self.path is not None
+        path = Path(self.path)
+        return path if path.is_absolute() else base / path
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _read_external_table(spec: DatasetSpec, base: Path) -> pd.DataFrame:
+    assert spec.table is not None
+    if spec.kind == "sqlite":
+        path = spec.resolved_path(base)
+        if not path.exists():
+            raise ConfigError(f"SQLite file {path} does not exist", where=f"dataset {spec.name}")
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+            return pd.read_sql_query(f"SELECT * FROM {quote_identifier(spec.table)}", connection)
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(spec.dsn or "", connect_timeout=10) as connection, connection.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(*spec.table.split(".", 1))))
+            names = [d.name for d in cursor.description or []]
+            return pd.DataFrame(cursor.fetchall(), columns=names)
+    except psycopg.Error as exc:
+        raise ConfigError(f"cannot read PostgreSQL table {spec.table}: {exc}".strip(),
+                          where=f"dataset {spec.name}") from exc
+
+
+def load_dataset(connection: duckdb.DuckDBPyConnection, spec: DatasetSpec, base: Path) -> None:
+    """Create table `spec.name` in `connection` holding the dataset's rows."""
+    target = quote_identifier(spec.name)
+    if spec.kind in ("csv", "parquet"):
+        path = spec.resolved_path(base)
+        if not path.exists():
+            raise ConfigError(f"file {path} does not exist", where=f"dataset {spec.name}")
+        reader = "read_csv" if spec.kind == "csv" else "read_parquet"
+        connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM {reader}(?)", [str(path)])
+        return
+    frame = _read_external_table(spec, base)
+    connection.register("__fedpod_load", frame)
+    try:
+        connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM __fedpod_load")
+    finally:
+        connection.unregister("__fedpod_load")
+
+
+def describe(connection: duckdb.DuckDBPyConnection, name: str) -> tuple[dict[str, str], int]:
+    """Column types and row count of a loaded dataset."""
+    target = quote_identifier(name)
+    columns = {row[0]: row[1] for row in connection.execute(f"DESCRIBE {target}").fetchall()}
+    count_row = connection.execute(f"SELECT count(*) FROM {target}").fetchone()
+    return columns, int(count_row[0]) if count_row else 0
+
+
+def inspect(spec: DatasetSpec, base: Path) -> DatasetSpec:
+    """Load the dataset once to infer its schema and row count (for `fedpod dataset add`)."""
+    connection = duckdb.connect(":memory:")
+    try:
+        load_dataset(connection, spec, base)
+        columns, rows = describe(connection, spec.name)
+    except duckdb.Error as exc:
+        raise ConfigError(f"cannot read dataset: {exc}", where=f"dataset {spec.name}") from exc
+    finally:
+        connection.close()
+    return spec.model_copy(update={"columns": columns, "rows": rows})
+
+
+def round_count(rows: int) -> int:
+    """Advertised row counts are rounded (two significant digits, at least tens) so that
+    discovery does not reveal exact cohort sizes."""
+    if rows <= 0:
+        return 0
+    magnitude = max(10, 10 ** (len(str(rows)) - 2))
+    return max(magnitude, round(rows / magnitude) * magnitude)

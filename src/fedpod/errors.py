@@ -1,0 +1,137 @@
+"""fedpod's exceptions: one tree, each error saying what happened, where, and what to do.
+
+    FedpodError
+    ├── ConfigError (ValueError)            a config file, keystore or argument is wrong
+    ├── EnvelopeRejected (ValueError)       a message failed verification (tampered, replayed, ...)
+    ├── TransportError (ConnectionError)
+    │   ├── BrokerUnavailable               no NATS server at the URL, or it failed to start
+    │   ├── PodUnreachable                  nobody listens on the pod's inbox (pod offline)
+    │   └── TaskTimeout (TimeoutError)      the pod took the task but did not answer in time
+    ├── AccessDenied (PermissionError)      the pod's access decision refused the task
+    ├── DiscoveryError (LookupError)
+    │   ├── DatasetNotFound                 no pod answered for an identifier or tag set
+    │   └── AmbiguousDatasets               tags matched more than one dataset on one pod
+    ├── SqlError (ValueError)
+    │   ├── SqlRejected                     the query is not a single read-only SELECT on the dataset
+    │   ├── NotMergeable                    an aggregated query uses a construct that cannot merge exactly
+    │   └── SqlExecutionError               DuckDB refused or failed the query
+    ├── TrustError (PermissionError)        a pod's fingerprint differs from the pinned one
+    └── TaskFailed                          a pod reported a failure while running a task
+
+Errors raised by third-party libraries are mapped at the edge (`raise X(...) from exc`), so
+callers only ever need `except FedpodError` (or the matching builtin).
+"""
+
+from __future__ import annotations
+
+
+class FedpodError(Exception):
+    """Base of every fedpod error; carries where it happened and a hint on what to do."""
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        self.message = message
+        self.where = where
+        self.hint = hint
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.where:
+            text = f"{self.where}: {text}"
+        if self.hint:
+            text = f"{text} (hint: {self.hint})"
+        return text
+
+
+class ConfigError(FedpodError, ValueError):
+    pass
+
+
+class EnvelopeRejected(FedpodError, ValueError):
+    """`reason` is one of REASONS, so that receivers can count rejections by kind."""
+
+    REASONS = (
+        "malformed",
+        "unsigned",
+        "bad-signature",
+        "tampered",
+        "expired",
+        "future",
+        "replayed",
+        "wrong-recipient",
+        "fingerprint-mismatch",
+    )
+
+    def __init__(self, reason: str, detail: str = "", *, where: str | None = None) -> None:
+        assert reason in self.REASONS, reason
+        self.reason = reason
+        super().__init__(f"envelope rejected ({reason}){': ' + detail if detail else ''}", where=where)
+
+
+class TransportError(FedpodError, ConnectionError):
+    pass
+
+
+class BrokerUnavailable(TransportError):
+    pass
+
+
+class PodUnreachable(TransportError):
+    pass
+
+
+class TaskTimeout(TransportError, TimeoutError):
+    pass
+
+
+class AccessDenied(FedpodError, PermissionError):
+    def __init__(self, message: str, *, where: str | None = None, rule: str | None = None,
+                 hint: str | None = None) -> None:
+        self.rule = rule
+        super().__init__(message + (f" [rule: {rule}]" if rule else ""), where=where, hint=hint)
+
+
+class DiscoveryError(FedpodError, LookupError):
+    pass
+
+
+class DatasetNotFound(DiscoveryError):
+    pass
+
+
+class AmbiguousDatasets(DiscoveryError):
+    pass
+
+
+class SqlError(FedpodError, ValueError):
+    pass
+
+
+class SqlRejected(SqlError):
+    pass
+
+
+class NotMergeable(SqlError):
+    def __init__(self, construct: str, reason: str) -> None:
+        self.construct = construct
+        super().__init__(
+            f"cannot merge `{construct}` exactly across datasets: {reason}",
+            hint="run the query without an aggregator to get one result per dataset",
+        )
+
+
+class SqlExecutionError(SqlError):
+    pass
+
+
+class TrustError(FedpodError, PermissionError):
+    pass
+
+
+class TaskFailed(FedpodError):
+    """A pod answered with a failure; `kind` is the pod-side error class name."""
+
+    def __init__(self, message: str, *, pod: str, kind: str, hint: str | None = None) -> None:
+        self.pod = pod
+        self.kind = kind
+        super().__init__(f"{kind}: {message}", where=f"pod {pod}", hint=hint)

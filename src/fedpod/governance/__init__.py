@@ -1,0 +1,1 @@
+"""The custodian's rules: access decisions and the tamper-evident audit log."""

@@ -1,0 +1,217 @@
+"""The modeller client: discovery, sending tasks, collecting replies, merging SQL results.
+
+`AsyncModeller` is the asyncio core; `Modeller` wraps it for scripts and notebooks by
+running the event loop in a background thread, so `Modeller(...).sql(...)` is an ordinary
+blocking call. Every wait has a deadline, and a missing pod is named in the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import pandas as pd
+
+from fedpod.algorithms.sql.federated import plan_merge
+from fedpod.channel import SecureChannel
+from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout, TrustError
+from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
+from fedpod.modeller.known_pods import KnownPods
+from fedpod.modeller.sql import merge, output_names
+from fedpod.security.envelope import Opened
+from fedpod.security.identity import Identity, PublicIdentity, default_keystore
+from fedpod.transport import subjects
+from fedpod.transport.bus import BrokerOptions, Bus
+from fedpod.wire.codec import DecodeError, table_from_bytes, unpack
+from fedpod.wire.messages import (
+    Discover,
+    PodAdvert,
+    SqlQueryAlgorithm,
+    TaskFailure,
+    TaskRequest,
+    TaskResult,
+)
+
+T = TypeVar("T")
+Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
+
+
+class AsyncModeller:
+    def __init__(self, identity: Identity, broker: BrokerOptions, *, known_pods: Path | None = None,
+                 timeout_s: float = 60.0, discovery_window_s: float = 1.0) -> None:
+        self.identity = identity
+        self.broker = broker
+        self.timeout_s = timeout_s
+        self.discovery_window_s = discovery_window_s
+        self.known_pods = KnownPods(known_pods)
+        self.channel: SecureChannel | None = None
+        self._pending: dict[str, asyncio.Future[Opened]] = {}
+        self._adverts: Adverts = {}
+        self._advert_arrived = asyncio.Event()
+
+    async def connect(self) -> None:
+        bus = await Bus.connect(self.broker, name=f"modeller-{self.identity.name}")
+        self.channel = SecureChannel(bus, self.identity)
+        await self.channel.listen_inbox(self._on_message, self._on_rejected)
+        await bus.flush()
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.bus.close()
+
+    async def _on_rejected(self, exc: EnvelopeRejected) -> None:
+        return None  # counted by the channel; a modeller has no audit log of its own
+
+    async def _on_message(self, opened: Opened) -> None:
+        if opened.header.type == PodAdvert.TYPE:
+            try:
+                advert = unpack(opened.payload, PodAdvert)
+            except DecodeError:
+                return
+            if advert.fingerprint != opened.sender.fingerprint or advert.pod != opened.sender.name:
+                return  # an advert must describe the pod that signed it
+            self._adverts[advert.pod] = (opened.sender, advert)
+            self._advert_arrived.set()
+            return
+        future = self._pending.get(opened.header.task)
+        if future is not None and not future.done():
+            future.set_result(opened)
+
+    @property
+    def _channel(self) -> SecureChannel:
+        if self.channel is None:
+            raise FedpodError("modeller is not connected", hint="use it as a context manager")
+        return self.channel
+
+    async def discover(self, *, identifiers: list[str] | None = None, window_s: float | None = None) -> Adverts:
+        """Ask every pod for its advert. With identifiers, stop as soon as all owners answered."""
+        self._adverts = {}
+        await self._channel.broadcast(subjects.DISCOVER, Discover(identifiers=identifiers or []))
+        wanted = {i.partition("/")[0] for i in identifiers or []}
+        deadline = asyncio.get_running_loop().time() + (window_s or (self.timeout_s if wanted else self.discovery_window_s))
+        while True:
+            if wanted and wanted <= set(self._adverts):
+                break
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self._advert_arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advert_arrived.wait(), timeout=remaining)
+        for pod, (identity, _) in self._adverts.items():
+            self.known_pods.check(pod, identity.fingerprint)
+        return dict(self._adverts)
+
+    async def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None) -> list[Target]:
+        if bool(datasets) == bool(tags):
+            raise FedpodError("name either datasets (owner/name identifiers) or tags, not both or neither")
+        if datasets:
+            adverts = await self.discover(identifiers=datasets, window_s=min(self.timeout_s, 10.0))
+            return select_by_identifiers(adverts, datasets)
+        return select_by_tags(await self.discover(), tags or [])
+
+    async def run_task(self, target: Target, algorithm: SqlQueryAlgorithm) -> Opened:
+        """Send one task to one pod and wait for its reply (result or failure)."""
+        task_id = os.urandom(8).hex()
+        future: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
+        self._pending[task_id] = future
+        try:
+            request = TaskRequest(task_id=task_id, dataset=target.dataset.name, algorithm=algorithm)
+            await self._channel.send(target.pod, request, task_id=task_id, timeout_s=min(self.timeout_s, 30.0))
+            try:
+                opened = await asyncio.wait_for(future, timeout=self.timeout_s)
+            except TimeoutError as exc:
+                raise TaskTimeout(f"pod {target.pod.name} did not answer within {self.timeout_s:.0f}s",
+                                  where=target.identifier) from exc
+        finally:
+            self._pending.pop(task_id, None)
+        if opened.sender.fingerprint != target.pod.fingerprint:
+            raise TrustError(f"reply for {target.identifier} came from {opened.sender.name}, not the pod")
+        return opened
+
+    async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> Any:
+        opened = await self.run_task(target, algorithm)
+        if opened.header.type == TaskFailure.TYPE:
+            failure = unpack(opened.payload, TaskFailure)
+            raise TaskFailed(failure.message, pod=target.pod.name, kind=failure.kind, hint=failure.hint)
+        return table_from_bytes(unpack(opened.payload, TaskResult).table)
+
+    async def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
+                  aggregate: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        """Run `query` on each dataset. With `aggregate=True`, one exact global result;
+        otherwise one DataFrame per dataset identifier."""
+        plan = plan_merge(query) if aggregate else None
+        targets = await self.resolve(datasets, tags)
+        first = targets[0].dataset
+        names = output_names(query, first.name, first.columns)
+        algorithm = SqlQueryAlgorithm(query=plan.partial_sql if plan else query,
+                                      mode=plan.mode if plan else "rows")
+        tables = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets))
+        if plan is None:
+            return {t.identifier: table.to_pandas() for t, table in zip(targets, tables, strict=True)}
+        return merge(plan, list(tables), names)
+
+
+class Modeller:
+    """Blocking facade over `AsyncModeller` for scripts and notebooks.
+
+        with Modeller("modeller", broker="nats://127.0.0.1:4222") as m:
+            df = m.sql("SELECT sex, AVG(age) FROM `ehr` GROUP BY sex",
+                       datasets=["alice/ehr", "bob/ehr"], aggregate=True)
+    """
+
+    def __init__(self, identity: Identity | str, *, broker: str | BrokerOptions = "nats://127.0.0.1:4222",
+                 keystore: Path | None = None, timeout_s: float = 60.0, known_pods: Path | None = None) -> None:
+        store = keystore or default_keystore()
+        self.identity = identity if isinstance(identity, Identity) else Identity.load(identity, store)
+        options = broker if isinstance(broker, BrokerOptions) else BrokerOptions(broker)
+        pins = known_pods if known_pods is not None else store.parent / "known_pods.json"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fedpod-modeller", daemon=True)
+        self._thread.start()
+        self._core = self._call(self._make_core(options, pins, timeout_s))
+        try:
+            self._call(self._core.connect())
+        except BaseException:
+            self.close()
+            raise
+
+    async def _make_core(self, options: BrokerOptions, pins: Path, timeout_s: float) -> AsyncModeller:
+        return AsyncModeller(self.identity, options, known_pods=pins, timeout_s=timeout_s)
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def datasets(self, *, tags: list[str] | None = None, window_s: float | None = None) -> list[Target]:
+        """Every advertised dataset (or those carrying all `tags`)."""
+        adverts = self._call(self._core.discover(window_s=window_s))
+        if tags:
+            return select_by_tags(adverts, tags)
+        return [Target(pod, d) for _, (pod, advert) in sorted(adverts.items()) for d in advert.datasets]
+
+    def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
+            aggregate: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        return self._call(self._core.sql(query, datasets=datasets, tags=tags, aggregate=aggregate))
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            if hasattr(self, "_core"):
+                with contextlib.suppress(Exception):
+                    self._call(self._core.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self) -> Modeller:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

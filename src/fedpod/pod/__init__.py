@@ -1,0 +1,1 @@
+"""The pod: a long-running service beside the data."""

@@ -1,0 +1,181 @@
+"""The pod service: connects out to the broker, answers discovery, runs tasks, keeps the audit log.
+
+Every inbound message is verified before anything else looks at it; every task goes through
+`governance.access.decide` and is written to the audit log with its decision and what was
+returned. A bad message is counted and audited, never raised: the pod keeps serving. Tasks
+run in worker threads (bounded by `max_concurrent_tasks`) so heartbeats never wait on a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from fedpod import __version__
+from fedpod.algorithms.sql.engine import SqlEngine
+from fedpod.channel import SecureChannel
+from fedpod.data.datasets import round_count
+from fedpod.errors import EnvelopeRejected, FedpodError
+from fedpod.governance.access import AccessRequest, decide
+from fedpod.governance.audit import AuditLog
+from fedpod.pod.config import PodConfig
+from fedpod.security.envelope import Opened
+from fedpod.security.identity import Identity
+from fedpod.transport import subjects
+from fedpod.transport.bus import Bus
+from fedpod.wire.codec import DecodeError, table_to_bytes, unpack
+from fedpod.wire.messages import (
+    DatasetAdvert,
+    Discover,
+    Heartbeat,
+    PodAdvert,
+    TaskFailure,
+    TaskRequest,
+    TaskResult,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Pod:
+    def __init__(self, config: PodConfig, config_path: Path) -> None:
+        self.config = config
+        self.base = config_path.parent.resolve()
+        self.identity = Identity.load(self._resolve(config.identity))
+        storage = self._resolve(config.storage)
+        storage.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(storage / "audit.jsonl")
+        self.engine: SqlEngine | None = None
+        self.channel: SecureChannel | None = None
+        self.started = time.monotonic()
+        self.running_tasks = 0
+        self._slots = asyncio.Semaphore(config.max_concurrent_tasks)
+
+    def _resolve(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else self.base / path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    def advert(self) -> PodAdvert:
+        assert self.engine is not None
+        datasets = []
+        for spec in self.config.datasets:
+            columns, rows = self.engine.schemas[spec.name]
+            datasets.append(DatasetAdvert(identifier=f"{self.config.name}/{spec.name}", name=spec.name,
+                                          tags=spec.tags, kind=spec.kind, columns=columns,
+                                          rows_rounded=round_count(rows), description=spec.description))
+        return PodAdvert(pod=self.config.name, fingerprint=self.fingerprint, datasets=datasets, version=__version__)
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        self.engine = await asyncio.to_thread(SqlEngine, self.config.datasets, self.base)
+        bus = await Bus.connect(self.config.broker.options(self.base), name=f"pod-{self.config.name}",
+                                reconnect_forever=True)
+        self.channel = SecureChannel(bus, self.identity)
+        self.audit.append("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
+                          datasets=[d.name for d in self.config.datasets])
+        try:
+            await self.channel.listen_inbox(self._on_message, self._on_rejected)
+            await self.channel.listen(subjects.DISCOVER, self._on_discover, self._on_rejected)
+            await bus.flush()
+            if ready is not None:
+                ready.set()
+            log.info("pod %s (%s) serving %d dataset(s)", self.config.name, self.fingerprint, len(self.config.datasets))
+            await self._heartbeats(stop)
+        finally:
+            self.audit.append("pod-stopped", pod=self.config.name, rejected=dict(self.channel.rejections))
+            await bus.close()
+            self.engine.close()
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        assert self.channel is not None
+        while not stop.is_set():
+            beat = Heartbeat(pod=self.config.name, fingerprint=self.fingerprint, ts=time.time(),
+                             running_tasks=self.running_tasks, uptime_s=time.monotonic() - self.started)
+            with contextlib.suppress(FedpodError):
+                await self.channel.broadcast(subjects.heartbeat(self.fingerprint), beat)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_s)
+
+    async def _on_rejected(self, exc: EnvelopeRejected) -> None:
+        log.warning("rejected envelope: %s", exc)
+        self.audit.append("envelope-rejected", reason=exc.reason, detail=exc.message)
+
+    async def _on_discover(self, opened: Opened) -> None:
+        if opened.header.type != Discover.TYPE:
+            return
+        assert self.channel is not None
+        with contextlib.suppress(FedpodError):
+            await self.channel.send(opened.sender, self.advert(), timeout_s=5.0)
+
+    async def _on_message(self, opened: Opened) -> None:
+        if opened.header.type != TaskRequest.TYPE:
+            self.audit.append("message-ignored", sender=opened.sender.fingerprint, type=opened.header.type)
+            return
+        try:
+            request = unpack(opened.payload, TaskRequest)
+        except DecodeError as exc:
+            self.audit.append("task-malformed", sender=opened.sender.fingerprint, error=str(exc))
+            await self._reply(opened, TaskFailure(task_id=opened.header.task or "?", kind="DecodeError",
+                                                  message=str(exc)))
+            return
+        await self._handle_task(opened, request)
+
+    async def _handle_task(self, opened: Opened, request: TaskRequest) -> None:
+        assert self.engine is not None
+        sender = opened.sender
+        query_hash = hashlib.sha256(request.algorithm.query.encode()).hexdigest()
+        decision = decide(self.config.access,
+                          AccessRequest(sender.name, sender.fingerprint, request.dataset, request.algorithm.kind),
+                          set(self.engine.datasets))
+        self.audit.append("task-received", task=request.task_id, requester=sender.name,
+                          requester_fingerprint=sender.fingerprint, dataset=request.dataset,
+                          kind=request.algorithm.kind, mode=request.algorithm.mode,
+                          query=request.algorithm.query, query_sha256=query_hash,
+                          decision="allow" if decision.allowed else "deny", reasons=decision.reasons)
+        if not decision.allowed:
+            await self._reply(opened, TaskFailure(
+                task_id=request.task_id, dataset=request.dataset, kind="AccessDenied",
+                message=f"{'; '.join(decision.reasons)} [rule: {decision.rule}]",
+                hint=f"ask the custodian of pod {self.config.name} to accept fingerprint {sender.fingerprint}"))
+            return
+        started = time.perf_counter()
+        async with self._slots:
+            self.running_tasks += 1
+            try:
+                table = await asyncio.to_thread(self.engine.run, request.algorithm.query, request.dataset,
+                                                timeout_s=self.config.sql_timeout_s)
+            except FedpodError as exc:
+                self.audit.append("task-failed", task=request.task_id, dataset=request.dataset,
+                                  error=type(exc).__name__, message=str(exc))
+                await self._reply(opened, TaskFailure(task_id=request.task_id, dataset=request.dataset,
+                                                      kind=type(exc).__name__, message=exc.message, hint=exc.hint))
+                return
+            finally:
+                self.running_tasks -= 1
+        seconds = time.perf_counter() - started
+        payload = table_to_bytes(table)
+        self.audit.append("task-completed", task=request.task_id, dataset=request.dataset,
+                          returned_rows=table.num_rows, returned_columns=table.column_names,
+                          result_sha256=hashlib.sha256(payload).hexdigest(), seconds=round(seconds, 4))
+        await self._reply(opened, TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload,
+                                             seconds=seconds))
+
+    async def _reply(self, opened: Opened, message: TaskResult | TaskFailure) -> None:
+        assert self.channel is not None
+        try:
+            await self.channel.send(opened.sender, message, task_id=message.task_id)
+        except FedpodError as exc:
+            self.audit.append("reply-undelivered", task=message.task_id, to=opened.sender.fingerprint, error=str(exc))
+
+
+async def serve(config_path: Path, stop: asyncio.Event | None = None) -> None:
+    """Run a pod until `stop` is set (or SIGINT/SIGTERM when run from the CLI)."""
+    pod = Pod(PodConfig.load(config_path), config_path)
+    await pod.run(stop or asyncio.Event())

@@ -1,0 +1,1 @@
+"""Identities (signing + encryption keys), the keystore, and signed, encrypted envelopes."""

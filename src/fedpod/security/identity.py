@@ -1,0 +1,146 @@
+"""Party identities: an Ed25519 signing key and an X25519 encryption key.
+
+The fingerprint hashes both public keys, so pinning a fingerprint pins both. It is short
+(16 base32 characters in four groups) so that two people can compare it over the phone.
+Private keys live in `<keystore>/<name>.key` (mode 0600); the public half in `<name>.pub`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from fedpod.errors import ConfigError
+
+_RAW = serialization.Encoding.Raw
+_RAW_PUB = serialization.PublicFormat.Raw
+_RAW_PRIV = serialization.PrivateFormat.Raw
+_NO_ENC = serialization.NoEncryption()
+
+
+def default_keystore() -> Path:
+    """`$FEDPOD_HOME/keys`, falling back to `~/.fedpod/keys`."""
+    return Path(os.environ.get("FEDPOD_HOME", Path.home() / ".fedpod")) / "keys"
+
+
+def fingerprint_of(sign_public: bytes, box_public: bytes) -> str:
+    digest = hashlib.sha256(b"fedpod-fp-v1" + sign_public + box_public).digest()
+    text = base64.b32encode(digest[:10]).decode()
+    return "-".join(text[i : i + 4] for i in range(0, 16, 4))
+
+
+@dataclass(frozen=True)
+class PublicIdentity:
+    """What a party shows the world; enough to verify its signatures and encrypt to it."""
+
+    name: str
+    sign_public: bytes
+    box_public: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.sign_public, self.box_public)
+
+    def verify_key(self) -> Ed25519PublicKey:
+        return Ed25519PublicKey.from_public_bytes(self.sign_public)
+
+    def box_key(self) -> X25519PublicKey:
+        return X25519PublicKey.from_public_bytes(self.box_public)
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "sign_public": self.sign_public.hex(),
+            "box_public": self.box_public.hex(),
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> PublicIdentity:
+        return cls(data["name"], bytes.fromhex(data["sign_public"]), bytes.fromhex(data["box_public"]))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A party's private keys. Never serialised anywhere but its own keystore file."""
+
+    name: str
+    signing_key: Ed25519PrivateKey
+    box_key: X25519PrivateKey
+
+    @classmethod
+    def generate(cls, name: str) -> Identity:
+        return cls(name, Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+
+    @property
+    def public(self) -> PublicIdentity:
+        return PublicIdentity(
+            self.name,
+            self.signing_key.public_key().public_bytes(_RAW, _RAW_PUB),
+            self.box_key.public_key().public_bytes(_RAW, _RAW_PUB),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+    def sign(self, data: bytes) -> bytes:
+        return self.signing_key.sign(data)
+
+    def save(self, keystore: Path) -> Path:
+        """Write `<name>.key` (0600, created with that mode so it is never world-readable)."""
+        keystore.mkdir(parents=True, exist_ok=True)
+        path = keystore / f"{self.name}.key"
+        if path.exists():
+            raise ConfigError(f"identity {self.name!r} already exists", where=str(path),
+                              hint="choose another name or delete the old key deliberately")
+        secret = {
+            "name": self.name,
+            "sign_private": self.signing_key.private_bytes(_RAW, _RAW_PRIV, _NO_ENC).hex(),
+            "box_private": self.box_key.private_bytes(_RAW, _RAW_PRIV, _NO_ENC).hex(),
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(secret, handle)
+        os.chmod(path, 0o600)
+        (keystore / f"{self.name}.pub").write_text(json.dumps(self.public.as_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, keystore: Path | None = None) -> Identity:
+        """Load by name from a keystore, or from an explicit `.key` path."""
+        path = Path(name_or_path)
+        if path.suffix != ".key":
+            path = (keystore or default_keystore()) / f"{name_or_path}.key"
+        if not path.exists():
+            raise ConfigError(f"no identity at {path}", hint="create one with `fedpod identity create NAME`")
+        if path.stat().st_mode & 0o077:
+            raise ConfigError(f"key file {path} is readable by others", hint=f"chmod 600 {path}")
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                data["name"],
+                Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["sign_private"])),
+                X25519PrivateKey.from_private_bytes(bytes.fromhex(data["box_private"])),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"key file {path} is corrupt: {exc}") from exc
+
+    @classmethod
+    def load_or_create(cls, name: str, keystore: Path) -> Identity:
+        try:
+            return cls.load(name, keystore)
+        except ConfigError:
+            if (keystore / f"{name}.key").exists():
+                raise
+            identity = cls.generate(name)
+            identity.save(keystore)
+            return identity

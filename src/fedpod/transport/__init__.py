@@ -1,0 +1,1 @@
+"""The broker (an embedded or external NATS server) and the one module that talks to it."""

@@ -1,0 +1,236 @@
+"""Bytes in, bytes out over NATS — of any size. The only module that imports `nats`.
+
+Messages larger than the server's `max_payload` travel as chunks with transfer headers and
+are reassembled into one preallocated buffer at the receiver. Flow control is a window:
+every `WINDOW`-th chunk (and the last) is sent as a request that the receiver acknowledges
+once the chunk is stored, so a fast sender can never overrun a slow receiver, and a send to
+an inbox nobody listens on fails at once (`PodUnreachable`) instead of vanishing.
+Integrity of the reassembled bytes is the envelope's job (GCM tag or signed digest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from fedpod.errors import BrokerUnavailable, PodUnreachable, TaskTimeout, TransportError
+
+log = logging.getLogger(__name__)
+
+Payload = bytes | bytearray
+Handler = Callable[[Payload], Awaitable[None]]
+
+H_TRANSFER = "Fedpod-Transfer"
+H_OFFSET = "Fedpod-Offset"
+H_SIZE = "Fedpod-Size"
+WINDOW = 16
+HEADER_ALLOWANCE = 1024
+DEFAULT_MAX_TRANSFER_BYTES = 4 * 1024**3
+STALE_TRANSFER_S = 120.0
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """Where the broker is and how to authenticate: a URL plus optional TLS and credentials."""
+
+    url: str = "nats://127.0.0.1:4222"
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    creds: Path | None = None
+    connect_timeout_s: float = 5.0
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not (self.tls_ca or self.tls_cert or self.url.startswith("tls://")):
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert:
+            context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        return context
+
+
+@dataclass
+class _Transfer:
+    buffer: bytearray
+    received: int = 0
+    touched: float = field(default_factory=time.monotonic)
+
+
+class Bus:
+    """A connection to the broker. Create with `await Bus.connect(options)`."""
+
+    def __init__(self, client: Client, *, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> None:
+        self._client = client
+        self.max_transfer_bytes = max_transfer_bytes
+        self._transfers: dict[str, _Transfer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped_transfers = 0
+
+    @classmethod
+    async def connect(cls, options: BrokerOptions, *, name: str = "fedpod", reconnect_forever: bool = False) -> Bus:
+        try:
+            client = await nats.connect(
+                options.url,
+                name=name,
+                tls=options.ssl_context(),
+                user_credentials=str(options.creds) if options.creds else None,
+                connect_timeout=options.connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1 if reconnect_forever else 10,
+                reconnect_time_wait=0.5,
+                error_cb=_log_error,
+            )
+        except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}",
+                                    hint="start one with `fedpod broker start` or pass --broker") from exc
+        return cls(client)
+
+    @property
+    def chunk_size(self) -> int:
+        return max(4096, self._client.max_payload - HEADER_ALLOWANCE)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.is_connected)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self._client.drain()
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+    async def subscribe(self, subject: str, handler: Handler) -> None:
+        """Deliver each whole message (reassembled if chunked) to `handler` in its own task,
+        so that a slow handler never stalls the subscription (or a pod's heartbeats)."""
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                whole = self._absorb(msg)
+            except TransportError as exc:
+                log.warning("dropped transfer on %s: %s", subject, exc)
+                self.dropped_transfers += 1
+                whole = None
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(b"")
+            if whole is not None:
+                self._spawn(handler(whole))
+
+        await self._client.subscribe(subject, cb=on_message, pending_bytes_limit=256 * 1024 * 1024)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _absorb(self, msg: Msg) -> Payload | None:
+        headers = msg.headers or {}
+        transfer_id = headers.get(H_TRANSFER)
+        if transfer_id is None:
+            return bytes(msg.data)
+        self._forget_stale()
+        try:
+            size = int(headers[H_SIZE])
+            offset = int(headers[H_OFFSET])
+        except (KeyError, ValueError) as exc:
+            raise TransportError("chunk without valid size/offset headers") from exc
+        if size > self.max_transfer_bytes or size < 0:
+            raise TransportError(f"transfer of {size} bytes exceeds the limit of {self.max_transfer_bytes}")
+        transfer = self._transfers.get(transfer_id)
+        if transfer is None:
+            transfer = self._transfers[transfer_id] = _Transfer(bytearray(size))
+        data = msg.data
+        if len(transfer.buffer) != size or offset < 0 or offset + len(data) > size:
+            self._transfers.pop(transfer_id, None)
+            raise TransportError(f"chunk at offset {offset} does not fit transfer {transfer_id}")
+        transfer.buffer[offset : offset + len(data)] = data
+        transfer.received += len(data)
+        transfer.touched = time.monotonic()
+        if transfer.received < size:
+            return None
+        del self._transfers[transfer_id]
+        return transfer.buffer
+
+    def _forget_stale(self) -> None:
+        now = time.monotonic()
+        for transfer_id, transfer in list(self._transfers.items()):
+            if now - transfer.touched > STALE_TRANSFER_S:
+                del self._transfers[transfer_id]
+                self.dropped_transfers += 1
+
+    async def send(self, subject: str, parts: bytes | Sequence[bytes], *, timeout_s: float = 30.0,
+                   recipient: str = "recipient") -> None:
+        """Deliver bytes to one listening party; returns once it has received all of them."""
+        chunks = list(_chunks([parts] if isinstance(parts, bytes | bytearray) else parts, self.chunk_size))
+        total = sum(len(c) for c in chunks)
+        try:
+            if len(chunks) == 1:
+                await self._client.request(subject, bytes(chunks[0]), timeout=timeout_s)
+                return
+            transfer_id = os.urandom(12).hex()
+            offset = 0
+            for index, chunk in enumerate(chunks):
+                headers = {H_TRANSFER: transfer_id, H_OFFSET: str(offset), H_SIZE: str(total)}
+                offset += len(chunk)
+                if (index + 1) % WINDOW == 0 or index == len(chunks) - 1:
+                    await self._client.request(subject, bytes(chunk), timeout=timeout_s, headers=headers)
+                else:
+                    await self._client.publish(subject, bytes(chunk), headers=headers)
+        except nats.errors.NoRespondersError as exc:
+            raise PodUnreachable(f"nobody is listening for {recipient}", where=subject,
+                                 hint="is the pod running and connected to this broker?") from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise TaskTimeout(f"{recipient} did not acknowledge within {timeout_s}s", where=subject) from exc
+        except nats.errors.Error as exc:
+            raise TransportError(f"sending to {recipient} failed: {exc}", where=subject) from exc
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        """Fire-and-forget broadcast of a small message (heartbeats, discovery)."""
+        try:
+            await self._client.publish(subject, data)
+        except nats.errors.Error as exc:
+            raise TransportError(f"publish failed: {exc}", where=subject) from exc
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        await self._client.flush(timeout=timeout_s)
+
+
+def _chunks(parts: Sequence[bytes | bytearray | memoryview], size: int) -> list[memoryview | bytes]:
+    """Split a list of buffers into chunks of at most `size`, copying only at part borders."""
+    out: list[memoryview | bytes] = []
+    pending = b""
+    for part in parts:
+        view = memoryview(part)
+        if pending:
+            take = size - len(pending)
+            pending += bytes(view[:take])
+            view = view[take:]
+            if len(pending) < size:
+                continue
+            out.append(pending)
+            pending = b""
+        while len(view) >= size:
+            out.append(view[:size])
+            view = view[size:]
+        pending = bytes(view)
+    if pending or not out:
+        out.append(pending)
+    return out
+
+
+async def _log_error(exc: Exception) -> None:
+    log.debug("nats: %s", exc)

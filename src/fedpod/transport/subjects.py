@@ -1,0 +1,19 @@
+"""Subject names: namespaced and versioned, so that fedpod can share a NATS cluster.
+
+A party subscribes to its own inbox; pods also listen for discovery requests and publish
+heartbeats. Fingerprints contain only [A-Z2-7-], which are valid subject tokens.
+"""
+
+PREFIX = "fedpod.v1"
+DISCOVER = f"{PREFIX}.discover"
+
+
+def inbox(fingerprint: str) -> str:
+    return f"{PREFIX}.inbox.{fingerprint}"
+
+
+def heartbeat(fingerprint: str) -> str:
+    return f"{PREFIX}.heartbeat.{fingerprint}"
+
+
+HEARTBEATS = f"{PREFIX}.heartbeat.*"

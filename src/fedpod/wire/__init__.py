@@ -1,0 +1,1 @@
+"""Typed messages (pydantic) and their codecs: msgpack for structures, Arrow IPC for tables."""

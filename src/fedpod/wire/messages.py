@@ -1,0 +1,88 @@
+"""The messages parties exchange. Each travels as the payload of an envelope whose header
+`type` is the model's `TYPE`. Unknown fields are ignored so that newer peers can add some."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WireMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    TYPE: ClassVar[str]
+
+
+class Discover(WireMessage):
+    """Broadcast by a modeller: every pod answers with its advert (to the sender only)."""
+
+    TYPE: ClassVar[str] = "discover"
+    tags: list[str] = []
+    identifiers: list[str] = []
+
+
+class DatasetAdvert(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    identifier: str
+    name: str
+    tags: list[str]
+    kind: str
+    columns: dict[str, str]
+    rows_rounded: int
+    description: str = ""
+
+
+class PodAdvert(WireMessage):
+    TYPE: ClassVar[str] = "advert"
+    pod: str
+    fingerprint: str
+    datasets: list[DatasetAdvert]
+    version: str
+
+
+class Heartbeat(WireMessage):
+    TYPE: ClassVar[str] = "heartbeat"
+    pod: str
+    fingerprint: str
+    ts: float
+    running_tasks: int
+    uptime_s: float
+
+
+class SqlQueryAlgorithm(BaseModel):
+    """Run `query` on the dataset. `mode="partials"` marks a rewritten aggregate query whose
+    rows are mergeable partial aggregates rather than final answers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["sql"] = "sql"
+    query: str
+    mode: Literal["rows", "partials"] = "rows"
+
+
+Algorithm = Annotated[SqlQueryAlgorithm, Field(discriminator="kind")]
+
+
+class TaskRequest(WireMessage):
+    TYPE: ClassVar[str] = "task"
+    task_id: str
+    dataset: str
+    algorithm: Algorithm
+
+
+class TaskResult(WireMessage):
+    TYPE: ClassVar[str] = "result"
+    task_id: str
+    dataset: str
+    table: bytes
+    seconds: float
+
+
+class TaskFailure(WireMessage):
+    """A refusal or error, sent back instead of a result; `kind` is the pod's error class."""
+
+    TYPE: ClassVar[str] = "failure"
+    task_id: str
+    dataset: str | None = None
+    kind: str
+    message: str
+    hint: str | None = None
