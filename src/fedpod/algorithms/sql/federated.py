@@ -159,7 +159,8 @@ def _refuse_unmergeable(select: exp.Select) -> None:
         if node is not None:
             raise NotMergeable(text, f"{to_duckdb(node)!r} cannot be split into per-dataset partials")
     group = select.args.get("group")
-    if group is not None and any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets", "all")):
+    if group is not None and (group.find(exp.Rollup, exp.Cube, exp.GroupingSets) is not None
+                              or any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets", "all"))):
         raise NotMergeable("GROUP BY ROLLUP/CUBE/GROUPING SETS/ALL", "only plain GROUP BY keys are merged")
     if select.args.get("qualify") is not None:
         raise NotMergeable("QUALIFY", "it filters on window functions")

@@ -1,0 +1,167 @@
+"""Shared fixtures: a real NATS server, pods as real processes, and a real PostgreSQL server.
+
+Nothing here sleeps for a fixed time: every wait is for a condition, with a deadline.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.governance.access import TrustedModeller
+from fedpod.pod.config import BrokerSettings, PodConfig
+from fedpod.security.identity import Identity
+from fedpod.transport.broker import EmbeddedBroker
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def keystore(tmp_path: Path) -> Path:
+    return tmp_path / "keys"
+
+
+@pytest.fixture
+def modeller_identity(keystore: Path) -> Identity:
+    identity = Identity.generate("modeller")
+    identity.save(keystore)
+    return identity
+
+
+@dataclass
+class RunningPod:
+    name: str
+    config_path: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+    identity: Identity
+
+    @property
+    def audit_path(self) -> Path:
+        return self.config_path.parent / "storage" / "audit.jsonl"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+PodFactory = Callable[..., RunningPod]
+
+
+def start_pod_process(config_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log = config_path.parent / "pod.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config_path)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: "ready" in log.read_text(errors="replace") or process.poll() is not None, 60, "pod ready")
+    if process.poll() is not None:
+        raise AssertionError(f"pod exited: {log.read_text()}")
+    return process, log
+
+
+@pytest.fixture
+def pod_factory(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[PodFactory]:
+    """Start pods as separate `fedpod pod start` processes. `datasets` is a list of
+    DatasetSpec; `allow` the identities whose tasks the pod accepts."""
+    running: list[RunningPod] = []
+
+    def make(name: str, datasets: list[DatasetSpec], allow: list[Identity], **settings: object) -> RunningPod:
+        folder = tmp_path / "pods" / name
+        folder.mkdir(parents=True)
+        identity = Identity.load_or_create(name, folder / "keys")
+        specs = [inspect(spec, folder) for spec in datasets]
+        config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker.url),
+                           datasets=specs, heartbeat_s=0.2, **settings)  # type: ignore[arg-type]
+        config.access.modellers.extend(TrustedModeller(name=i.name, fingerprint=i.fingerprint) for i in allow)
+        config_path = folder / "pod.yaml"
+        config.save(config_path)
+        process, log = start_pod_process(config_path)
+        pod = RunningPod(name, config_path, process, log, identity)
+        running.append(pod)
+        return pod
+
+    yield make
+    for pod in running:
+        pod.stop()
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+def _pg_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    dsn: str
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throw-away PostgreSQL server on 127.0.0.1 (scripts/install-postgres.sh installs it).
+    In CI a missing server is a failure, not a skip."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server binaries are missing; scripts/install-postgres.sh installs them")
+        pytest.skip("PostgreSQL server binaries not installed (run scripts/install-postgres.sh)")
+    root = Path(tempfile.mkdtemp(prefix="fedpod-pg-"))
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+        shutil.chown(sockets, "postgres")
+        os.chmod(root, 0o755)
+    port = _free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "fedpod", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-w", "-t", "60", "-l", str(root / "pg.log"), "-o",
+                    f"-p {port} -k {sockets} -h 127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield PostgresServer(f"host=127.0.0.1 port={port} user=fedpod dbname=postgres")
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

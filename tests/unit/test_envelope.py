@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpod.errors import EnvelopeRejected
+from fedpod.security.envelope import ReplayGuard, open_envelope, seal, seal_bytes
+from fedpod.security.identity import Identity
+
+ALICE = Identity.generate("alice")
+BOB = Identity.generate("bob")
+CAROL = Identity.generate("carol")
+
+
+def reason(frame: bytes, me: Identity = BOB, guard: ReplayGuard | None = None, **kwargs: float) -> str:
+    with pytest.raises(EnvelopeRejected) as info:
+        open_envelope(frame, me, guard or ReplayGuard(), **kwargs)
+    return info.value.reason
+
+
+@settings(max_examples=50, deadline=None)
+@given(payload=st.binary(max_size=5000), task=st.text(max_size=20), seq=st.integers(0, 2**40))
+def test_envelope_round_trips_any_payload(payload: bytes, task: str, seq: int) -> None:
+    frame = seal_bytes(ALICE, "task", payload, recipients=[BOB.public], task_id=task, seq=seq)
+    opened = open_envelope(frame, BOB, ReplayGuard())
+    assert opened.payload == payload
+    assert opened.sender.fingerprint == ALICE.fingerprint
+    assert (opened.header.task, opened.header.seq, opened.header.type) == (task, seq, "task")
+
+
+def test_payload_is_not_visible_in_the_frame() -> None:
+    secret = b"patient 12345 has diagnosis X" * 4
+    frame = seal_bytes(ALICE, "task", secret, recipients=[BOB.public])
+    assert secret[:20] not in frame
+
+
+@pytest.mark.parametrize("recipients", [[BOB], [BOB, CAROL], None], ids=["one", "two", "broadcast"])
+def test_every_single_bit_change_is_rejected(recipients: list[Identity] | None) -> None:
+    publics = [r.public for r in recipients] if recipients else None
+    frame = seal_bytes(ALICE, "result", b"x" * 64, recipients=publics, task_id="t")
+    open_envelope(frame, BOB, ReplayGuard())  # the original is fine
+    for bit in range(len(frame) * 8):
+        tampered = bytearray(frame)
+        tampered[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(EnvelopeRejected):
+            open_envelope(bytes(tampered), BOB, ReplayGuard())
+
+
+def test_truncated_or_extended_frames_are_rejected() -> None:
+    frame = seal_bytes(ALICE, "task", b"payload", recipients=[BOB.public])
+    for cut in range(len(frame)):
+        with pytest.raises(EnvelopeRejected):
+            open_envelope(frame[:cut], BOB, ReplayGuard())
+    assert reason(frame + b"\0") == "tampered"
+
+
+def test_replayed_envelope_is_rejected() -> None:
+    frame = seal_bytes(ALICE, "task", b"once", recipients=[BOB.public])
+    guard = ReplayGuard()
+    open_envelope(frame, BOB, guard)
+    assert reason(frame, guard=guard) == "replayed"
+
+
+def test_expired_and_future_envelopes_are_rejected() -> None:
+    old = seal_bytes(ALICE, "task", b"", recipients=[BOB.public], now=1_000.0)
+    assert reason(old, now=1_000.0 + 301) == "expired"
+    future = seal_bytes(ALICE, "task", b"", recipients=[BOB.public], now=2_000.0)
+    assert reason(future, now=2_000.0 - 31) == "future"
+
+
+def test_envelope_for_someone_else_is_rejected() -> None:
+    frame = seal_bytes(ALICE, "task", b"for bob", recipients=[BOB.public])
+    assert reason(frame, me=CAROL) == "wrong-recipient"
+
+
+def test_unsigned_envelope_is_rejected() -> None:
+    head, body = seal(ALICE, "task", b"x", recipients=[BOB.public])
+    header_len = struct.unpack(">4sI", head[:8])[1]
+    unsigned = head[: 8 + header_len] + b"\0" * 64 + body
+    assert reason(unsigned) == "unsigned"
+
+
+def test_forged_sender_claiming_anothers_keys_is_rejected() -> None:
+    """Mallory copies Alice's public keys into the header but can only sign with her own key."""
+    mallory = Identity.generate("alice")
+    head, body = seal(mallory, "task", b"x", recipients=[BOB.public])
+    header_len = struct.unpack(">4sI", head[:8])[1]
+    header = msgpack.unpackb(head[8 : 8 + header_len])
+    header["sign_public"] = ALICE.public.sign_public
+    header["box_public"] = ALICE.public.box_public
+    forged_header = msgpack.packb(header, use_bin_type=True)
+    forged = struct.pack(">4sI", b"FPE1", len(forged_header)) + forged_header + mallory.sign(forged_header) + body
+    assert reason(forged) == "bad-signature"
+
+
+def test_garbage_is_rejected_as_malformed() -> None:
+    for garbage in (b"", b"hello", b"FPE1" + b"\xff" * 100, msgpack.packb({"a": 1}) * 20):
+        assert reason(garbage) == "malformed"
+
+
+def test_multi_recipient_envelope_opens_for_each_recipient() -> None:
+    frame = seal_bytes(ALICE, "model", b"weights", recipients=[BOB.public, CAROL.public])
+    assert open_envelope(frame, BOB, ReplayGuard()).payload == b"weights"
+    assert open_envelope(frame, CAROL, ReplayGuard()).payload == b"weights"
+
+
+def test_replay_guard_forgets_entries_older_than_the_window() -> None:
+    guard = ReplayGuard(max_age_s=10)
+    assert guard.check_and_remember(b"a", b"n", ts=0, now=0)
+    assert not guard.check_and_remember(b"a", b"n", ts=0, now=5)
+    guard.check_and_remember(b"a", b"other", ts=100, now=100)
+    assert len(guard._seen) == 1
