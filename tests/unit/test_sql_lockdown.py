@@ -89,7 +89,7 @@ def test_python_variables_are_unreachable(engine: SqlEngine) -> None:
 
 
 def test_runaway_query_is_interrupted(engine: SqlEngine) -> None:
-    slow = (f"SELECT COUNT(*) FROM `{DATASET}` a, `{DATASET}` b, `{DATASET}` c, `{DATASET}` d, "
-            f"`{DATASET}` e WHERE a.age + b.age + c.age + d.age + e.age = -1")
+    slow = (f"SELECT SUM(a.age * b.age + c.age * d.age - e.age * f.age) FROM `{DATASET}` a, `{DATASET}` b, "
+            f"`{DATASET}` c, `{DATASET}` d, `{DATASET}` e, `{DATASET}` f")
     with pytest.raises(TaskTimeout, match="stopped"):
         engine.run(slow, DATASET, timeout_s=0.3)
