@@ -114,3 +114,12 @@ def test_replay_guard_forgets_entries_older_than_the_window() -> None:
     assert not guard.check_and_remember(b"a", b"n", ts=0, now=5)
     guard.check_and_remember(b"a", b"other", ts=100, now=100)
     assert len(guard._seen) == 1
+
+
+def test_tampered_copy_does_not_get_the_genuine_envelope_refused() -> None:
+    frame = seal_bytes(ALICE, "task", b"genuine", recipients=[BOB.public])
+    tampered = bytearray(frame)
+    tampered[-3] ^= 0x04
+    guard = ReplayGuard()
+    assert reason(bytes(tampered), guard=guard) == "tampered"
+    assert open_envelope(frame, BOB, guard).payload == b"genuine"

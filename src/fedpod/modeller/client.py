@@ -149,7 +149,7 @@ class AsyncModeller:
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags)
         first = targets[0].dataset
-        names = output_names(query, first.name, first.columns)
+        names = output_names(query, first.name, first.columns) if plan else []
         algorithm = SqlQueryAlgorithm(query=plan.partial_sql if plan else query,
                                       mode=plan.mode if plan else "rows")
         tables = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets))

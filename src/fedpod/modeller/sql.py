@@ -22,6 +22,9 @@ def output_names(query: str, table: str, columns: dict[str, str]) -> list[str]:
     try:
         definition = ", ".join(f"{quote_identifier(n)} {t}" for n, t in columns.items())
         connection.execute(f"CREATE TABLE {quote_identifier(table)} ({definition})")
+        for setting in ("python_enable_replacements = false", "enable_external_access = false",
+                        "lock_configuration = true"):
+            connection.execute(f"SET {setting}")
         relation = connection.sql(to_duckdb(parse_statement(query)))
         return list(relation.columns)
     except duckdb.Error as exc:

@@ -170,6 +170,10 @@ class ReplayGuard:
         self._seen: OrderedDict[tuple[bytes, bytes], float] = OrderedDict()
         self._lock = threading.Lock()
 
+    def seen(self, sender: bytes, nonce: bytes) -> bool:
+        with self._lock:
+            return (sender, nonce) in self._seen
+
     def check_and_remember(self, sender: bytes, nonce: bytes, ts: float, now: float) -> bool:
         with self._lock:
             return self._check_and_remember(sender, nonce, ts, now)
@@ -234,13 +238,19 @@ def open_envelope(
         raise EnvelopeRejected("expired", f"{current - header.ts:.0f}s old")
     if header.ts - current > max_skew_s:
         raise EnvelopeRejected("future", f"{header.ts - current:.0f}s ahead of this clock")
-    if not guard.check_and_remember(header.sign_public, header.nonce, header.ts, current):
+    if guard.seen(header.sign_public, header.nonce):
         raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}")
     if header.enc is None:
         if header.digest is None:
             raise EnvelopeRejected("malformed", "plaintext body without digest")
-        return Opened(header, bytes(body))
-    return Opened(header, _decrypt(header, header.enc, body, me, my_fingerprint))
+        payload = bytes(body)
+    else:
+        payload = _decrypt(header, header.enc, body, me, my_fingerprint)
+    # Remember the nonce only once the body authenticated: otherwise a tampered copy of a
+    # genuine envelope, sent first, would get the genuine one refused as a replay.
+    if not guard.check_and_remember(header.sign_public, header.nonce, header.ts, current):
+        raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}")
+    return Opened(header, payload)
 
 
 def _decrypt(header: Header, enc: Encryption, body: memoryview, me: Identity, my_fingerprint: str) -> bytes:

@@ -1,0 +1,174 @@
+"""Federated SQL across pods running as separate processes over a real NATS server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from fedpod.data.datasets import DatasetSpec
+from fedpod.data.synth import generate, write
+from fedpod.errors import DatasetNotFound, PodUnreachable, TaskFailed
+from fedpod.modeller.client import Modeller
+from fedpod.security.identity import Identity
+from fedpod.transport.broker import EmbeddedBroker
+from tests.conftest import PodFactory, RunningPod, wait_until
+
+pytestmark = pytest.mark.integration
+DATASET = "ehr-records-2025"
+QUERY = (f"SELECT sex, smoker, COUNT(*) AS n, AVG(age) AS mean_age, STDDEV(bmi) AS sd_bmi, MIN(hba1c), MAX(hba1c) "
+         f"FROM `{DATASET}` WHERE age > 30 GROUP BY sex, smoker HAVING COUNT(*) > 5 ORDER BY sex, smoker")
+
+
+@pytest.fixture
+def centres(tmp_path: Path) -> list[Path]:
+    return [folder / "patients.csv" for folder in write(generate(3, 1500, seed=3), tmp_path / "data")]
+
+
+@pytest.fixture
+def three_pods(pod_factory: PodFactory, centres: list[Path], modeller_identity: Identity) -> list[RunningPod]:
+    names = ["alice", "bob", "charlie"]
+    return [pod_factory(name, [DatasetSpec(name=DATASET, type="csv", path=str(csv), tags=["ehr"])],
+                        [modeller_identity]) for name, csv in zip(names, centres, strict=True)]
+
+
+@pytest.fixture
+def modeller(broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path) -> Modeller:
+    with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=20) as client:
+        yield client  # type: ignore[misc]
+
+
+def pooled(query: str, files: list[Path]) -> pd.DataFrame:
+    con = duckdb.connect()
+    con.execute(f'CREATE TABLE "{DATASET}" AS ' + " UNION ALL ".join(f"SELECT * FROM read_csv('{f}')" for f in files))
+    return con.sql(query.replace("`", '"')).df()
+
+
+def identifiers(pods: list[RunningPod]) -> list[str]:
+    return [f"{p.name}/{DATASET}" for p in pods]
+
+
+def test_aggregated_query_equals_the_pooled_query(three_pods: list[RunningPod], modeller: Modeller,
+                                                  centres: list[Path]) -> None:
+    merged = modeller.sql(QUERY, datasets=identifiers(three_pods), aggregate=True)
+    expected = pooled(QUERY, centres)
+    assert isinstance(merged, pd.DataFrame)
+    assert list(merged.columns) == list(expected.columns)
+    pd.testing.assert_frame_equal(merged.reset_index(drop=True), expected, check_dtype=False, rtol=1e-9)
+
+
+def test_per_dataset_results_come_back_one_per_dataset(three_pods: list[RunningPod], modeller: Modeller,
+                                                       centres: list[Path]) -> None:
+    results = modeller.sql(QUERY, datasets=identifiers(three_pods))
+    assert isinstance(results, dict) and list(results) == identifiers(three_pods)
+    for identifier, csv in zip(identifiers(three_pods), centres, strict=True):
+        pd.testing.assert_frame_equal(results[identifier], pooled(QUERY, [csv]), check_dtype=False)
+
+
+def test_tags_select_one_dataset_per_pod(three_pods: list[RunningPod], modeller: Modeller, centres: list[Path]) -> None:
+    count = modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", tags=["ehr"], aggregate=True)
+    assert isinstance(count, pd.DataFrame) and int(count["n"][0]) == 1500
+
+
+def test_unknown_modeller_is_refused_with_a_clear_error(three_pods: list[RunningPod], broker: EmbeddedBroker,
+                                                        tmp_path: Path, modeller: Modeller) -> None:
+    stranger = Identity.generate("stranger")
+    with Modeller(stranger, broker=broker.url, keystore=tmp_path / "stranger", timeout_s=20) as client, \
+            pytest.raises(TaskFailed, match=r"AccessDenied.*not in this pod's accepted modellers.*rule: modellers"):
+        client.sql(f"SELECT COUNT(*) FROM `{DATASET}`", datasets=[f"alice/{DATASET}"])
+    entries = [json.loads(line) for line in three_pods[0].audit_path.read_text().splitlines()]
+    assert any(e["event"] == "task-received" and e["decision"] == "deny" for e in entries)
+    assert modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", datasets=[f"alice/{DATASET}"])
+
+
+def test_malicious_sql_is_refused_and_the_pod_keeps_serving(three_pods: list[RunningPod], modeller: Modeller) -> None:
+    target = [f"alice/{DATASET}"]
+    for query in ("SELECT * FROM read_csv('/etc/passwd')", f"SELECT 1 FROM `{DATASET}`; DROP TABLE `{DATASET}`",
+                  f"COPY `{DATASET}` TO '/tmp/leak.csv'"):
+        with pytest.raises(TaskFailed, match="SqlRejected"):
+            modeller.sql(query, datasets=target)
+    result = modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", datasets=target)
+    assert isinstance(result, dict) and int(result[target[0]]["n"][0]) > 0
+
+
+def test_unknown_dataset_and_missing_pod_are_named(three_pods: list[RunningPod], modeller: Modeller) -> None:
+    with pytest.raises(DatasetNotFound, match="pod 'alice' has no dataset 'nope'"):
+        modeller.sql("SELECT 1", datasets=["alice/nope"])
+    modeller._core.timeout_s = 1.0
+    with pytest.raises(DatasetNotFound, match="pod 'zed' did not answer"):
+        modeller.sql("SELECT 1", datasets=["zed/ehr"])
+
+
+def test_pod_that_goes_offline_is_named_in_the_error(pod_factory: PodFactory, centres: list[Path],
+                                                     modeller: Modeller, modeller_identity: Identity) -> None:
+    pod = pod_factory("dora", [DatasetSpec(name=DATASET, type="csv", path=str(centres[0]))], [modeller_identity])
+    targets = modeller._call(modeller._core.resolve([f"dora/{DATASET}"]))
+    pod.stop()
+    from fedpod.wire.messages import SqlQueryAlgorithm
+
+    with pytest.raises(PodUnreachable, match="dora"):
+        modeller._call(modeller._core.run_task(targets[0], SqlQueryAlgorithm(query="SELECT 1")))
+
+
+def test_heartbeats_and_other_tasks_continue_during_a_long_query(pod_factory: PodFactory, centres: list[Path],
+                                                                 modeller: Modeller, modeller_identity: Identity,
+                                                                 broker: EmbeddedBroker) -> None:
+    import asyncio
+
+    from fedpod.channel import SecureChannel
+    from fedpod.transport import subjects
+    from fedpod.transport.bus import BrokerOptions, Bus
+
+    pod = pod_factory("erin", [DatasetSpec(name=DATASET, type="csv", path=str(centres[2]))], [modeller_identity],
+                      sql_timeout_s=4.0)
+    beats: list[float] = []
+    stop = threading.Event()
+
+    async def listen() -> None:
+        bus = await Bus.connect(BrokerOptions(broker.url))
+        channel = SecureChannel(bus, Identity.generate("observer"))
+
+        async def on_beat(opened) -> None:  # type: ignore[no-untyped-def]
+            beats.append(time.monotonic())
+
+        async def ignore(exc) -> None:  # type: ignore[no-untyped-def]
+            return None
+
+        await channel.listen(subjects.heartbeat(pod.identity.fingerprint), on_beat, ignore)
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await bus.close()
+
+    listener = threading.Thread(target=asyncio.run, args=(listen(),))
+    listener.start()
+    try:
+        wait_until(lambda: len(beats) >= 2, 10, "first heartbeats")
+        slow = (f"SELECT SUM(a.age * b.age + c.age * d.age) FROM `{DATASET}` a, `{DATASET}` b, `{DATASET}` c, "
+                f"`{DATASET}` d")
+        failure: list[BaseException] = []
+
+        def run_slow() -> None:
+            try:
+                modeller.sql(slow, datasets=[f"erin/{DATASET}"])
+            except BaseException as exc:  # the pod stops the query at its timeout
+                failure.append(exc)
+
+        worker = threading.Thread(target=run_slow)
+        started = time.monotonic()
+        worker.start()
+        quick = modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", datasets=[f"erin/{DATASET}"])
+        quick_seconds = time.monotonic() - started
+        worker.join(30)
+        during = [b for b in beats if b > started]
+    finally:
+        stop.set()
+        listener.join(10)
+    assert isinstance(quick, dict) and quick_seconds < 3.0
+    assert failure and "TaskTimeout" in str(failure[0])
+    gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+    assert len(during) >= 10 and max(gaps) < 1.0, gaps

@@ -1,0 +1,78 @@
+"""A live pod facing forged, tampered, replayed and garbage messages: it rejects, counts,
+audits, and keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+
+import msgpack
+import pandas as pd
+import pytest
+
+from fedpod.data.datasets import DatasetSpec
+from fedpod.modeller.client import Modeller
+from fedpod.security.envelope import seal
+from fedpod.security.identity import Identity
+from fedpod.transport import subjects
+from fedpod.transport.broker import EmbeddedBroker
+from fedpod.transport.bus import BrokerOptions, Bus
+from fedpod.wire.codec import pack
+from fedpod.wire.messages import SqlQueryAlgorithm, TaskRequest
+from tests.conftest import PodFactory, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def audit_events(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bad_envelopes_are_rejected_audited_and_the_pod_keeps_serving(
+        pod_factory: PodFactory, tmp_path: Path, modeller_identity: Identity, keystore: Path,
+        broker: EmbeddedBroker) -> None:
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"a": [1, 2, 3]}).to_csv(csv, index=False)
+    pod = pod_factory("alice", [DatasetSpec(name="t", type="csv", path=str(csv))], [modeller_identity])
+    request = TaskRequest(task_id="x1", dataset="t", algorithm=SqlQueryAlgorithm(query="SELECT 1"))
+
+    async def attack() -> None:
+        bus = await Bus.connect(BrokerOptions(broker.url))
+        inbox = subjects.inbox(pod.identity.fingerprint)
+        # 1. garbage
+        await bus.send(inbox, b"\x00garbage")
+        # 2. forged: Mallory signs a header claiming the trusted modeller's keys
+        mallory = Identity.generate("modeller")
+        head, body = seal(mallory, "task", pack(request), recipients=[pod.identity.public], task_id="x1")
+        header_len = struct.unpack(">4sI", head[:8])[1]
+        header = msgpack.unpackb(head[8 : 8 + header_len])
+        header["sign_public"] = modeller_identity.public.sign_public
+        header["box_public"] = modeller_identity.public.box_public
+        forged_header = msgpack.packb(header, use_bin_type=True)
+        await bus.send(inbox, struct.pack(">4sI", b"FPE1", len(forged_header)) + forged_header
+                       + mallory.sign(forged_header) + body)
+        # 3. tampered: a genuine envelope from the modeller with one bit flipped in its body
+        genuine = b"".join(seal(modeller_identity, "task", pack(request), recipients=[pod.identity.public]))
+        flipped = bytearray(genuine)
+        flipped[-5] ^= 0x10
+        await bus.send(inbox, bytes(flipped))
+        # 4. replay: the same genuine envelope twice (the first one is served)
+        await bus.send(inbox, genuine)
+        await bus.send(inbox, genuine)
+        await bus.close()
+
+    asyncio.run(attack())
+    wanted = {"malformed", "bad-signature", "tampered", "replayed"}
+    wait_until(lambda: wanted <= {e.get("reason") for e in audit_events(pod.audit_path)}, 10, "rejections audited")
+    assert pod.process.poll() is None
+    with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=10) as modeller:
+        result = modeller.sql("SELECT SUM(a) AS s FROM t", datasets=["alice/t"])
+    assert isinstance(result, dict) and int(result["alice/t"]["s"][0]) == 6
+    pod.stop()
+    from fedpod.governance.audit import AuditLog
+
+    assert AuditLog.verify(pod.audit_path).ok
+    stopped = audit_events(pod.audit_path)[-1]
+    assert stopped["event"] == "pod-stopped" and stopped["rejected"]["replayed"] == 1

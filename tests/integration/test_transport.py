@@ -1,0 +1,82 @@
+"""The bus and secure channel over a real NATS server: large payloads, flow control, rejection."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from fedpod.channel import SecureChannel
+from fedpod.errors import EnvelopeRejected, PodUnreachable
+from fedpod.security.envelope import Opened, seal
+from fedpod.security.identity import Identity
+from fedpod.transport import subjects
+from fedpod.transport.broker import EmbeddedBroker
+from fedpod.transport.bus import BrokerOptions, Bus
+from fedpod.wire.messages import TaskResult
+
+pytestmark = pytest.mark.integration
+
+
+async def pair(broker: EmbeddedBroker) -> tuple[SecureChannel, SecureChannel, asyncio.Queue[Opened],
+                                                 asyncio.Queue[EnvelopeRejected]]:
+    sender = SecureChannel(await Bus.connect(BrokerOptions(broker.url)), Identity.generate("sender"))
+    receiver = SecureChannel(await Bus.connect(BrokerOptions(broker.url)), Identity.generate("receiver"))
+    opened: asyncio.Queue[Opened] = asyncio.Queue()
+    rejected: asyncio.Queue[EnvelopeRejected] = asyncio.Queue()
+
+    async def on_opened(message: Opened) -> None:
+        await opened.put(message)
+
+    async def on_rejected(exc: EnvelopeRejected) -> None:
+        await rejected.put(exc)
+
+    await receiver.listen_inbox(on_opened, on_rejected)
+    await receiver.bus.flush()
+    return sender, receiver, opened, rejected
+
+
+@pytest.mark.parametrize("size", [10, 3 * 1024 * 1024 + 7, 48 * 1024 * 1024])
+async def test_payloads_of_any_size_arrive_intact(broker: EmbeddedBroker, size: int) -> None:
+    sender, receiver, opened, _ = await pair(broker)
+    try:
+        assert sender.bus.chunk_size < 1024 * 1024  # the stock 1 MiB max_payload is in force
+        blob = os.urandom(size)
+        await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d", table=blob, seconds=0))
+        message = await asyncio.wait_for(opened.get(), 30)
+        assert message.sender.fingerprint == sender.fingerprint
+        from fedpod.wire.codec import unpack
+
+        assert hashlib.sha256(unpack(message.payload, TaskResult).table).digest() == hashlib.sha256(blob).digest()
+    finally:
+        await sender.bus.close()
+        await receiver.bus.close()
+
+
+async def test_tampered_chunk_is_rejected_and_the_receiver_keeps_running(broker: EmbeddedBroker) -> None:
+    sender, receiver, opened, rejected = await pair(broker)
+    try:
+        head, body = seal(sender.identity, "result", os.urandom(3 * 1024 * 1024), recipients=[receiver.identity.public])
+        corrupted = bytearray(body)
+        corrupted[2 * 1024 * 1024] ^= 0x01
+        await sender.bus.send(subjects.inbox(receiver.fingerprint), [head, bytes(corrupted)])
+        assert (await asyncio.wait_for(rejected.get(), 10)).reason == "tampered"
+        await sender.send(receiver.identity.public, TaskResult(task_id="t2", dataset="d", table=b"ok", seconds=0))
+        assert (await asyncio.wait_for(opened.get(), 10)).header.task == ""
+        assert receiver.rejections["tampered"] == 1
+    finally:
+        await sender.bus.close()
+        await receiver.bus.close()
+
+
+async def test_sending_to_an_inbox_nobody_listens_on_fails_at_once(broker: EmbeddedBroker) -> None:
+    bus = await Bus.connect(BrokerOptions(broker.url))
+    try:
+        with pytest.raises(PodUnreachable, match="nobody is listening for ghost"):
+            await bus.send(subjects.inbox("GHST-GHST-GHST-GHST"), b"x" * 10, recipient="ghost", timeout_s=5)
+        with pytest.raises(PodUnreachable):
+            await bus.send(subjects.inbox("GHST-GHST-GHST-GHST"), os.urandom(3 * 1024 * 1024), recipient="ghost")
+    finally:
+        await bus.close()
