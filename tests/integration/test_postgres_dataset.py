@@ -31,7 +31,8 @@ def test_postgres_dataset_answers_exact_federated_queries(postgres: PostgresServ
     pod_factory("pg", [DatasetSpec(name="visits", type="postgres", dsn=postgres.dsn, table="visits", tags=["v"])],
                 [modeller_identity])
     pod_factory("files", [DatasetSpec(name="visits", type="csv", path=str(csv), tags=["v"])], [modeller_identity])
-    query = "SELECT ward, COUNT(*) AS n, AVG(los_days) AS mean_los, VAR_SAMP(los_days) AS v FROM visits GROUP BY ward ORDER BY ward"
+    query = ("SELECT ward, COUNT(*) AS n, AVG(los_days) AS mean_los, VAR_SAMP(los_days) AS v FROM visits "
+             "GROUP BY ward ORDER BY ward")
     with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=20) as modeller:
         merged = modeller.sql(query, tags=["v"], aggregate=True)
     with psycopg.connect(postgres.dsn) as connection:

@@ -43,5 +43,5 @@ def test_identifiers_select_exact_datasets() -> None:
 def test_unknown_pod_and_unknown_dataset_are_named() -> None:
     with pytest.raises(DatasetNotFound, match="pod 'dave' did not answer"):
         select_by_identifiers(ADVERTS, ["dave/ehr"])
-    with pytest.raises(DatasetNotFound, match="no dataset 'x'.*offers: ehr"):
+    with pytest.raises(DatasetNotFound, match=r"no dataset 'x'.*offers: ehr"):
         select_by_identifiers(ADVERTS, ["bob/x"])

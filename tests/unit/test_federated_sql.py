@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -66,7 +68,7 @@ def test_merged_partials_equal_the_pooled_query(data: list, cuts: list[int], key
                                                aggregates: list[str], where: str, having: str, limit: str) -> None:
     pooled_frame = frame(data)
     bounds = sorted({0, len(data), *[c for c in cuts if c <= len(data)]})
-    parts = [pooled_frame.iloc[a:b] for a, b in zip(bounds, bounds[1:], strict=False)] or [pooled_frame]
+    parts = [pooled_frame.iloc[a:b] for a, b in itertools.pairwise(bounds)] or [pooled_frame]
     select = ", ".join([*keys, *[f"{a} AS a{i}" for i, a in enumerate(aggregates)]])
     group = f"GROUP BY {', '.join(keys)}" if keys else ""
     order = f"ORDER BY {', '.join(f'{k} NULLS FIRST' for k in keys)}" if keys else ""

@@ -35,6 +35,7 @@ def test_target_depends_on_the_features() -> None:
     ranks = np.empty(len(order))
     ranks[order] = np.arange(1, len(order) + 1)
     positives = outcome == 1
-    auc = (ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum() * (~positives).sum())
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    auc = (ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     assert auc > 0.75
     assert 0.05 < outcome.mean() < 0.5

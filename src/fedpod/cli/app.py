@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import pandas as pd
 import typer
@@ -21,6 +22,9 @@ from fedpod.governance.access import TrustedModeller
 from fedpod.governance.audit import AuditLog
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity, default_keystore
+
+if TYPE_CHECKING:
+    from fedpod.modeller.client import Modeller
 
 console = Console()
 err = Console(stderr=True)
@@ -67,10 +71,8 @@ def broker_start(
     with EmbeddedBroker(port=port, store=store) as broker:
         console.print(broker.url)
         console.print(f"[dim]export FEDPOD_BROKER={broker.url}   # Ctrl-C stops the broker[/dim]", highlight=False)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             broker.wait()
-        except KeyboardInterrupt:
-            pass
 
 
 @identity_app.command("create")
@@ -168,8 +170,8 @@ def dataset_add(
     if path and not Path(path).is_absolute():
         path = str(Path(path).resolve())
     try:
-        spec = DatasetSpec(name=name, type=kind, tags=[t for t in tags.split(",") if t], path=path, dsn=dsn,  # type: ignore[arg-type]
-                           table=table, description=description)
+        spec = DatasetSpec.model_validate({"name": name, "type": kind, "tags": [t for t in tags.split(",") if t],
+                                           "path": path, "dsn": dsn, "table": table, "description": description})
     except ValueError as exc:
         raise ConfigError(str(exc), where="fedpod dataset add") from exc
     spec = inspect(spec, config.parent.resolve())
@@ -179,7 +181,7 @@ def dataset_add(
 
 
 def _modeller(identity: str, keystore: Path | None, url: str, tls_ca: Path | None, tls_cert: Path | None,
-              tls_key: Path | None, creds: Path | None, timeout: float):  # type: ignore[no-untyped-def]
+              tls_key: Path | None, creds: Path | None, timeout: float) -> Modeller:
     from fedpod.modeller.client import Modeller
 
     return Modeller(identity, broker=broker_options(url, tls_ca, tls_cert, tls_key, creds), keystore=keystore,

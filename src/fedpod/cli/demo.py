@@ -45,7 +45,7 @@ def prepare_pod(folder: Path, name: str, broker_url: str, data: Path, modeller: 
     """Write a pod folder (identity, config with one dataset, the modeller accepted)."""
     folder.mkdir(parents=True, exist_ok=True)
     Identity.load_or_create(name, folder / "keys")
-    spec = inspect(DatasetSpec(name=DATASET, type="csv", path=str(data.resolve()), tags=["ehr", "synthetic"],
+    spec = inspect(DatasetSpec(name=DATASET, kind="csv", path=str(data.resolve()), tags=["ehr", "synthetic"],
                                description=f"synthetic patients of {name}"), folder)
     config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker_url),
                        datasets=[spec], heartbeat_s=1.0)
@@ -96,7 +96,8 @@ def pooled(query: str, files: list[Path]) -> pd.DataFrame:
     connection = duckdb.connect(":memory:")
     union = " UNION ALL ".join(f"SELECT * FROM read_csv('{f}')" for f in files)
     connection.execute(f'CREATE TABLE "{DATASET}" AS {union}')
-    return connection.sql(to_duckdb(parse_statement(query))).df()
+    result: pd.DataFrame = connection.sql(to_duckdb(parse_statement(query))).df()
+    return result
 
 
 def frames_agree(left: pd.DataFrame, right: pd.DataFrame) -> bool:

@@ -63,14 +63,14 @@ def _read_external_table(spec: DatasetSpec, base: Path) -> pd.DataFrame:
         path = spec.resolved_path(base)
         if not path.exists():
             raise ConfigError(f"SQLite file {path} does not exist", where=f"dataset {spec.name}")
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
-            return pd.read_sql_query(f"SELECT * FROM {quote_identifier(spec.table)}", connection)
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as lite:
+            return pd.read_sql_query(f"SELECT * FROM {quote_identifier(spec.table)}", lite)
     import psycopg
     from psycopg import sql
 
     try:
-        with psycopg.connect(spec.dsn or "", connect_timeout=10) as connection, connection.cursor() as cursor:
-            cursor.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(*spec.table.split(".", 1))))
+        with psycopg.connect(spec.dsn or "", connect_timeout=10) as pg:
+            cursor = pg.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(*spec.table.split(".", 1))))
             names = [d.name for d in cursor.description or []]
             return pd.DataFrame(cursor.fetchall(), columns=names)
     except psycopg.Error as exc:
@@ -101,7 +101,8 @@ def describe(connection: duckdb.DuckDBPyConnection, name: str) -> tuple[dict[str
     target = quote_identifier(name)
     columns = {row[0]: row[1] for row in connection.execute(f"DESCRIBE {target}").fetchall()}
     count_row = connection.execute(f"SELECT count(*) FROM {target}").fetchone()
-    return columns, int(count_row[0]) if count_row else 0
+    rows = int(count_row[0]) if count_row else 0
+    return columns, rows
 
 
 def inspect(spec: DatasetSpec, base: Path) -> DatasetSpec:
@@ -123,4 +124,4 @@ def round_count(rows: int) -> int:
     if rows <= 0:
         return 0
     magnitude = max(10, 10 ** (len(str(rows)) - 2))
-    return max(magnitude, round(rows / magnitude) * magnitude)
+    return int(max(magnitude, round(rows / magnitude) * magnitude))

@@ -90,7 +90,7 @@ def _observations(patients: pd.DataFrame, index: int, rng: np.random.Generator) 
     rows = np.repeat(np.arange(len(patients)), counts)
     start = np.datetime64("2024-01-01T00:00")
     minutes = rng.integers(0, 365 * 24 * 60, len(rows))
-    frames = []
+    frames: list[pd.DataFrame] = []
     for measurement, (loinc, local) in CODES.items():
         base = rng.normal(72, 9, len(patients)) if measurement == "heart_rate" else patients[measurement].to_numpy()
         noise = {"systolic_bp": 8.0, "cholesterol": 0.3, "hba1c": 0.2, "heart_rate": 6.0}[measurement]
@@ -99,7 +99,7 @@ def _observations(patients: pd.DataFrame, index: int, rng: np.random.Generator) 
             values = (values - 2.15) * 10.929
         frames.append(pd.DataFrame({
             "patient_id": patients["patient_id"].to_numpy()[rows],
-            "time": start + minutes.astype("timedelta64[m]") + np.timedelta64(len(frames), "m"),
+            "time": start + (minutes + len(frames)).astype("timedelta64[m]"),
             "code": loinc if uses_loinc else local,
             "value": values.round(2),
         }))

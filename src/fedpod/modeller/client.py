@@ -94,7 +94,8 @@ class AsyncModeller:
         self._adverts = {}
         await self._channel.broadcast(subjects.DISCOVER, Discover(identifiers=identifiers or []))
         wanted = {i.partition("/")[0] for i in identifiers or []}
-        deadline = asyncio.get_running_loop().time() + (window_s or (self.timeout_s if wanted else self.discovery_window_s))
+        window = window_s or (self.timeout_s if wanted else self.discovery_window_s)
+        deadline = asyncio.get_running_loop().time() + window
         while True:
             if wanted and wanted <= set(self._adverts):
                 break

@@ -47,7 +47,7 @@ def select_by_identifiers(adverts: dict[str, tuple[PublicIdentity, PodAdvert]], 
 
 def select_by_tags(adverts: dict[str, tuple[PublicIdentity, PodAdvert]], tags: list[str]) -> list[Target]:
     wanted = set(tags)
-    targets = []
+    targets: list[Target] = []
     for owner in sorted(adverts):
         pod, advert = adverts[owner]
         matching = [d for d in advert.datasets if wanted <= set(d.tags)]

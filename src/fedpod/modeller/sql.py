@@ -39,7 +39,7 @@ def merge(plan: MergePlan, partials: list[pa.Table], names: list[str]) -> pd.Dat
     connection = duckdb.connect(":memory:")
     try:
         connection.register(PARTIALS, combined)
-        frame = connection.sql(plan.merge_sql).df()
+        frame: pd.DataFrame = connection.sql(plan.merge_sql).df()
     except duckdb.Error as exc:
         raise SqlExecutionError(f"merging partial results failed: {exc}") from exc
     finally:

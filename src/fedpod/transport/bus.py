@@ -206,7 +206,7 @@ class Bus:
             raise TransportError(f"publish failed: {exc}", where=subject) from exc
 
     async def flush(self, timeout_s: float = 5.0) -> None:
-        await self._client.flush(timeout=timeout_s)
+        await self._client.flush(timeout=round(timeout_s))
 
 
 def _chunks(parts: Sequence[bytes | bytearray | memoryview], size: int) -> list[memoryview | bytes]:

@@ -23,7 +23,8 @@ class DecodeError(FedpodError, ValueError):
 
 
 def pack(model: BaseModel) -> bytes:
-    return msgpack.packb(model.model_dump(mode="python", by_alias=True), use_bin_type=True)
+    packed: bytes = msgpack.packb(model.model_dump(mode="python", by_alias=True), use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes | bytearray, model: type[Model]) -> Model:

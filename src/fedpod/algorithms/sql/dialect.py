@@ -21,10 +21,10 @@ logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 class FedpodSql(DuckDB):
     class Tokenizer(DuckDB.Tokenizer):
-        IDENTIFIERS = [*DuckDB.Tokenizer.IDENTIFIERS, "`"]
+        IDENTIFIERS = [*DuckDB.Tokenizer.IDENTIFIERS, "`"]  # noqa: RUF012 - sqlglot's own convention
 
 
-def parse_statement(query: str) -> exp.Expression:
+def parse_statement(query: str) -> exp.Expr:
     """Parse exactly one statement; several statements (`SELECT 1; DROP ...`) are refused."""
     try:
         statements = [s for s in sqlglot.parse(query, read=FedpodSql) if s is not None]
@@ -35,5 +35,5 @@ def parse_statement(query: str) -> exp.Expression:
     return statements[0]
 
 
-def to_duckdb(expression: exp.Expression) -> str:
+def to_duckdb(expression: exp.Expr) -> str:
     return expression.sql(dialect="duckdb")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sqlglot import exp
 
@@ -29,7 +29,7 @@ from fedpod.errors import NotMergeable, SqlRejected
 
 PARTIALS = "partials"
 
-_VARIANCE_KINDS: dict[type[exp.Expression], tuple[bool, bool]] = {
+_VARIANCE_KINDS: dict[type[exp.Expr], tuple[bool, bool]] = {
     # class -> (sample (n-1) rather than population, square root)
     exp.Variance: (True, False),
     exp.VariancePop: (False, False),
@@ -57,31 +57,31 @@ def col(name: str) -> exp.Column:
     return exp.column(name)
 
 
-def _sum(e: exp.Expression) -> exp.Expression:
+def _sum(e: exp.Expr) -> exp.Expr:
     return exp.Sum(this=e)
 
 
 class _Rewriter:
     def __init__(self, select: exp.Select) -> None:
         self.select = select
-        self.partials: list[exp.Expression] = []  # aliased partial columns, in order
-        self.keys: list[exp.Expression] = []
-        self.windows: list[exp.Expression] = []  # group totals for variance merges (aliased)
+        self.partials: list[Any] = []  # aliased partial columns, in order
+        self.keys: list[exp.Expr] = []
+        self.windows: list[Any] = []  # group totals for variance merges (aliased)
         self.variance_count = 0
 
-    def add_partial(self, expression: exp.Expression) -> exp.Column:
+    def add_partial(self, expression: exp.Expr) -> exp.Column:
         name = f"p{len(self.partials)}"
         self.partials.append(exp.alias_(expression, name))
         return col(name)
 
-    def merge_aggregate(self, node: exp.AggFunc, wrap: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+    def merge_aggregate(self, node: exp.AggFunc, wrap: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
         """Return the merge-side expression for one aggregate; `wrap` re-applies its FILTER."""
         construct = to_duckdb(node)
         if node.find(exp.Distinct) is not None and not isinstance(node, exp.Min | exp.Max):
             raise NotMergeable(construct, "DISTINCT aggregates need every distinct value at the modeller")
-        if node.find(exp.Window) is not None or node.find(exp.AggFunc) not in (node, None) and any(
+        if node.find(exp.Window) is not None or (node.find(exp.AggFunc) not in (node, None) and any(
             inner is not node for inner in node.find_all(exp.AggFunc)
-        ):
+        )):
             raise NotMergeable(construct, "nested aggregates cannot be merged")
         argument = node.this
         if isinstance(node, exp.Count):
@@ -101,8 +101,8 @@ class _Rewriter:
             return self._merge_variance(node, argument, wrap)
         raise NotMergeable(construct, f"{node.sql_name()} has no exact merge from per-dataset partials")
 
-    def _merge_variance(self, node: exp.AggFunc, argument: exp.Expression,
-                        wrap: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+    def _merge_variance(self, node: exp.AggFunc, argument: exp.Expr,
+                        wrap: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
         sample, root = _VARIANCE_KINDS[type(node)]
         value = exp.cast(argument.copy(), "DOUBLE")
         n = self.add_partial(wrap(exp.Count(this=argument.copy())))
@@ -114,34 +114,36 @@ class _Rewriter:
         group_n, group_s = f"gn{index}", f"gs{index}"
         partition = [k.copy() for k in self.key_columns()]
         self.windows.append(exp.alias_(exp.Window(this=_sum(n.copy()), partition_by=partition), group_n))
-        self.windows.append(exp.alias_(exp.Window(this=_sum(s.copy()), partition_by=[k.copy() for k in partition]), group_s))
+        self.windows.append(
+            exp.alias_(exp.Window(this=_sum(s.copy()), partition_by=[k.copy() for k in partition]), group_s))
         local_mean = exp.Div(this=s.copy(), expression=exp.func("NULLIF", n.copy(), exp.Literal.number(0)))
         global_mean = exp.Div(this=col(group_s), expression=exp.func("NULLIF", col(group_n), exp.Literal.number(0)))
         spread = exp.Paren(this=exp.Sub(this=local_mean, expression=global_mean))
-        correction = exp.func("COALESCE", exp.Mul(this=n.copy(), expression=exp.Mul(this=spread, expression=spread.copy())),
-                              exp.Literal.number(0))
+        squared = exp.Mul(this=spread, expression=spread.copy())
+        correction = exp.func("COALESCE", exp.Mul(this=n.copy(), expression=squared), exp.Literal.number(0))
         m2_total = _sum(exp.Add(this=m2.copy(), expression=correction))
         count_total = _sum(n.copy())
         denominator = exp.Sub(this=count_total, expression=exp.Literal.number(1)) if sample else count_total
-        variance = exp.Div(this=m2_total, expression=exp.func("NULLIF", denominator, exp.Literal.number(0)))
+        ratio = exp.Div(this=m2_total, expression=exp.func("NULLIF", denominator, exp.Literal.number(0)))
         variance = exp.Case(ifs=[exp.If(this=exp.GT(this=count_total.copy(), expression=exp.Literal.number(0)),
-                                        true=variance)])
-        return exp.func("SQRT", variance) if root else variance
+                                        true=ratio)])
+        result: exp.Expr = exp.func("SQRT", variance) if root else variance
+        return result
 
     def key_columns(self) -> list[exp.Column]:
         return [col(f"k{i}") for i in range(len(self.keys))]
 
-    def transform(self, expression: exp.Expression) -> exp.Expression:
+    def transform(self, expression: exp.Expr) -> exp.Expr:
         """Rewrite a select/HAVING/ORDER expression into its merge-side form."""
 
-        def replace(node: exp.Expression) -> exp.Expression:
+        def replace(node: exp.Expr) -> exp.Expr:
             for index, key in enumerate(self.keys):
                 if node == key:
                     return col(f"k{index}")
             if isinstance(node, exp.Filter) and isinstance(node.this, exp.AggFunc):
                 condition = node.expression
 
-                def wrap(e: exp.Expression) -> exp.Expression:
+                def wrap(e: exp.Expr) -> exp.Expr:
                     return exp.Filter(this=e, expression=condition.copy())
 
                 return self.merge_aggregate(node.this, wrap)
@@ -169,13 +171,13 @@ def _refuse_unmergeable(select: exp.Select) -> None:
         raise NotMergeable("DISTINCT ON", "it picks arbitrary rows per key")
 
 
-def _resolve_group_keys(select: exp.Select) -> list[exp.Expression]:
+def _resolve_group_keys(select: exp.Select) -> list[exp.Expr]:
     group = select.args.get("group")
     if group is None:
         return []
     projections = select.expressions
     aliases = {p.alias: p.this for p in projections if isinstance(p, exp.Alias)}
-    keys: list[exp.Expression] = []
+    keys: list[exp.Expr] = []
     for key in group.expressions:
         if isinstance(key, exp.Literal) and not key.is_string:
             position = int(key.this)
@@ -207,7 +209,7 @@ def plan_merge(query: str) -> MergePlan:
     return _plan_aggregate(tree)
 
 
-def _limit_clauses(select: exp.Select) -> tuple[exp.Expression | None, exp.Expression | None]:
+def _limit_clauses(select: exp.Select) -> tuple[exp.Expr | None, exp.Expr | None]:
     limit = select.args.get("limit")
     offset = select.args.get("offset")
     return (limit.expression if limit is not None else None, offset.expression if offset is not None else None)
@@ -219,7 +221,7 @@ def _plan_rows(select: exp.Select) -> MergePlan:
     limit, offset = _limit_clauses(select)
     partial = select.copy()
     partial.set("offset", None)
-    hidden: list[exp.Expression] = []
+    hidden: list[Any] = []
     merge_order: list[exp.Ordered] = []
     order = select.args.get("order")
     for ordered in order.expressions if order is not None else []:
@@ -256,16 +258,16 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
     aliases = {p.alias for p in select.expressions if isinstance(p, exp.Alias)}
     outputs = [rewriter.transform(p.this if isinstance(p, exp.Alias) else p) for p in select.expressions]
     for output in outputs:
-        if isinstance(output, exp.Star) or output.find(exp.Star) is not None and output.find(exp.Count) is None:
+        if isinstance(output, exp.Star) or (output.find(exp.Star) is not None and output.find(exp.Count) is None):
             raise NotMergeable("SELECT *", "an aggregated query must name its columns")
     having = select.args.get("having")
     merged_having = rewriter.transform(having.this) if having is not None else None
     order = select.args.get("order")
-    merged_order: list[exp.Expression] = []
+    merged_order: list[exp.Expr] = []
     for ordered in order.expressions if order is not None else []:
         target = ordered.this
         if isinstance(target, exp.Literal) and not target.is_string:
-            replacement: exp.Expression = exp.column(f"c{int(target.this) - 1}")
+            replacement: exp.Expr = exp.column(f"c{int(target.this) - 1}")
         elif isinstance(target, exp.Column) and not target.table and target.name in aliases:
             index = next(i for i, p in enumerate(select.expressions) if p.alias == target.name)
             replacement = exp.column(f"c{index}")
@@ -284,7 +286,7 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
     if rewriter.keys:
         partial = partial.group_by(*[col(f"k{i}") for i in range(len(rewriter.keys))])
 
-    source: exp.Expression = exp.to_table(PARTIALS)
+    source: exp.Expr = exp.to_table(PARTIALS)
     if rewriter.windows:
         source = exp.select(exp.Star(), *rewriter.windows).from_(PARTIALS).subquery("merged_partials")
     merge = exp.select(*[exp.alias_(o, f"c{i}") for i, o in enumerate(outputs)]).from_(source)

@@ -29,7 +29,7 @@ def _function_name(node: exp.Func) -> str:
     return (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
 
 
-def check_read_only(query: str, allowed_tables: set[str]) -> exp.Expression:
+def check_read_only(query: str, allowed_tables: set[str]) -> exp.Expr:
     """Return the parsed query, or raise SqlRejected naming the first offending construct."""
     tree = parse_statement(query)
     if not isinstance(tree, _QUERY_TYPES):

@@ -1,0 +1,170 @@
+"""End-to-end: the `fedpod` command as a user types it, with pods as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.e2e
+FEDPOD = str(Path(sys.executable).parent / "fedpod")
+PODS = ["alice", "bob", "charlie"]
+DATASET = "ehr-records-2025"
+
+BITFOUNT_TASK = f"""
+pods:
+  identifiers:
+    - alice/{DATASET}
+    - bob/{DATASET}
+    - charlie/{DATASET}
+task:
+  protocol:
+    name: bitfount.ResultsOnly
+    arguments:
+      save_location: ["Modeller"]
+  algorithm:
+    name: bitfount.SqlQuery
+    arguments:
+      query: "SELECT * FROM `{DATASET}` LIMIT 10"
+  data_structure:
+    table_config:
+      table: {DATASET}
+"""
+
+AGGREGATE_TASK = f"""
+pods:
+  tags: [ehr]
+task:
+  protocol: {{name: ResultsOnly}}
+  algorithm:
+    name: SqlQuery
+    arguments:
+      query: "SELECT diabetes, COUNT(*) AS n, AVG(hba1c) AS mean_hba1c FROM `{DATASET}`
+              GROUP BY diabetes ORDER BY diabetes"
+  aggregator: {{}}
+"""
+
+
+class Cli:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "FEDPOD_HOME": str(home / ".fedpod"), "COLUMNS": "200", "NO_COLOR": "1"}
+
+    def __call__(self, *args: str, ok: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([FEDPOD, *args], cwd=self.home, env=self.env, capture_output=True, text=True,
+                                timeout=timeout, stdin=subprocess.DEVNULL)
+        if ok and result.returncode != 0:
+            raise AssertionError(f"fedpod {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def start(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([FEDPOD, *args], cwd=self.home, env=self.env, stdout=log.open("wb"),
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("user")
+
+
+@pytest.fixture(scope="module")
+def cli(home: Path) -> Cli:
+    return Cli(home)
+
+
+@pytest.fixture(scope="module")
+def federation(cli: Cli, home: Path) -> Iterator[str]:
+    """A broker and three pods, set up with the CLI alone; yields the broker URL."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        broker_log = home / "broker.log"
+        processes.append(cli.start("broker", "start", log=broker_log))
+        wait_until(lambda: "nats://" in broker_log.read_text(), 20, "broker URL")
+        url = next(w for w in broker_log.read_text().split() if w.startswith("nats://"))
+        cli("identity", "create", "modeller")
+        fingerprint = cli("identity", "show", "modeller").stdout.strip()
+        cli("data", "synth", "--centres", "3", "--patients", "900", "--seed", "1", "--out", "data")
+        for name in PODS:
+            config = f"pods/{name}/pod.yaml"
+            cli("pod", "init", "--name", name, "--config", config, "--broker", url)
+            cli("dataset", "add", "--config", config, "--name", DATASET, "--type", "csv",
+                "--path", f"data/{name}/patients.csv", "--tags", "ehr,synthetic")
+            cli("pod", "allow", "--config", config, "--name", "modeller", "--fingerprint", fingerprint)
+        logs = []
+        for name in PODS:
+            logs.append(home / f"{name}.log")
+            processes.append(cli.start("pod", "start", "--config", f"pods/{name}/pod.yaml", log=logs[-1]))
+        for log in logs:
+            wait_until(lambda log=log: "ready" in log.read_text(), 60, f"{log.name} ready")
+        yield url
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGINT)
+        for process in processes:
+            process.wait(timeout=20)
+
+
+def test_bitfount_example_runs_unchanged(cli: Cli, federation: str, home: Path) -> None:
+    listing = cli("datasets", "list", "--broker", federation).stdout
+    for name in PODS:
+        assert f"{name}/{DATASET}" in listing
+    (home / "task.yaml").write_text(BITFOUNT_TASK)
+    cli("run", "task.yaml", "--broker", federation, "--out", "results")
+    for name in PODS:
+        frame = pd.read_csv(home / "results" / f"{name}__{DATASET}.csv")
+        assert len(frame) == 10
+        assert set(frame["centre"]) == {name}
+
+
+def test_aggregated_task_file_gives_the_pooled_answer(cli: Cli, federation: str, home: Path) -> None:
+    (home / "agg.yaml").write_text(AGGREGATE_TASK)
+    cli("run", "agg.yaml", "--broker", federation, "--out", "agg")
+    merged = pd.read_csv(home / "agg" / "aggregate.csv")
+    files = [home / "data" / name / "patients.csv" for name in PODS]
+    connection = duckdb.connect()
+    pooled = connection.sql(
+        "SELECT diabetes, COUNT(*) AS n, AVG(hba1c) AS mean_hba1c FROM read_csv(?) GROUP BY diabetes "
+        "ORDER BY diabetes", params=[[str(f) for f in files]]).df()
+    pd.testing.assert_frame_equal(merged, pooled, check_dtype=False)
+
+
+def test_audit_log_verifies_and_detects_tampering(cli: Cli, federation: str, home: Path) -> None:
+    cli("sql", "SELECT COUNT(*) AS n FROM `ehr-records-2025`", "--datasets", f"alice/{DATASET}",
+        "--broker", federation)
+    assert "intact" in cli("audit", "verify", "--config", "pods/alice/pod.yaml").stdout
+    audit = home / "pods" / "alice" / "storage" / "audit.jsonl"
+    lines = audit.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["decision"] = "allow-everything"
+    lines[1] = json.dumps(entry, sort_keys=True)
+    audit.write_text("\n".join(lines) + "\n")
+    result = cli("audit", "verify", "--config", "pods/alice/pod.yaml", ok=False)
+    assert result.returncode == 1 and "TAMPERED" in result.stderr
+
+
+def test_errors_are_one_clear_line_without_a_traceback(cli: Cli, federation: str) -> None:
+    result = cli("sql", "SELECT MEDIAN(age) FROM `ehr-records-2025`", "--datasets", f"alice/{DATASET}",
+                 "--aggregate", "--broker", federation, ok=False)
+    assert result.returncode == 1 and "cannot merge `MEDIAN(age)`" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli("sql", "SELECT 1", "--datasets", "zed/ehr", "--broker", federation, "--timeout", "1", ok=False)
+    assert result.returncode == 1 and "pod 'zed' did not answer" in result.stderr
+
+
+def test_demo_runs_and_agrees_with_pooled_data(cli: Cli, home: Path) -> None:
+    result = cli("demo", "--out", "demo", "--patients", "1500", timeout=180)
+    assert "federated result equals the pooled result" in result.stdout
+    summary = json.loads((home / "demo" / "results" / "summary.json").read_text())
+    assert summary["federated_equals_pooled"] is True
+    for name in PODS:
+        assert (home / "demo" / "results" / f"{name}__{DATASET}.csv").exists()
