@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -30,6 +25,7 @@ from fedpod.errors import FedpodError
 from fedpod.governance.access import TrustedModeller
 from fedpod.modeller.client import Modeller
 from fedpod.pod.config import BrokerSettings, PodConfig
+from fedpod.pod.local import pod_processes, wait_for_pods
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
@@ -53,42 +49,6 @@ def prepare_pod(folder: Path, name: str, broker_url: str, data: Path, modeller: 
     path = folder / "pod.yaml"
     config.save(path)
     return path
-
-
-@contextmanager
-def pod_processes(configs: list[Path], logs: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start one `fedpod pod start` process per config; always stop them all."""
-    logs.mkdir(parents=True, exist_ok=True)
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for config in configs:
-            log = (logs / f"{config.parent.name}.log").open("wb")
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
-        yield processes
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def wait_for_pods(modeller: Modeller, names: set[str], processes: list[subprocess.Popen[bytes]],
-                  deadline_s: float = 60.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        crashed = [p.args for p in processes if p.poll() is not None]
-        if crashed:
-            raise FedpodError(f"a pod exited during start-up: {crashed}", hint="see the pod logs in the demo folder")
-        found = {t.pod.name for t in modeller.datasets(window_s=0.3)}
-        if names <= found:
-            return
-    raise FedpodError(f"pods {sorted(names)} did not come up within {deadline_s:.0f}s")
 
 
 def pooled(query: str, files: list[Path]) -> pd.DataFrame:

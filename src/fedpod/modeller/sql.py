@@ -3,9 +3,15 @@
 Output names come from DuckDB itself: the original query is bound against an empty table
 with the dataset's advertised schema, so the merged result has exactly the column names the
 same query would have on the pooled data (and a broken query fails before any pod is asked).
+
+Both steps use one long-lived, locked-down DuckDB database; each call works on its own
+cursor, whose temporary tables and registrations are private to it and vanish with it.
+Opening a DuckDB database costs tens of milliseconds, which would dominate a federated query.
 """
 
 from __future__ import annotations
+
+import threading
 
 import duckdb
 import pandas as pd
@@ -16,34 +22,45 @@ from fedpod.algorithms.sql.federated import PARTIALS, MergePlan
 from fedpod.data.datasets import quote_identifier
 from fedpod.errors import SqlExecutionError
 
+_database: duckdb.DuckDBPyConnection | None = None
+_database_lock = threading.Lock()
+
+
+def _cursor() -> duckdb.DuckDBPyConnection:
+    global _database
+    with _database_lock:
+        if _database is None:
+            database = duckdb.connect(":memory:")
+            for setting in ("python_enable_replacements = false", "enable_external_access = false",
+                            "lock_configuration = true"):
+                database.execute(f"SET {setting}")
+            _database = database
+        return _database.cursor()
+
 
 def output_names(query: str, table: str, columns: dict[str, str]) -> list[str]:
-    connection = duckdb.connect(":memory:")
+    cursor = _cursor()
     try:
         definition = ", ".join(f"{quote_identifier(n)} {t}" for n, t in columns.items())
-        connection.execute(f"CREATE TABLE {quote_identifier(table)} ({definition})")
-        for setting in ("python_enable_replacements = false", "enable_external_access = false",
-                        "lock_configuration = true"):
-            connection.execute(f"SET {setting}")
-        relation = connection.sql(to_duckdb(parse_statement(query)))
-        return list(relation.columns)
+        cursor.execute(f"CREATE TEMP TABLE {quote_identifier(table)} ({definition})")
+        return list(cursor.sql(to_duckdb(parse_statement(query))).columns)
     except duckdb.Error as exc:
         raise SqlExecutionError(f"query does not bind against {table}'s schema: {str(exc).splitlines()[0]}") from exc
     finally:
-        connection.close()
+        cursor.close()
 
 
 def merge(plan: MergePlan, partials: list[pa.Table], names: list[str]) -> pd.DataFrame:
     """Run the plan's merge query over the concatenated partial tables."""
     combined = pa.concat_tables(partials, promote_options="permissive")
-    connection = duckdb.connect(":memory:")
+    cursor = _cursor()
     try:
-        connection.register(PARTIALS, combined)
-        frame: pd.DataFrame = connection.sql(plan.merge_sql).df()
+        cursor.register(PARTIALS, combined)
+        frame: pd.DataFrame = cursor.sql(plan.merge_sql).df()
     except duckdb.Error as exc:
         raise SqlExecutionError(f"merging partial results failed: {exc}") from exc
     finally:
-        connection.close()
+        cursor.close()
     if plan.mode == "partials":
         frame.columns = pd.Index(names)
     return frame

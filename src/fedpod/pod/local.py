@@ -1,0 +1,52 @@
+"""Running pods as local processes: for `fedpod demo` and the benchmarks, which need a whole
+federation on one machine. Each pod is a real `fedpod pod start` process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedpod.errors import FedpodError
+from fedpod.modeller.client import Modeller
+
+
+@contextmanager
+def pod_processes(configs: list[Path], logs: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start one `fedpod pod start` process per config; always stop them all."""
+    logs.mkdir(parents=True, exist_ok=True)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for config in configs:
+            log = (logs / f"{config.parent.name}.log").open("wb")
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_for_pods(modeller: Modeller, names: set[str], processes: list[subprocess.Popen[bytes]],
+                  deadline_s: float = 60.0) -> None:
+    """Wait until every named pod answers discovery; fail early if one exits."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        crashed = [p.args for p in processes if p.poll() is not None]
+        if crashed:
+            raise FedpodError(f"a pod exited during start-up: {crashed}", hint="see the pod logs")
+        found = {t.pod.name for t in modeller.datasets(window_s=0.3)}
+        if names <= found:
+            return
+    raise FedpodError(f"pods {sorted(names)} did not come up within {deadline_s:.0f}s")
