@@ -2,4 +2,6 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from fedpod.modeller.client import Modeller  # noqa: E402 - the public entry point
+
+__all__ = ["Modeller", "__version__"]
