@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from fedpod.modeller.client import Modeller  # noqa: E402 - the public entry point
+from fedpod.modeller.client import Modeller
 
 __all__ = ["Modeller", "__version__"]
