@@ -18,7 +18,7 @@ from fedpod.security.envelope import Opened, ReplayGuard, open_envelope, seal
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.transport import subjects
 from fedpod.transport.bus import Bus, Payload
-from fedpod.wire.codec import pack
+from fedpod.wire.codec import Buffer, pack
 from fedpod.wire.messages import WireMessage
 
 OFFLOAD_BYTES = 1024 * 1024
@@ -38,10 +38,10 @@ class SecureChannel:
     def fingerprint(self) -> str:
         return self.identity.fingerprint
 
-    async def _seal(self, message_type: str, payload: bytes, recipients: list[PublicIdentity] | None,
-                    task_id: str) -> list[bytes]:
+    async def _seal(self, message_type: str, payload: list[Buffer], recipients: list[PublicIdentity] | None,
+                    task_id: str) -> list[Buffer]:
         seq = next(self._seq)
-        if len(payload) > OFFLOAD_BYTES:
+        if sum(len(part) for part in payload) > OFFLOAD_BYTES:
             return await asyncio.to_thread(seal, self.identity, message_type, payload, recipients=recipients,
                                            task_id=task_id, seq=seq)
         return seal(self.identity, message_type, payload, recipients=recipients, task_id=task_id, seq=seq)

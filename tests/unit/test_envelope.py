@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import struct
 
 import msgpack
@@ -123,3 +124,16 @@ def test_tampered_copy_does_not_get_the_genuine_envelope_refused() -> None:
     guard = ReplayGuard()
     assert reason(bytes(tampered), guard=guard) == "tampered"
     assert open_envelope(frame, BOB, guard).payload == b"genuine"
+
+
+def test_multi_segment_payload_given_in_parts_round_trips() -> None:
+    parts = [b"a" * 5, bytes(range(256)) * (40 * 1024), b"z" * (9 * 1024 * 1024)]
+    frame = seal_bytes(ALICE, "result", parts, recipients=[BOB.public])
+    assert open_envelope(frame, BOB, ReplayGuard()).payload == b"".join(parts)
+
+
+def test_reordered_segments_are_rejected() -> None:
+    head, *segments = seal(ALICE, "result", os.urandom(20 * 1024 * 1024), recipients=[BOB.public])
+    assert len(segments) == 3
+    swapped = head + segments[1] + segments[0] + segments[2]
+    assert reason(swapped) == "tampered"

@@ -44,6 +44,14 @@ for sub, name in ((broker_app, "broker"), (identity_app, "identity"), (pod_app, 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
 
 
+def interrupt_on_signals() -> None:
+    """Turn SIGINT and SIGTERM into KeyboardInterrupt, so that cleanup (stopping the broker,
+    the demo's pods) runs however the command is stopped. Set explicitly because a process
+    started with SIGINT ignored (a background job, some CI runners) would otherwise ignore it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 def print_frame(frame: pd.DataFrame, title: str) -> None:
     table = Table(title=title, title_justify="left")
     for column in frame.columns:
@@ -68,6 +76,7 @@ def broker_start(
     """Run nats-server (JetStream on) on 127.0.0.1 until Ctrl-C; prints its URL."""
     from fedpod.transport.broker import EmbeddedBroker
 
+    interrupt_on_signals()
     with EmbeddedBroker(port=port, store=store) as broker:
         console.print(broker.url)
         console.print(f"[dim]export FEDPOD_BROKER={broker.url}   # Ctrl-C stops the broker[/dim]", highlight=False)
@@ -295,6 +304,7 @@ def demo(
     """The whole story on one machine: broker, three pods, federated SQL checked against pooled data."""
     from fedpod.cli.demo import run_demo
 
+    interrupt_on_signals()
     run_demo(out, patients=patients, seed=seed, console=console)
 
 

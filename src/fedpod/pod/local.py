@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedpod.errors import FedpodError
+from fedpod.lifecycle import die_with_parent
 from fedpod.modeller.client import Modeller
 
 
@@ -25,7 +26,8 @@ def pod_processes(configs: list[Path], logs: Path) -> Iterator[list[subprocess.P
             log = (logs / f"{config.parent.name}.log").open("wb")
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent))
         yield processes
     finally:
         for process in processes:

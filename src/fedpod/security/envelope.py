@@ -9,7 +9,11 @@ that an unknown modeller's first message can become an access request), the reci
 fingerprint, the message type, task id, sequence number, timestamp and a random nonce.
 
 An encrypted body is AES-256-GCM under a fresh content key; the content key is wrapped for
-each recipient with a key derived (HKDF) from an ephemeral X25519 exchange. With a single
+each recipient with a key derived (HKDF) from an ephemeral X25519 exchange. The body is
+encrypted in segments of at most 8 MiB (their sizes are in the signed header; each
+segment's associated data carries its index and whether it is the last, so segments cannot be
+reordered, dropped or truncated). Segments let a payload given as several parts be encrypted
+without first being joined, and decrypted in place into one buffer. With a single
 recipient the GCM tag binds the body to the signed, wrapped key, so no digest is needed;
 with several recipients (or a plaintext broadcast such as a heartbeat) any recipient could
 forge a body under the shared key, so the header then also carries the body's SHA-256.
@@ -23,6 +27,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +48,9 @@ SIGNATURE_BYTES = 64
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_AGE_S = 300.0
 DEFAULT_MAX_SKEW_S = 30.0
+SEGMENT_BYTES = 8 * 1024 * 1024
+TAG_BYTES = 16
+Buffer = bytes | bytearray | memoryview
 
 
 class Wrap(BaseModel):
@@ -56,6 +64,7 @@ class Encryption(BaseModel):
     ephemeral: bytes
     nonce: bytes
     wraps: list[Wrap]
+    segments: list[int]
 
 
 class Header(BaseModel):
@@ -86,7 +95,7 @@ class Opened:
     """A verified envelope: who sent it, what type, and the decrypted payload."""
 
     header: Header
-    payload: bytes
+    payload: bytes | bytearray
 
     @property
     def sender(self) -> PublicIdentity:
@@ -97,31 +106,59 @@ def _kek(shared: bytes, ephemeral: bytes, recipient_box: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=b"fedpod-wrap-v1" + ephemeral + recipient_box).derive(shared)
 
 
+def _segments(parts: Sequence[Buffer]) -> Iterator[memoryview]:
+    produced = False
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), SEGMENT_BYTES):
+            produced = True
+            yield view[start : start + SEGMENT_BYTES]
+    if not produced:
+        yield memoryview(b"")
+
+
+def _segment_nonce(base: bytes, index: int) -> bytes:
+    return base + index.to_bytes(4, "big")
+
+
+def _segment_aad(envelope_nonce: bytes, index: int, last: bool) -> bytes:
+    return envelope_nonce + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+
+
 def seal(
     sender: Identity,
     message_type: str,
-    payload: bytes,
+    payload: Buffer | Sequence[Buffer],
     *,
     recipients: list[PublicIdentity] | None,
     task_id: str = "",
     seq: int = 0,
     now: float | None = None,
-) -> list[bytes]:
-    """Build an envelope; returns its parts (head, body) so large bodies are not copied.
+) -> list[Buffer]:
+    """Build an envelope; returns its parts (head, then the body's parts) so that large bodies
+    are never joined. `payload` may itself be a list of parts.
 
     `recipients=None` makes a signed plaintext broadcast (heartbeats, discovery requests).
     """
+    parts: Sequence[Buffer] = [payload] if isinstance(payload, bytes | bytearray | memoryview) else payload
     nonce = os.urandom(16)
     enc: Encryption | None = None
+    hasher = hashlib.sha256()
+    body: list[Buffer]
     if recipients is None:
-        body = payload
-        digest: bytes | None = hashlib.sha256(body).digest()
+        body = list(parts)
+        for part in body:
+            hasher.update(part)
+        digest: bytes | None = hasher.digest()
     else:
         if not recipients:
             raise ValueError("an encrypted envelope needs at least one recipient")
         content_key = AESGCM.generate_key(256)
-        body_nonce = os.urandom(12)
-        body = AESGCM(content_key).encrypt(body_nonce, payload, nonce)
+        cipher = AESGCM(content_key)
+        base = os.urandom(8)
+        segments = list(_segments(parts))
+        body = [cipher.encrypt(_segment_nonce(base, i), segment, _segment_aad(nonce, i, i == len(segments) - 1))
+                for i, segment in enumerate(segments)]
         ephemeral = X25519PrivateKey.generate()
         ephemeral_public = ephemeral.public_key().public_bytes_raw()
         wraps = []
@@ -129,8 +166,12 @@ def seal(
             shared = ephemeral.exchange(recipient.box_key())
             kek = _kek(shared, ephemeral_public, recipient.box_public)
             wraps.append(Wrap(to=recipient.fingerprint, key=AESGCM(kek).encrypt(b"\0" * 12, content_key, nonce)))
-        enc = Encryption(ephemeral=ephemeral_public, nonce=body_nonce, wraps=wraps)
-        digest = hashlib.sha256(body).digest() if len(recipients) > 1 else None
+        enc = Encryption(ephemeral=ephemeral_public, nonce=base, wraps=wraps, segments=[len(s) for s in segments])
+        digest = None
+        if len(recipients) > 1:
+            for part in body:
+                hasher.update(part)
+            digest = hasher.digest()
     public = sender.public
     header = Header(
         v=1,
@@ -143,18 +184,18 @@ def seal(
         seq=seq,
         ts=time.time() if now is None else now,
         nonce=nonce,
-        body_len=len(body),
+        body_len=sum(len(part) for part in body),
         digest=digest,
         enc=enc,
     )
     header_bytes = msgpack.packb(header.model_dump(), use_bin_type=True)
     head = _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + sender.sign(header_bytes)
-    return [head, body]
+    return [head, *body]
 
 
 def seal_bytes(*args: Any, **kwargs: Any) -> bytes:
     """`seal` joined into one bytes object, for small messages and tests."""
-    return b"".join(seal(*args, **kwargs))
+    return b"".join(bytes(part) for part in seal(*args, **kwargs))
 
 
 class ReplayGuard:
@@ -240,6 +281,7 @@ def open_envelope(
         raise EnvelopeRejected("future", f"{header.ts - current:.0f}s ahead of this clock")
     if guard.seen(header.sign_public, header.nonce):
         raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}")
+    payload: bytes | bytearray
     if header.enc is None:
         if header.digest is None:
             raise EnvelopeRejected("malformed", "plaintext body without digest")
@@ -253,9 +295,12 @@ def open_envelope(
     return Opened(header, payload)
 
 
-def _decrypt(header: Header, enc: Encryption, body: memoryview, me: Identity, my_fingerprint: str) -> bytes:
+def _decrypt(header: Header, enc: Encryption, body: memoryview, me: Identity, my_fingerprint: str) -> bytearray:
     if len(enc.wraps) > 1 and header.digest is None:
         raise EnvelopeRejected("malformed", "multi-recipient body without digest")
+    if len(enc.nonce) != 8 or not enc.segments or any(size < 0 or size > SEGMENT_BYTES for size in enc.segments) \
+            or sum(size + TAG_BYTES for size in enc.segments) != len(body):
+        raise EnvelopeRejected("tampered", "segment sizes do not match the body")
     wrap = next((w for w in enc.wraps if w.to == my_fingerprint), None)
     if wrap is None:
         raise EnvelopeRejected("wrong-recipient", "no content key wrapped for this party")
@@ -263,6 +308,16 @@ def _decrypt(header: Header, enc: Encryption, body: memoryview, me: Identity, my
         shared = me.box_key.exchange(X25519PublicKey.from_public_bytes(enc.ephemeral))
         kek = _kek(shared, enc.ephemeral, me.public.box_public)
         content_key = AESGCM(kek).decrypt(b"\0" * 12, wrap.key, header.nonce)
-        return AESGCM(content_key).decrypt(enc.nonce, body, header.nonce)
+        cipher = AESGCM(content_key)
+        plain = bytearray(sum(enc.segments))
+        out = memoryview(plain)
+        read = written = 0
+        last = len(enc.segments) - 1
+        for index, size in enumerate(enc.segments):
+            cipher.decrypt_into(_segment_nonce(enc.nonce, index), body[read : read + size + TAG_BYTES],
+                                _segment_aad(header.nonce, index, index == last), out[written : written + size])
+            read += size + TAG_BYTES
+            written += size
+        return plain
     except (InvalidTag, ValueError) as exc:
         raise EnvelopeRejected("tampered", "body does not decrypt") from exc

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from fedpod.errors import BrokerUnavailable
+from fedpod.lifecycle import die_with_parent
 
 
 def nats_server_binary() -> Path:
@@ -78,7 +79,8 @@ class EmbeddedBroker:
         log = workdir / "nats.log"
         command = [str(nats_server_binary()), "-c", str(config), "--ports_file_dir", str(workdir), "-l", str(log)]
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True)
+                                         stderr=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         ports_file = workdir / f"nats-server_{self._process.pid}.ports"
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:

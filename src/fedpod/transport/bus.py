@@ -172,7 +172,8 @@ class Bus:
                 del self._transfers[transfer_id]
                 self.dropped_transfers += 1
 
-    async def send(self, subject: str, parts: bytes | Sequence[bytes], *, timeout_s: float = 30.0,
+    async def send(self, subject: str, parts: bytes | Sequence[bytes | bytearray | memoryview], *,
+                   timeout_s: float = 30.0,
                    recipient: str = "recipient") -> None:
         """Deliver bytes to one listening party; returns once it has received all of them."""
         chunks = list(_chunks([parts] if isinstance(parts, bytes | bytearray) else parts, self.chunk_size))

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation
+
+# Bulk bytes travel outside msgpack (see wire.codec) and are never copied or validated here.
+BulkBytes = Annotated[bytes | bytearray | memoryview, SkipValidation]
 
 
 class WireMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, arbitrary_types_allowed=True)
     TYPE: ClassVar[str]
+    BULK: ClassVar[str | None] = None
 
 
 class Discover(WireMessage):
@@ -71,9 +75,10 @@ class TaskRequest(WireMessage):
 
 class TaskResult(WireMessage):
     TYPE: ClassVar[str] = "result"
+    BULK: ClassVar[str | None] = "table"
     task_id: str
     dataset: str
-    table: bytes
+    table: BulkBytes
     seconds: float
 
 

@@ -1,0 +1,64 @@
+"""A broker that restarts: pods reconnect by themselves and serve again, losing no audit entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedpod.data.datasets import DatasetSpec
+from fedpod.governance.audit import AuditLog
+from fedpod.modeller.client import Modeller
+from fedpod.security.identity import Identity
+from fedpod.transport.broker import EmbeddedBroker
+from tests.conftest import start_pod_process, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_pod_serves_again_after_the_broker_restarts(tmp_path: Path, modeller_identity: Identity,
+                                                    keystore: Path) -> None:
+    from fedpod.data.datasets import inspect
+    from fedpod.governance.access import TrustedModeller
+    from fedpod.pod.config import BrokerSettings, PodConfig
+
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"a": [1, 2, 3, 4]}).to_csv(csv, index=False)
+    first = EmbeddedBroker().start()
+    port = first.port
+    folder = tmp_path / "pod"
+    Identity.load_or_create("alice", folder / "keys")
+    config = PodConfig(name="alice", identity="keys/alice.key", broker=BrokerSettings(url=first.url),
+                       datasets=[inspect(DatasetSpec(name="t", kind="csv", path=str(csv)), folder)], heartbeat_s=0.2)
+    config.access.modellers.append(TrustedModeller(name="modeller", fingerprint=modeller_identity.fingerprint))
+    config.save(folder / "pod.yaml")
+    process, log = start_pod_process(folder / "pod.yaml")
+    second: EmbeddedBroker | None = None
+    try:
+        with Modeller(modeller_identity, broker=first.url, keystore=keystore, timeout_s=10) as modeller:
+            assert modeller.sql("SELECT SUM(a) AS s FROM t", datasets=["alice/t"])
+        first.stop()
+        second = EmbeddedBroker(port=port).start()
+        assert process.poll() is None
+
+        def answers() -> bool:
+            try:
+                with Modeller(modeller_identity, broker=second.url, keystore=keystore, timeout_s=2) as modeller:
+                    result = modeller.sql("SELECT SUM(a) AS s FROM t", datasets=["alice/t"])
+                    return isinstance(result, dict) and int(result["alice/t"]["s"][0]) == 10
+            except Exception:
+                return False
+
+        wait_until(answers, 30, "the pod to serve through the restarted broker")
+    finally:
+        process.terminate()
+        process.wait(15)
+        if second is not None:
+            second.stop()
+        first.stop()
+    audit = folder / "storage" / "audit.jsonl"
+    assert AuditLog.verify(audit).ok
+    completed = [e for e in AuditLog(audit).entries() if e["event"] == "task-completed"]
+    assert len(completed) >= 2
+    assert log.exists()
