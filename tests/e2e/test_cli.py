@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import wait_until
 
@@ -21,38 +22,8 @@ FEDPOD = str(Path(sys.executable).parent / "fedpod")
 PODS = ["alice", "bob", "charlie"]
 DATASET = "ehr-records-2025"
 
-BITFOUNT_TASK = f"""
-pods:
-  identifiers:
-    - alice/{DATASET}
-    - bob/{DATASET}
-    - charlie/{DATASET}
-task:
-  protocol:
-    name: bitfount.ResultsOnly
-    arguments:
-      save_location: ["Modeller"]
-  algorithm:
-    name: bitfount.SqlQuery
-    arguments:
-      query: "SELECT * FROM `{DATASET}` LIMIT 10"
-  data_structure:
-    table_config:
-      table: {DATASET}
-"""
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
-AGGREGATE_TASK = f"""
-pods:
-  tags: [ehr]
-task:
-  protocol: {{name: ResultsOnly}}
-  algorithm:
-    name: SqlQuery
-    arguments:
-      query: "SELECT diabetes, COUNT(*) AS n, AVG(hba1c) AS mean_hba1c FROM `{DATASET}`
-              GROUP BY diabetes ORDER BY diabetes"
-  aggregator: {{}}
-"""
 
 
 class Cli:
@@ -118,8 +89,7 @@ def test_bitfount_example_runs_unchanged(cli: Cli, federation: str, home: Path) 
     listing = cli("datasets", "list", "--broker", federation).stdout
     for name in PODS:
         assert f"{name}/{DATASET}" in listing
-    (home / "task.yaml").write_text(BITFOUNT_TASK)
-    cli("run", "task.yaml", "--broker", federation, "--out", "results")
+    cli("run", str(EXAMPLES / "bitfount-sql.yaml"), "--broker", federation, "--out", "results")
     for name in PODS:
         frame = pd.read_csv(home / "results" / f"{name}__{DATASET}.csv")
         assert len(frame) == 10
@@ -127,14 +97,14 @@ def test_bitfount_example_runs_unchanged(cli: Cli, federation: str, home: Path) 
 
 
 def test_aggregated_task_file_gives_the_pooled_answer(cli: Cli, federation: str, home: Path) -> None:
-    (home / "agg.yaml").write_text(AGGREGATE_TASK)
-    cli("run", "agg.yaml", "--broker", federation, "--out", "agg")
+    task = EXAMPLES / "aggregate-sql.yaml"
+    cli("run", str(task), "--broker", federation, "--out", "agg")
     merged = pd.read_csv(home / "agg" / "aggregate.csv")
-    files = [home / "data" / name / "patients.csv" for name in PODS]
+    query = yaml.safe_load(task.read_text())["task"]["algorithm"]["arguments"]["query"]
+    files = [str(home / "data" / name / "patients.csv") for name in PODS]
     connection = duckdb.connect()
-    pooled = connection.sql(
-        "SELECT diabetes, COUNT(*) AS n, AVG(hba1c) AS mean_hba1c FROM read_csv(?) GROUP BY diabetes "
-        "ORDER BY diabetes", params=[[str(f) for f in files]]).df()
+    connection.execute(f'CREATE TABLE "{DATASET}" AS SELECT * FROM read_csv(?)', [files])
+    pooled = connection.sql(query.replace("`", '"')).df()
     pd.testing.assert_frame_equal(merged, pooled, check_dtype=False)
 
 

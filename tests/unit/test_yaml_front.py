@@ -7,25 +7,8 @@ import pytest
 from fedpod.errors import ConfigError
 from fedpod.tasks.yaml_front import load_task
 
-BITFOUNT_EXAMPLE = """
-pods:
-  identifiers:
-    - alice/ehr-records-2025
-    - bob/ehr-records-2025
-    - charlie/ehr-records-2025
-task:
-  protocol:
-    name: bitfount.ResultsOnly
-    arguments:
-      save_location: ["Modeller"]
-  algorithm:
-    name: bitfount.SqlQuery
-    arguments:
-      query: "SELECT * FROM `ehr-records-2025` LIMIT 10"
-  data_structure:
-    table_config:
-      table: ehr-records-2025
-"""
+EXAMPLES = Path(__file__).parents[2] / "examples"
+BITFOUNT_EXAMPLE = (EXAMPLES / "bitfount-sql.yaml").read_text()
 
 
 def write(tmp_path: Path, text: str) -> Path:
