@@ -1,0 +1,104 @@
+"""The aggregator interface, the reply type it consumes, and the name registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from fedpod.errors import ConfigError
+
+Array = npt.NDArray[np.floating[Any]]
+Params = dict[str, Array]
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+A = TypeVar("A", bound="type[Aggregator]")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One pod's answer to a training round: its locally updated parameters, how many samples
+    they were trained on, and anything an aggregator asked for (`extra`, e.g. Scaffold's
+    control-variate deltas)."""
+
+    pod: str
+    params: Params
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    extra: Mapping[str, Params] = field(default_factory=dict)
+
+
+def register(name: str) -> Callable[[A], A]:
+    def decorate(cls: A) -> A:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def registered_aggregators() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def aggregator_from_config(config: Mapping[str, Any]) -> Aggregator:
+    """Build an aggregator from `{"name": ..., **arguments}`; unknown names list the known ones."""
+    arguments = dict(config)
+    name = str(arguments.pop("name", "")).lower()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown aggregator {name!r}", hint=f"choose one of {', '.join(registered_aggregators())}")
+    try:
+        return _REGISTRY[name](**arguments)
+    except TypeError as exc:
+        raise ConfigError(f"invalid arguments for aggregator {name!r}: {exc}") from exc
+
+
+class Aggregator:
+    """Base class. Subclasses override `aggregate` (and `configure_round` when pods need more
+    than the global parameters), calling `super()` for what they do not change."""
+
+    name: ClassVar[str] = ""
+
+    def configure_round(self, round_number: int, global_params: Params) -> dict[str, Any]:
+        """Extra training instructions for this round (sent to every pod)."""
+        return {}
+
+    def aggregate(self, round_number: int, global_params: Params, replies: Sequence[Reply]) -> Params:
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def state(self) -> dict[str, Params]:
+        """Server-side state to keep in breakpoints (moments, control variates)."""
+        return {}
+
+    def load_state(self, state: Mapping[str, Params]) -> None:
+        """Restore what `state` returned."""
+
+
+def check_replies(replies: Sequence[Reply], reference: Params) -> None:
+    """Every reply must carry exactly the global parameters' names and shapes, finite values
+    and a positive sample count — a malformed or NaN update never reaches the average."""
+    if not replies:
+        raise ValueError("no replies to aggregate")
+    for reply in replies:
+        if reply.num_samples <= 0:
+            raise ValueError(f"pod {reply.pod} reported {reply.num_samples} samples")
+        if set(reply.params) != set(reference):
+            raise ValueError(f"pod {reply.pod} sent parameters {sorted(reply.params)}, expected {sorted(reference)}")
+        for key, value in reply.params.items():
+            if value.shape != reference[key].shape:
+                raise ValueError(f"pod {reply.pod}: {key} has shape {value.shape}, expected {reference[key].shape}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"pod {reply.pod}: {key} contains NaN or infinite values")
+
+
+def sample_weights(replies: Sequence[Reply]) -> Array:
+    """Weights proportional to each pod's sample count; they sum to one."""
+    counts = np.array([r.num_samples for r in replies], dtype=np.float64)
+    result: Array = counts / counts.sum()
+    return result

@@ -1,0 +1,56 @@
+"""Byzantine-robust aggregation (Yin et al., ICML 2018): coordinate-wise median and
+coordinate-wise trimmed mean. Both ignore sample counts on purpose: a pod that lies about its
+sample count must not buy more influence."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedpod.aggregation.base import Aggregator, Array, Params, Reply, check_replies, register
+
+
+def coordinate_median(stack: Array) -> Array:
+    """Median over the first axis (one row per pod)."""
+    result: Array = np.median(stack, axis=0)
+    return result
+
+
+def trimmed_mean(stack: Array, beta: float) -> Array:
+    """Drop the ⌊beta·n⌋ largest and smallest values of each coordinate, average the rest."""
+    n = stack.shape[0]
+    cut = math.floor(beta * n)
+    if 2 * cut >= n:
+        raise ValueError(f"trimming {cut} from each side of {n} replies leaves nothing")
+    ordered = np.sort(stack, axis=0)
+    result: Array = ordered[cut : n - cut].mean(axis=0)
+    return result
+
+
+def _stacked(replies: Sequence[Reply], key: str) -> Array:
+    return np.stack([r.params[key].astype(np.float64) for r in replies])
+
+
+@register("median")
+class CoordinateMedian(Aggregator):
+    def aggregate(self, round_number: int, global_params: Params, replies: Sequence[Reply]) -> Params:
+        check_replies(replies, global_params)
+        return {k: coordinate_median(_stacked(replies, k)).astype(v.dtype) for k, v in global_params.items()}
+
+
+@register("trimmed_mean")
+class TrimmedMean(Aggregator):
+    def __init__(self, beta: float = 0.1) -> None:
+        if not 0 <= beta < 0.5:
+            raise ValueError("TrimmedMean needs 0 <= beta < 0.5")
+        self.beta = beta
+
+    def aggregate(self, round_number: int, global_params: Params, replies: Sequence[Reply]) -> Params:
+        check_replies(replies, global_params)
+        return {k: trimmed_mean(_stacked(replies, k), self.beta).astype(v.dtype) for k, v in global_params.items()}
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "beta": self.beta}
