@@ -1,0 +1,1 @@
+"""Federated model training: training arguments, training plans, and one local round at a pod."""

@@ -1,0 +1,119 @@
+"""Built-in plans for tabular datasets; they need no approval at pods, only policy.
+
+They read the pod's dataset as a DataFrame. `model_args`: `target` (column), `features`
+(columns; default: every numeric column but the target and `exclude`), optional
+`feature_means` / `feature_stds` to standardise with global statistics (which federated SQL
+computes exactly), `n_classes` for classifiers, `hidden` for the MLP.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedpod.algorithms.training.plans import DataManager, TrainingPlan
+from fedpod.algorithms.training.sklearn_plan import PerceptronPlan, SGDClassifierPlan, SGDRegressorPlan
+from fedpod.algorithms.training.torch_plan import TorchTrainingPlan
+from fedpod.errors import ConfigError
+
+
+def tabular_features(frame: pd.DataFrame, model_args: dict[str, Any]) -> list[str]:
+    target = model_args.get("target")
+    if not target:
+        raise ConfigError("built-in tabular models need model_args['target']")
+    if model_args.get("features"):
+        return list(model_args["features"])
+    excluded = {target, *model_args.get("exclude", [])}
+    return [c for c in frame.columns if c not in excluded and pd.api.types.is_numeric_dtype(frame[c])]
+
+
+class TabularData:
+    """`training_data()` for the built-ins: the configured features and target of the pod's dataset."""
+
+    model_args: dict[str, Any]
+
+    def training_data(self) -> DataManager:
+        handle = getattr(self, "dataset", None)
+        if handle is None:
+            raise ConfigError("no dataset was given to the plan")
+        frame = handle.to_pandas()
+        features = tabular_features(frame, self.model_args)
+        missing = [c for c in [*features, self.model_args["target"]] if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"columns {missing} are not in dataset {handle.name}")
+        values = frame[features].astype("float64").fillna(0.0).to_numpy()
+        if "feature_means" in self.model_args:
+            means = np.asarray(self.model_args["feature_means"], dtype=np.float64)
+            stds = np.asarray(self.model_args.get("feature_stds", np.ones(len(features))), dtype=np.float64)
+            values = (values - means) / np.where(stds > 0, stds, 1.0)
+        return DataManager(values.astype(np.float32), frame[self.model_args["target"]].to_numpy())
+
+
+def _n_features(model_args: dict[str, Any]) -> int:
+    if "n_features" in model_args:
+        return int(model_args["n_features"])
+    if model_args.get("features"):
+        return len(model_args["features"])
+    raise ConfigError("give model_args['n_features'] or model_args['features']")
+
+
+class LogisticRegression(TabularData, TorchTrainingPlan):
+    def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
+        return torch.nn.Linear(_n_features(model_args), 1)
+
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self.model()(data).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+
+    def predict(self, data: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model()(data).squeeze(-1))
+
+
+class MLP(TabularData, TorchTrainingPlan):
+    def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
+        sizes = [_n_features(model_args), *model_args.get("hidden", [32])]
+        layers: list[torch.nn.Module] = []
+        for a, b in itertools.pairwise(sizes):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        layers.append(torch.nn.Linear(sizes[-1], 1))
+        return torch.nn.Sequential(*layers)
+
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self.model()(data).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+
+    def predict(self, data: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model()(data).squeeze(-1))
+
+
+class TabularSGDClassifier(TabularData, SGDClassifierPlan):
+    pass
+
+
+class TabularSGDRegressor(TabularData, SGDRegressorPlan):
+    pass
+
+
+class TabularPerceptron(TabularData, PerceptronPlan):
+    pass
+
+
+BUILTIN_PLANS: dict[str, type[TrainingPlan]] = {
+    "logistic_regression": LogisticRegression,
+    "mlp": MLP,
+    "sgd_classifier": TabularSGDClassifier,
+    "sgd_regressor": TabularSGDRegressor,
+    "perceptron": TabularPerceptron,
+}
+
+
+def builtin_plan(name: str) -> type[TrainingPlan]:
+    try:
+        return BUILTIN_PLANS[name.lower()]
+    except KeyError:
+        known = ", ".join(BUILTIN_PLANS)
+        raise ConfigError(f"unknown built-in model {name!r}", hint=f"choose one of {known}") from None

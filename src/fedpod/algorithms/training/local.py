@@ -1,0 +1,74 @@
+"""One local training round at a pod: seed, split, validate the global model, train, validate again.
+
+Pure with respect to I/O: the pod gives the plan (with its dataset injected), the global
+parameters and the round's instructions; the result is new parameters, a sample count and
+metrics. `state` keeps what a pod must remember between rounds of one experiment
+(Scaffold's own control variate).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+
+from fedpod.aggregation.base import Params
+from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.metrics import evaluate
+from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
+from fedpod.errors import ConfigError
+
+
+def seed_everything(seed: int | None) -> None:
+    """Fed-BioMed resets the seed at the start of every round, on pods and modeller alike."""
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def split(count: int, test_ratio: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed train/test split per pod (the same every round for a given seed)."""
+    order = np.random.default_rng(0 if seed is None else seed).permutation(count)
+    n_test = round(count * test_ratio)
+    if test_ratio > 0 and (n_test == 0 or n_test == count):
+        raise ConfigError(f"test_ratio {test_ratio} leaves no training or no test rows out of {count}")
+    return order[n_test:], order[:n_test]
+
+
+def _validate(plan: TrainingPlan, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
+              prefix: str) -> dict[str, float]:
+    scores = plan.predict_scores(features)
+    metrics = {f"{prefix}_samples": float(len(target))}
+    if args.test_metric:
+        metrics[f"{prefix}_{args.test_metric}"] = evaluate(args.test_metric, target, scores, **args.test_metric_args)
+    return metrics
+
+
+def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
+                    *, device: str = "cpu", state: dict[str, Params] | None = None) -> LocalResult:
+    if args.dp_args is not None:
+        raise ConfigError("dp_args were accepted, but differential privacy (DP-SGD) is not available yet",
+                          hint="remove dp_args for now")
+    seed_everything(args.random_seed)
+    plan.set_params(global_params)
+    features, target = plan.training_data().arrays()
+    if target is None:
+        raise ConfigError("training_data() returned no target")
+    train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed)
+    metrics: dict[str, float] = {}
+    if len(test_rows) and args.test_on_global_updates:
+        metrics |= _validate(plan, features[test_rows], target[test_rows], args, "global")
+    result = plan.train_round(features[train_rows], target[train_rows], args, round_config, device,
+                              state if state is not None else {})
+    if len(test_rows) and args.test_on_local_updates:
+        metrics |= _validate(plan, features[test_rows], target[test_rows], args, "local")
+    for name, values in result.params.items():
+        if not np.all(np.isfinite(values)):
+            raise ConfigError(f"local training produced non-finite values in {name}", hint="lower the learning rate")
+    result.metrics |= metrics
+    return result

@@ -1,0 +1,138 @@
+"""PyTorch training plans and their local training loop (FedProx and Scaffold aware)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpod.aggregation.base import Params
+from fedpod.aggregation.scaffold import CONTROL_DELTA
+from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
+from fedpod.errors import ConfigError
+
+
+class TorchTrainingPlan(TrainingPlan):
+    def __init__(self) -> None:
+        super().__init__()
+        self._model: torch.nn.Module | None = None
+
+    def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define init_model(model_args)")
+
+    def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
+        """Default: Adam with `lr` (1e-3). Override for another optimizer."""
+        args = {"lr": 1e-3, **optimizer_args}
+        return torch.optim.Adam(self.model().parameters(), **args)
+
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define training_step(data, target)")
+
+    def predict(self, data: torch.Tensor) -> torch.Tensor:
+        """Scores used for validation metrics; override to return probabilities."""
+        output: torch.Tensor = self.model()(data)
+        return output
+
+    def post_init(self, model_args: dict[str, Any], training_args: TrainingArgs) -> None:
+        self.model_args = dict(model_args)
+        self.training_args = training_args
+        self._model = self.init_model(self.model_args)
+
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            raise ConfigError("the plan's model is not initialised yet (post_init was not called)")
+        return self._model
+
+    def get_params(self) -> Params:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model().state_dict().items()}
+
+    def set_params(self, params: Params) -> None:
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+        self.model().load_state_dict(state, strict=True)
+
+    def predict_scores(self, features: np.ndarray) -> np.ndarray:
+        model = self.model()
+        model.eval()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            scores = self.predict(torch.as_tensor(features, dtype=torch.float32, device=device))
+        model.train()
+        return np.asarray(scores.detach().cpu().numpy())
+
+    def train_round(self, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
+                    round_config: dict[str, Any], device: str, state: dict[str, Params]) -> LocalResult:
+        model = self.model().to(device)
+        model.train()
+        optimizer = self.init_optimizer(args.optimizer_args)
+        x = torch.as_tensor(features, dtype=torch.float32)
+        y = torch.as_tensor(target)
+        if y.is_floating_point():
+            y = y.float()
+        generator = torch.Generator()
+        if args.random_seed is not None:
+            generator.manual_seed(args.random_seed)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=args.loader_args.batch_size,
+            shuffle=args.loader_args.shuffle, drop_last=args.loader_args.drop_last, generator=generator)
+        if len(loader) == 0:
+            raise ConfigError("no training batch: the dataset is smaller than one batch with drop_last")
+        global_weights = [p.detach().clone() for p in model.parameters()]
+        mu = float(round_config.get("fedprox_mu", 0.0))
+        scaffold = round_config.get("scaffold_control")
+        corrections: list[torch.Tensor] | None = None
+        names = [n for n, _ in model.named_parameters()]
+        if scaffold is not None:
+            if not args.uses_updates:
+                raise ConfigError("Scaffold needs `num_updates` in training_args (the same step count on every pod)")
+            own = state.setdefault("scaffold_ci", {n: np.zeros_like(scaffold[n]) for n in names})
+            corrections = [torch.as_tensor(scaffold[n] - own[n], dtype=torch.float32, device=device) for n in names]
+        losses: list[float] = []
+        steps = 0
+        started = time.perf_counter()
+        for data, labels in _batches(loader, args):
+            data, labels = data.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = self.training_step(data, labels)
+            if mu > 0:
+                loss = loss + mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_weights,
+                                                                                 strict=True))
+            loss.backward()  # type: ignore[no-untyped-call]
+            if corrections is not None:
+                for parameter, correction in zip(model.parameters(), corrections, strict=True):
+                    if parameter.grad is not None:
+                        parameter.grad += correction
+            optimizer.step()
+            if not torch.isfinite(loss):
+                raise ConfigError(f"training diverged at step {steps + 1}: loss is {loss.item()}",
+                                  hint="lower the learning rate")
+            losses.append(float(loss.item()))
+            steps += 1
+            if args.dry_run:
+                break
+        extra: dict[str, Params] = {}
+        if corrections is not None and scaffold is not None:
+            lr = float(args.optimizer_args.get("lr", 1e-3))
+            own = state["scaffold_ci"]
+            new_params = dict(model.named_parameters())
+            updated = {n: own[n] - scaffold[n]
+                       + (global_weights[i].cpu().numpy() - new_params[n].detach().cpu().numpy()) / (steps * lr)
+                       for i, n in enumerate(names)}
+            extra[CONTROL_DELTA] = {n: updated[n] - own[n] for n in names}
+            state["scaffold_ci"] = updated
+        model.to("cpu")
+        return LocalResult(self.get_params(), len(x), {"loss": float(np.mean(losses)), "steps": float(steps),
+                                                       "train_seconds": time.perf_counter() - started}, extra)
+
+
+def _batches(loader: torch.utils.data.DataLoader[Any], args: TrainingArgs) -> Iterator[Any]:
+    updates, epochs, batch_maxnum = args.local_budget()
+    if updates is not None:
+        yield from itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), updates)
+        return
+    for _ in range(epochs):
+        yield from itertools.islice(loader, batch_maxnum)

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from fedpod.aggregation import FedAverage, Reply, Scaffold
+from fedpod.aggregation.scaffold import CONTROL_DELTA
+from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.builtin import builtin_plan
+from fedpod.algorithms.training.local import run_local_round
+from fedpod.algorithms.training.metrics import evaluate
+from fedpod.algorithms.training.plans import DataManager, DatasetHandle, TrainingPlan
+from fedpod.algorithms.training.torch_plan import TorchTrainingPlan
+from fedpod.data.synth import generate
+from fedpod.errors import ConfigError
+
+FEATURES = ["age", "bmi", "smoker", "diabetes", "systolic_bp", "cholesterol", "hba1c"]
+CENTRES = generate(3, 3000, seed=11)
+POOLED = pd.concat([c.patients for c in CENTRES])
+MEANS = POOLED[FEATURES].mean().tolist()
+STDS = POOLED[FEATURES].std().tolist()
+MODEL_ARGS = {"target": "outcome", "features": FEATURES, "feature_means": MEANS, "feature_stds": STDS}
+
+
+def plan_for(name: str, frame: pd.DataFrame, model_args: dict[str, Any], args: TrainingArgs) -> TrainingPlan:
+    plan = builtin_plan(name)()
+    plan.dataset = DatasetHandle("ehr", {}, lambda: frame)
+    plan.post_init(model_args, args)
+    return plan
+
+
+def federated(name: str, args: TrainingArgs, rounds: int, model_args: dict[str, Any] = MODEL_ARGS) -> TrainingPlan:
+    plans = [plan_for(name, c.patients, model_args, args) for c in CENTRES]
+    params = plans[0].get_params()
+    for round_number in range(rounds):
+        replies = [Reply(str(i), (r := run_local_round(p, params, args, {})).params, r.num_samples, r.metrics)
+                   for i, p in enumerate(plans)]
+        params = FedAverage().aggregate(round_number, params, replies)
+    plans[0].set_params(params)
+    return plans[0]
+
+
+def pooled_auc(plan: TrainingPlan) -> float:
+    features = (POOLED[FEATURES].to_numpy() - np.array(MEANS)) / np.array(STDS)
+    return evaluate("auc", POOLED["outcome"].to_numpy(), plan.predict_scores(features.astype(np.float32)))
+
+
+def test_training_args_list_valid_keys_and_prefer_num_updates() -> None:
+    with pytest.raises(ConfigError, match="valid keys: loader_args"):
+        TrainingArgs.parse({"epoch": 3})
+    with pytest.raises(ConfigError, match="unknown test_metric"):
+        TrainingArgs.parse({"test_metric": "happiness"})
+    assert TrainingArgs.parse({"num_updates": 5, "epochs": 3}).local_budget() == (5, 0, None)
+    assert TrainingArgs.parse({}).local_budget() == (None, 1, None)
+
+
+def test_federated_logistic_regression_learns_the_synthetic_target() -> None:
+    args = TrainingArgs.parse({"num_updates": 30, "loader_args": {"batch_size": 32},
+                               "optimizer_args": {"lr": 0.05}, "random_seed": 1})
+    assert pooled_auc(federated("logistic_regression", args, rounds=5)) > 0.75
+
+
+def test_sklearn_sgd_classifier_learns_with_partial_fit() -> None:
+    model_args = {**MODEL_ARGS, "n_classes": 2, "loss": "log_loss", "alpha": 1e-4}
+    args = TrainingArgs.parse({"epochs": 1, "loader_args": {"batch_size": 64}, "random_seed": 3})
+    plan = federated("sgd_classifier", args, rounds=3, model_args=model_args)
+    assert plan.get_params()["coef_"].shape == (1, len(FEATURES))
+    assert pooled_auc(plan) > 0.7
+
+
+def test_num_updates_gives_the_same_step_count_on_every_pod() -> None:
+    args = TrainingArgs.parse({"num_updates": 17, "loader_args": {"batch_size": 50}})
+    steps = {run_local_round(plan_for("mlp", c.patients, MODEL_ARGS, args),
+                             plan_for("mlp", c.patients, MODEL_ARGS, args).get_params(), args, {}).metrics["steps"]
+             for c in CENTRES}
+    assert steps == {17.0}
+
+
+def test_same_seed_gives_the_same_update() -> None:
+    args = TrainingArgs.parse({"epochs": 1, "batch_maxnum": 5, "random_seed": 42, "optimizer_args": {"lr": 0.1}})
+    frame = CENTRES[1].patients
+    first = plan_for("mlp", frame, MODEL_ARGS, args)
+    start = first.get_params()
+    a = run_local_round(first, start, args, {}).params
+    b = run_local_round(plan_for("mlp", frame, MODEL_ARGS, args), start, args, {}).params
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_validation_reports_global_and_local_metrics() -> None:
+    args = TrainingArgs.parse({"num_updates": 20, "test_ratio": 0.25, "test_metric": "auc",
+                               "test_on_global_updates": True, "test_on_local_updates": True, "random_seed": 0})
+    plan = plan_for("logistic_regression", CENTRES[0].patients, MODEL_ARGS, args)
+    metrics = run_local_round(plan, plan.get_params(), args, {}).metrics
+    assert {"global_auc", "local_auc", "local_samples", "loss"} <= set(metrics)
+    assert metrics["local_samples"] == round(len(CENTRES[0].patients) * 0.25)
+
+
+def test_scaffold_round_returns_a_control_delta_and_needs_num_updates() -> None:
+    scaffold = Scaffold()
+    args = TrainingArgs.parse({"num_updates": 10, "optimizer_args": {"lr": 0.05}})
+    plan = plan_for("logistic_regression", CENTRES[2].patients, MODEL_ARGS, args)
+    start = plan.get_params()
+    config = scaffold.configure_round(1, start)
+    result = run_local_round(plan, start, args, config, state={})
+    assert set(result.extra[CONTROL_DELTA]) == {"weight", "bias"}
+    with pytest.raises(ConfigError, match="num_updates"):
+        run_local_round(plan, start, TrainingArgs.parse({"epochs": 1}), config, state={})
+
+
+def test_fedprox_term_keeps_the_update_closer_to_the_global_model() -> None:
+    args = TrainingArgs.parse({"num_updates": 40, "optimizer_args": {"lr": 0.2}, "random_seed": 5})
+    frame = CENTRES[0].patients
+    start = plan_for("logistic_regression", frame, MODEL_ARGS, args).get_params()
+
+    def drift(config: dict[str, Any]) -> float:
+        params = run_local_round(plan_for("logistic_regression", frame, MODEL_ARGS, args), start, args, config).params
+        return float(sum(np.sum((params[k] - start[k]) ** 2) for k in start))
+
+    assert drift({"fedprox_mu": 10.0}) < drift({})
+
+
+class Diverging(TorchTrainingPlan):
+    def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
+        return torch.nn.Linear(2, 1)
+
+    def training_data(self) -> DataManager:
+        return DataManager(np.ones((8, 2), dtype=np.float32), np.ones(8, dtype=np.float32))
+
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (self.model()(data).squeeze(-1) * float("nan")).sum()
+
+
+def test_a_diverging_plan_is_a_clear_error_not_a_nan_update() -> None:
+    plan = Diverging()
+    plan.post_init({}, TrainingArgs())
+    with pytest.raises(ConfigError, match="diverged"):
+        run_local_round(plan, plan.get_params(), TrainingArgs.parse({"num_updates": 2}), {})
+
+
+def test_dp_args_are_validated_and_refused_until_dp_exists() -> None:
+    args = TrainingArgs.parse({"dp_args": {"type": "local", "sigma": 1.0, "clip": 1.0}})
+    plan = Diverging()
+    plan.post_init({}, args)
+    with pytest.raises(ConfigError, match="differential privacy"):
+        run_local_round(plan, plan.get_params(), args, {})
+    with pytest.raises(ConfigError):
+        TrainingArgs.parse({"dp_args": {"sigma": -1, "clip": 1}})
+
+
+def test_data_manager_takes_a_dataframe_with_a_target_column(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0], "y": [0, 1]})
+    features, target = DataManager(frame, "y").arrays()
+    assert features.shape == (2, 2) and target is not None and target.tolist() == [0, 1]
+    with pytest.raises(ConfigError, match="target column 'z'"):
+        DataManager(frame, "z").arrays()
+    plan = plan_for("logistic_regression", CENTRES[0].patients, MODEL_ARGS, TrainingArgs())
+    plan.export_model(tmp_path / "model.safetensors")
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == {"weight", "bias"}
