@@ -113,7 +113,7 @@ def test_pod_that_goes_offline_is_named_in_the_error(pod_factory: PodFactory, ce
     from fedpod.wire.messages import SqlQueryAlgorithm
 
     with pytest.raises(PodUnreachable, match="dora"):
-        modeller._call(modeller._core.run_task(targets[0], SqlQueryAlgorithm(query="SELECT 1")))
+        modeller._call(modeller._core._sql_result(targets[0], SqlQueryAlgorithm(query="SELECT 1")))
 
 
 def test_heartbeats_and_other_tasks_continue_during_a_long_query(pod_factory: PodFactory, centres: list[Path],

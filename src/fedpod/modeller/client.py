@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -36,9 +36,11 @@ from fedpod.wire.messages import (
     TaskFailure,
     TaskRequest,
     TaskResult,
+    WireMessage,
 )
 
 T = TypeVar("T")
+R = TypeVar("R", bound=WireMessage)
 Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
 
 
@@ -117,14 +119,14 @@ class AsyncModeller:
             return select_by_identifiers(adverts, datasets)
         return select_by_tags(await self.discover(), tags or [])
 
-    async def run_task(self, target: Target, algorithm: SqlQueryAlgorithm) -> Opened:
-        """Send one task to one pod and wait for its reply (result or failure)."""
+    async def exchange(self, target: Target, build: Callable[[str], WireMessage], reply_type: type[R]) -> R:
+        """Send one request (built for a fresh task id) to one pod and wait for its reply; a pod's
+        failure is raised as TaskFailed naming the pod."""
         task_id = os.urandom(8).hex()
         future: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
         try:
-            request = TaskRequest(task_id=task_id, dataset=target.dataset.name, algorithm=algorithm)
-            await self._channel.send(target.pod, request, task_id=task_id, timeout_s=min(self.timeout_s, 30.0))
+            await self._channel.send(target.pod, build(task_id), task_id=task_id, timeout_s=min(self.timeout_s, 30.0))
             try:
                 opened = await asyncio.wait_for(future, timeout=self.timeout_s)
             except TimeoutError as exc:
@@ -134,14 +136,18 @@ class AsyncModeller:
             self._pending.pop(task_id, None)
         if opened.sender.fingerprint != target.pod.fingerprint:
             raise TrustError(f"reply for {target.identifier} came from {opened.sender.name}, not the pod")
-        return opened
-
-    async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> Any:
-        opened = await self.run_task(target, algorithm)
         if opened.header.type == TaskFailure.TYPE:
             failure = unpack(opened.payload, TaskFailure)
             raise TaskFailed(failure.message, pod=target.pod.name, kind=failure.kind, hint=failure.hint)
-        return table_from_bytes(unpack(opened.payload, TaskResult).table)
+        if opened.header.type != reply_type.TYPE:
+            raise TaskFailed(f"unexpected reply type {opened.header.type!r}", pod=target.pod.name, kind="ProtocolError")
+        return unpack(opened.payload, reply_type)
+
+    async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> Any:
+        def build(task_id: str) -> TaskRequest:
+            return TaskRequest(task_id=task_id, dataset=target.dataset.name, algorithm=algorithm)
+
+        return table_from_bytes((await self.exchange(target, build, TaskResult)).table)
 
     async def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
                   aggregate: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:

@@ -7,6 +7,7 @@ so a pod folder can be moved as a whole.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,6 +45,7 @@ class PodConfig(BaseModel):
     heartbeat_s: float = Field(default=2.0, gt=0)
     sql_timeout_s: float = Field(default=60.0, gt=0)
     max_concurrent_tasks: int = Field(default=4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @classmethod
     def load(cls, path: Path) -> PodConfig:

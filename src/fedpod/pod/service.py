@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fedpod import __version__
 from fedpod.algorithms.sql.engine import SqlEngine
@@ -22,12 +24,13 @@ from fedpod.data.datasets import round_count
 from fedpod.errors import EnvelopeRejected, FedpodError
 from fedpod.governance.access import AccessRequest, decide
 from fedpod.governance.audit import AuditLog
+from fedpod.governance.plans import PlanRegistry
 from fedpod.pod.config import PodConfig
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
 from fedpod.transport import subjects
 from fedpod.transport.bus import Bus
-from fedpod.wire.codec import DecodeError, table_to_bytes, unpack
+from fedpod.wire.codec import DecodeError, table_from_bytes, table_to_bytes, unpack
 from fedpod.wire.messages import (
     DatasetAdvert,
     Discover,
@@ -36,7 +39,38 @@ from fedpod.wire.messages import (
     TaskFailure,
     TaskRequest,
     TaskResult,
+    TrainRequest,
+    TrainResult,
 )
+
+REQUESTS: dict[str, type[TaskRequest] | type[TrainRequest]] = {TaskRequest.TYPE: TaskRequest,
+                                                                TrainRequest.TYPE: TrainRequest}
+
+
+def describe_request(request: TaskRequest | TrainRequest) -> dict[str, Any]:
+    """What the audit log records about a request."""
+    if isinstance(request, TaskRequest):
+        query = request.algorithm.query
+        return {"mode": request.algorithm.mode, "query": query,
+                "query_sha256": hashlib.sha256(query.encode()).hexdigest()}
+    plan = request.plan
+    return {"experiment": request.experiment_id, "round": request.round, "plan": plan.name, "plan_kind": plan.kind,
+            "plan_sha256": hashlib.sha256(plan.source.encode()).hexdigest() if plan.source else None,
+            "training_args": request.training_args}
+
+
+def describe_result(result: TaskResult | TrainResult) -> dict[str, Any]:
+    """What the audit log records about what was returned."""
+    if isinstance(result, TaskResult):
+        table = table_from_bytes(result.table)
+        return {"returned_rows": table.num_rows, "returned_columns": table.column_names,
+                "result_sha256": hashlib.sha256(result.table).hexdigest(), "seconds": round(result.seconds, 4)}
+    return {"returned": "model update", "num_samples": result.num_samples, "metrics": result.metrics,
+            "result_sha256": hashlib.sha256(result.tensors).hexdigest(), "device": result.device,
+            "seconds": round(result.seconds, 4)}
+
+if TYPE_CHECKING:
+    from fedpod.pod.training import TrainingRunner
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +84,9 @@ class Pod:
         storage.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(storage / "audit.jsonl")
         self.engine: SqlEngine | None = None
+        self._trainer: TrainingRunner | None = None
+        self._trainer_lock = threading.Lock()
+        self.plans = PlanRegistry(storage / "plans")
         self.channel: SecureChannel | None = None
         self.started = time.monotonic()
         self.running_tasks = 0
@@ -115,11 +152,12 @@ class Pod:
             await self.channel.send(opened.sender, self.advert(), timeout_s=5.0)
 
     async def _on_message(self, opened: Opened) -> None:
-        if opened.header.type != TaskRequest.TYPE:
+        request_type = REQUESTS.get(opened.header.type)
+        if request_type is None:
             self.audit.append("message-ignored", sender=opened.sender.fingerprint, type=opened.header.type)
             return
         try:
-            request = unpack(opened.payload, TaskRequest)
+            request = unpack(opened.payload, request_type)
         except DecodeError as exc:
             self.audit.append("task-malformed", sender=opened.sender.fingerprint, error=str(exc))
             await self._reply(opened, TaskFailure(task_id=opened.header.task or "?", kind="DecodeError",
@@ -127,30 +165,26 @@ class Pod:
             return
         await self._handle_task(opened, request)
 
-    async def _handle_task(self, opened: Opened, request: TaskRequest) -> None:
+    async def _handle_task(self, opened: Opened, request: TaskRequest | TrainRequest) -> None:
         assert self.engine is not None
         sender = opened.sender
-        query_hash = hashlib.sha256(request.algorithm.query.encode()).hexdigest()
-        decision = decide(self.config.access,
-                          AccessRequest(sender.name, sender.fingerprint, request.dataset, request.algorithm.kind),
+        kind = "sql" if isinstance(request, TaskRequest) else "train"
+        decision = decide(self.config.access, AccessRequest(sender.name, sender.fingerprint, request.dataset, kind),
                           set(self.engine.datasets))
         self.audit.append("task-received", task=request.task_id, requester=sender.name,
-                          requester_fingerprint=sender.fingerprint, dataset=request.dataset,
-                          kind=request.algorithm.kind, mode=request.algorithm.mode,
-                          query=request.algorithm.query, query_sha256=query_hash,
-                          decision="allow" if decision.allowed else "deny", reasons=decision.reasons)
+                          requester_fingerprint=sender.fingerprint, dataset=request.dataset, kind=kind,
+                          **describe_request(request), decision="allow" if decision.allowed else "deny",
+                          reasons=decision.reasons)
         if not decision.allowed:
             await self._reply(opened, TaskFailure(
                 task_id=request.task_id, dataset=request.dataset, kind="AccessDenied",
                 message=f"{'; '.join(decision.reasons)} [rule: {decision.rule}]",
                 hint=f"ask the custodian of pod {self.config.name} to accept fingerprint {sender.fingerprint}"))
             return
-        started = time.perf_counter()
         async with self._slots:
             self.running_tasks += 1
             try:
-                table = await asyncio.to_thread(self.engine.run, request.algorithm.query, request.dataset,
-                                                timeout_s=self.config.sql_timeout_s)
+                result = await asyncio.to_thread(self._execute, request, sender.fingerprint)
             except FedpodError as exc:
                 self.audit.append("task-failed", task=request.task_id, dataset=request.dataset,
                                   error=type(exc).__name__, message=str(exc))
@@ -159,15 +193,31 @@ class Pod:
                 return
             finally:
                 self.running_tasks -= 1
-        seconds = time.perf_counter() - started
-        payload = table_to_bytes(table)
-        self.audit.append("task-completed", task=request.task_id, dataset=request.dataset,
-                          returned_rows=table.num_rows, returned_columns=table.column_names,
-                          result_sha256=hashlib.sha256(payload).hexdigest(), seconds=round(seconds, 4))
-        await self._reply(opened, TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload,
-                                             seconds=seconds))
+        self.audit.append("task-completed", task=request.task_id, dataset=request.dataset, **describe_result(result))
+        await self._reply(opened, result)
 
-    async def _reply(self, opened: Opened, message: TaskResult | TaskFailure) -> None:
+    def _execute(self, request: TaskRequest | TrainRequest, requester: str) -> TaskResult | TrainResult:
+        """Run a task in a worker thread; returns the reply to send."""
+        assert self.engine is not None
+        if isinstance(request, TrainRequest):
+            return self.trainer().run(request, requester)
+        started = time.perf_counter()
+        table = self.engine.run(request.algorithm.query, request.dataset, timeout_s=self.config.sql_timeout_s)
+        return TaskResult(task_id=request.task_id, dataset=request.dataset, table=table_to_bytes(table),
+                          seconds=time.perf_counter() - started)
+
+    def trainer(self) -> TrainingRunner:
+        """Built on the first training task: PyTorch and scikit-learn take seconds to import,
+        which a pod that only answers SQL should not pay at start-up."""
+        with self._trainer_lock:
+            if self._trainer is None:
+
+                assert self.engine is not None
+                self._trainer = TrainingRunner(self.engine, {d.name: d for d in self.config.datasets}, self.base,
+                                               self.plans, self.config.device, self.config.name)
+            return self._trainer
+
+    async def _reply(self, opened: Opened, message: TaskResult | TrainResult | TaskFailure) -> None:
         assert self.channel is not None
         try:
             await self.channel.send(opened.sender, message, task_id=message.task_id)

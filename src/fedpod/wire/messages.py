@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
@@ -71,6 +71,50 @@ class TaskRequest(WireMessage):
     task_id: str
     dataset: str
     algorithm: Algorithm
+
+
+class PlanSpec(BaseModel):
+    """Which training plan to run: a built-in model by name (no approval needed), or the
+    source of a custom plan class, which a pod runs only once its custodian approved that
+    exact source (sha256)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["builtin", "custom"]
+    name: str
+    source: str | None = None
+    sha256: str | None = None
+
+
+class TrainRequest(WireMessage):
+    """One round of training on one dataset. The bulk part holds safetensors with the group
+    `params` (global parameters) and any array-valued round instructions (`config.<key>`)."""
+
+    TYPE: ClassVar[str] = "train"
+    BULK: ClassVar[str | None] = "tensors"
+    task_id: str
+    experiment_id: str
+    round: int
+    dataset: str
+    plan: PlanSpec
+    model_args: dict[str, Any] = {}
+    training_args: dict[str, Any] = {}
+    round_config: dict[str, Any] = {}
+    tensors: BulkBytes
+
+
+class TrainResult(WireMessage):
+    """A pod's local update: safetensors with `params` and any `extra.<key>` groups."""
+
+    TYPE: ClassVar[str] = "train-result"
+    BULK: ClassVar[str | None] = "tensors"
+    task_id: str
+    round: int
+    dataset: str
+    num_samples: int
+    metrics: dict[str, float]
+    seconds: float
+    device: str
+    tensors: BulkBytes
 
 
 class TaskResult(WireMessage):

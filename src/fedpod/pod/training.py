@@ -1,0 +1,104 @@
+"""The pod's side of federated training: build the plan, inject the dataset, run one round.
+
+Runs in a worker thread (the pod's event loop keeps its heartbeats). Built-in plans need no
+approval; a custom plan's source is compiled only if its SHA-256 was approved on this pod.
+Per-experiment state that a method keeps at the pod (Scaffold's own control variate) lives
+in memory for the pod's lifetime.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpod.aggregation.base import Params
+from fedpod.algorithms.sql.engine import SqlEngine
+from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.builtin import builtin_plan
+from fedpod.algorithms.training.local import run_local_round
+from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
+from fedpod.data.datasets import DatasetSpec, quote_identifier
+from fedpod.errors import FedpodError
+from fedpod.governance.plans import PlanRegistry
+from fedpod.wire.messages import TrainRequest, TrainResult
+from fedpod.wire.tensors import decode_groups, encode_groups
+
+CONFIG_PREFIX = "config."
+EXTRA_PREFIX = "extra."
+
+
+class PlanNotApproved(FedpodError, PermissionError):
+    pass
+
+
+def resolve_device(setting: str) -> str:
+    """`auto` picks CUDA when this machine has it, the CPU otherwise."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TrainingRunner:
+    def __init__(self, engine: SqlEngine, datasets: dict[str, DatasetSpec], base: Path, plans: PlanRegistry,
+                 device: str, pod_name: str) -> None:
+        self.engine = engine
+        self.datasets = datasets
+        self.base = base
+        self.plans = plans
+        self.device = resolve_device(device)
+        self.pod_name = pod_name
+        self._state: dict[tuple[str, str], dict[str, Params]] = {}
+        self._lock = threading.Lock()
+
+    def plan_class(self, request: TrainRequest, requester: str) -> tuple[type[TrainingPlan], str | None]:
+        spec = request.plan
+        if spec.kind == "builtin":
+            return builtin_plan(spec.name), None
+        if not spec.source:
+            raise PlanNotApproved("custom plan without source")
+        sha, status = self.plans.submit(spec.source, spec.name, requester)
+        if status != "approved":
+            state = "rejected" if status == "rejected" else "awaiting approval"
+            raise PlanNotApproved(f"training plan {spec.name} is {state} on pod {self.pod_name} (hash {sha})",
+                                  hint=f"the custodian runs `fedpod plan approve {sha[:12]}`")
+        namespace: dict[str, Any] = {"__name__": f"fedpod_plan_{sha[:12]}"}
+        exec(compile(spec.source, f"<training plan {sha[:12]}>", "exec"), namespace)  # approved source only
+        plan_class = namespace.get(spec.name)
+        if not (isinstance(plan_class, type) and issubclass(plan_class, TrainingPlan)):
+            raise FedpodError(f"approved source defines no TrainingPlan named {spec.name}")
+        return plan_class, sha
+
+    def dataset_handle(self, name: str) -> DatasetHandle:
+        columns, _ = self.engine.schemas[name]
+
+        def load() -> Any:
+            return self.engine.run(f"SELECT * FROM {quote_identifier(name)}", name).to_pandas()
+
+        return DatasetHandle(name, columns, load)
+
+    def run(self, request: TrainRequest, requester: str) -> TrainResult:
+        started = time.perf_counter()
+        plan_class, _ = self.plan_class(request, requester)
+        args = TrainingArgs.parse(request.training_args)
+        plan = plan_class()
+        spec = self.datasets[request.dataset]
+        plan.dataset = self.dataset_handle(request.dataset)
+        plan.dataset_path = spec.resolved_path(self.base) if spec.path else None
+        plan.post_init(dict(request.model_args), args)
+        groups = decode_groups(request.tensors)
+        round_config = dict(request.round_config)
+        for group, arrays in groups.items():
+            if group.startswith(CONFIG_PREFIX):
+                round_config[group[len(CONFIG_PREFIX):]] = arrays
+        with self._lock:
+            state = self._state.setdefault((request.experiment_id, request.dataset), {})
+        result = run_local_round(plan, groups.get("params", {}), args, round_config, device=self.device, state=state)
+        tensors = encode_groups({"params": result.params,
+                                 **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
+        return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
+                           num_samples=result.num_samples, metrics=result.metrics,
+                           seconds=time.perf_counter() - started, device=self.device, tensors=tensors)
