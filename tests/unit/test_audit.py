@@ -42,3 +42,12 @@ def test_deleted_entry_is_detected(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     result = AuditLog.verify(path)
     assert not result.ok and "line 2" in (result.problem or "")
+
+
+def test_two_writers_keep_one_unbroken_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    pod, cli = AuditLog(path), AuditLog(path)
+    for i in range(10):
+        (pod if i % 3 else cli).append("event", i=i)
+    result = AuditLog.verify(path)
+    assert result.ok and result.entries == 10

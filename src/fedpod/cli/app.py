@@ -20,6 +20,7 @@ from fedpod.data.datasets import DatasetSpec, inspect
 from fedpod.errors import ConfigError, FedpodError
 from fedpod.governance.access import TrustedModeller
 from fedpod.governance.audit import AuditLog
+from fedpod.governance.plans import PlanRegistry
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity, default_keystore
 
@@ -37,8 +38,9 @@ dataset_app = typer.Typer(help="Register datasets in a pod config.", no_args_is_
 datasets_app = typer.Typer(help="Discover datasets that pods advertise.", no_args_is_help=True)
 data_app = typer.Typer(help="Synthetic data.", no_args_is_help=True)
 audit_app = typer.Typer(help="Inspect and verify a pod's audit log.", no_args_is_help=True)
+plan_app = typer.Typer(help="Approve or reject custom training-plan code sent to this pod.", no_args_is_help=True)
 for sub, name in ((broker_app, "broker"), (identity_app, "identity"), (pod_app, "pod"), (dataset_app, "dataset"),
-                  (datasets_app, "datasets"), (data_app, "data"), (audit_app, "audit")):
+                  (datasets_app, "datasets"), (data_app, "data"), (audit_app, "audit"), (plan_app, "plan")):
     app.add_typer(sub, name=name)
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
@@ -284,15 +286,56 @@ def data_synth(
 @audit_app.command("verify")
 def audit_verify(config: ConfigPath = Path("pod.yaml")) -> None:
     """Check the pod's audit log hash chain; exit 1 if it was tampered with."""
-    settings = PodConfig.load(config)
-    storage = Path(settings.storage)
-    path = (storage if storage.is_absolute() else config.parent / storage) / "audit.jsonl"
+    path = _pod_storage(config) / "audit.jsonl"
     result = AuditLog.verify(path)
     if result.ok:
         console.print(f"audit log intact: {result.entries} entries ({path})")
     else:
         err.print(f"[red]audit log TAMPERED[/red] after {result.entries} good entries: {result.problem} ({path})")
         raise typer.Exit(1)
+
+
+def _pod_storage(config: Path) -> Path:
+    settings = PodConfig.load(config)
+    storage = Path(settings.storage)
+    return storage if storage.is_absolute() else config.parent / storage
+
+
+def _plans(config: Path) -> PlanRegistry:
+    return PlanRegistry(_pod_storage(config) / "plans")
+
+
+@plan_app.command("list")
+def plan_list(config: ConfigPath = Path("pod.yaml")) -> None:
+    """Custom training plans this pod has seen, with their status."""
+    table = Table(title="training plans", title_justify="left")
+    for column in ("sha256", "class", "status", "requester"):
+        table.add_column(column)
+    for entry in _plans(config).entries():
+        table.add_row(entry["sha256"][:16], entry["class"], entry["status"], entry["requester"])
+    console.print(table)
+
+
+@plan_app.command("show")
+def plan_show(sha: str, config: ConfigPath = Path("pod.yaml")) -> None:
+    """Print a plan's source (review it before approving)."""
+    console.print(_plans(config).source(sha), highlight=False, markup=False)
+
+
+@plan_app.command("approve")
+def plan_approve(sha: str, config: ConfigPath = Path("pod.yaml")) -> None:
+    """Allow this exact source (by hash) to run on this pod."""
+    meta = _plans(config).decide(sha, "approved")
+    AuditLog(_pod_storage(config) / "audit.jsonl").append("plan-approved", sha256=meta["sha256"], plan=meta["class"])
+    console.print(f"approved {meta['class']} ({meta['sha256'][:16]})")
+
+
+@plan_app.command("reject")
+def plan_reject(sha: str, config: ConfigPath = Path("pod.yaml")) -> None:
+    """Refuse this source; tasks using it fail with a clear error."""
+    meta = _plans(config).decide(sha, "rejected")
+    AuditLog(_pod_storage(config) / "audit.jsonl").append("plan-rejected", sha256=meta["sha256"], plan=meta["class"])
+    console.print(f"rejected {meta['class']} ({meta['sha256'][:16]})")
 
 
 @app.command("demo")

@@ -8,6 +8,7 @@ crash never loses an entry that a decision was based on.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -32,37 +33,48 @@ class VerifyResult:
     problem: str | None = None
 
 
+def _last_line(handle: Any) -> bytes:
+    """The file's last non-empty line, read backwards from the end (appends stay O(1))."""
+    handle.seek(0, os.SEEK_END)
+    position = handle.tell()
+    tail = b""
+    while position > 0:
+        step = min(4096, position)
+        position -= step
+        handle.seek(position)
+        tail = handle.read(step) + tail
+        lines = tail.rstrip(b"\n").split(b"\n")
+        if len(lines) > 1 or position == 0:
+            return bytes(lines[-1])
+    return b""
+
+
 class AuditLog:
+    """Several processes may append (the pod, and `fedpod plan approve` beside it): each append
+    takes an exclusive lock on the file and chains onto the entry actually last in it."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._last_hash, self._count = self._tail()
-
-    def _tail(self) -> tuple[str, int]:
-        if not self.path.exists():
-            return GENESIS, 0
-        last, count = GENESIS, 0
-        with self.path.open() as handle:
-            for line in handle:
-                if line.strip():
-                    last = json.loads(line)["hash"]
-                    count += 1
-        return last, count
 
     def append(self, event: str, **details: Any) -> dict[str, Any]:
         """Record one event (task request, decision, result, rejected envelope, ...)."""
-        with self._lock:
-            entry: dict[str, Any] = {"seq": self._count + 1, "ts": time.time(), "event": event,
-                                     "prev": self._last_hash, **details}
-            entry["hash"] = _entry_hash(entry)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, self.path.open("a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                last = _last_line(handle)
+                previous = json.loads(last) if last.strip() else None
+                entry: dict[str, Any] = {"seq": previous["seq"] + 1 if previous else 1, "ts": time.time(),
+                                         "event": event, "prev": previous["hash"] if previous else GENESIS, **details}
+                entry["hash"] = _entry_hash(entry)
+                handle.seek(0, os.SEEK_END)
+                handle.write((json.dumps(entry, sort_keys=True) + "\n").encode())
                 handle.flush()
                 os.fsync(handle.fileno())
-            self._last_hash = entry["hash"]
-            self._count += 1
-            return entry
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return entry
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():

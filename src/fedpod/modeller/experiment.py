@@ -1,0 +1,352 @@
+"""`Experiment`: multi-round federated training with Fed-BioMed's semantics and method names.
+
+    exp = Experiment(tags=["ehr"], training_plan_class="logistic_regression",
+                     model_args={"target": "outcome", "features": [...]},
+                     training_args={"num_updates": 50, "optimizer_args": {"lr": 0.05}},
+                     round_limit=10, aggregator=FedAverage())
+    exp.run()
+    exp.training_plan().model()
+
+Rounds are numbered from 0; `round_current()` is the number of completed rounds. A round
+needs replies from at least `min_pods` pods (default: every selected pod); otherwise it
+fails with the pods and reasons named, and the last good global model is kept. Setters
+(`set_training_args`, `set_tags`, ...) apply from the next round. With `save_breakpoints`,
+every round leaves a breakpoint that `Experiment.load_breakpoint` resumes from after the
+modeller process died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from fedpod.aggregation import Aggregator, FedAverage, Params, Reply, aggregator_from_config
+from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.local import seed_everything
+from fedpod.algorithms.training.plans import TrainingPlan
+from fedpod.errors import ConfigError, FedpodError
+from fedpod.modeller.client import Modeller
+from fedpod.modeller.discovery import Target
+from fedpod.modeller.plan_source import load_plan_class, plan_spec
+from fedpod.modeller.results import (
+    next_experiment_folder,
+    read_breakpoint,
+    save_breakpoint,
+    save_params,
+    write_metrics,
+)
+from fedpod.modeller.selection import AllNodes, NodeSelectionStrategy
+from fedpod.pod.training import CONFIG_PREFIX, EXTRA_PREFIX
+from fedpod.transport.bus import BrokerOptions
+from fedpod.wire.messages import PlanSpec, TrainRequest, TrainResult
+from fedpod.wire.tensors import decode_groups, encode_groups
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(FedpodError):
+    pass
+
+
+class Experiment:
+    def __init__(
+        self,
+        tags: list[str] | None = None,
+        nodes: list[str] | None = None,
+        training_plan_class: type[TrainingPlan] | str | None = None,
+        training_plan_path: str | Path | None = None,
+        model_args: dict[str, Any] | None = None,
+        training_args: dict[str, Any] | TrainingArgs | None = None,
+        round_limit: int | None = None,
+        aggregator: Aggregator | None = None,
+        node_selection_strategy: NodeSelectionStrategy | None = None,
+        save_breakpoints: bool = False,
+        experimentation_folder: str | None = None,
+        tensorboard: bool = False,
+        *,
+        datasets: list[str] | None = None,
+        min_pods: int | None = None,
+        broker: str | BrokerOptions = "nats://127.0.0.1:4222",
+        identity: str = "modeller",
+        keystore: Path | None = None,
+        timeout_s: float = 600.0,
+        experiments_root: Path = Path("experiments"),
+        modeller: Modeller | None = None,
+        console: Console | None = None,
+    ) -> None:
+        if training_plan_class is None:
+            raise ConfigError("Experiment needs training_plan_class (a plan class, or a built-in model name)")
+        if bool(tags) == bool(datasets):
+            raise ConfigError("Experiment needs either tags or datasets (owner/name identifiers)")
+        self._tags = list(tags or [])
+        self._datasets = list(datasets or [])
+        self._nodes = list(nodes) if nodes else None
+        self._plan_spec, self._plan_class = plan_spec(training_plan_class,
+                                                      Path(training_plan_path) if training_plan_path else None)
+        self._model_args = dict(model_args or {})
+        self._training_args = TrainingArgs.parse(training_args)
+        self._round_limit = round_limit
+        self._round = 0
+        self._aggregator = aggregator or FedAverage()
+        self._check_aggregator_fits(self._training_args)
+        self._strategy = node_selection_strategy or AllNodes()
+        self._save_breakpoints = save_breakpoints
+        self._tensorboard = tensorboard
+        self._min_pods = min_pods
+        self._console = console or Console()
+        self._experiment_id = ""
+        root = Path(experiments_root)
+        self._folder = root / experimentation_folder if experimentation_folder else next_experiment_folder(root)
+        self._experiment_id = self._folder.name
+        self._owns_modeller = modeller is None
+        self._modeller = modeller or Modeller(identity, broker=broker, keystore=keystore, timeout_s=timeout_s)
+        self._replies: dict[int, dict[str, dict[str, Any]]] = {}
+        self._aggregated: dict[int, Params] = {}
+        self._plan = self._build_plan()
+        self._global = self._plan.get_params()
+
+    # --- Fed-BioMed's accessors and setters --------------------------------------------------
+    def round_current(self) -> int:
+        return self._round
+
+    def round_limit(self) -> int | None:
+        return self._round_limit
+
+    def set_round_limit(self, round_limit: int | None) -> None:
+        if round_limit is not None and round_limit < self._round:
+            raise ConfigError(f"round_limit {round_limit} is below the {self._round} rounds already run")
+        self._round_limit = round_limit
+
+    def tags(self) -> list[str]:
+        return list(self._tags)
+
+    def set_tags(self, tags: list[str]) -> None:
+        self._tags, self._datasets = list(tags), []
+
+    def set_datasets(self, datasets: list[str]) -> None:
+        self._datasets, self._tags = list(datasets), []
+
+    def nodes(self) -> list[str] | None:
+        return self._nodes
+
+    def set_nodes(self, nodes: list[str] | None) -> None:
+        self._nodes = list(nodes) if nodes else None
+
+    def training_args(self) -> dict[str, Any]:
+        return self._training_args.model_dump(exclude_none=True)
+
+    def set_training_args(self, training_args: dict[str, Any]) -> None:
+        parsed = TrainingArgs.parse(training_args)
+        self._check_aggregator_fits(parsed)
+        self._training_args = parsed
+
+    def model_args(self) -> dict[str, Any]:
+        return dict(self._model_args)
+
+    def aggregator(self) -> Aggregator:
+        return self._aggregator
+
+    def set_aggregator(self, aggregator: Aggregator) -> None:
+        self._aggregator = aggregator
+        self._check_aggregator_fits(self._training_args)
+
+    def set_node_selection_strategy(self, strategy: NodeSelectionStrategy) -> None:
+        self._strategy = strategy
+
+    def set_min_pods(self, min_pods: int | None) -> None:
+        self._min_pods = min_pods
+
+    def training_replies(self) -> dict[int, dict[str, dict[str, Any]]]:
+        """Per round, per pod: loss, validation metrics, sample count, timings."""
+        return {r: {pod: dict(reply) for pod, reply in pods.items()} for r, pods in self._replies.items()}
+
+    def aggregated_params(self) -> dict[int, dict[str, Params]]:
+        return {r: {"params": dict(p)} for r, p in self._aggregated.items()}
+
+    def training_plan(self) -> TrainingPlan:
+        return self._plan
+
+    def experimentation_path(self) -> Path:
+        return self._folder
+
+    def experiment_id(self) -> str:
+        return self._experiment_id
+
+    def info(self) -> dict[str, Any]:
+        return {"experiment": self._experiment_id, "folder": str(self._folder), "plan": self._plan_spec.name,
+                "plan_kind": self._plan_spec.kind, "tags": self._tags, "datasets": self._datasets,
+                "nodes": self._nodes, "round_current": self._round, "round_limit": self._round_limit,
+                "aggregator": self._aggregator.get_config(), "training_args": self.training_args(),
+                "model_args": self._model_args, "min_pods": self._min_pods,
+                "save_breakpoints": self._save_breakpoints}
+
+    # --- running -----------------------------------------------------------------------------
+    def run(self, rounds: int | None = None, increase: bool = False) -> int:
+        """Run `rounds` rounds (default: up to the round limit); returns how many ran. Past the
+        limit, `increase=True` raises the limit, otherwise only the rounds left are run."""
+        if rounds is None:
+            if self._round_limit is None:
+                raise ConfigError("give `rounds` or set a round_limit")
+            rounds = self._round_limit - self._round
+        if self._round_limit is not None and self._round + rounds > self._round_limit:
+            if increase:
+                self._round_limit = self._round + rounds
+            else:
+                log.warning("round limit %s reached: running %s of %s rounds", self._round_limit,
+                            self._round_limit - self._round, rounds)
+                rounds = self._round_limit - self._round
+        for _ in range(max(rounds, 0)):
+            self.run_once()
+        return max(rounds, 0)
+
+    def run_once(self, increase: bool = False) -> int:
+        if self._round_limit is not None and self._round >= self._round_limit:
+            if not increase:
+                log.warning("round limit %s reached; use increase=True to go on", self._round_limit)
+                return 0
+            self._round_limit = self._round + 1
+        round_number = self._round
+        seed_everything(self._training_args.random_seed)
+        targets = self._targets()
+        rng = np.random.default_rng([self._training_args.random_seed or 0, round_number])
+        selected = self._strategy.select(round_number, targets, rng)
+        if not selected:
+            raise RoundFailed(f"round {round_number}: the node selection strategy chose no pod")
+        config = self._aggregator.configure_round(round_number, self._global)
+        scalars = {k: v for k, v in config.items() if not isinstance(v, dict)}
+        arrays = {f"{CONFIG_PREFIX}{k}": v for k, v in config.items() if isinstance(v, dict)}
+        tensors = encode_groups({"params": self._global, **arrays})
+        outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors))
+        successes = [(t, o) for t, o in zip(selected, outcomes, strict=True) if isinstance(o, TrainResult)]
+        failures = {t.pod.name: o for t, o in zip(selected, outcomes, strict=True) if not isinstance(o, TrainResult)}
+        needed = self._min_pods if self._min_pods is not None else len(selected)
+        if len(successes) < needed:
+            details = "; ".join(f"{pod}: {error}" for pod, error in failures.items())
+            raise RoundFailed(f"round {round_number}: {len(successes)} of {len(selected)} pods replied, "
+                              f"{needed} needed (min_pods) — {details}",
+                              hint="the global model of the previous round is kept; fix the pods or lower min_pods")
+        replies = []
+        for target, result in successes:
+            groups = decode_groups(result.tensors)
+            extra = {k[len(EXTRA_PREFIX):]: v for k, v in groups.items() if k.startswith(EXTRA_PREFIX)}
+            replies.append(Reply(target.pod.name, groups["params"], result.num_samples, result.metrics, extra))
+        self._global = self._aggregator.aggregate(round_number, self._global, replies)
+        self._plan.set_params(self._global)
+        self._aggregated[round_number] = self._global
+        self._replies[round_number] = {
+            target.pod.name: {"dataset": target.identifier, "num_samples": result.num_samples, **result.metrics,
+                              "seconds": result.seconds, "device": result.device}
+            for target, result in successes}
+        for pod, error in failures.items():
+            self._replies[round_number][pod] = {"dataset": "", "error": str(error)}
+        self._round += 1
+        self._record(round_number)
+        return 1
+
+    async def _train_all(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
+                         tensors: bytes) -> list[TrainResult | BaseException]:
+        core = self._modeller._core
+
+        def build(target: Target) -> Any:
+            def message(task_id: str) -> TrainRequest:
+                return TrainRequest(task_id=task_id, experiment_id=self._experiment_id, round=round_number,
+                                    dataset=target.dataset.name, plan=self._plan_spec, model_args=self._model_args,
+                                    training_args=self._training_args.model_dump(exclude_none=True),
+                                    round_config=scalars, tensors=tensors)
+            return message
+
+        return await asyncio.gather(*(core.exchange(t, build(t), TrainResult) for t in selected),
+                                    return_exceptions=True)
+
+    def _targets(self) -> list[Target]:
+        targets = self._modeller._call(self._modeller._core.resolve(self._datasets or None, self._tags or None))
+        if self._nodes is not None:
+            targets = [t for t in targets if t.pod.name in self._nodes]
+        pods = [t.pod.name for t in targets]
+        duplicated = sorted({p for p in pods if pods.count(p) > 1})
+        if duplicated:
+            raise ConfigError(f"an experiment takes one dataset per pod; pods {duplicated} were given several")
+        if not targets:
+            raise ConfigError("no pod offers the requested datasets")
+        return targets
+
+    def _record(self, round_number: int) -> None:
+        write_metrics(self._folder, self._replies)
+        save_params(self._global, self._folder / "model.safetensors")
+        if self._save_breakpoints:
+            save_breakpoint(self._folder, self._round, self._state(), self._global, self._aggregator.state(),
+                            self._plan_spec.source)
+        self._show(round_number)
+
+    def _show(self, round_number: int) -> None:
+        table = Table(title=f"round {round_number + 1}/{self._round_limit or '?'}", title_justify="left")
+        pods = self._replies[round_number]
+        keys = sorted({k for reply in pods.values() for k in reply if k not in ("dataset", "device", "error")})
+        for column in ["pod", *keys]:
+            table.add_column(column)
+        for pod, reply in sorted(pods.items()):
+            if "error" in reply:
+                table.add_row(pod, f"[red]{reply['error']}[/red]", *[""] * (len(keys) - 1))
+            else:
+                table.add_row(pod, *[f"{reply[k]:.4g}" if isinstance(reply.get(k), float) else str(reply.get(k, ""))
+                                     for k in keys])
+        self._console.print(table)
+
+    # --- breakpoints -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"experiment_id": self._experiment_id, "folder": str(self._folder), "round": self._round,
+                "round_limit": self._round_limit, "tags": self._tags, "datasets": self._datasets,
+                "nodes": self._nodes, "plan": self._plan_spec.model_dump(exclude={"source"}),
+                "model_args": self._model_args, "training_args": self.training_args(),
+                "aggregator": self._aggregator.get_config(), "min_pods": self._min_pods,
+                "replies": {str(k): v for k, v in self._replies.items()}}
+
+    @classmethod
+    def load_breakpoint(cls, path: str | Path, **connection: Any) -> Experiment:
+        """Resume from a breakpoint folder (or an experiment folder: its latest breakpoint).
+        `connection` takes the constructor's keyword arguments (broker, identity, keystore, ...)."""
+        state, params, aggregator_state, source = read_breakpoint(Path(path))
+        plan = PlanSpec.model_validate({**state["plan"], "source": source})
+        plan_class: type[TrainingPlan] | str = load_plan_class(source, plan.name) if source else plan.name
+        aggregator = aggregator_from_config(state["aggregator"])
+        aggregator.load_state(aggregator_state)
+        folder = Path(state["folder"])
+        experiment = cls(tags=state["tags"] or None, datasets=state["datasets"] or None, nodes=state["nodes"],
+                         training_plan_class=plan_class, model_args=state["model_args"],
+                         training_args=state["training_args"], round_limit=state["round_limit"],
+                         aggregator=aggregator, save_breakpoints=True, experimentation_folder=folder.name,
+                         experiments_root=folder.parent, min_pods=state["min_pods"], **connection)
+        if source is not None:
+            experiment._plan_spec = plan
+        experiment._experiment_id = state["experiment_id"]
+        experiment._round = state["round"]
+        experiment._global = params
+        experiment._plan.set_params(params)
+        experiment._replies = {int(k): v for k, v in state["replies"].items()}
+        return experiment
+
+    def _build_plan(self) -> TrainingPlan:
+        seed_everything(self._training_args.random_seed)
+        plan = self._plan_class()
+        plan.post_init(self._model_args, self._training_args)
+        return plan
+
+    def _check_aggregator_fits(self, args: TrainingArgs) -> None:
+        if getattr(self._aggregator, "requires_num_updates", False) and not args.uses_updates:
+            raise ConfigError(f"{type(self._aggregator).__name__} needs `num_updates` in training_args")
+
+    def close(self) -> None:
+        if self._owns_modeller:
+            self._modeller.close()
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,75 @@
+"""An experiment's folder: metrics (CSV and JSON), final weights, and breakpoints to resume from.
+
+    experiments/Experiment_0001/
+        metrics.csv, metrics.json     one row per round and pod: samples, loss, validation metrics, seconds
+        model.safetensors             the latest aggregated parameters
+        breakpoints/breakpoint_0003/  state.json, params.safetensors, aggregator.safetensors, plan.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from safetensors.numpy import load_file, save_file
+
+from fedpod.aggregation.base import Params
+from fedpod.errors import ConfigError
+from fedpod.wire.tensors import decode_groups, encode_groups
+
+FOLDER_PATTERN = re.compile(r"^Experiment_(\d{4,})$")
+
+
+def next_experiment_folder(root: Path) -> Path:
+    """`Experiment_0001`, or one more than the highest existing number."""
+    numbers = [int(m.group(1)) for p in root.glob("Experiment_*") if (m := FOLDER_PATTERN.match(p.name))]
+    return root / f"Experiment_{max(numbers, default=0) + 1:04d}"
+
+
+def save_params(params: Params, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v for k, v in params.items()}, str(path))
+
+
+def load_params(path: Path) -> Params:
+    return dict(load_file(str(path)))
+
+
+def write_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> None:
+    rows = [{"round": round_number, "pod": pod, **reply} for round_number, pods in sorted(replies.items())
+            for pod, reply in sorted(pods.items())]
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    (folder / "metrics.json").write_text(json.dumps({str(k): v for k, v in replies.items()}, indent=2))
+
+
+def save_breakpoint(folder: Path, round_number: int, state: dict[str, Any], params: Params,
+                    aggregator_state: dict[str, Params], plan_source: str | None) -> Path:
+    target = folder / "breakpoints" / f"breakpoint_{round_number:04d}"
+    target.mkdir(parents=True, exist_ok=True)
+    save_params(params, target / "params.safetensors")
+    (target / "aggregator.safetensors").write_bytes(encode_groups(aggregator_state))
+    if plan_source is not None:
+        (target / "plan.py").write_text(plan_source)
+    # state.json last: a breakpoint is complete once it exists
+    (target / "state.json").write_text(json.dumps(state, indent=2))
+    return target
+
+
+def latest_breakpoint(folder: Path) -> Path:
+    candidates = sorted(p for p in (folder / "breakpoints").glob("breakpoint_*") if (p / "state.json").exists())
+    if not candidates:
+        raise ConfigError(f"no complete breakpoint in {folder}", hint="run the experiment with save_breakpoints=True")
+    return candidates[-1]
+
+
+def read_breakpoint(path: Path) -> tuple[dict[str, Any], Params, dict[str, Params], str | None]:
+    if not (path / "state.json").exists():
+        path = latest_breakpoint(path)
+    state = json.loads((path / "state.json").read_text())
+    plan = path / "plan.py"
+    return (state, load_params(path / "params.safetensors"),
+            decode_groups((path / "aggregator.safetensors").read_bytes()), plan.read_text() if plan.exists() else None)
