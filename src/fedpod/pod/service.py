@@ -185,11 +185,15 @@ class Pod:
             self.running_tasks += 1
             try:
                 result = await asyncio.to_thread(self._execute, request, sender.fingerprint)
-            except FedpodError as exc:
+            except Exception as exc:  # a task never kills the pod, and its requester always hears back
+                if not isinstance(exc, FedpodError):
+                    log.exception("task %s failed unexpectedly", request.task_id)
+                message = exc.message if isinstance(exc, FedpodError) else str(exc)
+                hint = exc.hint if isinstance(exc, FedpodError) else "see the pod's log"
                 self.audit.append("task-failed", task=request.task_id, dataset=request.dataset,
-                                  error=type(exc).__name__, message=str(exc))
+                                  error=type(exc).__name__, message=message)
                 await self._reply(opened, TaskFailure(task_id=request.task_id, dataset=request.dataset,
-                                                      kind=type(exc).__name__, message=exc.message, hint=exc.hint))
+                                                      kind=type(exc).__name__, message=message, hint=hint))
                 return
             finally:
                 self.running_tasks -= 1
@@ -211,6 +215,7 @@ class Pod:
         which a pod that only answers SQL should not pay at start-up."""
         with self._trainer_lock:
             if self._trainer is None:
+                from fedpod.pod.training import TrainingRunner
 
                 assert self.engine is not None
                 self._trainer = TrainingRunner(self.engine, {d.name: d for d in self.config.datasets}, self.base,

@@ -1,0 +1,237 @@
+"""Federated training with `Experiment` over a real NATS server, pods as processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedpod.algorithms.training.metrics import evaluate
+from fedpod.data.datasets import DatasetSpec
+from fedpod.data.synth import generate, write
+from fedpod.modeller.client import Modeller
+from fedpod.modeller.experiment import Experiment, RoundFailed
+from fedpod.security.identity import Identity
+from fedpod.transport.broker import EmbeddedBroker
+from tests.conftest import PodFactory, RunningPod, wait_until
+
+pytestmark = pytest.mark.integration
+DATASET = "ehr-records-2025"
+FEATURES = ["age", "bmi", "smoker", "diabetes", "systolic_bp", "cholesterol", "hba1c"]
+PODS = ["alice", "bob", "charlie"]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> list[Path]:
+    return [f / "patients.csv" for f in write(generate(3, 2400, seed=5), tmp_path / "data")]
+
+
+@pytest.fixture
+def pods(pod_factory: PodFactory, data: list[Path], modeller_identity: Identity) -> list[RunningPod]:
+    return [pod_factory(name, [DatasetSpec(name=DATASET, kind="csv", path=str(csv), tags=["ehr"])],
+                        [modeller_identity]) for name, csv in zip(PODS, data, strict=True)]
+
+
+@pytest.fixture
+def modeller(broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path) -> Any:
+    with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=120) as client:
+        yield client
+
+
+def standardisation(modeller: Modeller) -> dict[str, Any]:
+    """Global means and standard deviations, computed exactly with federated SQL."""
+    columns = ", ".join(f"AVG({f}) AS m_{f}, STDDEV_POP({f}) AS s_{f}" for f in FEATURES)
+    row = modeller.sql(f"SELECT {columns} FROM `{DATASET}`", tags=["ehr"], aggregate=True)
+    assert isinstance(row, pd.DataFrame)
+    return {"target": "outcome", "features": FEATURES, "feature_means": [float(row[f"m_{f}"][0]) for f in FEATURES],
+            "feature_stds": [float(row[f"s_{f}"][0]) for f in FEATURES]}
+
+
+TRAINING_ARGS = {"num_updates": 25, "loader_args": {"batch_size": 32}, "optimizer_args": {"lr": 0.05},
+                 "random_seed": 7, "test_ratio": 0.2, "test_metric": "auc", "test_on_global_updates": True}
+
+
+def experiment(modeller: Modeller, tmp_path: Path, **overrides: Any) -> Experiment:
+    arguments: dict[str, Any] = {"tags": ["ehr"], "training_plan_class": "logistic_regression",
+                                 "model_args": standardisation(modeller), "training_args": TRAINING_ARGS,
+                                 "round_limit": 3, "modeller": modeller, "experiments_root": tmp_path / "experiments"}
+    return Experiment(**{**arguments, **overrides})
+
+
+def pooled_auc(exp: Experiment, files: list[Path]) -> float:
+    pooled = pd.concat([pd.read_csv(f) for f in files])
+    args = exp.model_args()
+    x = (pooled[FEATURES].to_numpy() - np.array(args["feature_means"])) / np.array(args["feature_stds"])
+    return evaluate("auc", pooled["outcome"].to_numpy(), exp.training_plan().predict_scores(x.astype(np.float32)))
+
+
+def test_experiment_trains_over_three_pods_and_records_everything(pods: list[RunningPod], modeller: Modeller,
+                                                                  tmp_path: Path, data: list[Path]) -> None:
+    exp = experiment(modeller, tmp_path)
+    assert exp.run() == 3 and exp.round_current() == 3
+    replies = exp.training_replies()
+    assert sorted(replies) == [0, 1, 2]
+    assert all(set(replies[r]) == set(PODS) for r in replies)
+    assert {"loss", "num_samples", "global_auc", "seconds", "steps"} <= set(replies[2]["alice"])
+    assert replies[2]["alice"]["steps"] == 25.0
+    assert sorted(exp.aggregated_params()) == [0, 1, 2]
+    assert pooled_auc(exp, data) > 0.75
+    folder = exp.experimentation_path()
+    assert folder.name == "Experiment_0001"
+    assert len(pd.read_csv(folder / "metrics.csv")) == 9 and (folder / "model.safetensors").exists()
+    exp.training_plan().export_model(tmp_path / "final.safetensors")
+    assert (tmp_path / "final.safetensors").stat().st_size > 0
+    assert experiment(modeller, tmp_path).experimentation_path().name == "Experiment_0002"
+
+
+def test_run_and_run_once_respect_the_round_limit(pods: list[RunningPod], modeller: Modeller, tmp_path: Path) -> None:
+    exp = experiment(modeller, tmp_path, round_limit=1, training_args={**TRAINING_ARGS, "num_updates": 2})
+    assert exp.run_once() == 1
+    assert exp.run_once() == 0 and exp.round_current() == 1
+    assert exp.run_once(increase=True) == 1 and exp.round_limit() == 2
+    assert exp.run(rounds=2) == 0
+    assert exp.run(rounds=1, increase=True) == 1 and exp.round_current() == 3 and exp.round_limit() == 3
+    exp.set_training_args({**TRAINING_ARGS, "num_updates": 3})
+    exp.set_round_limit(4)
+    exp.run()
+    assert exp.training_replies()[3]["bob"]["steps"] == 3.0
+
+
+PLAN_SOURCE = '''
+import torch
+from fedpod.training import DataManager, TorchTrainingPlan
+
+
+class TinyPlan(TorchTrainingPlan):
+    def init_model(self, model_args):
+        return torch.nn.Linear(2, 1)
+
+    def training_data(self):
+        frame = self.dataset.to_pandas()
+        features = torch.tensor(frame[["age", "bmi"]].to_numpy() / 100.0, dtype=torch.float32)
+        return DataManager(features, torch.tensor(frame["outcome"].to_numpy(), dtype=torch.float32))
+
+    def training_step(self, data, target):
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.model()(data).squeeze(-1), target)
+'''
+
+
+def test_custom_plan_runs_only_after_approval(pods: list[RunningPod], modeller: Modeller, tmp_path: Path) -> None:
+    plan_file = tmp_path / "tiny_plan.py"
+    plan_file.write_text(PLAN_SOURCE)
+    exp = experiment(modeller, tmp_path, training_plan_class="TinyPlan", training_plan_path=plan_file,
+                     model_args={}, nodes=["alice"])
+    with pytest.raises(RoundFailed, match=r"awaiting approval on pod alice \(hash [0-9a-f]{64}\)"):
+        exp.run_once()
+    assert exp.round_current() == 0
+    fedpod = str(Path(sys.executable).parent / "fedpod")
+    config = str(pods[0].config_path)
+    listing = subprocess.run([fedpod, "plan", "list", "--config", config], capture_output=True, text=True, check=True)
+    assert "TinyPlan" in listing.stdout and "pending" in listing.stdout
+    sha = __import__("hashlib").sha256(PLAN_SOURCE.encode()).hexdigest()
+    shown = subprocess.run([fedpod, "plan", "show", sha[:12], "--config", config], capture_output=True, text=True,
+                           check=True)
+    assert "class TinyPlan" in shown.stdout
+    subprocess.run([fedpod, "plan", "approve", sha[:12], "--config", config], check=True, capture_output=True)
+    assert exp.run_once() == 1
+    assert set(exp.training_replies()[0]) == {"alice"}
+    from fedpod.governance.audit import AuditLog
+
+    assert AuditLog.verify(pods[0].audit_path).ok
+
+
+def test_a_failing_pod_is_named_and_min_pods_decides_the_round(pods: list[RunningPod], modeller: Modeller,
+                                                              tmp_path: Path) -> None:
+    exp = experiment(modeller, tmp_path, min_pods=2, training_args={**TRAINING_ARGS, "num_updates": 2})
+    exp.run_once()
+    targets = exp._targets()
+    before = {k: v.copy() for k, v in exp.aggregated_params()[0]["params"].items()}
+    pods[2].stop()
+    exp._targets = lambda: targets  # type: ignore[method-assign]  # keep the dead pod selected
+    assert exp.run_once() == 1
+    failed = exp.training_replies()[1]["charlie"]
+    assert "charlie" in failed["error"]
+    exp.set_min_pods(3)
+    with pytest.raises(RoundFailed, match=r"2 of 3 pods replied, 3 needed.*charlie"):
+        exp.run_once()
+    assert exp.round_current() == 2
+    assert not all(np.array_equal(before[k], exp.aggregated_params()[1]["params"][k]) for k in before)
+
+
+def test_training_error_at_a_pod_reaches_the_modeller_with_the_pod_name(pods: list[RunningPod], modeller: Modeller,
+                                                                        tmp_path: Path) -> None:
+    exp = experiment(modeller, tmp_path, model_args={"target": "no_such_column", "features": FEATURES})
+    with pytest.raises(RoundFailed, match=r"alice: .*no_such_column"):
+        exp.run_once()
+
+
+RESUME_SCRIPT = textwrap.dedent('''
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedpod.aggregation import FedAdam
+    from fedpod.modeller.experiment import Experiment
+
+    settings = json.loads(sys.argv[1])
+    exp = Experiment(tags=["ehr"], training_plan_class="logistic_regression", model_args=settings["model_args"],
+                     training_args=settings["training_args"], round_limit=4, save_breakpoints=True,
+                     experiments_root=Path(settings["root"]), broker=settings["broker"],
+                     keystore=Path(settings["keystore"]), aggregator=FedAdam(lr=0.05))
+    exp.run(rounds=2)
+    print("two rounds done", flush=True)
+    time.sleep(600)
+''')
+
+
+def test_breakpoint_resume_after_killing_the_modeller_matches_an_uninterrupted_run(
+        pods: list[RunningPod], modeller: Modeller, tmp_path: Path, broker: EmbeddedBroker, keystore: Path) -> None:
+    from fedpod.aggregation import FedAdam
+
+    model_args = standardisation(modeller)
+    uninterrupted = experiment(modeller, tmp_path / "a", model_args=model_args, round_limit=4,
+                               aggregator=FedAdam(lr=0.05))
+    uninterrupted.run()
+    settings = {"model_args": model_args, "training_args": TRAINING_ARGS, "root": str(tmp_path / "b"),
+                "broker": broker.url, "keystore": str(keystore)}
+    import json
+
+    log = tmp_path / "modeller.log"
+    process = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(settings)], stdout=log.open("wb"),
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        wait_until(lambda: "two rounds done" in log.read_text() or process.poll() is not None, 120, "two rounds")
+        assert process.poll() is None, log.read_text()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    folder = tmp_path / "b" / "Experiment_0001"
+    resumed = Experiment.load_breakpoint(folder, modeller=modeller)
+    assert resumed.round_current() == 2 and sorted(resumed.training_replies()) == [0, 1]
+    resumed.run()
+    assert resumed.round_current() == 4
+    final, expected = resumed.aggregated_params()[3]["params"], uninterrupted.aggregated_params()[3]["params"]
+    for key in expected:
+        np.testing.assert_allclose(final[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_training_args_fail_before_any_pod_is_asked(modeller: Modeller, tmp_path: Path) -> None:
+    from fedpod.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="valid keys"):
+        Experiment(tags=["ehr"], training_plan_class="mlp", model_args={"n_features": 3, "target": "y"},
+                   training_args={"epochs": 1, "learning_rate": 0.1}, modeller=modeller)
+    with pytest.raises(ConfigError, match="num_updates"):
+        from fedpod.aggregation import Scaffold
+
+        Experiment(tags=["ehr"], training_plan_class="mlp", model_args={"n_features": 3, "target": "y"},
+                   training_args={"epochs": 1}, aggregator=Scaffold(), modeller=modeller)
