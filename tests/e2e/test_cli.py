@@ -132,9 +132,12 @@ def test_errors_are_one_clear_line_without_a_traceback(cli: Cli, federation: str
 
 
 def test_demo_runs_and_agrees_with_pooled_data(cli: Cli, home: Path) -> None:
-    result = cli("demo", "--out", "demo", "--patients", "1500", timeout=180)
+    result = cli("demo", "--out", "demo", "--patients", "1500", timeout=300)
     assert "federated result equals the pooled result" in result.stdout
     summary = json.loads((home / "demo" / "results" / "summary.json").read_text())
     assert summary["federated_equals_pooled"] is True
+    training = summary["training"]
+    assert training["federated"]["auc"] >= 0.95 * training["centralised"]["auc"]
+    assert (home / "demo" / "experiments" / "Experiment_0001" / "metrics.csv").exists()
     for name in PODS:
         assert (home / "demo" / "results" / f"{name}__{DATASET}.csv").exists()

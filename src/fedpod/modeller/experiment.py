@@ -285,17 +285,20 @@ class Experiment:
         self._show(round_number)
 
     def _show(self, round_number: int) -> None:
-        table = Table(title=f"round {round_number + 1}/{self._round_limit or '?'}", title_justify="left")
+        """One compact table per round: samples, training loss, validation metrics, seconds."""
         pods = self._replies[round_number]
-        keys = sorted({k for reply in pods.values() for k in reply if k not in ("dataset", "device", "error")})
-        for column in ["pod", *keys]:
-            table.add_column(column)
+        validation = sorted({k for reply in pods.values() for k in reply
+                             if k.startswith(("global_", "local_")) and not k.endswith("_samples")})
+        table = Table(title=f"round {round_number + 1}/{self._round_limit or '?'}", title_justify="left")
+        for column in ["pod", "samples", "loss", *validation, "seconds"]:
+            table.add_column(column, justify="left" if column == "pod" else "right")
         for pod, reply in sorted(pods.items()):
             if "error" in reply:
-                table.add_row(pod, f"[red]{reply['error']}[/red]", *[""] * (len(keys) - 1))
-            else:
-                table.add_row(pod, *[f"{reply[k]:.4g}" if isinstance(reply.get(k), float) else str(reply.get(k, ""))
-                                     for k in keys])
+                table.add_row(pod, f"[red]{reply['error']}[/red]")
+                continue
+            cells = [str(reply["num_samples"]), f"{reply.get('loss', float('nan')):.4f}",
+                     *[f"{reply[k]:.4f}" if k in reply else "" for k in validation], f"{reply['seconds']:.2f}"]
+            table.add_row(pod, *cells)
         self._console.print(table)
 
     # --- breakpoints -------------------------------------------------------------------------
