@@ -108,6 +108,16 @@ def test_aggregated_task_file_gives_the_pooled_answer(cli: Cli, federation: str,
     pd.testing.assert_frame_equal(merged, pooled, check_dtype=False)
 
 
+def test_bitfount_training_task_file_trains_over_the_pods(cli: Cli, federation: str, home: Path) -> None:
+    result = cli("run", str(EXAMPLES / "bitfount-training.yaml"), "--broker", federation, "--out", "training",
+                 timeout=300)
+    assert "for 5 rounds" in result.stdout
+    metrics = pd.read_csv(home / "training" / "Experiment_0001" / "metrics.csv")
+    assert sorted(metrics["round"].unique()) == [0, 1, 2, 3, 4] and set(metrics["pod"]) == set(PODS)
+    assert (metrics["steps"] == 20).all()
+    assert (home / "training" / "Experiment_0001" / "model.safetensors").exists()
+
+
 def test_audit_log_verifies_and_detects_tampering(cli: Cli, federation: str, home: Path) -> None:
     cli("sql", "SELECT COUNT(*) AS n FROM `ehr-records-2025`", "--datasets", f"alice/{DATASET}",
         "--broker", federation)

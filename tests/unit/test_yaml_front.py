@@ -36,7 +36,7 @@ def test_secure_aggregation_is_a_clear_error_not_ignored(tmp_path: Path) -> None
 
 
 def test_unknown_protocol_lists_supported_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="supported: ResultsOnly"):
+    with pytest.raises(ConfigError, match="supported: FederatedAveraging, ResultsOnly"):
         load_task(write(tmp_path, BITFOUNT_EXAMPLE.replace("bitfount.ResultsOnly", "bitfount.Nope")))
 
 
@@ -48,3 +48,42 @@ def test_results_can_only_be_saved_at_the_modeller(tmp_path: Path) -> None:
 def test_unknown_top_level_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid task file"):
         load_task(write(tmp_path, BITFOUNT_EXAMPLE + "\nextra: 1\n"))
+
+
+TRAINING_EXAMPLE = (EXAMPLES / "bitfount-training.yaml").read_text()
+
+
+def test_bitfount_training_example_compiles_into_rounds_of_local_steps(tmp_path: Path) -> None:
+    from fedpod.tasks.model import TrainingTask
+
+    task = load_task(write(tmp_path, TRAINING_EXAMPLE))
+    assert isinstance(task, TrainingTask)
+    assert task.plan == "logistic_regression" and task.plan_path is None
+    assert task.rounds == 5 and task.training_args["num_updates"] == 20
+    assert task.training_args["loader_args"] == {"batch_size": 32}
+    assert task.training_args["optimizer_args"] == {"lr": 0.05}
+    assert task.model_args == {"target": "outcome"} and task.schema_requirements == "full"
+
+
+def test_mixing_steps_and_epochs_is_an_error(tmp_path: Path) -> None:
+    text = TRAINING_EXAMPLE.replace("{steps: 100,", "{epochs: 2, steps: 100,")
+    with pytest.raises(ConfigError, match="mixing steps"):
+        load_task(write(tmp_path, text))
+
+
+def test_epochs_between_updates_give_rounds_of_epochs(tmp_path: Path) -> None:
+    text = (TRAINING_EXAMPLE.replace("steps_between_parameter_updates: 20", "epochs_between_parameter_updates: 1")
+            .replace("{steps: 100,", "{epochs: 3,"))
+    task = load_task(write(tmp_path, text))
+    assert task.rounds == 3 and task.training_args["epochs"] == 1  # type: ignore[union-attr]
+
+
+def test_secure_training_aggregation_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="secure aggregation"):
+        load_task(write(tmp_path, TRAINING_EXAMPLE.replace("secure: False", "secure: True")))
+
+
+def test_custom_plan_reference_resolves_relative_to_the_task_file(tmp_path: Path) -> None:
+    text = TRAINING_EXAMPLE.replace("model_ref: logistic_regression", "model_ref: plans/mine.py:MyPlan")
+    task = load_task(write(tmp_path, text))
+    assert task.plan == "MyPlan" and task.plan_path == str(tmp_path / "plans" / "mine.py")  # type: ignore[union-attr]

@@ -240,14 +240,23 @@ def run_task(
     timeout: Timeout = 60.0,
     tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
 ) -> None:
-    """Run a task file; results are saved as CSV at the modeller (one per dataset, or aggregate.csv)."""
+    """Run a task file: SQL results are saved as CSV (one per dataset, or aggregate.csv); training
+    writes an experiment folder (metrics, final weights) under --out."""
+    from fedpod.tasks.model import SqlTask
     from fedpod.tasks.yaml_front import load_task
 
     task = load_task(task_file)
     with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout) as modeller:
-        result = modeller.sql(task.query, datasets=task.targets.identifiers or None,
-                              tags=task.targets.tags or None, aggregate=task.aggregate)
-    _save_results(result, out)
+        if isinstance(task, SqlTask):
+            result = modeller.sql(task.query, datasets=task.targets.identifiers or None,
+                                  tags=task.targets.tags or None, aggregate=task.aggregate)
+            _save_results(result, out)
+            return
+        from fedpod.modeller.training_task import run_training_task
+
+        experiment = run_training_task(task, modeller, out, console)
+    console.print(f"trained {task.plan} for {experiment.round_current()} rounds; metrics and weights in "
+                  f"{experiment.experimentation_path()}")
 
 
 @app.command("sql")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -28,3 +28,20 @@ class SqlTask(BaseModel):
     query: str
     aggregate: bool = False
     table: str | None = None
+
+
+class TrainingTask(BaseModel):
+    """Federated training compiled from a task file: which plan, on which datasets, for how
+    many rounds, with which training arguments and aggregator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["train"] = "train"
+    targets: Targets
+    plan: str
+    plan_path: str | None = None
+    model_args: dict[str, Any] = {}
+    training_args: dict[str, Any] = {}
+    rounds: int
+    aggregator: dict[str, Any] = {"name": "fedavg"}
+    schema_requirements: Literal["full", "partial", "empty"] = "partial"
+    standardize: bool = True

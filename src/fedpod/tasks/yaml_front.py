@@ -14,10 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedpod.errors import ConfigError
-from fedpod.tasks.model import SqlTask, Targets
+from fedpod.tasks.model import SqlTask, Targets, TrainingTask
 
-PROTOCOLS = {"ResultsOnly"}
-ALGORITHMS = {"SqlQuery"}
+PROTOCOLS = {"ResultsOnly", "FederatedAveraging"}
+ALGORITHMS = {"SqlQuery", "FederatedModelTraining"}
 
 
 def canonical(name: str) -> str:
@@ -45,7 +45,7 @@ class TaskFile(BaseModel):
     modeller: dict[str, Any] | None = None
 
 
-def load_task(path: Path) -> SqlTask:
+def load_task(path: Path) -> SqlTask | TrainingTask:
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -54,20 +54,22 @@ def load_task(path: Path) -> SqlTask:
         spec = TaskFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"invalid task file: {exc}", where=str(path)) from exc
-    return compile_task(spec, where=str(path))
+    return compile_task(spec, where=str(path), base=path.parent)
 
 
-def compile_task(spec: TaskFile, *, where: str) -> SqlTask:
+def compile_task(spec: TaskFile, *, where: str, base: Path = Path()) -> SqlTask | TrainingTask:
     protocol = canonical(spec.task.protocol.name)
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol {spec.task.protocol.name!r} is not supported for this task",
                           where=where, hint=f"supported: {', '.join(sorted(PROTOCOLS))}")
+    if protocol == "FederatedAveraging":
+        return compile_training(spec, where=where, base=base)
     save = spec.task.protocol.arguments.get("save_location", ["Modeller"])
     if [s for s in save if s != "Modeller"]:
         raise ConfigError(f"save_location {save} is not supported: results are saved at the modeller only",
                           where=where)
     algorithms = spec.task.algorithm if isinstance(spec.task.algorithm, list) else [spec.task.algorithm]
-    if len(algorithms) != 1 or canonical(algorithms[0].name) not in ALGORITHMS:
+    if len(algorithms) != 1 or canonical(algorithms[0].name) != "SqlQuery":
         raise ConfigError(f"algorithm {[a.name for a in algorithms]} is not supported with {protocol}",
                           where=where, hint=f"supported: {', '.join(sorted(ALGORITHMS))}")
     query = algorithms[0].arguments.get("query")
@@ -79,3 +81,71 @@ def compile_task(spec: TaskFile, *, where: str) -> SqlTask:
                           hint="remove `aggregator.secure` or set it to false")
     table = ((spec.task.data_structure or {}).get("table_config") or {}).get("table")
     return SqlTask(targets=spec.pods, query=query, aggregate=aggregator is not None, table=table)
+
+
+def _model_reference(algorithm: Named, where: str, base: Path) -> tuple[str, str | None]:
+    """`model: {name: logistic_regression}` or Bitfount's `model: {bitfount_model: {model_ref: ...}}`.
+    A `model_ref` is a built-in name, or `path/to/plan.py:ClassName` (relative to the task
+    file) for a custom plan, which each pod runs only once its custodian approved it."""
+    model = (algorithm.model_extra or {}).get("model") or {}
+    reference = model.get("name") or (model.get("bitfount_model") or {}).get("model_ref")
+    if not isinstance(reference, str) or not reference:
+        raise ConfigError("FederatedModelTraining needs `model: {name: <built-in>}` or "
+                          "`model: {bitfount_model: {model_ref: <built-in or file.py:Class>}}`", where=where)
+    if ":" in reference:
+        file, _, class_name = reference.rpartition(":")
+        path = Path(file) if Path(file).is_absolute() else base / file
+        return class_name, str(path)
+    return reference, None
+
+
+def compile_training(spec: TaskFile, *, where: str, base: Path) -> TrainingTask:
+    arguments = spec.task.protocol.arguments
+    algorithms = spec.task.algorithm if isinstance(spec.task.algorithm, list) else [spec.task.algorithm]
+    if len(algorithms) != 1 or canonical(algorithms[0].name) != "FederatedModelTraining":
+        raise ConfigError(f"FederatedAveraging needs one FederatedModelTraining algorithm, got "
+                          f"{[a.name for a in algorithms]}", where=where)
+    algorithm = algorithms[0]
+    hyper = dict((algorithm.model_extra or {}).get("hyperparameters") or {})
+    step_keys = sorted(({"steps"} & set(hyper)) | ({"steps_between_parameter_updates"} & set(arguments)))
+    epoch_keys = sorted(({"epochs"} & set(hyper)) | ({"epochs_between_parameter_updates"} & set(arguments)))
+    if step_keys and epoch_keys:
+        raise ConfigError(f"mixing steps ({step_keys}) and epochs ({epoch_keys}) is not allowed: "
+                          "training is measured in one or the other", where=where)
+    if step_keys:
+        total, between = int(hyper.get("steps", 0)), int(arguments.get("steps_between_parameter_updates", 0))
+        if total <= 0 or between <= 0 or total % between:
+            raise ConfigError("`steps` must be a positive multiple of `steps_between_parameter_updates`", where=where)
+        training_args: dict[str, Any] = {"num_updates": between}
+    else:
+        total, between = int(hyper.get("epochs", 1)), int(arguments.get("epochs_between_parameter_updates", 1))
+        if total <= 0 or between <= 0 or total % between:
+            raise ConfigError("`epochs` must be a positive multiple of `epochs_between_parameter_updates`", where=where)
+        training_args = {"epochs": between}
+    training_args["loader_args"] = {"batch_size": int(hyper.get("batch_size", 32))}
+    training_args["optimizer_args"] = {"lr": float(hyper.get("learning_rate", 1e-3))}
+    if "random_seed" in hyper:
+        training_args["random_seed"] = int(hyper["random_seed"])
+    unknown = set(hyper) - {"steps", "epochs", "batch_size", "learning_rate", "random_seed"}
+    if unknown:
+        raise ConfigError(f"unknown hyperparameters {sorted(unknown)}", where=where,
+                          hint="supported: steps, epochs, batch_size, learning_rate, random_seed")
+    aggregator = dict(spec.task.aggregator or {})
+    if aggregator.pop("secure", False):
+        raise ConfigError("secure aggregation (aggregator.secure: true) is not available yet", where=where,
+                          hint="set aggregator.secure to false; it is never silently ignored")
+    structure = spec.task.data_structure or {}
+    target = (structure.get("assign") or {}).get("target")
+    if not target:
+        raise ConfigError("data_structure.assign.target names the column to predict", where=where)
+    select = structure.get("select") or {}
+    model_args: dict[str, Any] = {"target": target}
+    if select.get("include"):
+        model_args["features"] = list(select["include"])
+    if select.get("exclude"):
+        model_args["exclude"] = list(select["exclude"])
+    plan, plan_path = _model_reference(algorithm, where, base)
+    return TrainingTask(targets=spec.pods, plan=plan, plan_path=plan_path, model_args=model_args,
+                        training_args=training_args, rounds=total // between,
+                        aggregator={"name": "fedavg", **aggregator},
+                        schema_requirements=structure.get("schema_requirements", "partial"))
