@@ -87,13 +87,15 @@ def test_experiment_trains_over_three_pods_and_records_everything(pods: list[Run
     folder = exp.experimentation_path()
     assert folder.name == "Experiment_0001"
     assert len(pd.read_csv(folder / "metrics.csv")) == 9 and (folder / "model.safetensors").exists()
+    assert (folder / "metrics.png").stat().st_size > 10_000
     exp.training_plan().export_model(tmp_path / "final.safetensors")
     assert (tmp_path / "final.safetensors").stat().st_size > 0
     assert experiment(modeller, tmp_path).experimentation_path().name == "Experiment_0002"
 
 
 def test_run_and_run_once_respect_the_round_limit(pods: list[RunningPod], modeller: Modeller, tmp_path: Path) -> None:
-    exp = experiment(modeller, tmp_path, round_limit=1, training_args={**TRAINING_ARGS, "num_updates": 2})
+    exp = experiment(modeller, tmp_path, round_limit=1, training_args={**TRAINING_ARGS, "num_updates": 2},
+                     tensorboard=True)
     assert exp.run_once() == 1
     assert exp.run_once() == 0 and exp.round_current() == 1
     assert exp.run_once(increase=True) == 1 and exp.round_limit() == 2
@@ -103,6 +105,8 @@ def test_run_and_run_once_respect_the_round_limit(pods: list[RunningPod], modell
     exp.set_round_limit(4)
     exp.run()
     assert exp.training_replies()[3]["bob"]["steps"] == 3.0
+    exp.close()
+    assert list((exp.experimentation_path() / "tensorboard").glob("events.out.tfevents.*"))
 
 
 PLAN_SOURCE = '''

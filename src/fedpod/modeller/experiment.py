@@ -35,7 +35,9 @@ from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
 from fedpod.modeller.results import (
+    TensorboardLog,
     next_experiment_folder,
+    plot_metrics,
     read_breakpoint,
     save_breakpoint,
     save_params,
@@ -110,6 +112,7 @@ class Experiment:
         self._aggregated: dict[int, Params] = {}
         self._plan = self._build_plan()
         self._global = self._plan.get_params()
+        self._board = TensorboardLog(self._folder) if tensorboard else None
 
     # --- Fed-BioMed's accessors and setters --------------------------------------------------
     def round_current(self) -> int:
@@ -184,7 +187,7 @@ class Experiment:
                 "nodes": self._nodes, "round_current": self._round, "round_limit": self._round_limit,
                 "aggregator": self._aggregator.get_config(), "training_args": self.training_args(),
                 "model_args": self._model_args, "min_pods": self._min_pods,
-                "save_breakpoints": self._save_breakpoints}
+                "save_breakpoints": self._save_breakpoints, "tensorboard": self._tensorboard}
 
     # --- running -----------------------------------------------------------------------------
     def run(self, rounds: int | None = None, increase: bool = False) -> int:
@@ -278,6 +281,9 @@ class Experiment:
 
     def _record(self, round_number: int) -> None:
         write_metrics(self._folder, self._replies)
+        plot_metrics(self._folder, self._replies)
+        if self._board is not None:
+            self._board.write(round_number, self._replies[round_number])
         save_params(self._global, self._folder / "model.safetensors")
         if self._save_breakpoints:
             save_breakpoint(self._folder, self._round, self._state(), self._global, self._aggregator.state(),
@@ -345,6 +351,8 @@ class Experiment:
             raise ConfigError(f"{type(self._aggregator).__name__} needs `num_updates` in training_args")
 
     def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
         if self._owns_modeller:
             self._modeller.close()
 

@@ -73,3 +73,53 @@ def read_breakpoint(path: Path) -> tuple[dict[str, Any], Params, dict[str, Param
     plan = path / "plan.py"
     return (state, load_params(path / "params.safetensors"),
             decode_groups((path / "aggregator.safetensors").read_bytes()), plan.read_text() if plan.exists() else None)
+
+
+def plot_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> Path:
+    """`metrics.png`: one panel per metric (training loss, validation metrics), one line per pod."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    frame = pd.DataFrame([{"round": r + 1, "pod": pod, **reply} for r, pods in replies.items()
+                          for pod, reply in pods.items() if "error" not in reply])
+    names = [c for c in frame.columns if c == "loss" or (c.startswith(("global_", "local_"))
+                                                            and not c.endswith("_samples"))]
+    figure, axes = plt.subplots(1, max(1, len(names)), figsize=(4.5 * max(1, len(names)), 3.4), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=False):
+        for pod, rows in frame.groupby("pod"):
+            axis.plot(rows["round"], rows[name], marker="o", label=str(pod))
+        axis.set_title(name)
+        axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.tight_layout()
+    path = folder / "metrics.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+class TensorboardLog:
+    """Per-round scalars as TensorBoard event files (`tensorboard --logdir <folder>/tensorboard`)."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ConfigError("tensorboard=True needs the tensorboard package",
+                              hint="pip install 'fedpod[tensorboard]'") from exc
+        self._writer = SummaryWriter(str(folder / "tensorboard"))
+
+    def write(self, round_number: int, replies: dict[str, dict[str, Any]]) -> None:
+        for pod, reply in replies.items():
+            for name, value in reply.items():
+                if isinstance(value, float | int) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{pod}/{name}", value, round_number)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
