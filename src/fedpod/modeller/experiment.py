@@ -110,6 +110,7 @@ class Experiment:
         self._modeller = modeller or Modeller(identity, broker=broker, keystore=keystore, timeout_s=timeout_s)
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}
         self._aggregated: dict[int, Params] = {}
+        self._resolved: list[Target] | None = None
         self._plan = self._build_plan()
         self._global = self._plan.get_params()
         self._board = TensorboardLog(self._folder) if tensorboard else None
@@ -130,16 +131,16 @@ class Experiment:
         return list(self._tags)
 
     def set_tags(self, tags: list[str]) -> None:
-        self._tags, self._datasets = list(tags), []
+        self._tags, self._datasets, self._resolved = list(tags), [], None
 
     def set_datasets(self, datasets: list[str]) -> None:
-        self._datasets, self._tags = list(datasets), []
+        self._datasets, self._tags, self._resolved = list(datasets), [], None
 
     def nodes(self) -> list[str] | None:
         return self._nodes
 
     def set_nodes(self, nodes: list[str] | None) -> None:
-        self._nodes = list(nodes) if nodes else None
+        self._nodes, self._resolved = (list(nodes) if nodes else None), None
 
     def training_args(self) -> dict[str, Any]:
         return self._training_args.model_dump(exclude_none=True)
@@ -204,11 +205,25 @@ class Experiment:
                 log.warning("round limit %s reached: running %s of %s rounds", self._round_limit,
                             self._round_limit - self._round, rounds)
                 rounds = self._round_limit - self._round
-        for _ in range(max(rounds, 0)):
-            self.run_once()
+        try:
+            for _ in range(max(rounds, 0)):
+                self._run_round()
+        finally:
+            self._plot()
         return max(rounds, 0)
 
     def run_once(self, increase: bool = False) -> int:
+        try:
+            return self._run_round(increase)
+        finally:
+            self._plot()
+
+    def _plot(self) -> None:
+        """Drawn once per `run`/`run_once` call: matplotlib costs more than a small model's round."""
+        if self._replies:
+            plot_metrics(self._folder, self._replies)
+
+    def _run_round(self, increase: bool = False) -> int:
         if self._round_limit is not None and self._round >= self._round_limit:
             if not increase:
                 log.warning("round limit %s reached; use increase=True to go on", self._round_limit)
@@ -268,6 +283,14 @@ class Experiment:
                                     return_exceptions=True)
 
     def _targets(self) -> list[Target]:
+        """The experiment's datasets, found once (as Fed-BioMed fixes its federated dataset) and
+        again only after `set_tags`, `set_datasets` or `set_nodes`: discovery by tags must wait
+        out its collection window, which would otherwise dominate every round."""
+        if self._resolved is None:
+            self._resolved = self._resolve_targets()
+        return self._resolved
+
+    def _resolve_targets(self) -> list[Target]:
         targets = self._modeller._call(self._modeller._core.resolve(self._datasets or None, self._tags or None))
         if self._nodes is not None:
             targets = [t for t in targets if t.pod.name in self._nodes]
@@ -281,7 +304,6 @@ class Experiment:
 
     def _record(self, round_number: int) -> None:
         write_metrics(self._folder, self._replies)
-        plot_metrics(self._folder, self._replies)
         if self._board is not None:
             self._board.write(round_number, self._replies[round_number])
         save_params(self._global, self._folder / "model.safetensors")
