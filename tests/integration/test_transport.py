@@ -80,3 +80,31 @@ async def test_sending_to_an_inbox_nobody_listens_on_fails_at_once(broker: Embed
             await bus.send(subjects.inbox("GHST-GHST-GHST-GHST"), os.urandom(3 * 1024 * 1024), recipient="ghost")
     finally:
         await bus.close()
+
+
+async def test_many_large_senders_to_one_receiver_on_a_stock_broker() -> None:
+    """Twelve pods replying 8 MB each at once must not overrun NATS's default 64 MB buffer for
+    the receiving client (the server would cut it off as a slow consumer)."""
+    with EmbeddedBroker(max_pending=64 * 1024 * 1024) as stock:
+        receiver = SecureChannel(await Bus.connect(BrokerOptions(stock.url)), Identity.generate("modeller"))
+        arrived: asyncio.Queue[Opened] = asyncio.Queue()
+
+        async def on_opened(message: Opened) -> None:
+            await arrived.put(message)
+
+        async def on_rejected(exc: EnvelopeRejected) -> None:
+            raise AssertionError(exc)
+
+        await receiver.listen_inbox(on_opened, on_rejected)
+        senders = [SecureChannel(await Bus.connect(BrokerOptions(stock.url)), Identity.generate(f"pod{i}"))
+                   for i in range(12)]
+        try:
+            await asyncio.gather(*(s.send(receiver.identity.public, TaskResult(
+                task_id=str(i), dataset="d", table=os.urandom(8 * 1024 * 1024), seconds=0), timeout_s=60)
+                for i, s in enumerate(senders)))
+            received = [await asyncio.wait_for(arrived.get(), 60) for _ in senders]
+            assert sorted(m.sender.name for m in received) == sorted(f"pod{i}" for i in range(12))
+            assert receiver.bus.connected
+        finally:
+            for channel in [*senders, receiver]:
+                await channel.bus.close()

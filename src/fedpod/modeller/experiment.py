@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ class Experiment:
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}
         self._aggregated: dict[int, Params] = {}
         self._resolved: list[Target] | None = None
+        self._round_seconds: dict[int, float] = {}
         self._plan = self._build_plan()
         self._global = self._plan.get_params()
         self._board = TensorboardLog(self._folder) if tensorboard else None
@@ -173,6 +175,10 @@ class Experiment:
     def aggregated_params(self) -> dict[int, dict[str, Params]]:
         return {r: {"params": dict(p)} for r, p in self._aggregated.items()}
 
+    def round_seconds(self) -> dict[int, float]:
+        """Wall-clock seconds of each completed round, from sending the tasks to aggregating."""
+        return dict(self._round_seconds)
+
     def training_plan(self) -> TrainingPlan:
         return self._plan
 
@@ -230,6 +236,7 @@ class Experiment:
                 return 0
             self._round_limit = self._round + 1
         round_number = self._round
+        started = time.perf_counter()
         seed_everything(self._training_args.random_seed)
         targets = self._targets()
         rng = np.random.default_rng([self._training_args.random_seed or 0, round_number])
@@ -264,6 +271,7 @@ class Experiment:
         for pod, error in failures.items():
             self._replies[round_number][pod] = {"dataset": "", "error": str(error)}
         self._round += 1
+        self._round_seconds[round_number] = time.perf_counter() - started
         self._record(round_number)
         return 1
 
@@ -317,7 +325,8 @@ class Experiment:
         pods = self._replies[round_number]
         validation = sorted({k for reply in pods.values() for k in reply
                              if k.startswith(("global_", "local_")) and not k.endswith("_samples")})
-        table = Table(title=f"round {round_number + 1}/{self._round_limit or '?'}", title_justify="left")
+        title = f"round {round_number + 1}/{self._round_limit or '?'} ({self._round_seconds[round_number]:.2f}s)"
+        table = Table(title=title, title_justify="left")
         for column in ["pod", "samples", "loss", *validation, "seconds"]:
             table.add_column(column, justify="left" if column == "pod" else "right")
         for pod, reply in sorted(pods.items()):

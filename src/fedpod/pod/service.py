@@ -223,11 +223,19 @@ class Pod:
             return self._trainer
 
     async def _reply(self, opened: Opened, message: TaskResult | TrainResult | TaskFailure) -> None:
+        """Deliver a reply, retrying twice with backoff: a modeller that was briefly disconnected
+        (broker restart, slow-consumer cut) still gets a result that took long to compute."""
         assert self.channel is not None
-        try:
-            await self.channel.send(opened.sender, message, task_id=message.task_id)
-        except FedpodError as exc:
-            self.audit.append("reply-undelivered", task=message.task_id, to=opened.sender.fingerprint, error=str(exc))
+        for attempt in range(3):
+            try:
+                await self.channel.send(opened.sender, message, task_id=message.task_id)
+                return
+            except FedpodError as exc:
+                if attempt == 2:
+                    self.audit.append("reply-undelivered", task=message.task_id, to=opened.sender.fingerprint,
+                                      error=str(exc))
+                    return
+                await asyncio.sleep(1.0 * 2**attempt)
 
 
 async def serve(config_path: Path, stop: asyncio.Event | None = None) -> None:

@@ -48,13 +48,17 @@ class EmbeddedBroker:
     """A NATS server with JetStream on 127.0.0.1, owned by this process.
 
     `max_payload` is left at NATS's default (1 MiB) unless given, so fedpod's chunking is
-    exercised exactly as it would be against a stock cluster.
+    exercised exactly as it would be against a stock cluster. `max_pending` (what the server
+    buffers for a client that reads slowly) is raised from NATS's 64 MB to 256 MB, so that many
+    pods can reply at once to one modeller.
     """
 
     def __init__(self, *, port: int | None = None, store: Path | None = None,
-                 max_payload: int | None = None, ready_timeout_s: float = 10.0) -> None:
+                 max_payload: int | None = None, max_pending: int = 256 * 1024 * 1024,
+                 ready_timeout_s: float = 10.0) -> None:
         self.requested_port = port
         self.max_payload = max_payload
+        self.max_pending = max_pending
         self.ready_timeout_s = ready_timeout_s
         self._tmp = tempfile.TemporaryDirectory(prefix="fedpod-broker-")
         self.store = store or Path(self._tmp.name) / "jetstream"
@@ -72,6 +76,7 @@ class EmbeddedBroker:
         self.store.mkdir(parents=True, exist_ok=True)
         config = workdir / "nats.conf"
         lines = ["host: 127.0.0.1", f"port: {self.requested_port if self.requested_port else -1}",
+                 f"max_pending: {self.max_pending}",  # bytes buffered per client before it is a slow consumer
                  f"jetstream {{ store_dir: {json.dumps(str(self.store))} }}"]
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")

@@ -6,6 +6,9 @@ every `WINDOW`-th chunk (and the last) is sent as a request that the receiver ac
 once the chunk is stored, so a fast sender can never overrun a slow receiver, and a send to
 an inbox nobody listens on fails at once (`PodUnreachable`) instead of vanishing.
 Integrity of the reassembled bytes is the envelope's job (GCM tag or signed digest).
+The window is small because the server buffers what one client has not read yet: many pods
+replying at once to one modeller must stay under that buffer (64 MB by default), or the server
+disconnects the modeller as a slow consumer.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ Handler = Callable[[Payload], Awaitable[None]]
 H_TRANSFER = "Fedpod-Transfer"
 H_OFFSET = "Fedpod-Offset"
 H_SIZE = "Fedpod-Size"
-WINDOW = 16
+WINDOW = 4  # chunks in flight per transfer: N senders x 4 MiB must stay under the server's max_pending (64 MB)
 HEADER_ALLOWANCE = 1024
 DEFAULT_MAX_TRANSFER_BYTES = 4 * 1024**3
 STALE_TRANSFER_S = 120.0
