@@ -130,3 +130,12 @@ def test_every_aggregator_round_trips_through_its_config() -> None:
         aggregator_from_config({"name": "fedmagic"})
     with pytest.raises(ConfigError, match="invalid arguments"):
         aggregator_from_config({"name": "fedprox", "nu": 1})
+
+
+@pytest.mark.parametrize("pods", [3, 7, 10])
+def test_fedavg_of_identical_float32_updates_is_exact(pods: int) -> None:
+    for value in range(1, 30):
+        params = {"w": np.full(5, float(value), dtype=np.float32)}
+        result = FedAverage().aggregate(1, params, [reply(f"p{i}", params, 1) for i in range(pods)])
+        assert result["w"].dtype == np.float32
+        np.testing.assert_array_equal(result["w"], params["w"])

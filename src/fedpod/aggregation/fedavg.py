@@ -13,12 +13,14 @@ from fedpod.aggregation.base import Aggregator, Params, Reply, check_replies, re
 
 
 def weighted_average(param_sets: Sequence[Params], weights: Sequence[float]) -> Params:
-    """Σ w_i · params_i for every tensor; weights are used as given (normalise them first)."""
+    """Σ w_i · params_i for every tensor; weights are used as given (normalise them first).
+    Accumulates in float64: under NumPy 2's promotion rules a Python float times a float32 array
+    stays float32, which made the mean of identical float32 updates differ from them."""
     result: Params = {}
     for key in param_sets[0]:
         total = np.zeros_like(param_sets[0][key], dtype=np.float64)
         for params, weight in zip(param_sets, weights, strict=True):
-            total += weight * params[key]
+            total += params[key] * np.float64(weight)
         result[key] = total.astype(param_sets[0][key].dtype, copy=False)
     return result
 
