@@ -34,12 +34,10 @@ from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate
-from fedpod.governance.access import TrustedModeller
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment
 from fedpod.modeller.training_task import global_standardisation, numeric_features
-from fedpod.pod.config import BrokerSettings, PodConfig
-from fedpod.pod.local import pod_processes, wait_for_pods
+from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
@@ -107,13 +105,8 @@ def run_case(case: Case, work: Path, seed: int) -> dict[str, float]:
             folder = work / name
             folder.mkdir(parents=True)
             part.to_csv(folder / "data.csv", index=False)
-            Identity.load_or_create(name, folder / "keys")
-            config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker.url),
-                               datasets=[DatasetSpec(name="data", kind="csv", path=str(folder / "data.csv"),
-                                                     tags=["bench"])])
-            config.access.modellers.append(TrustedModeller(name="modeller", fingerprint=identity.fingerprint))
-            config.save(folder / "pod.yaml")
-            configs.append(folder / "pod.yaml")
+            configs.append(write_pod(folder, name, broker.url, [DatasetSpec(
+                name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], identity))
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=300) as modeller:
             wait_for_pods(modeller, set(names), processes, deadline_s=120)

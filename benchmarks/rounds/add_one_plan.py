@@ -2,6 +2,7 @@
 (transport, encryption, serialisation, aggregation), as in FIELD-NOTES' Flower measurement."""
 
 import numpy as np
+
 from fedpod.algorithms.training.plans import LocalResult
 from fedpod.training import DataManager, TrainingPlan
 

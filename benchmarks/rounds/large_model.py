@@ -22,11 +22,9 @@ import psutil
 
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
-from fedpod.governance.access import TrustedModeller
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment
-from fedpod.pod.config import BrokerSettings, PodConfig
-from fedpod.pod.local import pod_processes, wait_for_pods
+from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
@@ -74,13 +72,8 @@ def main() -> None:
     with PeakMemory() as memory, EmbeddedBroker() as broker:
         configs = []
         for pod, file in zip(PODS, files, strict=True):
-            folder = work / pod
-            Identity.load_or_create(pod, folder / "keys")
-            config = PodConfig(name=pod, identity=f"keys/{pod}.key", broker=BrokerSettings(url=broker.url),
-                               datasets=[DatasetSpec(name="ehr", kind="csv", path=str(file), tags=["ehr"])])
-            config.access.modellers.append(TrustedModeller(name="modeller", fingerprint=identity.fingerprint))
-            config.save(folder / "pod.yaml")
-            configs.append(folder / "pod.yaml")
+            configs.append(write_pod(work / pod, pod, broker.url,
+                                     [DatasetSpec(name="ehr", kind="csv", path=str(file), tags=["ehr"])], identity))
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=900) as modeller:
             wait_for_pods(modeller, set(PODS), processes, deadline_s=120)

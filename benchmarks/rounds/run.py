@@ -25,12 +25,10 @@ from rich.console import Console
 
 from benchmarks.rounds.large_model import PeakMemory
 from fedpod.data.datasets import DatasetSpec
-from fedpod.governance.access import TrustedModeller
 from fedpod.governance.plans import PlanRegistry
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment
-from fedpod.pod.config import BrokerSettings, PodConfig
-from fedpod.pod.local import pod_processes, wait_for_pods
+from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
@@ -51,16 +49,11 @@ def measure(pods: int, parameters: int, rounds: int, work: Path) -> tuple[float,
             folder = work / name
             folder.mkdir(parents=True)
             pd.DataFrame({"x": [0.0], "y": [0]}).to_csv(folder / "data.csv", index=False)
-            Identity.load_or_create(name, folder / "keys")
-            config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker.url),
-                               datasets=[DatasetSpec(name="data", kind="csv", path=str(folder / "data.csv"),
-                                                     tags=["bench"])], device="cpu")
-            config.access.modellers.append(TrustedModeller(name="modeller", fingerprint=identity.fingerprint))
-            config.save(folder / "pod.yaml")
+            configs.append(write_pod(folder, name, broker.url, [DatasetSpec(
+                name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], identity, device="cpu"))
             registry = PlanRegistry(folder / "storage" / "plans")
             sha, _ = registry.submit(source, "AddOne", "benchmark")
             registry.decide(sha, "approved")
-            configs.append(folder / "pod.yaml")
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=600) as modeller:
             wait_for_pods(modeller, set(names), processes, deadline_s=180)

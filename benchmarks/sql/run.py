@@ -21,10 +21,8 @@ from pathlib import Path
 import duckdb
 
 from fedpod.data.datasets import DatasetSpec
-from fedpod.governance.access import TrustedModeller
 from fedpod.modeller.client import Modeller
-from fedpod.pod.config import BrokerSettings, PodConfig
-from fedpod.pod.local import pod_processes, wait_for_pods
+from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
@@ -61,13 +59,9 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         configs = []
         for pod, file in zip(PODS, files, strict=True):
-            folder = work / pod
-            Identity.load_or_create(pod, folder / "keys")
-            config = PodConfig(name=pod, identity=f"keys/{pod}.key", broker=BrokerSettings(url=broker.url),
-                               datasets=[DatasetSpec(name="measurements", kind="parquet", path=str(file))])
-            config.access.modellers.append(TrustedModeller(name="modeller", fingerprint=modeller_identity.fingerprint))
-            config.save(folder / "pod.yaml")
-            configs.append(folder / "pod.yaml")
+            configs.append(write_pod(work / pod, pod, broker.url,
+                                     [DatasetSpec(name="measurements", kind="parquet", path=str(file))],
+                                     modeller_identity))
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(modeller_identity, broker=broker.url, keystore=work / "keys") as modeller:
             wait_for_pods(modeller, set(PODS), processes, deadline_s=120)

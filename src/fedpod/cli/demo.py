@@ -22,10 +22,8 @@ from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.data.datasets import DatasetSpec, inspect
 from fedpod.data.synth import generate, write
 from fedpod.errors import FedpodError
-from fedpod.governance.access import TrustedModeller
 from fedpod.modeller.client import Modeller
-from fedpod.pod.config import BrokerSettings, PodConfig
-from fedpod.pod.local import pod_processes, wait_for_pods
+from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
@@ -39,16 +37,9 @@ AGGREGATE_QUERY = (f"SELECT smoker, COUNT(*) AS patients, AVG(age) AS mean_age, 
 
 def prepare_pod(folder: Path, name: str, broker_url: str, data: Path, modeller: Identity) -> Path:
     """Write a pod folder (identity, config with one dataset, the modeller accepted)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    Identity.load_or_create(name, folder / "keys")
     spec = inspect(DatasetSpec(name=DATASET, kind="csv", path=str(data.resolve()), tags=["ehr", "synthetic"],
                                description=f"synthetic patients of {name}"), folder)
-    config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker_url),
-                       datasets=[spec], heartbeat_s=1.0)
-    config.access.modellers.append(TrustedModeller(name=modeller.name, fingerprint=modeller.fingerprint))
-    path = folder / "pod.yaml"
-    config.save(path)
-    return path
+    return write_pod(folder, name, broker_url, [spec], modeller, heartbeat_s=1.0)
 
 
 def pooled(query: str, files: list[Path]) -> pd.DataFrame:

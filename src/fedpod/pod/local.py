@@ -10,10 +10,28 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import FedpodError
+from fedpod.governance.access import TrustedModeller
 from fedpod.lifecycle import die_with_parent
 from fedpod.modeller.client import Modeller
+from fedpod.pod.config import BrokerSettings, PodConfig
+from fedpod.security.identity import Identity
+
+
+def write_pod(folder: Path, name: str, broker_url: str, datasets: list[DatasetSpec], modeller: Identity,
+              **settings: Any) -> Path:
+    """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, accepting `modeller`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Identity.load_or_create(name, folder / "keys")
+    config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker_url),
+                       datasets=datasets, **settings)
+    config.access.modellers.append(TrustedModeller(name=modeller.name, fingerprint=modeller.fingerprint))
+    path = folder / "pod.yaml"
+    config.save(path)
+    return path
 
 
 @contextmanager

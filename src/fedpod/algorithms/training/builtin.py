@@ -61,9 +61,8 @@ def _n_features(model_args: dict[str, Any]) -> int:
     raise ConfigError("give model_args['n_features'] or model_args['features']")
 
 
-class LogisticRegression(TabularData, TorchTrainingPlan):
-    def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
-        return torch.nn.Linear(_n_features(model_args), 1)
+class BinaryLogits(TorchTrainingPlan):
+    """A model with one logit output: binary cross-entropy to train, probabilities to validate."""
 
     def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = self.model()(data).squeeze(-1)
@@ -73,7 +72,12 @@ class LogisticRegression(TabularData, TorchTrainingPlan):
         return torch.sigmoid(self.model()(data).squeeze(-1))
 
 
-class MLP(TabularData, TorchTrainingPlan):
+class LogisticRegression(TabularData, BinaryLogits):
+    def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
+        return torch.nn.Linear(_n_features(model_args), 1)
+
+
+class MLP(TabularData, BinaryLogits):
     def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
         sizes = [_n_features(model_args), *model_args.get("hidden", [32])]
         layers: list[torch.nn.Module] = []
@@ -81,13 +85,6 @@ class MLP(TabularData, TorchTrainingPlan):
             layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
         layers.append(torch.nn.Linear(sizes[-1], 1))
         return torch.nn.Sequential(*layers)
-
-    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = self.model()(data).squeeze(-1)
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
-
-    def predict(self, data: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model()(data).squeeze(-1))
 
 
 class TabularSGDClassifier(TabularData, SGDClassifierPlan):
