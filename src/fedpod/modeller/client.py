@@ -61,7 +61,6 @@ class AsyncModeller:
         bus = await Bus.connect(self.broker, name=f"modeller-{self.identity.name}")
         self.channel = SecureChannel(bus, self.identity)
         await self.channel.listen_inbox(self._on_message, self._on_rejected)
-        await bus.flush()
 
     async def close(self) -> None:
         if self.channel is not None:

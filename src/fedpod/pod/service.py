@@ -120,7 +120,6 @@ class Pod:
         try:
             await self.channel.listen_inbox(self._on_message, self._on_rejected)
             await self.channel.listen(subjects.DISCOVER, self._on_discover, self._on_rejected)
-            await bus.flush()
             if ready is not None:
                 ready.set()
             log.info("pod %s (%s) serving %d dataset(s)", self.config.name, self.fingerprint, len(self.config.datasets))

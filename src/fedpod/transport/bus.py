@@ -118,7 +118,8 @@ class Bus:
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
         """Deliver each whole message (reassembled if chunked) to `handler` in its own task,
-        so that a slow handler never stalls the subscription (or a pod's heartbeats)."""
+        so that a slow handler never stalls the subscription (or a pod's heartbeats). Returns
+        once the server has registered the subscription."""
 
         async def on_message(msg: Msg) -> None:
             try:
@@ -134,6 +135,7 @@ class Bus:
                 self._spawn(handler(whole))
 
         await self._client.subscribe(subject, cb=on_message, pending_bytes_limit=256 * 1024 * 1024)
+        await self._client.flush()  # return only once the server knows: a send right after must find us
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
