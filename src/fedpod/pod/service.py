@@ -30,7 +30,7 @@ from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
 from fedpod.transport import subjects
 from fedpod.transport.bus import Bus
-from fedpod.wire.codec import DecodeError, table_from_bytes, table_to_bytes, unpack
+from fedpod.wire.codec import DecodeError, table_to_bytes, unpack
 from fedpod.wire.messages import (
     DatasetAdvert,
     Discover,
@@ -59,15 +59,12 @@ def describe_request(request: TaskRequest | TrainRequest) -> dict[str, Any]:
             "training_args": request.training_args}
 
 
-def describe_result(result: TaskResult | TrainResult) -> dict[str, Any]:
-    """What the audit log records about what was returned."""
-    if isinstance(result, TaskResult):
-        table = table_from_bytes(result.table)
-        return {"returned_rows": table.num_rows, "returned_columns": table.column_names,
-                "result_sha256": hashlib.sha256(result.table).hexdigest(), "seconds": round(result.seconds, 4)}
+def describe_training(result: TrainResult) -> dict[str, Any]:
+    """What the audit log records about a returned model update."""
     return {"returned": "model update", "num_samples": result.num_samples, "metrics": result.metrics,
             "result_sha256": hashlib.sha256(result.tensors).hexdigest(), "device": result.device,
             "seconds": round(result.seconds, 4)}
+
 
 if TYPE_CHECKING:
     from fedpod.pod.training import TrainingRunner
@@ -183,7 +180,7 @@ class Pod:
         async with self._slots:
             self.running_tasks += 1
             try:
-                result = await asyncio.to_thread(self._execute, request, sender.fingerprint)
+                outcome = await asyncio.to_thread(self._execute, request, sender.fingerprint)
             except Exception as exc:  # a task never kills the pod, and its requester always hears back
                 if not isinstance(exc, FedpodError):
                     log.exception("task %s failed unexpectedly", request.task_id)
@@ -196,18 +193,25 @@ class Pod:
                 return
             finally:
                 self.running_tasks -= 1
-        self.audit.append("task-completed", task=request.task_id, dataset=request.dataset, **describe_result(result))
+        result, returned = outcome
+        self.audit.append("task-completed", task=request.task_id, dataset=request.dataset, **returned)
         await self._reply(opened, result)
 
-    def _execute(self, request: TaskRequest | TrainRequest, requester: str) -> TaskResult | TrainResult:
-        """Run a task in a worker thread; returns the reply to send."""
+    def _execute(self, request: TaskRequest | TrainRequest,
+                 requester: str) -> tuple[TaskResult | TrainResult, dict[str, Any]]:
+        """Run a task in a worker thread; returns the reply to send and what the audit log
+        records about it (described from the result in hand, never decoded again)."""
         assert self.engine is not None
         if isinstance(request, TrainRequest):
-            return self.trainer().run(request, requester)
+            trained = self.trainer().run(request, requester)
+            return trained, describe_training(trained)
         started = time.perf_counter()
         table = self.engine.run(request.algorithm.query, request.dataset, timeout_s=self.config.sql_timeout_s)
-        return TaskResult(task_id=request.task_id, dataset=request.dataset, table=table_to_bytes(table),
-                          seconds=time.perf_counter() - started)
+        payload = table_to_bytes(table)
+        seconds = time.perf_counter() - started
+        returned = {"returned_rows": table.num_rows, "returned_columns": table.column_names,
+                    "result_sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(seconds, 4)}
+        return TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload, seconds=seconds), returned
 
     def trainer(self) -> TrainingRunner:
         """Built on the first training task: PyTorch and scikit-learn take seconds to import,
