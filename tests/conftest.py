@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedpod.data.datasets import DatasetSpec, inspect
-from fedpod.governance.access import TrustedModeller
-from fedpod.pod.config import BrokerSettings, PodConfig
+from fedpod.pod.local import write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
@@ -102,13 +101,9 @@ def pod_factory(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[PodFactory]:
     def make(name: str, datasets: list[DatasetSpec], allow: list[Identity], **settings: object) -> RunningPod:
         folder = tmp_path / "pods" / name
         folder.mkdir(parents=True)
-        identity = Identity.load_or_create(name, folder / "keys")
         specs = [inspect(spec, folder) for spec in datasets]
-        config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker.url),
-                           datasets=specs, heartbeat_s=0.2, **settings)  # type: ignore[arg-type]
-        config.access.modellers.extend(TrustedModeller(name=i.name, fingerprint=i.fingerprint) for i in allow)
-        config_path = folder / "pod.yaml"
-        config.save(config_path)
+        config_path = write_pod(folder, name, broker.url, specs, allow, heartbeat_s=0.2, **settings)
+        identity = Identity.load_or_create(name, folder / "keys")
         process, log = start_pod_process(config_path)
         pod = RunningPod(name, config_path, process, log, identity)
         running.append(pod)

@@ -73,7 +73,7 @@ def main() -> None:
         configs = []
         for pod, file in zip(PODS, files, strict=True):
             configs.append(write_pod(work / pod, pod, broker.url,
-                                     [DatasetSpec(name="ehr", kind="csv", path=str(file), tags=["ehr"])], identity))
+                                     [DatasetSpec(name="ehr", kind="csv", path=str(file), tags=["ehr"])], [identity]))
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=900) as modeller:
             wait_for_pods(modeller, set(PODS), processes, deadline_s=120)

@@ -50,7 +50,7 @@ def measure(pods: int, parameters: int, rounds: int, work: Path) -> tuple[float,
             folder.mkdir(parents=True)
             pd.DataFrame({"x": [0.0], "y": [0]}).to_csv(folder / "data.csv", index=False)
             configs.append(write_pod(folder, name, broker.url, [DatasetSpec(
-                name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], identity, device="cpu"))
+                name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], [identity], device="cpu"))
             registry = PlanRegistry(folder / "storage" / "plans")
             sha, _ = registry.submit(source, "AddOne", "benchmark")
             registry.decide(sha, "approved")

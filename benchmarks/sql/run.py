@@ -61,7 +61,7 @@ def main() -> None:
         for pod, file in zip(PODS, files, strict=True):
             configs.append(write_pod(work / pod, pod, broker.url,
                                      [DatasetSpec(name="measurements", kind="parquet", path=str(file))],
-                                     modeller_identity))
+                                     [modeller_identity]))
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(modeller_identity, broker=broker.url, keystore=work / "keys") as modeller:
             wait_for_pods(modeller, set(PODS), processes, deadline_s=120)

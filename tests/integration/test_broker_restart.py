@@ -20,20 +20,17 @@ pytestmark = pytest.mark.integration
 def test_pod_serves_again_after_the_broker_restarts(tmp_path: Path, modeller_identity: Identity,
                                                     keystore: Path) -> None:
     from fedpod.data.datasets import inspect
-    from fedpod.governance.access import TrustedModeller
-    from fedpod.pod.config import BrokerSettings, PodConfig
+    from fedpod.pod.local import write_pod
 
     csv = tmp_path / "t.csv"
     pd.DataFrame({"a": [1, 2, 3, 4]}).to_csv(csv, index=False)
     first = EmbeddedBroker().start()
     port = first.port
     folder = tmp_path / "pod"
-    Identity.load_or_create("alice", folder / "keys")
-    config = PodConfig(name="alice", identity="keys/alice.key", broker=BrokerSettings(url=first.url),
-                       datasets=[inspect(DatasetSpec(name="t", kind="csv", path=str(csv)), folder)], heartbeat_s=0.2)
-    config.access.modellers.append(TrustedModeller(name="modeller", fingerprint=modeller_identity.fingerprint))
-    config.save(folder / "pod.yaml")
-    process, log = start_pod_process(folder / "pod.yaml")
+    folder.mkdir()
+    config = write_pod(folder, "alice", first.url, [inspect(DatasetSpec(name="t", kind="csv", path=str(csv)), folder)],
+                       [modeller_identity], heartbeat_s=0.2)
+    process, log = start_pod_process(config)
     second: EmbeddedBroker | None = None
     try:
         with Modeller(modeller_identity, broker=first.url, keystore=keystore, timeout_s=10) as modeller:

@@ -39,7 +39,7 @@ def prepare_pod(folder: Path, name: str, broker_url: str, data: Path, modeller: 
     """Write a pod folder (identity, config with one dataset, the modeller accepted)."""
     spec = inspect(DatasetSpec(name=DATASET, kind="csv", path=str(data.resolve()), tags=["ehr", "synthetic"],
                                description=f"synthetic patients of {name}"), folder)
-    return write_pod(folder, name, broker_url, [spec], modeller, heartbeat_s=1.0)
+    return write_pod(folder, name, broker_url, [spec], [modeller], heartbeat_s=1.0)
 
 
 def pooled(query: str, files: list[Path]) -> pd.DataFrame:

@@ -21,14 +21,15 @@ from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity
 
 
-def write_pod(folder: Path, name: str, broker_url: str, datasets: list[DatasetSpec], modeller: Identity,
+def write_pod(folder: Path, name: str, broker_url: str, datasets: list[DatasetSpec], accept: list[Identity],
               **settings: Any) -> Path:
-    """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, accepting `modeller`."""
+    """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, accepting
+    tasks from the `accept` modellers."""
     folder.mkdir(parents=True, exist_ok=True)
     Identity.load_or_create(name, folder / "keys")
     config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker_url),
                        datasets=datasets, **settings)
-    config.access.modellers.append(TrustedModeller(name=modeller.name, fingerprint=modeller.fingerprint))
+    config.access.modellers.extend(TrustedModeller(name=m.name, fingerprint=m.fingerprint) for m in accept)
     path = folder / "pod.yaml"
     config.save(path)
     return path
