@@ -6,15 +6,17 @@ import asyncio
 import hashlib
 import os
 
+import nats
 import pytest
 
 from fedpod.channel import SecureChannel
-from fedpod.errors import EnvelopeRejected, PodUnreachable
+from fedpod.errors import EnvelopeRejected, PodUnreachable, TransportError
 from fedpod.security.envelope import Opened, seal
 from fedpod.security.identity import Identity
+from fedpod.transport import bus as bus_module
 from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
-from fedpod.transport.bus import BrokerOptions, Bus
+from fedpod.transport.bus import H_BEGIN, H_OFFSET, H_SIZE, H_TRANSFER, BrokerOptions, Bus
 from fedpod.wire.messages import TaskResult
 
 pytestmark = pytest.mark.integration
@@ -108,3 +110,53 @@ async def test_many_large_senders_to_one_receiver_on_a_stock_broker() -> None:
         finally:
             for channel in [*senders, receiver]:
                 await channel.bus.close()
+
+
+async def test_a_transfer_over_the_receivers_limit_is_refused_before_any_data_moves(broker: EmbeddedBroker) -> None:
+    sender, receiver, opened, _ = await pair(broker)
+    receiver.bus.max_transfer_bytes = 2 * 1024 * 1024
+    try:
+        with pytest.raises(TransportError, match=r"refused: transfer of \d+ bytes \(limit 2097152\)"):
+            await sender.bus.send(subjects.inbox(receiver.fingerprint), os.urandom(3 * 1024 * 1024),
+                                  recipient="receiver")
+        assert receiver.bus.dropped_transfers == 1
+        await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d", table=b"ok", seconds=0))
+        assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
+    finally:
+        await sender.bus.close()
+        await receiver.bus.close()
+
+
+async def test_chunks_of_a_transfer_that_was_never_admitted_are_dropped(broker: EmbeddedBroker) -> None:
+    sender, receiver, opened, _ = await pair(broker)
+    try:
+        raw = await nats.connect(broker.url)
+        await raw.request(subjects.inbox(receiver.fingerprint), b"x" * 1000, timeout=5,
+                          headers={H_TRANSFER: "forged", H_OFFSET: "0"})
+        await raw.close()
+        assert receiver.bus.dropped_transfers == 1
+        assert opened.empty()
+    finally:
+        await sender.bus.close()
+        await receiver.bus.close()
+
+
+async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(broker: EmbeddedBroker,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every admission slot taken by senders that died: a live sender still gets through once
+    the dead transfers go stale (the receiver must not wedge)."""
+    monkeypatch.setattr(bus_module, "STALE_TRANSFER_S", 1.0)
+    sender, receiver, opened, _ = await pair(broker)
+    try:
+        raw = await nats.connect(broker.url)
+        for index in range(bus_module.MAX_ACTIVE_TRANSFERS):
+            await raw.request(subjects.inbox(receiver.fingerprint), b"", timeout=5,
+                              headers={H_TRANSFER: f"dead{index}", H_SIZE: str(5 * 1024 * 1024), H_BEGIN: "1"})
+        await raw.close()
+        await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d",
+                                                                table=os.urandom(3 * 1024 * 1024), seconds=0))
+        assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
+        assert receiver.bus.dropped_transfers == bus_module.MAX_ACTIVE_TRANSFERS
+    finally:
+        await sender.bus.close()
+        await receiver.bus.close()

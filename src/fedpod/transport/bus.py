@@ -1,14 +1,19 @@
 """Bytes in, bytes out over NATS — of any size. The only module that imports `nats`.
 
 Messages larger than the server's `max_payload` travel as chunks with transfer headers and
-are reassembled into one preallocated buffer at the receiver. Flow control is a window:
-every `WINDOW`-th chunk (and the last) is sent as a request that the receiver acknowledges
-once the chunk is stored, so a fast sender can never overrun a slow receiver, and a send to
-an inbox nobody listens on fails at once (`PodUnreachable`) instead of vanishing.
+are reassembled into one preallocated buffer at the receiver. Flow control has two levels:
+
+- Admission, decided by the receiver. A chunked transfer opens with an empty "begin" request
+  that the receiver answers only when fewer than `MAX_ACTIVE_TRANSFERS` transfers are in
+  progress (or with a refusal, e.g. too large). The server buffers up to `max_pending`
+  (64 MB by default) of what a client has not read yet and cuts it off as a slow consumer
+  beyond that; a per-sender window alone cannot bound this once enough pods reply at once
+  (twelve 4 MiB windows tripped it), so the receiver caps how many senders stream to it.
+- A window per transfer: every `WINDOW`-th chunk (and the last) is a request that the
+  receiver acknowledges once the chunk is stored, so one fast sender cannot overrun it.
+
+A send to an inbox nobody listens on fails at once (`PodUnreachable`) instead of vanishing.
 Integrity of the reassembled bytes is the envelope's job (GCM tag or signed digest).
-The window is small because the server buffers what one client has not read yet: many pods
-replying at once to one modeller must stay under that buffer (64 MB by default), or the server
-disconnects the modeller as a slow consumer.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ Handler = Callable[[Payload], Awaitable[None]]
 H_TRANSFER = "Fedpod-Transfer"
 H_OFFSET = "Fedpod-Offset"
 H_SIZE = "Fedpod-Size"
-WINDOW = 4  # chunks in flight per transfer: N senders x 4 MiB must stay under the server's max_pending (64 MB)
+H_BEGIN = "Fedpod-Begin"
+WINDOW = 4  # chunks in flight per transfer
+MAX_ACTIVE_TRANSFERS = 6  # x WINDOW x 1 MiB stays well under the server's default max_pending (64 MB)
+ADMISSION_TIMEOUT_S = 600.0  # a live receiver may keep a sender waiting this long behind others
 HEADER_ALLOWANCE = 1024
 DEFAULT_MAX_TRANSFER_BYTES = 4 * 1024**3
 STALE_TRANSFER_S = 120.0
@@ -78,6 +86,7 @@ class Bus:
         self._client = client
         self.max_transfer_bytes = max_transfer_bytes
         self._transfers: dict[str, _Transfer] = {}
+        self._admission = asyncio.Semaphore(MAX_ACTIVE_TRANSFERS)
         self._tasks: set[asyncio.Task[None]] = set()
         self.dropped_transfers = 0
 
@@ -122,6 +131,9 @@ class Bus:
         once the server has registered the subscription."""
 
         async def on_message(msg: Msg) -> None:
+            if msg.headers and H_BEGIN in msg.headers:
+                self._spawn(self._admit(msg))  # waiting here would stall the chunks of admitted transfers
+                return
             try:
                 whole = self._absorb(msg)
             except TransportError as exc:
@@ -142,39 +154,76 @@ class Bus:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _admit(self, msg: Msg) -> None:
+        """Answer a transfer's begin request once a slot is free: empty means go ahead, text
+        is a refusal the sender raises. The buffer is allocated only on admission."""
+        headers = msg.headers or {}
+        transfer_id = headers.get(H_TRANSFER, "")
+        try:
+            size = int(headers.get(H_SIZE, ""))
+        except ValueError:
+            size = -1
+        if not transfer_id or not 0 < size <= self.max_transfer_bytes:
+            await self._refuse(msg, f"refused: transfer of {size} bytes (limit {self.max_transfer_bytes})")
+            return
+        while True:
+            self._forget_stale()  # a sender that vanished mid-transfer must not hold its slot forever
+            try:
+                await asyncio.wait_for(self._admission.acquire(), STALE_TRANSFER_S / 4)
+                break
+            except TimeoutError:
+                continue
+        if transfer_id in self._transfers:
+            self._admission.release()
+            await self._refuse(msg, f"refused: transfer id {transfer_id} is already in use")
+            return
+        self._transfers[transfer_id] = _Transfer(bytearray(size))
+        try:
+            await msg.respond(b"")
+        except nats.errors.Error as exc:
+            log.debug("could not admit transfer %s: %s", transfer_id, exc)
+            self._finish(transfer_id)
+
+    async def _refuse(self, msg: Msg, reason: str) -> None:
+        self.dropped_transfers += 1
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(reason.encode())
+
+    def _finish(self, transfer_id: str) -> None:
+        if self._transfers.pop(transfer_id, None) is not None:
+            self._admission.release()
+
     def _absorb(self, msg: Msg) -> Payload | None:
         headers = msg.headers or {}
         transfer_id = headers.get(H_TRANSFER)
         if transfer_id is None:
             return bytes(msg.data)
-        self._forget_stale()
-        try:
-            size = int(headers[H_SIZE])
-            offset = int(headers[H_OFFSET])
-        except (KeyError, ValueError) as exc:
-            raise TransportError("chunk without valid size/offset headers") from exc
-        if size > self.max_transfer_bytes or size < 0:
-            raise TransportError(f"transfer of {size} bytes exceeds the limit of {self.max_transfer_bytes}")
         transfer = self._transfers.get(transfer_id)
         if transfer is None:
-            transfer = self._transfers[transfer_id] = _Transfer(bytearray(size))
+            raise TransportError(f"chunk for transfer {transfer_id} that was never admitted (or has expired)")
+        try:
+            offset = int(headers[H_OFFSET])
+        except (KeyError, ValueError) as exc:
+            self._finish(transfer_id)
+            raise TransportError(f"chunk of transfer {transfer_id} without a valid offset header") from exc
         data = msg.data
-        if len(transfer.buffer) != size or offset < 0 or offset + len(data) > size:
-            self._transfers.pop(transfer_id, None)
+        size = len(transfer.buffer)
+        if offset < 0 or offset + len(data) > size:
+            self._finish(transfer_id)
             raise TransportError(f"chunk at offset {offset} does not fit transfer {transfer_id}")
         transfer.buffer[offset : offset + len(data)] = data
         transfer.received += len(data)
         transfer.touched = time.monotonic()
         if transfer.received < size:
             return None
-        del self._transfers[transfer_id]
+        self._finish(transfer_id)
         return transfer.buffer
 
     def _forget_stale(self) -> None:
         now = time.monotonic()
         for transfer_id, transfer in list(self._transfers.items()):
             if now - transfer.touched > STALE_TRANSFER_S:
-                del self._transfers[transfer_id]
+                self._finish(transfer_id)
                 self.dropped_transfers += 1
 
     async def send(self, subject: str, parts: bytes | Sequence[bytes | bytearray | memoryview], *,
@@ -188,9 +237,13 @@ class Bus:
                 await self._client.request(subject, bytes(chunks[0]), timeout=timeout_s)
                 return
             transfer_id = os.urandom(12).hex()
+            answer = await self._client.request(subject, b"", timeout=max(timeout_s, ADMISSION_TIMEOUT_S),
+                                                headers={H_TRANSFER: transfer_id, H_SIZE: str(total), H_BEGIN: "1"})
+            if answer.data:
+                raise TransportError(f"{recipient} {answer.data.decode(errors='replace')}", where=subject)
             offset = 0
             for index, chunk in enumerate(chunks):
-                headers = {H_TRANSFER: transfer_id, H_OFFSET: str(offset), H_SIZE: str(total)}
+                headers = {H_TRANSFER: transfer_id, H_OFFSET: str(offset)}
                 offset += len(chunk)
                 if (index + 1) % WINDOW == 0 or index == len(chunks) - 1:
                     await self._client.request(subject, bytes(chunk), timeout=timeout_s, headers=headers)
