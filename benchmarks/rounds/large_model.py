@@ -34,10 +34,12 @@ FEATURES = ["age", "bmi", "smoker", "diabetes", "systolic_bp", "cholesterol", "h
 
 
 class PeakMemory:
-    """Samples the summed RSS of this process and its descendants (pods, nats-server)."""
+    """Samples the summed RSS of this process (unless `include_self=False`) and its descendants
+    (pods, nats-server; or Flower's superlink, supernodes and the processes they start)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, include_self: bool = True) -> None:
         self.peak = 0
+        self.include_self = include_self
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -45,7 +47,7 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for process in [me, *me.children(recursive=True)]:
+            for process in [me, *me.children(recursive=True)] if self.include_self else me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     total += process.memory_info().rss
             self.peak = max(self.peak, total)

@@ -1,18 +1,26 @@
-"""Seconds per round and peak memory of a federation on one machine.
+"""Seconds per round and peak memory of a federation on one machine, fedpod vs Flower.
 
     python benchmarks/rounds/run.py         # rewrites benchmarks/rounds/results.md
+                                            # (installs Flower into benchmarks/flower/.venv first)
 
-FedAvg where "training" is w + 1 (benchmarks/rounds/add_one_plan.py, approved on the pods
-beforehand), for 3 and 10 pods running as processes and a 1,000-parameter and a 10M-parameter
-(40 MB) model. Seconds per round: median over the rounds, the first excluded (it pays the
-pods' one-time imports). Peak memory: summed resident memory of every process (modeller,
-pods, broker), sampled every 50 ms. Flower's deployment engine is to be measured in the same
-run (next step); FIELD-NOTES' figures for it are quoted for scale.
+FedAvg where "training" is w + 1, for 3 and 10 pods/nodes and a 1,000-parameter and a
+10M-parameter (40 MB) model, measured in the same run:
+- fedpod: pods as processes on the embedded NATS broker, plan benchmarks/rounds/add_one_plan.py
+  approved on the pods beforehand;
+- Flower 1.42's deployment engine: flower-superlink, one flower-supernode per pod and
+  `flwr run` over loopback (benchmarks/flower/), FedAvg without federated evaluation, a
+  ClientApp that returns w + 1 (benchmarks/flower/app/).
+Seconds per round: median over the rounds, the first excluded (it pays one-time imports).
+Peak memory: summed resident memory of every process of the system, sampled every 50 ms —
+for fedpod the modeller (this process), pods and broker; for Flower its superlink, supernodes,
+the processes they start, and `flwr run`. The 40 MB rows also show the transport throughput
+against raw nats-py on the same machine in the same run (benchmarks/transport/).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import tempfile
@@ -23,7 +31,9 @@ import pandas as pd
 import psutil
 from rich.console import Console
 
+from benchmarks.flower.deployment import FlowerFederation
 from benchmarks.rounds.large_model import PeakMemory
+from benchmarks.transport.run import throughput
 from fedpod.data.datasets import DatasetSpec
 from fedpod.governance.plans import PlanRegistry
 from fedpod.modeller.client import Modeller
@@ -34,8 +44,6 @@ from fedpod.transport.broker import EmbeddedBroker
 
 HERE = Path(__file__).parent
 PLAN = HERE / "add_one_plan.py"
-FLOWER_FIELD_NOTES = {(3, 1_000): (6.4, 1.6), (10, 1_000): (13.5, 4.3), (3, 10_000_000): (6.7, 3.1),
-                      (10, 10_000_000): (15.8, 8.0)}
 
 
 def measure(pods: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
@@ -68,32 +76,56 @@ def measure(pods: int, parameters: int, rounds: int, work: Path) -> tuple[float,
     return statistics.median(seconds), memory.peak / 2**30
 
 
+def measure_flower(nodes: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
+    with PeakMemory(include_self=False) as memory, FlowerFederation(nodes, work) as flower:
+        stamps = flower.run(work / "out", {"task": "add-one", "parameters": parameters, "rounds": rounds,
+                                           "nodes": nodes})
+    seconds = [after - before for before, after in itertools.pairwise(stamps)][1:]
+    return statistics.median(seconds), memory.peak / 2**30
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--flower-rounds", type=int, default=8, help="Flower takes seconds per round")
     args = parser.parse_args()
+    raw_rate, fedpod_rate, _ = throughput([40_000_000], {40_000_000: 5})[40_000_000]
     rows = []
     for pods in (3, 10):
         for parameters in (1_000, 10_000_000):
             work = Path(tempfile.mkdtemp(prefix=f"fedpod-bench-rounds-{pods}-{parameters}-"))
-            rows.append((pods, parameters, *measure(pods, parameters, args.rounds, work)))
+            fedpod = measure(pods, parameters, args.rounds, work / "fedpod")
+            flower = measure_flower(pods, parameters, args.flower_rounds, work / "flower")
+            rows.append((pods, parameters, fedpod, flower))
+            print(rows[-1], flush=True)
     lines = [
-        "# Seconds per round and memory",
+        "# Seconds per round and memory: fedpod vs Flower",
         "",
-        f"`python benchmarks/rounds/run.py` — FedAvg of w + 1, {args.rounds} rounds, median seconds per round "
-        "(first round excluded), peak summed resident memory of all processes. Machine: "
+        f"`python benchmarks/rounds/run.py` — FedAvg of w + 1; fedpod {args.rounds} rounds, Flower 1.42 deployment "
+        f"engine {args.flower_rounds} rounds, both in this run; median seconds per round (first round excluded), "
+        "peak summed resident memory of all the system's processes. Machine: "
         f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}.",
         "",
-        "| pods | parameters | fedpod s/round | fedpod peak memory (GiB) | Flower s/round (FIELD-NOTES) | "
-        "Flower memory (GiB, FIELD-NOTES) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| pods | parameters | fedpod s/round | Flower s/round | time ratio | target | fedpod memory (GiB) | "
+        "Flower memory (GiB) | memory ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for pods, parameters, seconds, peak in rows:
-        flower_s, flower_gb = FLOWER_FIELD_NOTES[(pods, parameters)]
-        lines.append(f"| {pods} | {parameters:,} | {seconds:.3f} | {peak:.2f} | {flower_s} | {flower_gb} |")
-    lines += ["", "Flower's column is FIELD-NOTES' single-run figure on a machine like this one, not yet measured "
-              "in the same run; the issue's targets (1/20 of Flower's time for the small model, 1/4 for the "
-              "40 MB one, half its memory) are judged once both run side by side.", ""]
+    verdicts = []
+    for pods, parameters, (seconds, peak), (flower_seconds, flower_peak) in rows:
+        time_ratio, memory_ratio = seconds / flower_seconds, peak / flower_peak
+        target = 1 / 20 if parameters < 1_000_000 else 1 / 4
+        verdicts += [time_ratio <= target, memory_ratio <= 0.5]
+        if parameters < 1_000_000 and pods == 10:
+            verdicts.append(seconds < 0.1)
+        lines.append(f"| {pods} | {parameters:,} | {seconds:.3f} | {flower_seconds:.2f} | 1/{1 / time_ratio:.0f} | "
+                     f"1/{1 / target:.0f} | {peak:.2f} | {flower_peak:.2f} | {memory_ratio:.2f} |")
+    transport_ratio = fedpod_rate / raw_rate
+    verdicts.append(transport_ratio >= 0.5)
+    lines += ["", f"Transport in the same run, 40 MB payload: fedpod {fedpod_rate:.0f} MB/s, raw nats-py "
+              f"{raw_rate:.0f} MB/s ({transport_ratio:.0%}; target >= 50%).", "",
+              "Targets: time per round at most 1/20 of Flower's for the small model (and under 100 ms at 10 pods), "
+              "at most 1/4 for the 40 MB model, at least half of raw NATS throughput, at most half of Flower's "
+              f"memory: **{'all met' if all(verdicts) else 'NOT all met'}**.", ""]
     (HERE / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -3,12 +3,16 @@
 A `SecureChannel` seals typed messages for a recipient and sends them to its inbox, and
 opens what arrives in its own inbox, counting every rejected envelope by reason. Large
 frames are sealed and opened in a worker thread so the event loop (heartbeats, other
-tasks) keeps running.
+tasks) keeps running. Memory is spent on one copy of a large message at a time where it can
+be: at most `LARGE_SENDS` large messages are sealed and in flight at once (a modeller sending
+a 40 MB model to ten pods holds two ciphertexts, not ten; the single connection is the
+bottleneck anyway), and a received frame is let go as soon as it is decrypted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -22,6 +26,7 @@ from fedpod.wire.codec import Buffer, pack
 from fedpod.wire.messages import WireMessage
 
 OFFLOAD_BYTES = 1024 * 1024
+LARGE_SENDS = 2
 OpenedHandler = Callable[[Opened], Awaitable[None]]
 RejectedHandler = Callable[[EnvelopeRejected], Awaitable[None]]
 
@@ -33,6 +38,7 @@ class SecureChannel:
         self.guard = ReplayGuard()
         self.rejections: Counter[str] = Counter()
         self._seq = itertools.count(1)
+        self._large_sends = asyncio.Semaphore(LARGE_SENDS)
 
     @property
     def fingerprint(self) -> str:
@@ -48,9 +54,12 @@ class SecureChannel:
 
     async def send(self, recipient: PublicIdentity, message: WireMessage, *, task_id: str = "",
                    timeout_s: float = 30.0) -> None:
-        parts = await self._seal(message.TYPE, pack(message), [recipient], task_id)
-        await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
-                            recipient=f"{recipient.name} ({recipient.fingerprint})")
+        payload = pack(message)
+        large = sum(len(part) for part in payload) > OFFLOAD_BYTES
+        async with self._large_sends if large else contextlib.nullcontext():
+            parts = await self._seal(message.TYPE, payload, [recipient], task_id)
+            await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
+                                recipient=f"{recipient.name} ({recipient.fingerprint})")
 
     async def broadcast(self, subject: str, message: WireMessage) -> None:
         parts = await self._seal(message.TYPE, pack(message), None, "")
@@ -72,6 +81,7 @@ class SecureChannel:
                 self.rejections[exc.reason] += 1
                 await on_rejected(exc)
                 return
+            del frame  # the ciphertext is not needed while the handler works (a pod trains for minutes)
             await on_opened(opened)
 
         await self.bus.subscribe(subject, on_frame)

@@ -9,7 +9,6 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +23,9 @@ from fedpod.governance.plans import PlanRegistry
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity, default_keystore
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the modeller's libraries stay out of `fedpod pod start`
+    import pandas as pd
+
     from fedpod.modeller.client import Modeller
 
 console = Console()
@@ -55,6 +56,8 @@ def interrupt_on_signals() -> None:
 
 
 def print_frame(frame: pd.DataFrame, title: str) -> None:
+    import pandas as pd
+
     table = Table(title=title, title_justify="left")
     for column in frame.columns:
         table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import duckdb
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedpod.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DatasetKind = Literal["csv", "parquet", "sqlite", "postgres"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -58,6 +60,8 @@ def quote_identifier(name: str) -> str:
 
 
 def _read_external_table(spec: DatasetSpec, base: Path) -> pd.DataFrame:
+    import pandas as pd
+
     assert spec.table is not None
     if spec.kind == "sqlite":
         path = spec.resolved_path(base)

@@ -16,7 +16,6 @@ from typing import Any
 from fedpod.aggregation.base import Params
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.builtin import builtin_plan
 from fedpod.algorithms.training.local import run_local_round
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
 from fedpod.data.datasets import DatasetSpec, quote_identifier
@@ -57,6 +56,8 @@ class TrainingRunner:
     def plan_class(self, request: TrainRequest, requester: str) -> tuple[type[TrainingPlan], str | None]:
         spec = request.plan
         if spec.kind == "builtin":
+            from fedpod.algorithms.training.builtin import builtin_plan  # torch and sklearn load only for them
+
             return builtin_plan(spec.name), None
         if not spec.source:
             raise PlanNotApproved("custom plan without source")

@@ -10,14 +10,15 @@ DuckDB's column types (HUGEINT sums, decimals, dates) exactly.
 from __future__ import annotations
 
 import struct
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
-import pyarrow as pa
-import pyarrow.ipc
 from pydantic import BaseModel, ValidationError
 
 from fedpod.errors import FedpodError
+
+if TYPE_CHECKING:  # pyarrow loads only with the first table: a pod that only trains never needs it
+    import pyarrow as pa
 
 Model = TypeVar("Model", bound=BaseModel)
 Buffer = bytes | bytearray | memoryview
@@ -71,6 +72,9 @@ def unpack(data: Buffer, model: type[Model]) -> Model:
 
 
 def table_to_bytes(table: pa.Table) -> bytes:
+    import pyarrow as pa
+    import pyarrow.ipc
+
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -78,6 +82,9 @@ def table_to_bytes(table: pa.Table) -> bytes:
 
 
 def table_from_bytes(data: Buffer) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.ipc
+
     try:
         return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow as pa
 
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.guard import check_read_only
 from fedpod.data.datasets import DatasetSpec, describe, load_dataset
 from fedpod.errors import SqlExecutionError, SqlRejected, TaskTimeout
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class SqlEngine:

@@ -9,17 +9,20 @@ the dataset as a DataFrame whatever its source.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from fedpod.aggregation.base import Params
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.errors import ConfigError
+
+if TYPE_CHECKING:  # pandas loads with the first DataFrame: array-only plans never need it
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class DataManager:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         data, target = self.dataset, self.target
-        if isinstance(data, pd.DataFrame):
+        pandas = sys.modules.get("pandas")  # a DataFrame cannot exist unless pandas was imported
+        if pandas is not None and isinstance(data, pandas.DataFrame):
             if isinstance(target, str):
                 if target not in data.columns:
                     raise ConfigError(f"target column {target!r} is not in the dataset",

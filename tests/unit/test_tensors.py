@@ -1,0 +1,74 @@
+"""Tensors on the wire: fedpod's zero-copy reader agrees with safetensors and refuses bad headers."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from safetensors.numpy import load, save
+
+from fedpod.wire.codec import DecodeError
+from fedpod.wire.tensors import decode_groups, encode_groups
+
+DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True),
+                       st.sampled_from(DTYPES).flatmap(lambda dtype: hnp.arrays(dtype, hnp.array_shapes(
+                           min_dims=0, max_dims=3, min_side=0, max_side=5))), min_size=1, max_size=5))
+def test_decoding_agrees_with_safetensors(arrays: dict[str, np.ndarray]) -> None:
+    blob = encode_groups({"params": arrays})
+    ours = decode_groups(bytearray(blob))["params"]
+    theirs = load(blob)
+    assert set(ours) == set(arrays)
+    for name, value in arrays.items():
+        assert ours[name].dtype == theirs[f"params/{name}"].dtype == value.dtype
+        assert ours[name].shape == value.shape
+        np.testing.assert_array_equal(ours[name], theirs[f"params/{name}"])
+
+
+def test_arrays_are_writable_views_of_a_writable_buffer() -> None:
+    buffer = bytearray(encode_groups({"params": {"w": np.arange(1000, dtype=np.float32)}}))
+    w = decode_groups(buffer)["params"]["w"]
+    assert np.shares_memory(w, np.frombuffer(buffer, dtype=np.uint8))
+    w += 1  # plans may update parameters in place
+    assert decode_groups(bytes(buffer))["params"]["w"][0] == 1
+    from_bytes = decode_groups(bytes(buffer))["params"]["w"]
+    assert from_bytes.flags.writeable
+
+
+def header_and_body(entries: dict[str, dict[str, object]], body: bytes) -> bytes:
+    header = json.dumps(entries).encode()
+    return struct.pack("<Q", len(header)) + header + body
+
+
+@pytest.mark.parametrize(("blob", "reason"), [
+    (b"", "shorter than"),
+    (struct.pack("<Q", 10**12) + b"{}", "does not fit"),
+    (header_and_body({"p/w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "outside"),
+    (header_and_body({"p/w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "bytes for shape"),
+    (header_and_body({"p/w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "X9"),
+    (header_and_body({"p/a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                      "p/b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlaps"),
+    (header_and_body({"p/a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "gap"),
+    (header_and_body({"p/a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "after the last"),
+    (header_and_body({"p/a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "negative"),
+    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    (header_and_body({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "no group"),
+])
+def test_malformed_tensors_are_refused_with_the_reason(blob: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        decode_groups(blob)
+
+
+def test_every_truncation_of_a_valid_blob_is_refused() -> None:
+    blob = save({"params/w": np.arange(6, dtype=np.float32), "params/b": np.ones(2, dtype=np.int64)})
+    for length in range(len(blob)):
+        with pytest.raises(DecodeError):
+            decode_groups(blob[:length])
