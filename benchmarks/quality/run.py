@@ -1,6 +1,6 @@
 """Model quality: fedpod's federated training vs centralised training vs Flower's FedAvg.
 
-    python benchmarks/quality/run.py        # rewrites benchmarks/quality/results.md
+    python -m benchmarks.quality.run        # rewrites benchmarks/quality/results.md
                                             # (installs Flower into benchmarks/flower/.venv first)
 
 (a) the three synthetic centres (non-IID: sizes, age mix and case mix differ), scored on
@@ -155,9 +155,9 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"fedpod-bench-quality-{index}-"))
         rows.append((case, run_case(case, work, args.seed)))
     lines = [
-        "# Model quality: federated vs centralised",
+        "# Model quality: fedpod vs centralised vs Flower",
         "",
-        f"`python benchmarks/quality/run.py` — built-in logistic regression, FedAvg, batch 32, seed {args.seed}; "
+        f"`python -m benchmarks.quality.run` — built-in logistic regression, FedAvg, batch 32, seed {args.seed}; "
         "centralised training gets the same total number of local steps on the pooled training rows; both "
         f"scored on held-out rows. Machine: {platform.machine()}, Python {platform.python_version()}.",
         "",

@@ -1,6 +1,6 @@
 """A federated round with a 100M-parameter model (400 MB of float32) across 3 pods.
 
-    python benchmarks/rounds/large_model.py     # rewrites benchmarks/rounds/large_model.md
+    python -m benchmarks.rounds.large_model     # rewrites benchmarks/rounds/large_model.md
 
 The built-in MLP with hidden layers [10000, 10000] on the 7 synthetic features has
 100,030,001 parameters. Each round sends the global model to every pod (encrypted for each),
@@ -11,15 +11,14 @@ seconds per round and the peak resident memory of every process (modeller, pods,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from benchmarks.memory import PeakMemory
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.modeller.client import Modeller
@@ -31,35 +30,6 @@ from fedpod.transport.broker import EmbeddedBroker
 HERE = Path(__file__).parent
 PODS = ["alice", "bob", "charlie"]
 FEATURES = ["age", "bmi", "smoker", "diabetes", "systolic_bp", "cholesterol", "hba1c"]
-
-
-class PeakMemory:
-    """Samples the summed RSS of this process (unless `include_self=False`) and its descendants
-    (pods, nats-server; or Flower's superlink, supernodes and the processes they start)."""
-
-    def __init__(self, *, include_self: bool = True) -> None:
-        self.peak = 0
-        self.include_self = include_self
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)] if self.include_self else me.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += process.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -94,7 +64,7 @@ def main() -> None:
     lines = [
         "# A 100M-parameter model across 3 pods",
         "",
-        f"`python benchmarks/rounds/large_model.py` — built-in MLP, hidden layers [{args.hidden}, {args.hidden}], "
+        f"`python -m benchmarks.rounds.large_model` — built-in MLP, hidden layers [{args.hidden}, {args.hidden}], "
         f"{parameters:,} parameters ({parameters * 4 / 1e6:.0f} MB float32); 3 pods as processes, embedded NATS "
         f"(stock 1 MiB max_payload), one local step per round. Machine: {platform.machine()}, "
         f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB.",

@@ -1,6 +1,6 @@
 """Seconds per round and peak memory of a federation on one machine, fedpod vs Flower.
 
-    python benchmarks/rounds/run.py         # rewrites benchmarks/rounds/results.md
+    python -m benchmarks.rounds.run         # rewrites benchmarks/rounds/results.md
                                             # (installs Flower into benchmarks/flower/.venv first)
 
 FedAvg where "training" is w + 1, for 3 and 10 pods/nodes and a 1,000-parameter and a
@@ -12,8 +12,8 @@ FedAvg where "training" is w + 1, for 3 and 10 pods/nodes and a 1,000-parameter 
   ClientApp that returns w + 1 (benchmarks/flower/app/).
 Seconds per round: median over the rounds, the first excluded (it pays one-time imports).
 Peak memory: summed resident memory of every process of the system, sampled every 50 ms —
-for fedpod the modeller (this process), pods and broker; for Flower its superlink, supernodes,
-the processes they start, and `flwr run`. The 40 MB rows also show the transport throughput
+for fedpod the modeller (a fresh process running an Experiment), pods and broker; for Flower
+its superlink, supernodes, the processes they start, and `flwr run`. The 40 MB rows also show the transport throughput
 against raw nats-py on the same machine in the same run (benchmarks/transport/).
 """
 
@@ -21,23 +21,25 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import psutil
 from rich.console import Console
 
 from benchmarks.flower.deployment import FlowerFederation
-from benchmarks.rounds.large_model import PeakMemory
-from benchmarks.transport.run import throughput
+from benchmarks.memory import PeakMemory
 from fedpod.data.datasets import DatasetSpec
 from fedpod.governance.plans import PlanRegistry
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment
+from fedpod.modeller.results import load_params
 from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
@@ -46,17 +48,19 @@ HERE = Path(__file__).parent
 PLAN = HERE / "add_one_plan.py"
 
 
-def measure(pods: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
+def time_rounds(pods: int, parameters: int, rounds: int, work: Path) -> list[float]:
+    """fedpod's side, run as its own process (the modeller) by `measure_fedpod`: seconds of each
+    round after the first."""
     identity = Identity.generate("modeller")
     identity.save(work / "keys")
     names = [f"pod{i + 1:02d}" for i in range(pods)]
     source = PLAN.read_text()
-    with PeakMemory() as memory, EmbeddedBroker() as broker:
+    with EmbeddedBroker() as broker:
         configs = []
         for name in names:
             folder = work / name
             folder.mkdir(parents=True)
-            pd.DataFrame({"x": [0.0], "y": [0]}).to_csv(folder / "data.csv", index=False)
+            (folder / "data.csv").write_text("x,y\n0.0,0\n")
             configs.append(write_pod(folder, name, broker.url, [DatasetSpec(
                 name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], [identity], device="cpu"))
             registry = PlanRegistry(folder / "storage" / "plans")
@@ -70,10 +74,21 @@ def measure(pods: int, parameters: int, rounds: int, work: Path) -> tuple[float,
                                     round_limit=rounds, modeller=modeller, experiments_root=work / "experiments",
                                     console=Console(quiet=True))
             experiment.run()
-            final = experiment.aggregated_params()[rounds - 1]["params"]["w"]
+            final = load_params(experiment.experimentation_path() / "model.safetensors")["w"]
             assert np.all(final == rounds), "FedAvg of w + 1 must add exactly one per round"
-            seconds = [s for r, s in sorted(experiment.round_seconds().items()) if r > 0]
-    return statistics.median(seconds), memory.peak / 2**30
+            return [s for r, s in sorted(experiment.round_seconds().items()) if r > 0]
+
+
+def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
+    """The modeller runs as a fresh process, like Flower's ServerApp: this harness's own memory
+    (and what earlier measurements left in it) counts for neither system."""
+    work.mkdir(parents=True)
+    with PeakMemory(include_self=False) as memory:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.rounds.run", "--one", str(pods), str(parameters),
+                               str(rounds), str(work)], capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"fedpod run failed: {done.stderr[-3000:]}")
+    return statistics.median(json.loads(done.stdout.strip().splitlines()[-1])), memory.peak / 2**30
 
 
 def measure_flower(nodes: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
@@ -88,20 +103,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--flower-rounds", type=int, default=8, help="Flower takes seconds per round")
+    parser.add_argument("--one", nargs=4, metavar=("PODS", "PARAMETERS", "ROUNDS", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        pods, parameters, rounds, work = args.one
+        print(json.dumps(time_rounds(int(pods), int(parameters), int(rounds), Path(work))))
+        return
+    from benchmarks.transport.run import throughput
+
     raw_rate, fedpod_rate, _ = throughput([40_000_000], {40_000_000: 5})[40_000_000]
     rows = []
     for pods in (3, 10):
         for parameters in (1_000, 10_000_000):
             work = Path(tempfile.mkdtemp(prefix=f"fedpod-bench-rounds-{pods}-{parameters}-"))
-            fedpod = measure(pods, parameters, args.rounds, work / "fedpod")
+            fedpod = measure_fedpod(pods, parameters, args.rounds, work / "fedpod")
             flower = measure_flower(pods, parameters, args.flower_rounds, work / "flower")
             rows.append((pods, parameters, fedpod, flower))
             print(rows[-1], flush=True)
     lines = [
         "# Seconds per round and memory: fedpod vs Flower",
         "",
-        f"`python benchmarks/rounds/run.py` — FedAvg of w + 1; fedpod {args.rounds} rounds, Flower 1.42 deployment "
+        f"`python -m benchmarks.rounds.run` — FedAvg of w + 1; fedpod {args.rounds} rounds, Flower 1.42 deployment "
         f"engine {args.flower_rounds} rounds, both in this run; median seconds per round (first round excluded), "
         "peak summed resident memory of all the system's processes. Machine: "
         f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}.",

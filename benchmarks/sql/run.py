@@ -1,6 +1,6 @@
 """Benchmark: fedpod's exact aggregated SQL over 3 pods vs DuckDB on the pooled table.
 
-    python benchmarks/sql/run.py            # rewrites benchmarks/sql/results.md
+    python -m benchmarks.sql.run            # rewrites benchmarks/sql/results.md
 
 3 pods (separate processes, real NATS) x 1,000,000 rows each, a GROUP BY with AVG and
 COUNT over 20 groups. fedpod's time is the whole modeller call (discovery, sending the
@@ -86,7 +86,7 @@ def main() -> None:
     lines = [
         "# Federated SQL vs pooled DuckDB",
         "",
-        f"`python benchmarks/sql/run.py` — {len(PODS)} pods x {args.rows:,} rows (Parquet, loaded by each pod), "
+        f"`python -m benchmarks.sql.run` — {len(PODS)} pods x {args.rows:,} rows (Parquet, loaded by each pod), "
         f"query `{QUERY}`; {args.runs} runs after one warm-up, medians. Machine: {platform.machine()}, "
         f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}, DuckDB {duckdb.__version__}.",
         "",

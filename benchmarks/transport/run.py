@@ -1,6 +1,6 @@
 """Benchmark: large payloads through fedpod's envelope path vs raw nats-py, same broker.
 
-    python benchmarks/transport/run.py      # rewrites benchmarks/transport/results.md
+    python -m benchmarks.transport.run      # rewrites benchmarks/transport/results.md
 
 Both paths move the payload to a receiver in another process over the embedded NATS server
 (stock 1 MiB max_payload) and count as done when the receiver holds the whole payload and
@@ -155,7 +155,7 @@ def main() -> None:
     lines = [
         "# Large payloads: fedpod envelopes vs raw nats-py",
         "",
-        f"`python benchmarks/transport/run.py` — sender and receiver in separate processes, embedded NATS "
+        f"`python -m benchmarks.transport.run` — sender and receiver in separate processes, embedded NATS "
         f"server with the stock 1 MiB max_payload, payload verified at the receiver (raw: SHA-256; fedpod: "
         f"signature + AES-GCM). One warm-up run per size, then medians. Machine: {platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}.",

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from safetensors.numpy import load, save
 
 from fedpod.wire.codec import DecodeError
-from fedpod.wire.tensors import decode_groups, encode_groups
+from fedpod.wire.tensors import decode_groups, digest, encode_groups, encode_parts
 
 DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_]
 
@@ -22,15 +22,26 @@ DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.ui
 @given(st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True),
                        st.sampled_from(DTYPES).flatmap(lambda dtype: hnp.arrays(dtype, hnp.array_shapes(
                            min_dims=0, max_dims=3, min_side=0, max_side=5))), min_size=1, max_size=5))
-def test_decoding_agrees_with_safetensors(arrays: dict[str, np.ndarray]) -> None:
-    blob = encode_groups({"params": arrays})
-    ours = decode_groups(bytearray(blob))["params"]
-    theirs = load(blob)
-    assert set(ours) == set(arrays)
-    for name, value in arrays.items():
-        assert ours[name].dtype == theirs[f"params/{name}"].dtype == value.dtype
-        assert ours[name].shape == value.shape
-        np.testing.assert_array_equal(ours[name], theirs[f"params/{name}"])
+def test_both_directions_agree_with_safetensors(arrays: dict[str, np.ndarray]) -> None:
+    ours_written = encode_groups({"params": arrays})
+    theirs_written = save({f"params/{name}": value for name, value in arrays.items()})
+    for read in (load(ours_written), {f"params/{k}": v for k, v in decode_groups(theirs_written)["params"].items()}):
+        assert set(read) == {f"params/{name}" for name in arrays}
+        for name, value in arrays.items():
+            assert read[f"params/{name}"].dtype == value.dtype
+            assert read[f"params/{name}"].shape == value.shape
+            np.testing.assert_array_equal(read[f"params/{name}"], value)
+
+
+def test_encoding_shares_the_arrays_memory() -> None:
+    w = np.arange(1000, dtype=np.float32)
+    header, body = encode_parts({"params": {"w": w}})
+    assert np.shares_memory(np.frombuffer(body, dtype=np.float32), w)
+    assert digest([header, body]) == digest(header + bytes(body))
+    big_endian = np.arange(3, dtype=">i4")
+    np.testing.assert_array_equal(load(encode_groups({"p": {"x": big_endian}}))["p/x"], big_endian)
+    with pytest.raises(ValueError, match="complex128"):
+        encode_parts({"p": {"z": np.zeros(2, dtype=np.complex128)}})
 
 
 def test_arrays_are_writable_views_of_a_writable_buffer() -> None:

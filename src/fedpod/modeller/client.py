@@ -14,16 +14,12 @@ import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import pandas as pd
-
-from fedpod.algorithms.sql.federated import plan_merge
 from fedpod.channel import SecureChannel
 from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout, TrustError
 from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
-from fedpod.modeller.sql import merge, output_names
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity, default_keystore
 from fedpod.transport import subjects
@@ -38,6 +34,9 @@ from fedpod.wire.messages import (
     TaskResult,
     WireMessage,
 )
+
+if TYPE_CHECKING:  # SQL's libraries load with the first query: a training-only modeller never needs them
+    import pandas as pd
 
 T = TypeVar("T")
 R = TypeVar("R", bound=WireMessage)
@@ -152,6 +151,9 @@ class AsyncModeller:
                   aggregate: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:
         """Run `query` on each dataset. With `aggregate=True`, one exact global result;
         otherwise one DataFrame per dataset identifier."""
+        from fedpod.algorithms.sql.federated import plan_merge
+        from fedpod.modeller.sql import merge, output_names
+
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags)
         first = targets[0].dataset

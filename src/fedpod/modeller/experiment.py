@@ -27,7 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fedpod.aggregation import Aggregator, FedAverage, Params, Reply, aggregator_from_config
+from fedpod.aggregation import Aggregator, FedAverage, Reply, aggregator_from_config
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.local import seed_everything
 from fedpod.algorithms.training.plans import TrainingPlan
@@ -37,18 +37,20 @@ from fedpod.modeller.discovery import Target
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
 from fedpod.modeller.results import (
     TensorboardLog,
+    aggregated_files,
+    load_params,
     next_experiment_folder,
     plot_metrics,
     read_breakpoint,
+    save_aggregated,
     save_breakpoint,
-    save_params,
     write_metrics,
 )
 from fedpod.modeller.selection import AllNodes, NodeSelectionStrategy
-from fedpod.pod.training import CONFIG_PREFIX, EXTRA_PREFIX
 from fedpod.transport.bus import BrokerOptions
-from fedpod.wire.messages import PlanSpec, TrainRequest, TrainResult
-from fedpod.wire.tensors import decode_groups, encode_groups
+from fedpod.wire.codec import Buffer
+from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, PlanSpec, TrainRequest, TrainResult
+from fedpod.wire.tensors import decode_groups, encode_parts
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,6 @@ class Experiment:
         self._owns_modeller = modeller is None
         self._modeller = modeller or Modeller(identity, broker=broker, keystore=keystore, timeout_s=timeout_s)
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}
-        self._aggregated: dict[int, Params] = {}
         self._resolved: list[Target] | None = None
         self._round_seconds: dict[int, float] = {}
         self._plan = self._build_plan()
@@ -172,8 +173,10 @@ class Experiment:
         """Per round, per pod: loss, validation metrics, sample count, timings."""
         return {r: {pod: dict(reply) for pod, reply in pods.items()} for r, pods in self._replies.items()}
 
-    def aggregated_params(self) -> dict[int, dict[str, Params]]:
-        return {r: {"params": dict(p)} for r, p in self._aggregated.items()}
+    def aggregated_params(self) -> dict[int, dict[str, Any]]:
+        """Per round: `params` (read from the experiment folder on each call) and `params_path`."""
+        files = aggregated_files(self._folder)
+        return {r: {"params": load_params(path), "params_path": path} for r, path in files.items()}
 
     def round_seconds(self) -> dict[int, float]:
         """Wall-clock seconds of each completed round, from sending the tasks to aggregating."""
@@ -246,7 +249,7 @@ class Experiment:
         config = self._aggregator.configure_round(round_number, self._global)
         scalars = {k: v for k, v in config.items() if not isinstance(v, dict)}
         arrays = {f"{CONFIG_PREFIX}{k}": v for k, v in config.items() if isinstance(v, dict)}
-        tensors = encode_groups({"params": self._global, **arrays})
+        tensors = encode_parts({"params": self._global, **arrays})
         outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors))
         successes = [(t, o) for t, o in zip(selected, outcomes, strict=True) if isinstance(o, TrainResult)]
         failures = {t.pod.name: o for t, o in zip(selected, outcomes, strict=True) if not isinstance(o, TrainResult)}
@@ -263,7 +266,6 @@ class Experiment:
             replies.append(Reply(target.pod.name, groups["params"], result.num_samples, result.metrics, extra))
         self._global = self._aggregator.aggregate(round_number, self._global, replies)
         self._plan.set_params(self._global)
-        self._aggregated[round_number] = self._global
         self._replies[round_number] = {
             target.pod.name: {"dataset": target.identifier, "num_samples": result.num_samples, **result.metrics,
                               "seconds": result.seconds, "device": result.device}
@@ -276,7 +278,7 @@ class Experiment:
         return 1
 
     async def _train_all(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
-                         tensors: bytes) -> list[TrainResult | BaseException]:
+                         tensors: list[Buffer]) -> list[TrainResult | BaseException]:
         core = self._modeller._core
 
         def build(target: Target) -> Any:
@@ -314,7 +316,7 @@ class Experiment:
         write_metrics(self._folder, self._replies)
         if self._board is not None:
             self._board.write(round_number, self._replies[round_number])
-        save_params(self._global, self._folder / "model.safetensors")
+        save_aggregated(self._folder, round_number, self._global)
         if self._save_breakpoints:
             save_breakpoint(self._folder, self._round, self._state(), self._global, self._aggregator.state(),
                             self._plan_spec.source)

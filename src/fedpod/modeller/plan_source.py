@@ -11,7 +11,6 @@ import importlib.util
 import inspect
 from pathlib import Path
 
-from fedpod.algorithms.training.builtin import BUILTIN_PLANS, builtin_plan
 from fedpod.algorithms.training.plans import TrainingPlan
 from fedpod.errors import ConfigError
 from fedpod.wire.messages import PlanSpec
@@ -25,16 +24,22 @@ from fedpod.training import DataManager, SKLearnTrainingPlan, TorchTrainingPlan
 
 def plan_spec(plan_class: type[TrainingPlan] | str,
               plan_path: Path | None = None) -> tuple[PlanSpec, type[TrainingPlan]]:
+    # The built-ins need PyTorch and scikit-learn: import them only when a built-in is asked for.
     if isinstance(plan_class, str) and plan_path is None:
+        from fedpod.algorithms.training.builtin import builtin_plan
+
         return PlanSpec(kind="builtin", name=plan_class.lower()), builtin_plan(plan_class)
     if isinstance(plan_class, str):
         source = plan_path.read_text() if plan_path and plan_path.exists() else None
         if source is None:
             raise ConfigError(f"training_plan_path {plan_path} does not exist")
         return PlanSpec(kind="custom", name=plan_class, source=source), load_plan_class(source, plan_class)
-    builtin = next((name for name, cls in BUILTIN_PLANS.items() if cls is plan_class), None)
-    if builtin is not None:
-        return PlanSpec(kind="builtin", name=builtin), plan_class
+    if plan_class.__module__ == "fedpod.algorithms.training.builtin":
+        from fedpod.algorithms.training.builtin import BUILTIN_PLANS
+
+        name = next((name for name, cls in BUILTIN_PLANS.items() if cls is plan_class), None)
+        if name is not None:
+            return PlanSpec(kind="builtin", name=name), plan_class
     try:
         body = inspect.getsource(plan_class)
     except (OSError, TypeError) as exc:

@@ -3,17 +3,20 @@
     experiments/Experiment_0001/
         metrics.csv, metrics.json     one row per round and pod: samples, loss, validation metrics, seconds
         model.safetensors             the latest aggregated parameters
+        aggregated/round_0000.safetensors ...  the aggregated parameters of every round (0-based, as
+                                      `Experiment.aggregated_params()` keys them); kept on disk, not in
+                                      memory, so a long run with a large model costs no more memory
         breakpoints/breakpoint_0003/  state.json, params.safetensors, aggregator.safetensors, plan.py
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from safetensors.numpy import load_file, save_file
 
 from fedpod.aggregation.base import Params
@@ -38,11 +41,36 @@ def load_params(path: Path) -> Params:
     return dict(load_file(str(path)))
 
 
+ROUND_FILE = re.compile(r"^round_(\d{4,})\.safetensors$")
+
+
+def save_aggregated(folder: Path, round_number: int, params: Params) -> None:
+    """The round's file, and `model.safetensors` as a second name for it (a copy where the
+    file system has no hard links)."""
+    path = folder / "aggregated" / f"round_{round_number:04d}.safetensors"
+    save_params(params, path)
+    latest = folder / "model.safetensors"
+    latest.unlink(missing_ok=True)
+    try:
+        latest.hardlink_to(path)
+    except OSError:
+        save_params(params, latest)
+
+
+def aggregated_files(folder: Path) -> dict[int, Path]:
+    found = ((m, p) for p in (folder / "aggregated").glob("round_*.safetensors") if (m := ROUND_FILE.match(p.name)))
+    return {int(m.group(1)): p for m, p in sorted(found, key=lambda item: int(item[0].group(1)))}
+
+
 def write_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> None:
     rows = [{"round": round_number, "pod": pod, **reply} for round_number, pods in sorted(replies.items())
             for pod, reply in sorted(pods.items())]
     folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # a pod that failed has fewer keys
+    with (folder / "metrics.csv").open("w", newline="") as out:
+        writer = csv.DictWriter(out, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
     (folder / "metrics.json").write_text(json.dumps({str(k): v for k, v in replies.items()}, indent=2))
 
 
@@ -81,6 +109,7 @@ def plot_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
     frame = pd.DataFrame([{"round": r + 1, "pod": pod, **reply} for r, pods in replies.items()

@@ -42,6 +42,7 @@ from fedpod.wire.messages import (
     TrainRequest,
     TrainResult,
 )
+from fedpod.wire.tensors import digest
 
 REQUESTS: dict[str, type[TaskRequest] | type[TrainRequest]] = {TaskRequest.TYPE: TaskRequest,
                                                                 TrainRequest.TYPE: TrainRequest}
@@ -62,7 +63,7 @@ def describe_request(request: TaskRequest | TrainRequest) -> dict[str, Any]:
 def describe_training(result: TrainResult) -> dict[str, Any]:
     """What the audit log records about a returned model update."""
     return {"returned": "model update", "num_samples": result.num_samples, "metrics": result.metrics,
-            "result_sha256": hashlib.sha256(result.tensors).hexdigest(), "device": result.device,
+            "result_sha256": digest(result.tensors), "device": result.device,
             "seconds": round(result.seconds, 4)}
 
 

@@ -21,11 +21,8 @@ from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
 from fedpod.data.datasets import DatasetSpec, quote_identifier
 from fedpod.errors import FedpodError
 from fedpod.governance.plans import PlanRegistry
-from fedpod.wire.messages import TrainRequest, TrainResult
-from fedpod.wire.tensors import decode_groups, encode_groups
-
-CONFIG_PREFIX = "config."
-EXTRA_PREFIX = "extra."
+from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, TrainRequest, TrainResult
+from fedpod.wire.tensors import decode_groups, encode_parts
 
 
 class PlanNotApproved(FedpodError, PermissionError):
@@ -98,7 +95,7 @@ class TrainingRunner:
         with self._lock:
             state = self._state.setdefault((request.experiment_id, request.dataset), {})
         result = run_local_round(plan, groups.get("params", {}), args, round_config, device=self.device, state=state)
-        tensors = encode_groups({"params": result.params,
+        tensors = encode_parts({"params": result.params,
                                  **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
         return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
                            num_samples=result.num_samples, metrics=result.metrics,

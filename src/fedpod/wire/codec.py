@@ -41,7 +41,8 @@ def pack(message: BaseModel) -> list[Buffer]:
     structure: bytes = msgpack.packb(fields, use_bin_type=True)
     parts: list[Buffer] = [_LENGTH.pack(len(structure)) + structure]
     if bulk:
-        parts.append(getattr(message, bulk))
+        value = getattr(message, bulk)
+        parts.extend(value) if isinstance(value, list) else parts.append(value)  # a list: parts of one field
     return parts
 
 

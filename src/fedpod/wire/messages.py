@@ -7,8 +7,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
-# Bulk bytes travel outside msgpack (see wire.codec) and are never copied or validated here.
+# Bulk bytes travel outside msgpack (see wire.codec) and are never copied or validated here;
+# a list is one field given as parts (tensors encoded without a copy).
 BulkBytes = Annotated[bytes | bytearray | memoryview, SkipValidation]
+BulkParts = Annotated[bytes | bytearray | memoryview | list[bytes | bytearray | memoryview], SkipValidation]
 
 
 class WireMessage(BaseModel):
@@ -85,6 +87,10 @@ class PlanSpec(BaseModel):
     sha256: str | None = None
 
 
+CONFIG_PREFIX = "config."  # tensor groups of a TrainRequest that are array-valued round instructions
+EXTRA_PREFIX = "extra."  # tensor groups of a TrainResult beside `params` (Scaffold's control variate)
+
+
 class TrainRequest(WireMessage):
     """One round of training on one dataset. The bulk part holds safetensors with the group
     `params` (global parameters) and any array-valued round instructions (`config.<key>`)."""
@@ -99,7 +105,7 @@ class TrainRequest(WireMessage):
     model_args: dict[str, Any] = {}
     training_args: dict[str, Any] = {}
     round_config: dict[str, Any] = {}
-    tensors: BulkBytes
+    tensors: BulkParts
 
 
 class TrainResult(WireMessage):
@@ -114,7 +120,7 @@ class TrainResult(WireMessage):
     metrics: dict[str, float]
     seconds: float
     device: str
-    tensors: BulkBytes
+    tensors: BulkParts
 
 
 class TaskResult(WireMessage):

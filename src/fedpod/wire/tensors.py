@@ -1,44 +1,80 @@
 """Tensors on the wire: safetensors (no code runs on load, unlike pickle or torch.load).
 
 Several named groups of arrays share one safetensors blob, keyed `group/name`, so a message
-carries, say, the global parameters and Scaffold's control variate in one bulk part.
+carries, say, the global parameters and Scaffold's control variate in one bulk part. Neither
+direction copies the arrays: encoding yields the header plus the arrays' own memory as parts,
+decoding yields views into the received buffer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save
 
 from fedpod.wire.codec import Buffer, DecodeError
 
 Arrays = dict[str, Any]
 
 
-def encode_groups(groups: Mapping[str, Mapping[str, Any]]) -> bytes:
-    """np.asarray, not np.ascontiguousarray: the latter turns a 0-d tensor (a BatchNorm counter)
-    into shape (1,), which the model would then refuse to load."""
-    flat = {f"{group}/{name}": np.asarray(value, order="C") for group, arrays in groups.items()
-            for name, value in arrays.items()}
-    return bytes(save(flat))
-
-
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
            "BOOL": np.bool_}
+_CODES = {np.dtype(dtype): code for code, dtype in _DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
 
 
-def decode_groups(data: Buffer) -> dict[str, Arrays]:
+def encode_parts(groups: Mapping[str, Mapping[str, Any]]) -> list[Buffer]:
+    """The safetensors encoding as parts — the header, then each array's own memory — so that
+    a 40 MB model is sealed and sent without first being copied into one blob (safetensors'
+    `save` makes that copy, and a second one on its way to Python bytes). Tests check that
+    safetensors' own loader reads these bytes back exactly."""
+    arrays: list[np.ndarray] = []
+    header: dict[str, Any] = {}
+    offset = 0
+    for group, members in groups.items():
+        for name, value in members.items():
+            array = np.asarray(value, order="C")  # not ascontiguousarray: it makes a 0-d tensor 1-d
+            if array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            code = _CODES.get(array.dtype.newbyteorder("="))
+            if code is None:
+                raise ValueError(f"tensor {group}/{name} has dtype {array.dtype}, which safetensors cannot carry")
+            header[f"{group}/{name}"] = {"dtype": code, "shape": list(array.shape),
+                                         "data_offsets": [offset, offset + array.nbytes]}
+            offset += array.nbytes
+            arrays.append(array)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return [len(text).to_bytes(8, "little") + text,
+            *(array.reshape(-1).view(np.uint8).data for array in arrays if array.nbytes)]
+
+
+def encode_groups(groups: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """One blob, for files (breakpoints)."""
+    return b"".join(encode_parts(groups))
+
+
+def digest(parts: Buffer | Sequence[Buffer]) -> str:
+    """SHA-256 of a bulk field, whether one buffer or parts."""
+    hasher = hashlib.sha256()
+    for part in [parts] if isinstance(parts, bytes | bytearray | memoryview) else parts:
+        hasher.update(part)
+    return hasher.hexdigest()
+
+
+def decode_groups(data: Buffer | Sequence[Buffer]) -> dict[str, Arrays]:
     """Arrays that are views into `data` (copied once first if it is read-only), so that a
     40 MB update costs no second 40 MB. The header is checked as strictly as safetensors does:
     known dtypes, sizes that match shapes, offsets inside the buffer that neither overlap
     nor leave gaps. safetensors' own loader is still what `encode_groups` pairs with on the
     writing side and what the tests compare this reader against."""
+    if not isinstance(data, bytes | bytearray | memoryview):  # parts, from a message that never left this process
+        data = bytearray(b"".join(data))
     buffer = memoryview(data if isinstance(data, bytearray) or _writable(data) else bytearray(data)).cast("B")
     try:
         flat = _parse(buffer)
