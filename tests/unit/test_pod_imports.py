@@ -30,3 +30,12 @@ def test_an_array_only_plan_loads_no_framework() -> None:
 def test_framework_bases_still_load_on_demand() -> None:
     assert "torch" in loaded_after("from fedpod.training import TorchTrainingPlan")
     assert "sklearn" in loaded_after("from fedpod.training import SKLearnTrainingPlan")
+
+
+def test_a_pod_set_to_auto_device_resolves_a_non_torch_plan_without_torch() -> None:
+    statement = ("from fedpod.pod.training import resolve_device\n"
+                 "from fedpod.training import TrainingPlan\n"
+                 "assert resolve_device('auto', TrainingPlan()) == 'cpu'\n"
+                 "from fedpod.algorithms.training.local import seed_everything\n"
+                 "seed_everything(7)")
+    assert loaded_after(statement) == []

@@ -8,6 +8,7 @@ in memory for the pod's lifetime.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,8 +30,13 @@ class PlanNotApproved(FedpodError, PermissionError):
     pass
 
 
-def resolve_device(setting: str) -> str:
-    """`auto` picks CUDA when this machine has it, the CPU otherwise."""
+def resolve_device(setting: str, plan: TrainingPlan) -> str:
+    """Where `plan` trains: for a PyTorch plan, the `device` setting, `auto` picking CUDA when
+    this machine has it; anything else runs on the CPU. A plan that is not PyTorch never
+    makes the pod import torch (it would cost every pod some 200 MB)."""
+    torch_plan = sys.modules.get("fedpod.algorithms.training.torch_plan")
+    if torch_plan is None or not isinstance(plan, torch_plan.TorchTrainingPlan):
+        return "cpu"
     if setting != "auto":
         return setting
     import torch
@@ -45,7 +51,7 @@ class TrainingRunner:
         self.datasets = datasets
         self.base = base
         self.plans = plans
-        self.device = resolve_device(device)
+        self.device_setting = device
         self.pod_name = pod_name
         self._state: dict[tuple[str, str], dict[str, Params]] = {}
         self._lock = threading.Lock()
@@ -94,9 +100,10 @@ class TrainingRunner:
                 round_config[group[len(CONFIG_PREFIX):]] = arrays
         with self._lock:
             state = self._state.setdefault((request.experiment_id, request.dataset), {})
-        result = run_local_round(plan, groups.get("params", {}), args, round_config, device=self.device, state=state)
+        device = resolve_device(self.device_setting, plan)
+        result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state)
         tensors = encode_parts({"params": result.params,
                                  **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
         return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
                            num_samples=result.num_samples, metrics=result.metrics,
-                           seconds=time.perf_counter() - started, device=self.device, tensors=tensors)
+                           seconds=time.perf_counter() - started, device=device, tensors=tensors)

@@ -9,6 +9,7 @@ metrics. `state` keeps what a pod must remember between rounds of one experiment
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,9 @@ def seed_everything(seed: int | None) -> None:
         return
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    import torch
-
-    torch.manual_seed(seed)
+    torch = sys.modules.get("torch")  # loaded if and only if the plan uses it
+    if torch is not None:
+        torch.manual_seed(seed)
 
 
 def split(count: int, test_ratio: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
