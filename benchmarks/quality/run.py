@@ -159,7 +159,9 @@ def main() -> None:
         "",
         f"`python -m benchmarks.quality.run` — built-in logistic regression, FedAvg, batch 32, seed {args.seed}; "
         "centralised training gets the same total number of local steps on the pooled training rows; both "
-        f"scored on held-out rows. Machine: {platform.machine()}, Python {platform.python_version()}.",
+        "scored on held-out rows. Flower: 1.42's deployment engine and FedAvg on the same splits, its ClientApp "
+        f"running fedpod's model code and local round. Machine: {platform.machine()}, "
+        f"Python {platform.python_version()}.",
         "",
         "| data | rounds x local steps | fedpod AUC | centralised AUC | Flower FedAvg AUC | fedpod / centralised | "
         "fedpod accuracy | centralised accuracy | Flower accuracy |",
