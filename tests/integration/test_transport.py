@@ -160,3 +160,47 @@ async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(broker: E
     finally:
         await sender.bus.close()
         await receiver.bus.close()
+
+
+async def test_a_broker_restart_frees_the_slots_of_transfers_it_cut() -> None:
+    """Transfers cut by a broker restart never resume (senders resend whole): their admission
+    slots are freed on reconnection, not after STALE_TRANSFER_S, so replies flow at once."""
+    first = EmbeddedBroker().start()
+    second: EmbeddedBroker | None = None
+    receiver = SecureChannel(await Bus.connect(BrokerOptions(first.url)), Identity.generate("receiver"))
+    opened: asyncio.Queue[Opened] = asyncio.Queue()
+
+    async def on_opened(message: Opened) -> None:
+        await opened.put(message)
+
+    async def on_rejected(exc: EnvelopeRejected) -> None:
+        raise AssertionError(exc)
+
+    try:
+        await receiver.listen_inbox(on_opened, on_rejected)
+        raw = await nats.connect(first.url)
+        for index in range(bus_module.MAX_ACTIVE_TRANSFERS):
+            await raw.request(subjects.inbox(receiver.fingerprint), b"", timeout=5,
+                              headers={H_TRANSFER: f"cut{index}", H_SIZE: str(5 * 1024 * 1024), H_BEGIN: "1"})
+        await raw.close()
+        port = first.port
+        first.stop()
+        second = EmbeddedBroker(port=port).start()
+        for _ in range(100):
+            if receiver.bus.connected and receiver.bus.dropped_transfers:
+                break
+            await asyncio.sleep(0.1)
+        assert receiver.bus.dropped_transfers == bus_module.MAX_ACTIVE_TRANSFERS
+        sender = SecureChannel(await Bus.connect(BrokerOptions(second.url)), Identity.generate("sender"))
+        try:
+            await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d",
+                                                                    table=os.urandom(3 * 1024 * 1024), seconds=0),
+                              timeout_s=10)
+            assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
+        finally:
+            await sender.bus.close()
+    finally:
+        await receiver.bus.close()
+        if second is not None:
+            second.stop()
+        first.stop()

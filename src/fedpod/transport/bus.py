@@ -92,6 +92,12 @@ class Bus:
 
     @classmethod
     async def connect(cls, options: BrokerOptions, *, name: str = "fedpod", reconnect_forever: bool = False) -> Bus:
+        created: list[Bus] = []
+
+        async def on_reconnected() -> None:
+            if created:
+                created[0].abandon_transfers()
+
         try:
             client = await nats.connect(
                 options.url,
@@ -103,11 +109,21 @@ class Bus:
                 max_reconnect_attempts=-1 if reconnect_forever else 10,
                 reconnect_time_wait=0.5,
                 error_cb=_log_error,
+                reconnected_cb=on_reconnected,
             )
         except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}",
                                     hint="start one with `fedpod broker start` or pass --broker") from exc
-        return cls(client)
+        created.append(cls(client))
+        return created[0]
+
+    def abandon_transfers(self) -> None:
+        """After a reconnection no transfer in progress can go on (its sender's requests failed
+        with the old connection, and it resends whole): free their slots now rather than
+        after STALE_TRANSFER_S, so a restarted broker does not stall the next replies."""
+        for transfer_id in list(self._transfers):
+            self._finish(transfer_id)
+            self.dropped_transfers += 1
 
     @property
     def chunk_size(self) -> int:
