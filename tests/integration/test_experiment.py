@@ -21,7 +21,7 @@ from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment, RoundFailed
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
-from tests.conftest import PodFactory, RunningPod, wait_until
+from tests.conftest import PodFactory, RunningPod, start_pod_process, wait_until
 
 pytestmark = pytest.mark.integration
 DATASET = "ehr-records-2025"
@@ -224,6 +224,28 @@ def test_breakpoint_resume_after_killing_the_modeller_matches_an_uninterrupted_r
     resumed.run()
     assert resumed.round_current() == 4
     final, expected = resumed.aggregated_params()[3]["params"], uninterrupted.aggregated_params()[3]["params"]
+    for key in expected:
+        np.testing.assert_allclose(final[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_scaffold_state_survives_a_pod_restart(pods: list[RunningPod], modeller: Modeller, tmp_path: Path) -> None:
+    """A pod keeps its Scaffold control variate on disk: restarted between rounds, it goes on
+    exactly as if it had never stopped (same final weights as an uninterrupted run)."""
+    from fedpod.aggregation import Scaffold
+
+    model_args = standardisation(modeller)
+    uninterrupted = experiment(modeller, tmp_path / "a", model_args=model_args, aggregator=Scaffold())
+    uninterrupted.run()
+    interrupted = experiment(modeller, tmp_path / "b", model_args=model_args, aggregator=Scaffold())
+    interrupted.run_once()
+    bob = pods[1]
+    state_files = sorted((bob.config_path.parent / "storage" / "training-state").glob("*.safetensors"))
+    assert len(state_files) == 2  # one per experiment, named by a hash, never by the modeller's ids
+    bob.stop()
+    bob.process, bob.log = start_pod_process(bob.config_path)
+    interrupted.run()
+    assert interrupted.round_current() == 3
+    final, expected = interrupted.aggregated_params()[2]["params"], uninterrupted.aggregated_params()[2]["params"]
     for key in expected:
         np.testing.assert_allclose(final[key], expected[key], rtol=1e-6, atol=1e-7)
 

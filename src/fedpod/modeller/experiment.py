@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,11 @@ class Experiment:
         self._tensorboard = tensorboard
         self._min_pods = min_pods
         self._console = console or Console()
-        self._experiment_id = ""
         root = Path(experiments_root)
         self._folder = root / experimentation_folder if experimentation_folder else next_experiment_folder(root)
-        self._experiment_id = self._folder.name
+        # Unique, because pods key what they remember between rounds (Scaffold's control variate)
+        # by it: two experiments in different folders are both "Experiment_0001". Kept in breakpoints.
+        self._experiment_id = f"{self._folder.name}-{os.urandom(6).hex()}"
         self._owns_modeller = modeller is None
         self._modeller = modeller or Modeller(identity, broker=broker, keystore=keystore, timeout_s=timeout_s)
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}

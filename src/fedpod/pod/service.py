@@ -223,7 +223,8 @@ class Pod:
 
                 assert self.engine is not None
                 self._trainer = TrainingRunner(self.engine, {d.name: d for d in self.config.datasets}, self.base,
-                                               self.plans, self.config.device, self.config.name)
+                                               self.plans, self.config.device, self.config.name,
+                                               self._resolve(self.config.storage) / "training-state")
             return self._trainer
 
     async def _reply(self, opened: Opened, message: TaskResult | TrainResult | TaskFailure) -> None:

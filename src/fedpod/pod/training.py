@@ -8,6 +8,8 @@ in memory for the pod's lifetime.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from fedpod.data.datasets import DatasetSpec, quote_identifier
 from fedpod.errors import FedpodError
 from fedpod.governance.plans import PlanRegistry
 from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, TrainRequest, TrainResult
-from fedpod.wire.tensors import decode_groups, encode_parts
+from fedpod.wire.tensors import decode_groups, encode_groups, encode_parts
 
 
 class PlanNotApproved(FedpodError, PermissionError):
@@ -45,16 +47,36 @@ def resolve_device(setting: str, plan: TrainingPlan) -> str:
 
 
 class TrainingRunner:
+    """Runs training rounds for one pod. What a pod must remember between the rounds of an
+    experiment (Scaffold's own control variate) is kept in `state_dir` as safetensors, so a
+    pod that restarts mid-experiment goes on where it was instead of from zero."""
+
     def __init__(self, engine: SqlEngine, datasets: dict[str, DatasetSpec], base: Path, plans: PlanRegistry,
-                 device: str, pod_name: str) -> None:
+                 device: str, pod_name: str, state_dir: Path) -> None:
         self.engine = engine
         self.datasets = datasets
         self.base = base
         self.plans = plans
         self.device_setting = device
         self.pod_name = pod_name
-        self._state: dict[tuple[str, str], dict[str, Params]] = {}
+        self.state_dir = state_dir
+        self._state: dict[tuple[str, str, str], dict[str, Params]] = {}  # (modeller, experiment, dataset)
         self._lock = threading.Lock()
+
+    def _state_file(self, key: tuple[str, str, str]) -> Path:
+        # The ids come from the modeller: hashed, never used as a path.
+        return self.state_dir / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.safetensors"
+
+    def _load_state(self, key: tuple[str, str, str]) -> dict[str, Params]:
+        path = self._state_file(key)
+        return decode_groups(path.read_bytes()) if path.exists() else {}
+
+    def _save_state(self, key: tuple[str, str, str], state: dict[str, Params]) -> None:
+        path = self._state_file(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(encode_groups(state))
+        os.replace(partial, path)  # a pod killed while writing keeps the previous round's state
 
     def plan_class(self, request: TrainRequest, requester: str) -> tuple[type[TrainingPlan], str | None]:
         spec = request.plan
@@ -98,10 +120,15 @@ class TrainingRunner:
         for group, arrays in groups.items():
             if group.startswith(CONFIG_PREFIX):
                 round_config[group[len(CONFIG_PREFIX):]] = arrays
+        key = (requester, request.experiment_id, request.dataset)
         with self._lock:
-            state = self._state.setdefault((request.experiment_id, request.dataset), {})
+            state = self._state.get(key)
+            if state is None:
+                state = self._state[key] = self._load_state(key)
         device = resolve_device(self.device_setting, plan)
         result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state)
+        if state:
+            self._save_state(key, state)
         tensors = encode_parts({"params": result.params,
                                  **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
         return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
