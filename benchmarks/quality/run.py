@@ -36,9 +36,8 @@ from sklearn.datasets import load_breast_cancer
 from benchmarks.flower.deployment import FlowerFederation
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.builtin import builtin_plan
-from fedpod.algorithms.training.local import run_local_round
-from fedpod.algorithms.training.metrics import evaluate
-from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
+from fedpod.algorithms.training.centralised import holdout_scores, train_centrally
+from fedpod.algorithms.training.plans import TrainingPlan
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate
 from fedpod.modeller.client import Modeller
@@ -82,22 +81,9 @@ def breast_cancer_case() -> Case:
                 rounds=10, updates=10, lr=0.05)
 
 
-def scores(plan: TrainingPlan, model_args: dict, frame: pd.DataFrame) -> dict[str, float]:  # type: ignore[type-arg]
-    x = (frame[model_args["features"]].to_numpy() - np.array(model_args["feature_means"])) \
-        / np.array(model_args["feature_stds"])
-    predicted = plan.predict_scores(x.astype(np.float32))
-    return {"auc": evaluate("auc", frame[model_args["target"]].to_numpy(), predicted),
-            "accuracy": evaluate("accuracy", frame[model_args["target"]].to_numpy(), predicted)}
-
-
 def centralised(case: Case, model_args: dict, training_args: dict) -> TrainingPlan:  # type: ignore[type-arg]
-    pooled = pd.concat(case.parts)
-    args = TrainingArgs.parse({**training_args, "num_updates": case.rounds * case.updates * len(case.parts)})
-    plan = builtin_plan("logistic_regression")()
-    plan.dataset = DatasetHandle("pooled", {}, lambda: pooled)
-    plan.post_init(model_args, args)
-    plan.set_params(run_local_round(plan, plan.get_params(), args, {}).params)
-    return plan
+    return train_centrally("logistic_regression", pd.concat(case.parts), model_args, training_args,
+                           case.rounds * case.updates * len(case.parts))
 
 
 def flower(case: Case, work: Path, model_args: dict, training_args: dict) -> TrainingPlan:  # type: ignore[type-arg]
@@ -131,16 +117,16 @@ def run_case(case: Case, work: Path, seed: int) -> dict[str, float]:
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=300) as modeller:
             wait_for_pods(modeller, set(names), processes, deadline_s=120)
-            targets = modeller._call(modeller._core.resolve(None, ["bench"]))
+            targets = modeller.resolve(tags=["bench"])
             model_args = {"target": case.target, "exclude": case.exclude}
             model_args |= global_standardisation(modeller, targets, numeric_features(targets[0], model_args))
             experiment = Experiment(tags=["bench"], training_plan_class="logistic_regression", model_args=model_args,
                                     training_args=training_args, round_limit=case.rounds, modeller=modeller,
                                     experiments_root=work / "experiments", console=Console(quiet=True))
             experiment.run()
-            federated = scores(experiment.training_plan(), model_args, case.holdout)
-    central = scores(centralised(case, model_args, training_args), model_args, case.holdout)
-    peer = scores(flower(case, work, model_args, training_args), model_args, case.holdout)
+            federated = holdout_scores(experiment.training_plan(), model_args, case.holdout)
+    central = holdout_scores(centralised(case, model_args, training_args), model_args, case.holdout)
+    peer = holdout_scores(flower(case, work, model_args, training_args), model_args, case.holdout)
     return {"federated_auc": federated["auc"], "centralised_auc": central["auc"], "flower_auc": peer["auc"],
             "federated_accuracy": federated["accuracy"], "centralised_accuracy": central["accuracy"],
             "flower_accuracy": peer["accuracy"]}

@@ -19,6 +19,7 @@ from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment, RoundFailed
+from fedpod.modeller.training_task import global_standardisation
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 from tests.conftest import PodFactory, RunningPod, start_pod_process, wait_until
@@ -48,11 +49,7 @@ def modeller(broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path
 
 def standardisation(modeller: Modeller) -> dict[str, Any]:
     """Global means and standard deviations, computed exactly with federated SQL."""
-    columns = ", ".join(f"AVG({f}) AS m_{f}, STDDEV_POP({f}) AS s_{f}" for f in FEATURES)
-    row = modeller.sql(f"SELECT {columns} FROM `{DATASET}`", tags=["ehr"], aggregate=True)
-    assert isinstance(row, pd.DataFrame)
-    return {"target": "outcome", "features": FEATURES, "feature_means": [float(row[f"m_{f}"][0]) for f in FEATURES],
-            "feature_stds": [float(row[f"s_{f}"][0]) for f in FEATURES]}
+    return {"target": "outcome"} | global_standardisation(modeller, modeller.resolve(tags=["ehr"]), FEATURES)
 
 
 TRAINING_ARGS = {"num_updates": 25, "loader_args": {"batch_size": 32}, "optimizer_args": {"lr": 0.05},

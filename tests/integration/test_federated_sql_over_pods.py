@@ -108,7 +108,7 @@ def test_unknown_dataset_and_missing_pod_are_named(three_pods: list[RunningPod],
 def test_pod_that_goes_offline_is_named_in_the_error(pod_factory: PodFactory, centres: list[Path],
                                                      modeller: Modeller, modeller_identity: Identity) -> None:
     pod = pod_factory("dora", [DatasetSpec(name=DATASET, type="csv", path=str(centres[0]))], [modeller_identity])
-    targets = modeller._call(modeller._core.resolve([f"dora/{DATASET}"]))
+    targets = modeller.resolve([f"dora/{DATASET}"])
     pod.stop()
     from fedpod.wire.messages import SqlQueryAlgorithm
 

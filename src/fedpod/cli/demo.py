@@ -121,7 +121,7 @@ def run_demo(out: Path, *, patients: int, seed: int, console: Console) -> None:
                           "trained centrally on the pooled rows; both scored on held-out patients")
             holdout = pd.concat([c.patients for c in generate(3, max(600, patients // 3), seed + 1000)])
             pooled_rows = pd.concat([c.patients for c in centres])
-            training = run_training(modeller, identifiers, DATASET, pooled_rows, holdout, out, console)
+            training = run_training(modeller, identifiers, pooled_rows, holdout, out, console)
             comparison = pd.DataFrame([{"model": name, **values} for name, values in training.items()])
             comparison.to_csv(results / "training.csv", index=False)
             print_frame(comparison, "held-out patients")

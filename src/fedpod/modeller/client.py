@@ -203,6 +203,10 @@ class Modeller:
             return select_by_tags(adverts, tags)
         return [Target(pod, d) for _, (pod, advert) in sorted(adverts.items()) for d in advert.datasets]
 
+    def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None) -> list[Target]:
+        """The pods and datasets a task addresses: `owner/name` identifiers, or tags."""
+        return self._call(self._core.resolve(datasets, tags))
+
     def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
             aggregate: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:
         return self._call(self._core.sql(query, datasets=datasets, tags=tags, aggregate=aggregate))

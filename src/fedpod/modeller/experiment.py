@@ -303,7 +303,7 @@ class Experiment:
         return self._resolved
 
     def _resolve_targets(self) -> list[Target]:
-        targets = self._modeller._call(self._modeller._core.resolve(self._datasets or None, self._tags or None))
+        targets = self._modeller.resolve(self._datasets or None, self._tags or None)
         if self._nodes is not None:
             targets = [t for t in targets if t.pod.name in self._nodes]
         pods = [t.pod.name for t in targets]

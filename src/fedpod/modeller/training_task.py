@@ -65,7 +65,7 @@ def global_standardisation(modeller: Modeller, targets: list[Target], features: 
 
 
 def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console: Console) -> Experiment:
-    targets = modeller._call(modeller._core.resolve(task.targets.identifiers or None, task.targets.tags or None))
+    targets = modeller.resolve(task.targets.identifiers or None, task.targets.tags or None)
     check_schemas(targets, task.schema_requirements, task.model_args["target"])
     model_args = dict(task.model_args)
     if task.plan_path is None and task.plan in BUILTIN_PLANS and task.standardize:

@@ -40,17 +40,23 @@ class TabularData:
         handle = getattr(self, "dataset", None)
         if handle is None:
             raise ConfigError("no dataset was given to the plan")
-        frame = handle.to_pandas()
-        features = tabular_features(frame, self.model_args)
-        missing = [c for c in [*features, self.model_args["target"]] if c not in frame.columns]
-        if missing:
-            raise ConfigError(f"columns {missing} are not in dataset {handle.name}")
-        values = frame[features].astype("float64").fillna(0.0).to_numpy()
-        if "feature_means" in self.model_args:
-            means = np.asarray(self.model_args["feature_means"], dtype=np.float64)
-            stds = np.asarray(self.model_args.get("feature_stds", np.ones(len(features))), dtype=np.float64)
-            values = (values - means) / np.where(stds > 0, stds, 1.0)
-        return DataManager(values.astype(np.float32), frame[self.model_args["target"]].to_numpy())
+        features, target = tabular_arrays(handle.to_pandas(), self.model_args, handle.name)
+        return DataManager(features, target)
+
+
+def tabular_arrays(frame: pd.DataFrame, model_args: dict[str, Any], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The built-ins' view of a table: the configured features (standardised when model_args
+    carry global means and standard deviations) as float32, and the target column."""
+    features = tabular_features(frame, model_args)
+    missing = [c for c in [*features, model_args["target"]] if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"columns {missing} are not in dataset {source}")
+    values = frame[features].astype("float64").fillna(0.0).to_numpy()
+    if "feature_means" in model_args:
+        means = np.asarray(model_args["feature_means"], dtype=np.float64)
+        stds = np.asarray(model_args.get("feature_stds", np.ones(len(features))), dtype=np.float64)
+        values = (values - means) / np.where(stds > 0, stds, 1.0)
+    return values.astype(np.float32), frame[model_args["target"]].to_numpy()
 
 
 def _n_features(model_args: dict[str, Any]) -> int:
