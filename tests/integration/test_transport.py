@@ -22,10 +22,12 @@ from fedpod.wire.messages import TaskResult
 pytestmark = pytest.mark.integration
 
 
-async def pair(broker: EmbeddedBroker) -> tuple[SecureChannel, SecureChannel, asyncio.Queue[Opened],
-                                                 asyncio.Queue[EnvelopeRejected]]:
-    sender = SecureChannel(await Bus.connect(BrokerOptions(broker.url)), Identity.generate("sender"))
-    receiver = SecureChannel(await Bus.connect(BrokerOptions(broker.url)), Identity.generate("receiver"))
+Inbox = tuple[SecureChannel, asyncio.Queue[Opened], asyncio.Queue[EnvelopeRejected]]
+
+
+async def listening(url: str, name: str) -> Inbox:
+    """A channel listening on its inbox, with what it opened and what it rejected."""
+    channel = SecureChannel(await Bus.connect(BrokerOptions(url)), Identity.generate(name))
     opened: asyncio.Queue[Opened] = asyncio.Queue()
     rejected: asyncio.Queue[EnvelopeRejected] = asyncio.Queue()
 
@@ -35,8 +37,14 @@ async def pair(broker: EmbeddedBroker) -> tuple[SecureChannel, SecureChannel, as
     async def on_rejected(exc: EnvelopeRejected) -> None:
         await rejected.put(exc)
 
-    await receiver.listen_inbox(on_opened, on_rejected)
-    await receiver.bus.flush()
+    await channel.listen_inbox(on_opened, on_rejected)
+    return channel, opened, rejected
+
+
+async def pair(broker: EmbeddedBroker) -> tuple[SecureChannel, SecureChannel, asyncio.Queue[Opened],
+                                                 asyncio.Queue[EnvelopeRejected]]:
+    sender = SecureChannel(await Bus.connect(BrokerOptions(broker.url)), Identity.generate("sender"))
+    receiver, opened, rejected = await listening(broker.url, "receiver")
     return sender, receiver, opened, rejected
 
 
@@ -88,16 +96,7 @@ async def test_many_large_senders_to_one_receiver_on_a_stock_broker() -> None:
     """Twelve pods replying 8 MB each at once must not overrun NATS's default 64 MB buffer for
     the receiving client (the server would cut it off as a slow consumer)."""
     with EmbeddedBroker(max_pending=64 * 1024 * 1024) as stock:
-        receiver = SecureChannel(await Bus.connect(BrokerOptions(stock.url)), Identity.generate("modeller"))
-        arrived: asyncio.Queue[Opened] = asyncio.Queue()
-
-        async def on_opened(message: Opened) -> None:
-            await arrived.put(message)
-
-        async def on_rejected(exc: EnvelopeRejected) -> None:
-            raise AssertionError(exc)
-
-        await receiver.listen_inbox(on_opened, on_rejected)
+        receiver, arrived, rejected = await listening(stock.url, "modeller")
         senders = [SecureChannel(await Bus.connect(BrokerOptions(stock.url)), Identity.generate(f"pod{i}"))
                    for i in range(12)]
         try:
@@ -107,6 +106,7 @@ async def test_many_large_senders_to_one_receiver_on_a_stock_broker() -> None:
             received = [await asyncio.wait_for(arrived.get(), 60) for _ in senders]
             assert sorted(m.sender.name for m in received) == sorted(f"pod{i}" for i in range(12))
             assert receiver.bus.connected
+            assert rejected.empty()
         finally:
             for channel in [*senders, receiver]:
                 await channel.bus.close()
@@ -167,17 +167,8 @@ async def test_a_broker_restart_frees_the_slots_of_transfers_it_cut() -> None:
     slots are freed on reconnection, not after STALE_TRANSFER_S, so replies flow at once."""
     first = EmbeddedBroker().start()
     second: EmbeddedBroker | None = None
-    receiver = SecureChannel(await Bus.connect(BrokerOptions(first.url)), Identity.generate("receiver"))
-    opened: asyncio.Queue[Opened] = asyncio.Queue()
-
-    async def on_opened(message: Opened) -> None:
-        await opened.put(message)
-
-    async def on_rejected(exc: EnvelopeRejected) -> None:
-        raise AssertionError(exc)
-
+    receiver, opened, rejected = await listening(first.url, "receiver")
     try:
-        await receiver.listen_inbox(on_opened, on_rejected)
         raw = await nats.connect(first.url)
         for index in range(bus_module.MAX_ACTIVE_TRANSFERS):
             await raw.request(subjects.inbox(receiver.fingerprint), b"", timeout=5,
@@ -197,6 +188,7 @@ async def test_a_broker_restart_frees_the_slots_of_transfers_it_cut() -> None:
                                                                     table=os.urandom(3 * 1024 * 1024), seconds=0),
                               timeout_s=10)
             assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
+            assert rejected.empty()
         finally:
             await sender.bus.close()
     finally:
