@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.numpy import load_file
 from sklearn.datasets import load_breast_cancer
 
 from benchmarks.flower.deployment import FlowerFederation
+from benchmarks.report import machine, publish
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.builtin import builtin_plan
 from fedpod.algorithms.training.centralised import holdout_scores, train_centrally
@@ -146,8 +146,7 @@ def main() -> None:
         f"`python -m benchmarks.quality.run` — built-in logistic regression, FedAvg, batch 32, seed {args.seed}; "
         "centralised training gets the same total number of local steps on the pooled training rows; both "
         "scored on held-out rows. Flower: 1.42's deployment engine and FedAvg on the same splits, its ClientApp "
-        f"running fedpod's model code and local round. Machine: {platform.machine()}, "
-        f"Python {platform.python_version()}.",
+        f"running fedpod's model code and local round. Machine: {machine()}.",
         "",
         "| data | rounds x local steps | fedpod AUC | centralised AUC | Flower FedAvg AUC | fedpod / centralised | "
         "fedpod accuracy | centralised accuracy | Flower accuracy |",
@@ -165,8 +164,7 @@ def main() -> None:
     lines += ["", f"Target (a) federated AUC >= 0.98 x centralised: **{verdict}** ({synthetic_ratio:.3f}). "
               f"Not worse than Flower's FedAvg (AUC within 0.001 or better, both cases): "
               f"**{'met' if not_worse else 'NOT met'}**.", ""]
-    (HERE / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(HERE / "results.md", lines)
 
 
 if __name__ == "__main__":

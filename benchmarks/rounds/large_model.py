@@ -11,14 +11,12 @@ seconds per round and the peak resident memory of every process (modeller, pods,
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 from benchmarks.memory import PeakMemory
+from benchmarks.report import machine, publish
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.modeller.client import Modeller
@@ -66,8 +64,7 @@ def main() -> None:
         "",
         f"`python -m benchmarks.rounds.large_model` — built-in MLP, hidden layers [{args.hidden}, {args.hidden}], "
         f"{parameters:,} parameters ({parameters * 4 / 1e6:.0f} MB float32); 3 pods as processes, embedded NATS "
-        f"(stock 1 MiB max_payload), one local step per round. Machine: {platform.machine()}, "
-        f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB.",
+        f"(stock 1 MiB max_payload), one local step per round. Machine: {machine()}.",
         "",
         "| round | seconds |",
         "|---:|---:|",
@@ -77,8 +74,7 @@ def main() -> None:
         f"**{memory.peak / 2**30:.1f} GiB**.",
         "",
     ]
-    (HERE / "large_model.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(HERE / "large_model.md", lines)
 
 
 if __name__ == "__main__":

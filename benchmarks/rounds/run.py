@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,11 +29,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import psutil
 from rich.console import Console
 
 from benchmarks.flower.deployment import FlowerFederation
 from benchmarks.memory import PeakMemory
+from benchmarks.report import machine, publish
 from fedpod.data.datasets import DatasetSpec
 from fedpod.governance.plans import PlanRegistry
 from fedpod.modeller.client import Modeller
@@ -125,8 +124,7 @@ def main() -> None:
         "",
         f"`python -m benchmarks.rounds.run` — FedAvg of w + 1; fedpod {args.rounds} rounds, Flower 1.42 deployment "
         f"engine {args.flower_rounds} rounds, both in this run; median seconds per round (first round excluded), "
-        "peak summed resident memory of all the system's processes. Machine: "
-        f"{platform.machine()}, {psutil.cpu_count()} cores, Python {platform.python_version()}.",
+        f"peak summed resident memory of all the system's processes. Machine: {machine()}.",
         "",
         "| pods | parameters | fedpod s/round | Flower s/round | time ratio | target | fedpod memory (GiB) | "
         "Flower memory (GiB) | memory ratio |",
@@ -148,8 +146,7 @@ def main() -> None:
               "Targets: time per round at most 1/20 of Flower's for the small model (and under 100 ms at 10 pods), "
               "at most 1/4 for the 40 MB model, at least half of raw NATS throughput, at most half of Flower's "
               f"memory: **{'all met' if all(verdicts) else 'NOT all met'}**.", ""]
-    (HERE / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(HERE / "results.md", lines)
 
 
 if __name__ == "__main__":

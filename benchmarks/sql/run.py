@@ -12,7 +12,6 @@ Target: fedpod <= 1.5 x pooled + 100 ms.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import duckdb
 
+from benchmarks.report import machine, publish
 from fedpod.data.datasets import DatasetSpec
 from fedpod.modeller.client import Modeller
 from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
@@ -87,8 +87,8 @@ def main() -> None:
         "# Federated SQL vs pooled DuckDB",
         "",
         f"`python -m benchmarks.sql.run` — {len(PODS)} pods x {args.rows:,} rows (Parquet, loaded by each pod), "
-        f"query `{QUERY}`; {args.runs} runs after one warm-up, medians. Machine: {platform.machine()}, "
-        f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}, DuckDB {duckdb.__version__}.",
+        f"query `{QUERY}`; {args.runs} runs after one warm-up, medians. Machine: {machine()}, "
+        f"DuckDB {duckdb.__version__}.",
         "",
         "| path | median (ms) | min (ms) | max (ms) |",
         "|---|---:|---:|---:|",
@@ -101,8 +101,7 @@ def main() -> None:
         f"**{'met' if fed <= target else 'NOT met'}** ({fed * 1000:.0f} ms).",
         "",
     ]
-    (HERE / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(HERE / "results.md", lines)
 
 
 if __name__ == "__main__":

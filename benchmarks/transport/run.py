@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import nats
 
+from benchmarks.report import machine, publish
 from fedpod.channel import SecureChannel
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
@@ -157,8 +157,7 @@ def main() -> None:
         "",
         f"`python -m benchmarks.transport.run` — sender and receiver in separate processes, embedded NATS "
         f"server with the stock 1 MiB max_payload, payload verified at the receiver (raw: SHA-256; fedpod: "
-        f"signature + AES-GCM). One warm-up run per size, then medians. Machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}.",
+        f"signature + AES-GCM). One warm-up run per size, then medians. Machine: {machine()}.",
         "",
         "| payload | runs | raw nats-py (MB/s) | fedpod envelope path (MB/s) | fedpod / raw |",
         "|---:|---:|---:|---:|---:|",
@@ -169,8 +168,7 @@ def main() -> None:
         verdicts.append(ratio >= 0.5)
         lines.append(f"| {size // 1_000_000} MB | {count} | {raw_rate:.0f} | {fedpod_rate:.0f} | {ratio:.0%} |")
     lines += ["", f"Target (fedpod >= 50% of raw throughput): **{'met' if all(verdicts) else 'NOT met'}**.", ""]
-    (HERE / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(HERE / "results.md", lines)
 
 
 if __name__ == "__main__":
