@@ -45,9 +45,9 @@ class SecureChannel:
         return self.identity.fingerprint
 
     async def _seal(self, message_type: str, payload: list[Buffer], recipients: list[PublicIdentity] | None,
-                    task_id: str) -> list[Buffer]:
+                    task_id: str, large: bool) -> list[Buffer]:
         seq = next(self._seq)
-        if sum(len(part) for part in payload) > OFFLOAD_BYTES:
+        if large:
             return await asyncio.to_thread(seal, self.identity, message_type, payload, recipients=recipients,
                                            task_id=task_id, seq=seq)
         return seal(self.identity, message_type, payload, recipients=recipients, task_id=task_id, seq=seq)
@@ -57,12 +57,13 @@ class SecureChannel:
         payload = pack(message)
         large = sum(len(part) for part in payload) > OFFLOAD_BYTES
         async with self._large_sends if large else contextlib.nullcontext():
-            parts = await self._seal(message.TYPE, payload, [recipient], task_id)
+            parts = await self._seal(message.TYPE, payload, [recipient], task_id, large)
             await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
                                 recipient=f"{recipient.name} ({recipient.fingerprint})")
 
     async def broadcast(self, subject: str, message: WireMessage) -> None:
-        parts = await self._seal(message.TYPE, pack(message), None, "")
+        payload = pack(message)
+        parts = await self._seal(message.TYPE, payload, None, "", sum(len(part) for part in payload) > OFFLOAD_BYTES)
         await self.bus.publish(subject, b"".join(parts))
 
     async def open(self, frame: Payload) -> Opened:

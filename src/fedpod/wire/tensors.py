@@ -71,11 +71,12 @@ def decode_groups(data: Buffer | Sequence[Buffer]) -> dict[str, Arrays]:
     """Arrays that are views into `data` (copied once first if it is read-only), so that a
     40 MB update costs no second 40 MB. The header is checked as strictly as safetensors does:
     known dtypes, sizes that match shapes, offsets inside the buffer that neither overlap
-    nor leave gaps. safetensors' own loader is still what `encode_groups` pairs with on the
-    writing side and what the tests compare this reader against."""
+    nor leave gaps; tests compare it with safetensors' own loader."""
     if not isinstance(data, bytes | bytearray | memoryview):  # parts, from a message that never left this process
-        data = bytearray(b"".join(data))
-    buffer = memoryview(data if isinstance(data, bytearray) or _writable(data) else bytearray(data)).cast("B")
+        data = bytearray().join(data)
+    buffer = memoryview(data).cast("B")
+    if buffer.readonly:  # plans may update parameters in place
+        buffer = memoryview(bytearray(buffer))
     try:
         flat = _parse(buffer)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
@@ -87,10 +88,6 @@ def decode_groups(data: Buffer | Sequence[Buffer]) -> dict[str, Arrays]:
             raise DecodeError(f"tensor {key!r} has no group")
         groups.setdefault(group, {})[name] = value
     return groups
-
-
-def _writable(data: Buffer) -> bool:
-    return isinstance(data, memoryview) and not data.readonly
 
 
 def _parse(buffer: memoryview) -> dict[str, np.ndarray]:
