@@ -318,9 +318,9 @@ class Experiment:
         write_metrics(self._folder, self._replies)
         if self._board is not None:
             self._board.write(round_number, self._replies[round_number])
-        save_aggregated(self._folder, round_number, self._global)
+        params_file = save_aggregated(self._folder, round_number, self._global)
         if self._save_breakpoints:
-            save_breakpoint(self._folder, self._round, self._state(), self._global, self._aggregator.state(),
+            save_breakpoint(self._folder, self._round, self._state(), params_file, self._aggregator.state(),
                             self._plan_spec.source)
         self._show(round_number)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +45,22 @@ def load_params(path: Path) -> Params:
 ROUND_FILE = re.compile(r"^round_(\d{4,})\.safetensors$")
 
 
-def save_aggregated(folder: Path, round_number: int, params: Params) -> None:
-    """The round's file, and `model.safetensors` as a second name for it (a copy where the
-    file system has no hard links)."""
+def save_aggregated(folder: Path, round_number: int, params: Params) -> Path:
+    """The round's file, and `model.safetensors` as a second name for it."""
     path = folder / "aggregated" / f"round_{round_number:04d}.safetensors"
     save_params(params, path)
-    latest = folder / "model.safetensors"
-    latest.unlink(missing_ok=True)
+    second_name(path, folder / "model.safetensors")
+    return path
+
+
+def second_name(source: Path, target: Path) -> None:
+    """A hard link (a copy where the file system has none): a 400 MB model is written once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
     try:
-        latest.hardlink_to(path)
+        target.hardlink_to(source)
     except OSError:
-        save_params(params, latest)
+        shutil.copyfile(source, target)
 
 
 def aggregated_files(folder: Path) -> dict[int, Path]:
@@ -74,11 +80,11 @@ def write_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -
     (folder / "metrics.json").write_text(json.dumps({str(k): v for k, v in replies.items()}, indent=2))
 
 
-def save_breakpoint(folder: Path, round_number: int, state: dict[str, Any], params: Params,
+def save_breakpoint(folder: Path, round_number: int, state: dict[str, Any], params_file: Path,
                     aggregator_state: dict[str, Params], plan_source: str | None) -> Path:
     target = folder / "breakpoints" / f"breakpoint_{round_number:04d}"
     target.mkdir(parents=True, exist_ok=True)
-    save_params(params, target / "params.safetensors")
+    second_name(params_file, target / "params.safetensors")
     (target / "aggregator.safetensors").write_bytes(encode_groups(aggregator_state))
     if plan_source is not None:
         (target / "plan.py").write_text(plan_source)
