@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -41,17 +43,22 @@ async def listening(url: str, name: str) -> Inbox:
     return channel, opened, rejected
 
 
-async def pair(broker: EmbeddedBroker) -> tuple[SecureChannel, SecureChannel, asyncio.Queue[Opened],
-                                                 asyncio.Queue[EnvelopeRejected]]:
+@contextlib.asynccontextmanager
+async def paired(broker: EmbeddedBroker) -> AsyncIterator[tuple[SecureChannel, SecureChannel, asyncio.Queue[Opened],
+                                                                asyncio.Queue[EnvelopeRejected]]]:
+    """A sender and a listening receiver, both closed afterwards."""
     sender = SecureChannel(await Bus.connect(BrokerOptions(broker.url)), Identity.generate("sender"))
     receiver, opened, rejected = await listening(broker.url, "receiver")
-    return sender, receiver, opened, rejected
+    try:
+        yield sender, receiver, opened, rejected
+    finally:
+        await sender.bus.close()
+        await receiver.bus.close()
 
 
 @pytest.mark.parametrize("size", [10, 3 * 1024 * 1024 + 7, 48 * 1024 * 1024])
 async def test_payloads_of_any_size_arrive_intact(broker: EmbeddedBroker, size: int) -> None:
-    sender, receiver, opened, _ = await pair(broker)
-    try:
+    async with paired(broker) as (sender, receiver, opened, _):
         assert sender.bus.chunk_size < 1024 * 1024  # the stock 1 MiB max_payload is in force
         blob = os.urandom(size)
         await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d", table=blob, seconds=0))
@@ -60,14 +67,10 @@ async def test_payloads_of_any_size_arrive_intact(broker: EmbeddedBroker, size: 
         from fedpod.wire.codec import unpack
 
         assert hashlib.sha256(unpack(message.payload, TaskResult).table).digest() == hashlib.sha256(blob).digest()
-    finally:
-        await sender.bus.close()
-        await receiver.bus.close()
 
 
 async def test_tampered_chunk_is_rejected_and_the_receiver_keeps_running(broker: EmbeddedBroker) -> None:
-    sender, receiver, opened, rejected = await pair(broker)
-    try:
+    async with paired(broker) as (sender, receiver, opened, rejected):
         head, body = seal(sender.identity, "result", os.urandom(3 * 1024 * 1024), recipients=[receiver.identity.public])
         corrupted = bytearray(body)
         corrupted[2 * 1024 * 1024] ^= 0x01
@@ -76,9 +79,6 @@ async def test_tampered_chunk_is_rejected_and_the_receiver_keeps_running(broker:
         await sender.send(receiver.identity.public, TaskResult(task_id="t2", dataset="d", table=b"ok", seconds=0))
         assert (await asyncio.wait_for(opened.get(), 10)).header.task == ""
         assert receiver.rejections["tampered"] == 1
-    finally:
-        await sender.bus.close()
-        await receiver.bus.close()
 
 
 async def test_sending_to_an_inbox_nobody_listens_on_fails_at_once(broker: EmbeddedBroker) -> None:
@@ -113,32 +113,24 @@ async def test_many_large_senders_to_one_receiver_on_a_stock_broker() -> None:
 
 
 async def test_a_transfer_over_the_receivers_limit_is_refused_before_any_data_moves(broker: EmbeddedBroker) -> None:
-    sender, receiver, opened, _ = await pair(broker)
-    receiver.bus.max_transfer_bytes = 2 * 1024 * 1024
-    try:
+    async with paired(broker) as (sender, receiver, opened, _):
+        receiver.bus.max_transfer_bytes = 2 * 1024 * 1024
         with pytest.raises(TransportError, match=r"refused: transfer of \d+ bytes \(limit 2097152\)"):
             await sender.bus.send(subjects.inbox(receiver.fingerprint), os.urandom(3 * 1024 * 1024),
                                   recipient="receiver")
         assert receiver.bus.dropped_transfers == 1
         await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d", table=b"ok", seconds=0))
         assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
-    finally:
-        await sender.bus.close()
-        await receiver.bus.close()
 
 
 async def test_chunks_of_a_transfer_that_was_never_admitted_are_dropped(broker: EmbeddedBroker) -> None:
-    sender, receiver, opened, _ = await pair(broker)
-    try:
+    async with paired(broker) as (_sender, receiver, opened, _):
         raw = await nats.connect(broker.url)
         await raw.request(subjects.inbox(receiver.fingerprint), b"x" * 1000, timeout=5,
                           headers={H_TRANSFER: "forged", H_OFFSET: "0"})
         await raw.close()
         assert receiver.bus.dropped_transfers == 1
         assert opened.empty()
-    finally:
-        await sender.bus.close()
-        await receiver.bus.close()
 
 
 async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(broker: EmbeddedBroker,
@@ -146,8 +138,7 @@ async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(broker: E
     """Every admission slot taken by senders that died: a live sender still gets through once
     the dead transfers go stale (the receiver must not wedge)."""
     monkeypatch.setattr(bus_module, "STALE_TRANSFER_S", 1.0)
-    sender, receiver, opened, _ = await pair(broker)
-    try:
+    async with paired(broker) as (sender, receiver, opened, _):
         raw = await nats.connect(broker.url)
         for index in range(bus_module.MAX_ACTIVE_TRANSFERS):
             await raw.request(subjects.inbox(receiver.fingerprint), b"", timeout=5,
@@ -157,9 +148,6 @@ async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(broker: E
                                                                 table=os.urandom(3 * 1024 * 1024), seconds=0))
         assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
         assert receiver.bus.dropped_transfers == bus_module.MAX_ACTIVE_TRANSFERS
-    finally:
-        await sender.bus.close()
-        await receiver.bus.close()
 
 
 async def test_a_broker_restart_frees_the_slots_of_transfers_it_cut() -> None:
