@@ -106,6 +106,29 @@ def test_run_and_run_once_respect_the_round_limit(pods: list[RunningPod], modell
     assert list((exp.experimentation_path() / "tensorboard").glob("events.out.tfevents.*"))
 
 
+
+def test_setters_apply_from_the_next_round(pods: list[RunningPod], modeller: Modeller, tmp_path: Path) -> None:
+    exp = experiment(modeller, tmp_path, round_limit=None)
+    exp.run_once(increase=True)
+    assert "global_accuracy" not in exp.training_replies()[0]["alice"]
+    exp.set_test_metric("accuracy")
+    exp.set_model_args(exp.model_args())  # same shapes: the global model carries over
+    trained = exp.aggregated_params()[0]["params"]
+    for key, value in exp.training_plan().get_params().items():
+        np.testing.assert_array_equal(value, trained[key])
+    exp.set_save_breakpoints(True)
+    exp.set_tensorboard(True)
+    exp.run_once(increase=True)
+    assert "global_accuracy" in exp.training_replies()[1]["alice"]
+    assert exp.save_breakpoints() and exp.tensorboard()
+    assert list((exp.experimentation_path() / "breakpoints").glob("breakpoint_*"))
+    exp.set_training_plan_class("mlp")  # another architecture: the next round starts from its own weights
+    exp.set_model_args({**exp.model_args(), "hidden": [4]})
+    exp.run_once(increase=True)
+    assert set(exp.aggregated_params()[2]["params"]) != set(trained)
+    exp.close()
+
+
 PLAN_SOURCE = '''
 import torch
 from fedpod.training import DataManager, TorchTrainingPlan

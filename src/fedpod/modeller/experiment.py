@@ -103,7 +103,6 @@ class Experiment:
         self._check_aggregator_fits(self._training_args)
         self._strategy = node_selection_strategy or AllNodes()
         self._save_breakpoints = save_breakpoints
-        self._tensorboard = tensorboard
         self._min_pods = min_pods
         self._console = console or Console()
         root = Path(experiments_root)
@@ -158,6 +157,58 @@ class Experiment:
     def model_args(self) -> dict[str, Any]:
         return dict(self._model_args)
 
+    def set_model_args(self, model_args: dict[str, Any]) -> None:
+        self._model_args = dict(model_args)
+        self._rebuild_plan()
+
+    def set_training_plan_class(self, training_plan_class: type[TrainingPlan] | str,
+                                training_plan_path: str | Path | None = None) -> None:
+        self._plan_spec, self._plan_class = plan_spec(training_plan_class,
+                                                      Path(training_plan_path) if training_plan_path else None)
+        self._rebuild_plan()
+
+    def _rebuild_plan(self) -> None:
+        """A new plan from the current class and arguments. The global model carries over when
+        its tensor names and shapes still fit the new plan; otherwise (another architecture)
+        the next round starts from the new plan's initial weights."""
+        self._plan = self._build_plan()
+        fresh = self._plan.get_params()
+        fits = fresh.keys() == self._global.keys() and all(
+            np.shape(fresh[k]) == np.shape(self._global[k]) for k in fresh)
+        if fits:
+            self._plan.set_params(self._global)
+        else:
+            log.info("the new training plan has other parameters: the next round starts from its initial weights")
+            self._global = fresh
+
+    def set_test_ratio(self, ratio: float) -> None:
+        self.set_training_args({**self.training_args(), "test_ratio": ratio})
+
+    def set_test_metric(self, metric: str, **metric_args: Any) -> None:
+        self.set_training_args({**self.training_args(), "test_metric": metric, "test_metric_args": metric_args})
+
+    def set_test_on_local_updates(self, flag: bool = True) -> None:
+        self.set_training_args({**self.training_args(), "test_on_local_updates": flag})
+
+    def set_test_on_global_updates(self, flag: bool = True) -> None:
+        self.set_training_args({**self.training_args(), "test_on_global_updates": flag})
+
+    def save_breakpoints(self) -> bool:
+        return self._save_breakpoints
+
+    def set_save_breakpoints(self, save_breakpoints: bool) -> None:
+        self._save_breakpoints = save_breakpoints
+
+    def tensorboard(self) -> bool:
+        return self._board is not None
+
+    def set_tensorboard(self, tensorboard: bool) -> None:
+        if tensorboard and self._board is None:
+            self._board = TensorboardLog(self._folder)
+        elif not tensorboard and self._board is not None:
+            self._board.close()
+            self._board = None
+
     def aggregator(self) -> Aggregator:
         return self._aggregator
 
@@ -199,7 +250,7 @@ class Experiment:
                 "nodes": self._nodes, "round_current": self._round, "round_limit": self._round_limit,
                 "aggregator": self._aggregator.get_config(), "training_args": self.training_args(),
                 "model_args": self._model_args, "min_pods": self._min_pods,
-                "save_breakpoints": self._save_breakpoints, "tensorboard": self._tensorboard}
+                "save_breakpoints": self._save_breakpoints, "tensorboard": self.tensorboard()}
 
     # --- running -----------------------------------------------------------------------------
     def run(self, rounds: int | None = None, increase: bool = False) -> int:
