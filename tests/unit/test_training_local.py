@@ -163,3 +163,25 @@ def test_data_manager_takes_a_dataframe_with_a_target_column(tmp_path: Path) -> 
     plan = plan_for("logistic_regression", CENTRES[0].patients, MODEL_ARGS, TrainingArgs())
     plan.export_model(tmp_path / "model.safetensors")
     assert set(load_file(str(tmp_path / "model.safetensors"))) == {"weight", "bias"}
+
+
+def test_test_batch_size_scores_in_batches_with_the_same_result() -> None:
+    whole = TrainingArgs.parse({"num_updates": 5, "random_seed": 1, "test_ratio": 0.2, "test_metric": "auc",
+                                "test_on_global_updates": True})
+    batched = TrainingArgs.parse({**whole.model_dump(exclude_none=True), "test_batch_size": 7})
+    calls: list[int] = []
+    torch.manual_seed(0)
+    plan = plan_for("logistic_regression", CENTRES[0].patients, MODEL_ARGS, batched)
+    original = plan.predict_scores
+
+    def counting(features: np.ndarray) -> np.ndarray:
+        calls.append(len(features))
+        return original(features)
+
+    plan.predict_scores = counting  # type: ignore[method-assign]
+    with_batches = run_local_round(plan, plan.get_params(), batched, {}).metrics
+    torch.manual_seed(0)
+    reference = plan_for("logistic_regression", CENTRES[0].patients, MODEL_ARGS, whole)
+    without = run_local_round(reference, reference.get_params(), whole, {}).metrics
+    assert max(calls) == 7 and len(calls) > 1
+    assert with_batches["global_auc"] == pytest.approx(without["global_auc"])

@@ -43,7 +43,9 @@ def split(count: int, test_ratio: float, seed: int | None) -> tuple[np.ndarray, 
 
 def _validate(plan: TrainingPlan, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
               prefix: str) -> dict[str, float]:
-    scores = plan.predict_scores(features)
+    size = args.test_batch_size or max(1, len(features))  # batches bound the memory a large test set takes
+    scores = np.concatenate([plan.predict_scores(features[start:start + size])
+                             for start in range(0, len(features), size)]) if len(features) else np.empty(0)
     metrics = {f"{prefix}_samples": float(len(target))}
     if args.test_metric:
         metrics[f"{prefix}_{args.test_metric}"] = evaluate(args.test_metric, target, scores, **args.test_metric_args)
