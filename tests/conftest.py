@@ -5,6 +5,7 @@ Nothing here sleeps for a fixed time: every wait is for a condition, with a dead
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -160,3 +161,42 @@ def postgres() -> Iterator[PostgresServer]:
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def heartbeats(broker_url: str, pod: RunningPod) -> Iterator[list[float]]:
+    """Times (monotonic) at which the pod's heartbeats arrive, observed from another connection
+    until the block ends; the first two have arrived when the block starts."""
+    import asyncio
+    import threading
+
+    from fedpod.channel import SecureChannel
+    from fedpod.transport import subjects
+    from fedpod.transport.bus import BrokerOptions, Bus
+
+    beats: list[float] = []
+    stop = threading.Event()
+
+    async def listen() -> None:
+        bus = await Bus.connect(BrokerOptions(broker_url))
+        channel = SecureChannel(bus, Identity.generate("observer"))
+
+        async def on_beat(opened: object) -> None:
+            beats.append(time.monotonic())
+
+        async def ignore(exc: object) -> None:
+            return None
+
+        await channel.listen(subjects.heartbeat(pod.identity.fingerprint), on_beat, ignore)
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await bus.close()
+
+    listener = threading.Thread(target=asyncio.run, args=(listen(),))
+    listener.start()
+    try:
+        wait_until(lambda: len(beats) >= 2, 10, "first heartbeats")
+        yield beats
+    finally:
+        stop.set()
+        listener.join(10)

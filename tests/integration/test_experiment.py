@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from fedpod.modeller.experiment import Experiment, RoundFailed
 from fedpod.modeller.training_task import global_standardisation
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
-from tests.conftest import PodFactory, RunningPod, start_pod_process, wait_until
+from tests.conftest import PodFactory, RunningPod, heartbeats, start_pod_process, wait_until
 
 pytestmark = pytest.mark.integration
 DATASET = "ehr-records-2025"
@@ -171,6 +173,28 @@ def test_custom_plan_runs_only_after_approval(pods: list[RunningPod], modeller: 
 
     assert AuditLog.verify(pods[0].audit_path).ok
 
+
+
+def test_heartbeats_continue_while_a_pod_trains(pods: list[RunningPod], modeller: Modeller, tmp_path: Path,
+                                               broker: EmbeddedBroker) -> None:
+    from fedpod.governance.plans import PlanRegistry
+
+    source = PLAN_SOURCE.replace("    def training_step(self, data, target):\n",
+                                 "    def training_step(self, data, target):\n        __import__('time').sleep(0.05)\n")
+    plan_file = tmp_path / "slow_plan.py"
+    plan_file.write_text(source)
+    registry = PlanRegistry(pods[0].config_path.parent / "storage" / "plans")
+    registry.decide(registry.submit(source, "TinyPlan", "test")[0], "approved")
+    exp = experiment(modeller, tmp_path, training_plan_class="TinyPlan", training_plan_path=plan_file,
+                     model_args={}, nodes=["alice"], training_args={"num_updates": 60})
+    with heartbeats(broker.url, pods[0]) as beats:
+        started = time.monotonic()
+        exp.run_once()
+        finished = time.monotonic()
+        during = [b for b in beats if started < b < finished]
+    assert finished - started > 3.0  # 60 steps of 50 ms
+    gaps = [b - a for a, b in itertools.pairwise([started, *during, finished])]
+    assert max(gaps) < 1.0, gaps  # heartbeats every 0.2 s
 
 def test_a_failing_pod_is_named_and_min_pods_decides_the_round(pods: list[RunningPod], modeller: Modeller,
                                                               tmp_path: Path) -> None:

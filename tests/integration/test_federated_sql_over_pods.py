@@ -18,7 +18,7 @@ from fedpod.errors import DatasetNotFound, PodUnreachable, TaskFailed
 from fedpod.modeller.client import Modeller
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
-from tests.conftest import PodFactory, RunningPod, wait_until
+from tests.conftest import PodFactory, RunningPod, heartbeats
 
 pytestmark = pytest.mark.integration
 DATASET = "ehr-records-2025"
@@ -119,36 +119,9 @@ def test_pod_that_goes_offline_is_named_in_the_error(pod_factory: PodFactory, ce
 def test_heartbeats_and_other_tasks_continue_during_a_long_query(pod_factory: PodFactory, centres: list[Path],
                                                                  modeller: Modeller, modeller_identity: Identity,
                                                                  broker: EmbeddedBroker) -> None:
-    import asyncio
-
-    from fedpod.channel import SecureChannel
-    from fedpod.transport import subjects
-    from fedpod.transport.bus import BrokerOptions, Bus
-
     pod = pod_factory("erin", [DatasetSpec(name=DATASET, type="csv", path=str(centres[2]))], [modeller_identity],
                       sql_timeout_s=4.0)
-    beats: list[float] = []
-    stop = threading.Event()
-
-    async def listen() -> None:
-        bus = await Bus.connect(BrokerOptions(broker.url))
-        channel = SecureChannel(bus, Identity.generate("observer"))
-
-        async def on_beat(opened) -> None:  # type: ignore[no-untyped-def]
-            beats.append(time.monotonic())
-
-        async def ignore(exc) -> None:  # type: ignore[no-untyped-def]
-            return None
-
-        await channel.listen(subjects.heartbeat(pod.identity.fingerprint), on_beat, ignore)
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        await bus.close()
-
-    listener = threading.Thread(target=asyncio.run, args=(listen(),))
-    listener.start()
-    try:
-        wait_until(lambda: len(beats) >= 2, 10, "first heartbeats")
+    with heartbeats(broker.url, pod) as beats:
         slow = (f"SELECT SUM(a.age * b.age + c.age * d.age) FROM `{DATASET}` a, `{DATASET}` b, `{DATASET}` c, "
                 f"`{DATASET}` d")
         failure: list[BaseException] = []
@@ -166,9 +139,6 @@ def test_heartbeats_and_other_tasks_continue_during_a_long_query(pod_factory: Po
         quick_seconds = time.monotonic() - started
         worker.join(30)
         during = [b for b in beats if b > started]
-    finally:
-        stop.set()
-        listener.join(10)
     assert isinstance(quick, dict) and quick_seconds < 3.0
     assert failure and "TaskTimeout" in str(failure[0])
     gaps = [b - a for a, b in itertools.pairwise(during)]
