@@ -14,7 +14,8 @@
     ├── SqlError (ValueError)
     │   ├── SqlRejected                     the query is not a single read-only SELECT on the dataset
     │   ├── NotMergeable                    an aggregated query uses a construct that cannot merge exactly
-    │   └── SqlExecutionError               DuckDB refused or failed the query
+    │   ├── SqlExecutionError               DuckDB refused or failed the query
+    │   └── ResultTooLarge                  the answer exceeds the pod's max_result_rows/max_result_bytes
     ├── TrustError (PermissionError)        a pod's fingerprint differs from the pinned one
     └── TaskFailed                          a pod reported a failure while running a task
 
@@ -121,6 +122,10 @@ class NotMergeable(SqlError):
 
 
 class SqlExecutionError(SqlError):
+    pass
+
+
+class ResultTooLarge(SqlError):
     pass
 
 

@@ -35,3 +35,22 @@ def test_existing_identity_is_never_overwritten(tmp_path: Path) -> None:
     Identity.generate("carol").save(tmp_path)
     with pytest.raises(ConfigError, match="already exists"):
         Identity.generate("carol").save(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "", ".hidden", "x" * 129, "name with space", "ümlaut"])
+def test_names_that_could_be_paths_are_refused_before_anything_is_written(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="name"):
+        Identity.generate(name)
+    with pytest.raises(ConfigError, match="name"):
+        Identity.load_or_create(name, tmp_path / "keys")
+    assert not (tmp_path / "keys").exists()
+    assert list(tmp_path.parent.glob("*.key")) == []
+
+
+def test_the_identity_key_is_also_the_nats_user_key() -> None:
+    import nkeys
+
+    identity = Identity.generate("alice")
+    pair = nkeys.from_seed(identity.nats_seed.encode())
+    assert pair.public_key.decode() == identity.public.nats_user
+    assert identity.public.nats_user.startswith("U") and len(identity.public.nats_user) == 56

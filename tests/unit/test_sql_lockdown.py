@@ -93,3 +93,10 @@ def test_runaway_query_is_interrupted(engine: SqlEngine) -> None:
             f"`{DATASET}` c, `{DATASET}` d, `{DATASET}` e, `{DATASET}` f")
     with pytest.raises(TaskTimeout, match="stopped"):
         engine.run(slow, DATASET, timeout_s=0.3)
+
+
+def test_a_result_over_max_rows_is_refused_not_truncated(engine: SqlEngine) -> None:
+    from fedpod.errors import ResultTooLarge
+
+    with pytest.raises(ResultTooLarge, match="more than 2 rows"):
+        engine.run(f"SELECT * FROM `{DATASET}`", DATASET, max_rows=2)

@@ -55,15 +55,20 @@ def interrupt_on_signals() -> None:
         signal.signal(sig, signal.default_int_handler)
 
 
+SHOWN_ROWS = 50  # a terminal table of a million rows takes minutes and gigabytes; the file has them all
+
+
 def print_frame(frame: pd.DataFrame, title: str) -> None:
     import pandas as pd
 
     table = Table(title=title, title_justify="left")
     for column in frame.columns:
         table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
-    for row in frame.itertuples(index=False):
+    for row in frame.head(SHOWN_ROWS).itertuples(index=False):
         table.add_row(*[f"{v:.6g}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
+    if len(frame) > SHOWN_ROWS:
+        console.print(f"[dim]showing {SHOWN_ROWS} of {len(frame):,} rows; all of them are in the file[/dim]")
 
 
 @app.callback(invoke_without_command=True)

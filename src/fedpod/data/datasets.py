@@ -16,12 +16,12 @@ import duckdb
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedpod.errors import ConfigError
+from fedpod.names import NAME_PATTERN
 
 if TYPE_CHECKING:
     import pandas as pd
 
 DatasetKind = Literal["csv", "parquet", "sqlite", "postgres"]
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
 
 class DatasetSpec(BaseModel):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import ConfigError
 from fedpod.governance.access import AccessSettings
+from fedpod.names import NAME_PATTERN
 from fedpod.transport.bus import BrokerOptions
 
 
@@ -36,7 +37,7 @@ class BrokerSettings(BaseModel):
 
 class PodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     identity: str
     broker: BrokerSettings = BrokerSettings()
     storage: str = "storage"
@@ -45,6 +46,8 @@ class PodConfig(BaseModel):
     heartbeat_s: float = Field(default=2.0, gt=0)
     sql_timeout_s: float = Field(default=60.0, gt=0)
     max_concurrent_tasks: int = Field(default=4, ge=1)
+    max_result_rows: int = Field(default=100_000, ge=1)
+    max_result_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @classmethod

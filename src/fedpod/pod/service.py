@@ -21,7 +21,7 @@ from fedpod import __version__
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import round_count
-from fedpod.errors import EnvelopeRejected, FedpodError
+from fedpod.errors import EnvelopeRejected, FedpodError, ResultTooLarge
 from fedpod.governance.access import AccessRequest, decide
 from fedpod.governance.audit import AuditLog
 from fedpod.governance.plans import PlanRegistry
@@ -207,8 +207,13 @@ class Pod:
             trained = self.trainer().run(request, requester)
             return trained, describe_training(trained)
         started = time.perf_counter()
-        table = self.engine.run(request.algorithm.query, request.dataset, timeout_s=self.config.sql_timeout_s)
+        table = self.engine.run(request.algorithm.query, request.dataset, timeout_s=self.config.sql_timeout_s,
+                                max_rows=self.config.max_result_rows)
         payload = table_to_bytes(table)
+        if len(payload) > self.config.max_result_bytes:
+            raise ResultTooLarge(f"the result is {len(payload):,} bytes, over this pod's max_result_bytes "
+                                 f"({self.config.max_result_bytes:,})", where=f"dataset {request.dataset}",
+                                 hint="select fewer columns or rows, or aggregate")
         seconds = time.perf_counter() - started
         returned = {"returned_rows": table.num_rows, "returned_columns": table.column_names,
                     "result_sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(seconds, 4)}

@@ -3,6 +3,10 @@
 The fingerprint hashes both public keys, so pinning a fingerprint pins both. It is short
 (16 base32 characters in four groups) so that two people can compare it over the phone.
 Private keys live in `<keystore>/<name>.key` (mode 0600); the public half in `<name>.pub`.
+
+The same Ed25519 key is the party's NATS user key (nkeys are Ed25519 keys in NATS's own
+encoding): a broker that fedpod configures lists each party's `nats_user_key`, and the party
+connects with `nats_seed`, so that one key both signs envelopes and logs in to the broker.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from fedpod.errors import ConfigError
+from fedpod.names import check_name
 
 _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
@@ -35,6 +40,14 @@ def fingerprint_of(sign_public: bytes, box_public: bytes) -> str:
     digest = hashlib.sha256(b"fedpod-fp-v1" + sign_public + box_public).digest()
     text = base64.b32encode(digest[:10]).decode()
     return "-".join(text[i : i + 4] for i in range(0, 16, 4))
+
+
+def nats_user_key(sign_public: bytes) -> str:
+    """The `U…` public nkey that a NATS server lists for the holder of this Ed25519 key."""
+    import nkeys
+
+    raw = bytes([nkeys.PREFIX_BYTE_USER]) + sign_public
+    return base64.b32encode(raw + bytes(nkeys.crc16_checksum(raw))).decode().rstrip("=")
 
 
 @dataclass(frozen=True)
@@ -55,17 +68,31 @@ class PublicIdentity:
     def box_key(self) -> X25519PublicKey:
         return X25519PublicKey.from_public_bytes(self.box_public)
 
+    @property
+    def nats_user(self) -> str:
+        return nats_user_key(self.sign_public)
+
     def as_dict(self) -> dict[str, str]:
         return {
             "name": self.name,
             "sign_public": self.sign_public.hex(),
             "box_public": self.box_public.hex(),
             "fingerprint": self.fingerprint,
+            "nats_user": self.nats_user,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, str]) -> PublicIdentity:
         return cls(data["name"], bytes.fromhex(data["sign_public"]), bytes.fromhex(data["box_public"]))
+
+    @classmethod
+    def load(cls, path: Path) -> PublicIdentity:
+        """Read a `<name>.pub` file (what a party hands to a custodian or a broker operator)."""
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot read public identity {path}: {exc}",
+                              hint="pass the NAME.pub file written beside the identity's key") from exc
 
 
 @dataclass(frozen=True)
@@ -78,7 +105,7 @@ class Identity:
 
     @classmethod
     def generate(cls, name: str) -> Identity:
-        return cls(name, Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+        return cls(check_name(name, "identity"), Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
 
     @property
     def public(self) -> PublicIdentity:
@@ -95,8 +122,17 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         return self.signing_key.sign(data)
 
+    @property
+    def nats_seed(self) -> str:
+        """The NATS user seed (`SU…`) of this identity's signing key, for nats-py's `nkeys_seed_str`."""
+        import nkeys
+
+        raw = self.signing_key.private_bytes(_RAW, _RAW_PRIV, _NO_ENC)
+        return bytes(nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER)).decode()
+
     def save(self, keystore: Path) -> Path:
         """Write `<name>.key` (0600, created with that mode so it is never world-readable)."""
+        check_name(self.name, "identity")
         keystore.mkdir(parents=True, exist_ok=True)
         path = keystore / f"{self.name}.key"
         if path.exists():
@@ -119,7 +155,7 @@ class Identity:
         """Load by name from a keystore, or from an explicit `.key` path."""
         path = Path(name_or_path)
         if path.suffix != ".key":
-            path = (keystore or default_keystore()) / f"{name_or_path}.key"
+            path = (keystore or default_keystore()) / f"{check_name(str(name_or_path), 'identity')}.key"
         if not path.exists():
             raise ConfigError(f"no identity at {path}", hint="create one with `fedpod identity create NAME`")
         if path.stat().st_mode & 0o077:
@@ -127,7 +163,7 @@ class Identity:
         try:
             data = json.loads(path.read_text())
             return cls(
-                data["name"],
+                check_name(data["name"], "identity"),
                 Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["sign_private"])),
                 X25519PrivateKey.from_private_bytes(bytes.fromhex(data["box_private"])),
             )
@@ -136,6 +172,7 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, name: str, keystore: Path) -> Identity:
+        check_name(name, "identity")
         try:
             return cls.load(name, keystore)
         except ConfigError:

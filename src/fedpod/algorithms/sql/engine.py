@@ -18,7 +18,7 @@ import duckdb
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.guard import check_read_only
 from fedpod.data.datasets import DatasetSpec, describe, load_dataset
-from fedpod.errors import SqlExecutionError, SqlRejected, TaskTimeout
+from fedpod.errors import ResultTooLarge, SqlExecutionError, SqlRejected, TaskTimeout
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,8 +41,11 @@ class SqlEngine:
     def close(self) -> None:
         self._connection.close()
 
-    def run(self, query: str, dataset: str, *, timeout_s: float = 60.0) -> pa.Table:
-        """Run a read-only query that may reference only `dataset`; returns an Arrow table."""
+    def run(self, query: str, dataset: str, *, timeout_s: float = 60.0, max_rows: int | None = None) -> pa.Table:
+        """Run a read-only query that may reference only `dataset`; returns an Arrow table.
+        With `max_rows`, at most that many rows are ever materialised: a bigger answer is
+        refused (ResultTooLarge) rather than cut, because a silently truncated result would
+        be taken for the whole one."""
         if dataset not in self.datasets:
             raise SqlRejected(f"unknown dataset {dataset!r}")
         check_read_only(query, {dataset})
@@ -59,7 +62,15 @@ class SqlEngine:
             timer = threading.Timer(timeout_s, cursor.interrupt)
             timer.start()
             try:
-                return cursor.sql(duckdb_sql).to_arrow_table()
+                relation = cursor.sql(duckdb_sql)
+                if max_rows is None:
+                    return relation.to_arrow_table()
+                table = relation.limit(max_rows + 1).to_arrow_table()
+                if table.num_rows > max_rows:
+                    raise ResultTooLarge(f"the query returns more than {max_rows:,} rows, this pod's "
+                                         "max_result_rows", where=f"dataset {dataset}",
+                                         hint="aggregate, add a LIMIT, or ask the custodian to raise max_result_rows")
+                return table
             except duckdb.InterruptException as exc:
                 raise TaskTimeout(f"query ran longer than {timeout_s}s and was stopped",
                                   where=f"dataset {dataset}") from exc
