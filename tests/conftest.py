@@ -38,7 +38,15 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[EmbeddedBroker]:
+    """The broker as fedpod runs it: only parties let in with `allow` may connect."""
     with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def open_broker() -> Iterator[EmbeddedBroker]:
+    """A misconfigured broker that lets anyone in: for defences that must hold without the broker."""
+    with EmbeddedBroker(open=True) as running:
         yield running
 
 
@@ -48,9 +56,10 @@ def keystore(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def modeller_identity(keystore: Path) -> Identity:
+def modeller_identity(keystore: Path, broker: EmbeddedBroker) -> Identity:
     identity = Identity.generate("modeller")
     identity.save(keystore)
+    broker.allow("modeller", identity.public)
     return identity
 
 
@@ -96,14 +105,17 @@ def start_pod_process(config_path: Path) -> tuple[subprocess.Popen[bytes], Path]
 @pytest.fixture
 def pod_factory(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[PodFactory]:
     """Start pods as separate `fedpod pod start` processes. `datasets` is a list of
-    DatasetSpec; `allow` the identities whose tasks the pod accepts."""
+    DatasetSpec; `allow` the identities whose tasks the pod accepts; `on` another broker than
+    the session's authenticating one (the open one, for attacks a broker would have stopped)."""
     running: list[RunningPod] = []
 
-    def make(name: str, datasets: list[DatasetSpec], allow: list[Identity], **settings: object) -> RunningPod:
+    def make(name: str, datasets: list[DatasetSpec], allow: list[Identity], *, on: EmbeddedBroker | None = None,
+             **settings: object) -> RunningPod:
         folder = tmp_path / "pods" / name
         folder.mkdir(parents=True)
         specs = [inspect(spec, folder) for spec in datasets]
-        config_path = write_pod(folder, name, broker.url, specs, allow, heartbeat_s=0.2, **settings)
+        settings.setdefault("heartbeat_s", 0.2)
+        config_path = write_pod(folder, name, on or broker, specs, allow, **settings)
         identity = Identity.load_or_create(name, folder / "keys")
         process, log = start_pod_process(config_path)
         pod = RunningPod(name, config_path, process, log, identity)
@@ -164,7 +176,7 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @contextlib.contextmanager
-def heartbeats(broker_url: str, pod: RunningPod) -> Iterator[list[float]]:
+def heartbeats(broker: EmbeddedBroker, pod: RunningPod) -> Iterator[list[float]]:
     """Times (monotonic) at which the pod's heartbeats arrive, observed from another connection
     until the block ends; the first two have arrived when the block starts."""
     import asyncio
@@ -178,8 +190,10 @@ def heartbeats(broker_url: str, pod: RunningPod) -> Iterator[list[float]]:
     stop = threading.Event()
 
     async def listen() -> None:
-        bus = await Bus.connect(BrokerOptions(broker_url))
-        channel = SecureChannel(bus, Identity.generate("observer"))
+        observer = Identity.generate("observer")
+        broker.allow("modeller", observer.public)
+        bus = await Bus.connect(BrokerOptions(broker.url), login=observer)
+        channel = SecureChannel(bus, observer)
 
         async def on_beat(opened: object) -> None:
             beats.append(time.monotonic())

@@ -112,7 +112,7 @@ def run_case(case: Case, work: Path, seed: int) -> dict[str, float]:
             folder = work / name
             folder.mkdir(parents=True)
             part.to_csv(folder / "data.csv", index=False)
-            configs.append(write_pod(folder, name, broker.url, [DatasetSpec(
+            configs.append(write_pod(folder, name, broker, [DatasetSpec(
                 name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], [identity]))
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=300) as modeller:

@@ -42,7 +42,7 @@ def main() -> None:
     with PeakMemory() as memory, EmbeddedBroker() as broker:
         configs = []
         for pod, file in zip(PODS, files, strict=True):
-            configs.append(write_pod(work / pod, pod, broker.url,
+            configs.append(write_pod(work / pod, pod, broker,
                                      [DatasetSpec(name="ehr", kind="csv", path=str(file), tags=["ehr"])], [identity]))
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=900) as modeller:

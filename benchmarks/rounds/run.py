@@ -60,7 +60,7 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path) -> list[flo
             folder = work / name
             folder.mkdir(parents=True)
             (folder / "data.csv").write_text("x,y\n0.0,0\n")
-            configs.append(write_pod(folder, name, broker.url, [DatasetSpec(
+            configs.append(write_pod(folder, name, broker, [DatasetSpec(
                 name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], [identity]))
             registry = PlanRegistry(folder / "storage" / "plans")
             sha, _ = registry.submit(source, "AddOne", "benchmark")

@@ -59,7 +59,7 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         configs = []
         for pod, file in zip(PODS, files, strict=True):
-            configs.append(write_pod(work / pod, pod, broker.url,
+            configs.append(write_pod(work / pod, pod, broker,
                                      [DatasetSpec(name="measurements", kind="parquet", path=str(file))],
                                      [modeller_identity]))
         with pod_processes(configs, work / "logs") as processes, \

@@ -63,11 +63,13 @@ def federation(cli: Cli, home: Path) -> Iterator[str]:
         wait_until(lambda: "nats://" in broker_log.read_text(), 20, "broker URL")
         url = next(w for w in broker_log.read_text().split() if w.startswith("nats://"))
         cli("identity", "create", "modeller")
+        cli("broker", "allow", "--role", "modeller", ".fedpod/keys/modeller.pub")
         fingerprint = cli("identity", "show", "modeller").stdout.strip()
         cli("data", "synth", "--centres", "3", "--patients", "900", "--seed", "1", "--out", "data")
         for name in PODS:
             config = f"pods/{name}/pod.yaml"
             cli("pod", "init", "--name", name, "--config", config, "--broker", url)
+            cli("broker", "allow", "--role", "pod", f"pods/{name}/keys/{name}.pub")
             cli("dataset", "add", "--config", config, "--name", DATASET, "--type", "csv",
                 "--path", f"data/{name}/patients.csv", "--tags", "ehr,synthetic")
             cli("pod", "allow", "--config", config, "--name", "modeller", "--fingerprint", fingerprint)
@@ -83,6 +85,14 @@ def federation(cli: Cli, home: Path) -> Iterator[str]:
             process.send_signal(signal.SIGINT)
         for process in processes:
             process.wait(timeout=20)
+
+
+def test_a_party_the_broker_was_not_told_about_cannot_connect(cli: Cli, federation: str) -> None:
+    cli("identity", "create", "stranger")
+    refused = cli("datasets", "list", "--broker", federation, "--identity", "stranger", ok=False)
+    assert refused.returncode == 1
+    said = " ".join(refused.stderr.split())
+    assert "refused stranger" in said and "Authorization Violation" in said and "fedpod broker allow" in said
 
 
 def test_bitfount_example_runs_unchanged(cli: Cli, federation: str, home: Path) -> None:

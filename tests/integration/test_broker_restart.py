@@ -24,11 +24,11 @@ def test_pod_serves_again_after_the_broker_restarts(tmp_path: Path, modeller_ide
 
     csv = tmp_path / "t.csv"
     pd.DataFrame({"a": [1, 2, 3, 4]}).to_csv(csv, index=False)
-    first = EmbeddedBroker().start()
+    first = EmbeddedBroker(folder=tmp_path / "broker").start()  # the parties it lets in outlive a restart
     port = first.port
     folder = tmp_path / "pod"
     folder.mkdir()
-    config = write_pod(folder, "alice", first.url, [inspect(DatasetSpec(name="t", kind="csv", path=str(csv)), folder)],
+    config = write_pod(folder, "alice", first, [inspect(DatasetSpec(name="t", kind="csv", path=str(csv)), folder)],
                        [modeller_identity], heartbeat_s=0.2)
     process, log = start_pod_process(config)
     second: EmbeddedBroker | None = None
@@ -36,7 +36,7 @@ def test_pod_serves_again_after_the_broker_restarts(tmp_path: Path, modeller_ide
         with Modeller(modeller_identity, broker=first.url, keystore=keystore, timeout_s=10) as modeller:
             assert modeller.sql("SELECT SUM(a) AS s FROM t", datasets=["alice/t"])
         first.stop()
-        second = EmbeddedBroker(port=port).start()
+        second = EmbeddedBroker(port=port, folder=tmp_path / "broker").start()
         assert process.poll() is None
 
         def answers() -> bool:

@@ -187,7 +187,7 @@ def test_heartbeats_continue_while_a_pod_trains(pods: list[RunningPod], modeller
     registry.decide(registry.submit(source, "TinyPlan", "test")[0], "approved")
     exp = experiment(modeller, tmp_path, training_plan_class="TinyPlan", training_plan_path=plan_file,
                      model_args={}, nodes=["alice"], training_args={"num_updates": 60})
-    with heartbeats(broker.url, pods[0]) as beats:
+    with heartbeats(broker, pods[0]) as beats:
         started = time.monotonic()
         exp.run_once()
         finished = time.monotonic()

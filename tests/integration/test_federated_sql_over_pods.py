@@ -79,6 +79,7 @@ def test_tags_select_one_dataset_per_pod(three_pods: list[RunningPod], modeller:
 def test_unknown_modeller_is_refused_with_a_clear_error(three_pods: list[RunningPod], broker: EmbeddedBroker,
                                                         tmp_path: Path, modeller: Modeller) -> None:
     stranger = Identity.generate("stranger")
+    broker.allow("modeller", stranger.public)  # on the broker, but no pod accepts it
     with Modeller(stranger, broker=broker.url, keystore=tmp_path / "stranger", timeout_s=20) as client, \
             pytest.raises(TaskFailed, match=r"AccessDenied.*not in this pod's accepted modellers.*rule: modellers"):
         client.sql(f"SELECT COUNT(*) FROM `{DATASET}`", datasets=[f"alice/{DATASET}"])
@@ -121,7 +122,7 @@ def test_heartbeats_and_other_tasks_continue_during_a_long_query(pod_factory: Po
                                                                  broker: EmbeddedBroker) -> None:
     pod = pod_factory("erin", [DatasetSpec(name=DATASET, type="csv", path=str(centres[2]))], [modeller_identity],
                       sql_timeout_s=4.0)
-    with heartbeats(broker.url, pod) as beats:
+    with heartbeats(broker, pod) as beats:
         slow = (f"SELECT SUM(a.age * b.age + c.age * d.age) FROM `{DATASET}` a, `{DATASET}` b, `{DATASET}` c, "
                 f"`{DATASET}` d")
         failure: list[BaseException] = []

@@ -39,7 +39,9 @@ def test_bad_envelopes_are_rejected_audited_and_the_pod_keeps_serving(
     request = TaskRequest(task_id="x1", dataset="t", algorithm=SqlQueryAlgorithm(query="SELECT 1"))
 
     async def attack() -> None:
-        bus = await Bus.connect(BrokerOptions(broker.url))
+        insider = Identity.generate("insider")  # a party the broker lets in, whom the pod does not accept
+        broker.allow("modeller", insider.public)
+        bus = await Bus.connect(BrokerOptions(broker.url), login=insider)
         inbox = subjects.inbox(pod.identity.fingerprint)
         # 1. garbage
         await bus.send(inbox, b"\x00garbage")

@@ -57,8 +57,8 @@ async def paired(broker: EmbeddedBroker) -> AsyncIterator[tuple[SecureChannel, S
 
 
 @pytest.mark.parametrize("size", [10, 3 * 1024 * 1024 + 7, 48 * 1024 * 1024])
-async def test_payloads_of_any_size_arrive_intact(broker: EmbeddedBroker, size: int) -> None:
-    async with paired(broker) as (sender, receiver, opened, _):
+async def test_payloads_of_any_size_arrive_intact(open_broker: EmbeddedBroker, size: int) -> None:
+    async with paired(open_broker) as (sender, receiver, opened, _):
         assert sender.bus.chunk_size < 1024 * 1024  # the stock 1 MiB max_payload is in force
         blob = os.urandom(size)
         await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d", table=blob, seconds=0))
@@ -69,8 +69,8 @@ async def test_payloads_of_any_size_arrive_intact(broker: EmbeddedBroker, size: 
         assert hashlib.sha256(unpack(message.payload, TaskResult).table).digest() == hashlib.sha256(blob).digest()
 
 
-async def test_tampered_chunk_is_rejected_and_the_receiver_keeps_running(broker: EmbeddedBroker) -> None:
-    async with paired(broker) as (sender, receiver, opened, rejected):
+async def test_tampered_chunk_is_rejected_and_the_receiver_keeps_running(open_broker: EmbeddedBroker) -> None:
+    async with paired(open_broker) as (sender, receiver, opened, rejected):
         head, body = seal(sender.identity, "result", os.urandom(3 * 1024 * 1024), recipients=[receiver.identity.public])
         corrupted = bytearray(body)
         corrupted[2 * 1024 * 1024] ^= 0x01
@@ -81,8 +81,8 @@ async def test_tampered_chunk_is_rejected_and_the_receiver_keeps_running(broker:
         assert receiver.rejections["tampered"] == 1
 
 
-async def test_sending_to_an_inbox_nobody_listens_on_fails_at_once(broker: EmbeddedBroker) -> None:
-    bus = await Bus.connect(BrokerOptions(broker.url))
+async def test_sending_to_an_inbox_nobody_listens_on_fails_at_once(open_broker: EmbeddedBroker) -> None:
+    bus = await Bus.connect(BrokerOptions(open_broker.url))
     try:
         with pytest.raises(PodUnreachable, match="nobody is listening for ghost"):
             await bus.send(subjects.inbox("GHST-GHST-GHST-GHST"), b"x" * 10, recipient="ghost", timeout_s=5)
@@ -95,7 +95,7 @@ async def test_sending_to_an_inbox_nobody_listens_on_fails_at_once(broker: Embed
 async def test_many_large_senders_to_one_receiver_on_a_stock_broker() -> None:
     """Twelve pods replying 8 MB each at once must not overrun NATS's default 64 MB buffer for
     the receiving client (the server would cut it off as a slow consumer)."""
-    with EmbeddedBroker(max_pending=64 * 1024 * 1024) as stock:
+    with EmbeddedBroker(max_pending=64 * 1024 * 1024, open=True) as stock:
         receiver, arrived, rejected = await listening(stock.url, "modeller")
         senders = [SecureChannel(await Bus.connect(BrokerOptions(stock.url)), Identity.generate(f"pod{i}"))
                    for i in range(12)]
@@ -112,8 +112,9 @@ async def test_many_large_senders_to_one_receiver_on_a_stock_broker() -> None:
                 await channel.bus.close()
 
 
-async def test_a_transfer_over_the_receivers_limit_is_refused_before_any_data_moves(broker: EmbeddedBroker) -> None:
-    async with paired(broker) as (sender, receiver, opened, _):
+async def test_a_transfer_over_the_receivers_limit_is_refused_before_any_data_moves(
+        open_broker: EmbeddedBroker) -> None:
+    async with paired(open_broker) as (sender, receiver, opened, _):
         receiver.bus.max_transfer_bytes = 2 * 1024 * 1024
         with pytest.raises(TransportError, match=r"refused: transfer of \d+ bytes \(limit 2097152\)"):
             await sender.bus.send(subjects.inbox(receiver.fingerprint), os.urandom(3 * 1024 * 1024),
@@ -123,9 +124,9 @@ async def test_a_transfer_over_the_receivers_limit_is_refused_before_any_data_mo
         assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
 
 
-async def test_chunks_of_a_transfer_that_was_never_admitted_are_dropped(broker: EmbeddedBroker) -> None:
-    async with paired(broker) as (_sender, receiver, opened, _):
-        raw = await nats.connect(broker.url)
+async def test_chunks_of_a_transfer_that_was_never_admitted_are_dropped(open_broker: EmbeddedBroker) -> None:
+    async with paired(open_broker) as (_sender, receiver, opened, _):
+        raw = await nats.connect(open_broker.url)
         await raw.request(subjects.inbox(receiver.fingerprint), b"x" * 1000, timeout=5,
                           headers={H_TRANSFER: "forged", H_OFFSET: "0"})
         await raw.close()
@@ -133,13 +134,13 @@ async def test_chunks_of_a_transfer_that_was_never_admitted_are_dropped(broker: 
         assert opened.empty()
 
 
-async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(broker: EmbeddedBroker,
+async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(open_broker: EmbeddedBroker,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Every admission slot taken by senders that died: a live sender still gets through once
     the dead transfers go stale (the receiver must not wedge)."""
     monkeypatch.setattr(bus_module, "STALE_TRANSFER_S", 1.0)
-    async with paired(broker) as (sender, receiver, opened, _):
-        raw = await nats.connect(broker.url)
+    async with paired(open_broker) as (sender, receiver, opened, _):
+        raw = await nats.connect(open_broker.url)
         for index in range(bus_module.MAX_ACTIVE_TRANSFERS):
             await raw.request(subjects.inbox(receiver.fingerprint), b"", timeout=5,
                               headers={H_TRANSFER: f"dead{index}", H_SIZE: str(5 * 1024 * 1024), H_BEGIN: "1"})
@@ -153,7 +154,7 @@ async def test_a_sender_that_vanishes_mid_transfer_gives_its_slot_back(broker: E
 async def test_a_broker_restart_frees_the_slots_of_transfers_it_cut() -> None:
     """Transfers cut by a broker restart never resume (senders resend whole): their admission
     slots are freed on reconnection, not after STALE_TRANSFER_S, so replies flow at once."""
-    first = EmbeddedBroker().start()
+    first = EmbeddedBroker(open=True).start()
     second: EmbeddedBroker | None = None
     receiver, opened, rejected = await listening(first.url, "receiver")
     try:
@@ -164,7 +165,7 @@ async def test_a_broker_restart_frees_the_slots_of_transfers_it_cut() -> None:
         await raw.close()
         port = first.port
         first.stop()
-        second = EmbeddedBroker(port=port).start()
+        second = EmbeddedBroker(port=port, open=True).start()
         for _ in range(100):
             if receiver.bus.connected and receiver.bus.dropped_transfers:
                 break

@@ -78,20 +78,59 @@ def _root(version: Annotated[bool, typer.Option("--version", help="print the ver
         raise typer.Exit()
 
 
+BrokerFolder = Annotated[Path | None, typer.Option(
+    "--folder", help="the broker's configuration and parties (default $FEDPOD_HOME/broker)")]
+
+
+def _broker_folder(folder: Path | None) -> Path:
+    return folder or default_keystore().parent / "broker"
+
+
 @broker_app.command("start")
 def broker_start(
     port: Annotated[int | None, typer.Option(help="port (default: a free one)")] = None,
     store: Annotated[Path | None, typer.Option(help="JetStream store folder (default: temporary)")] = None,
+    folder: BrokerFolder = None,
+    open_: Annotated[bool, typer.Option("--open", help="let anyone connect (experiments only)")] = False,
 ) -> None:
-    """Run nats-server (JetStream on) on 127.0.0.1 until Ctrl-C; prints its URL."""
-    from fedpod.transport.broker import EmbeddedBroker
+    """Run nats-server (JetStream on) on 127.0.0.1 until Ctrl-C; prints its URL. Only parties
+    let in with `fedpod broker allow` may connect (NATS nkeys), unless --open."""
+    from fedpod.transport.broker import EmbeddedBroker, read_parties
 
     interrupt_on_signals()
-    with EmbeddedBroker(port=port, store=store) as broker:
+    home = _broker_folder(folder)
+    with EmbeddedBroker(port=port, store=store, folder=home, open=open_) as broker:
         console.print(broker.url)
+        if open_:
+            err.print("[yellow]warning:[/yellow] the broker is OPEN: anyone who reaches it can connect, "
+                      "listen and publish", highlight=False)
+        else:
+            known = read_parties(home)
+            console.print(f"[dim]{len(known)} part{'y' if len(known) == 1 else 'ies'} may connect; add one with "
+                          f"`fedpod broker allow --role pod|modeller NAME.pub` ({home})[/dim]", highlight=False)
         console.print(f"[dim]export FEDPOD_BROKER={broker.url}   # Ctrl-C stops the broker[/dim]", highlight=False)
         with contextlib.suppress(KeyboardInterrupt):
             broker.wait()
+
+
+@broker_app.command("allow")
+def broker_allow(
+    public: Annotated[Path, typer.Argument(help="the party's NAME.pub file (written beside its key)")],
+    role: Annotated[str, typer.Option(help="pod | modeller")],
+    folder: BrokerFolder = None,
+) -> None:
+    """Let a pod or a modeller connect to the broker, with only the subjects its role needs.
+    A running broker reloads at once (SIGHUP); nothing restarts."""
+    from fedpod.security.identity import PublicIdentity
+    from fedpod.transport.broker import Party, grant
+
+    if role not in ("pod", "modeller"):
+        raise ConfigError(f"role {role!r} is not pod or modeller")
+    party = Party.of("pod" if role == "pod" else "modeller", PublicIdentity.load(public))
+    home = _broker_folder(folder)
+    reloaded = grant(home, party)
+    state = "the running broker reloaded" if reloaded else "it applies when the broker starts"
+    console.print(f"{role} {party.name} ({party.fingerprint}) may connect; {state} ({home})", highlight=False)
 
 
 @identity_app.command("create")
@@ -99,7 +138,8 @@ def identity_create(name: str, keystore: Keystore = None) -> None:
     """Create identity NAME: Ed25519 + X25519 keys, saved with mode 0600."""
     identity = Identity.generate(name)
     path = identity.save(keystore or default_keystore())
-    console.print(f"created {name}  fingerprint [bold]{identity.fingerprint}[/bold]  ({path})")
+    console.print(f"created {name}  fingerprint [bold]{identity.fingerprint}[/bold]  ({path}; public half "
+                  f"{path.with_suffix('.pub')})")
 
 
 @identity_app.command("show")
@@ -123,7 +163,8 @@ def pod_init(
     settings = BrokerSettings(url=broker, tls_ca=_opt(tls_ca), tls_cert=_opt(tls_cert), tls_key=_opt(tls_key),
                               creds=_opt(creds))
     PodConfig(name=name, identity=f"keys/{name}.key", broker=settings).save(config)
-    console.print(f"wrote {config}; pod {name} fingerprint [bold]{identity.fingerprint}[/bold]")
+    console.print(f"wrote {config}; pod {name} fingerprint [bold]{identity.fingerprint}[/bold]; the broker's "
+                  f"operator lets it in with `fedpod broker allow --role pod {config.parent / 'keys' / name}.pub`")
 
 
 def _opt(path: Path | None) -> str | None:

@@ -35,11 +35,12 @@ AGGREGATE_QUERY = (f"SELECT smoker, COUNT(*) AS patients, AVG(age) AS mean_age, 
                    "WHERE age >= 18 GROUP BY smoker ORDER BY smoker")
 
 
-def prepare_pod(folder: Path, name: str, broker_url: str, data: Path, modeller: Identity) -> Path:
-    """Write a pod folder (identity, config with one dataset, the modeller accepted)."""
+def prepare_pod(folder: Path, name: str, broker: EmbeddedBroker, data: Path, modeller: Identity) -> Path:
+    """Write a pod folder (identity, config with one dataset, the modeller accepted), and let
+    the pod and the modeller in to the broker."""
     spec = inspect(DatasetSpec(name=DATASET, kind="csv", path=str(data.resolve()), tags=["ehr", "synthetic"],
                                description=f"synthetic patients of {name}"), folder)
-    return write_pod(folder, name, broker_url, [spec], [modeller], heartbeat_s=1.0)
+    return write_pod(folder, name, broker, [spec], [modeller], heartbeat_s=1.0)
 
 
 def pooled(query: str, files: list[Path]) -> pd.DataFrame:
@@ -81,8 +82,8 @@ def run_demo(out: Path, *, patients: int, seed: int, console: Console) -> None:
     console.print(f"generated {patients} synthetic patients over {len(centres)} centres "
                   f"({', '.join(f'{c.name}: {len(c.patients)}' for c in centres)})")
     with EmbeddedBroker() as broker:
-        console.print(f"NATS broker (JetStream) on {broker.url}")
-        configs = [prepare_pod(out / "pods" / c.name, c.name, broker.url, f / "patients.csv", modeller_identity)
+        console.print(f"NATS broker (JetStream) on {broker.url}; only the parties below may connect (nkeys)")
+        configs = [prepare_pod(out / "pods" / c.name, c.name, broker, f / "patients.csv", modeller_identity)
                    for c, f in zip(centres, folders, strict=True)]
         with pod_processes(configs, out / "logs") as processes, \
                 Modeller(modeller_identity, broker=broker.url, keystore=keystore,

@@ -57,7 +57,7 @@ class AsyncModeller:
         self._advert_arrived = asyncio.Event()
 
     async def connect(self) -> None:
-        bus = await Bus.connect(self.broker, name=f"modeller-{self.identity.name}")
+        bus = await Bus.connect(self.broker, name=f"modeller-{self.identity.name}", login=self.identity)
         self.channel = SecureChannel(bus, self.identity)
         await self.channel.listen_inbox(self._on_message, self._on_rejected)
 

@@ -19,14 +19,21 @@ from fedpod.lifecycle import die_with_parent
 from fedpod.modeller.client import Modeller
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity
+from fedpod.transport.broker import EmbeddedBroker
 
 
-def write_pod(folder: Path, name: str, broker_url: str, datasets: list[DatasetSpec], accept: list[Identity],
-              **settings: Any) -> Path:
+def write_pod(folder: Path, name: str, broker: EmbeddedBroker | str, datasets: list[DatasetSpec],
+              accept: list[Identity], **settings: Any) -> Path:
     """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, accepting
-    tasks from the `accept` modellers."""
+    tasks from the `accept` modellers. Given the local broker itself (not only its URL), the
+    pod and those modellers are let in to it."""
     folder.mkdir(parents=True, exist_ok=True)
-    Identity.load_or_create(name, folder / "keys")
+    identity = Identity.load_or_create(name, folder / "keys")
+    if isinstance(broker, EmbeddedBroker):
+        broker.allow("pod", identity.public)
+        for modeller in accept:
+            broker.allow("modeller", modeller.public)
+    broker_url = broker.url if isinstance(broker, EmbeddedBroker) else broker
     config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker_url),
                        datasets=datasets, **settings)
     config.access.modellers.extend(TrustedModeller(name=m.name, fingerprint=m.fingerprint) for m in accept)

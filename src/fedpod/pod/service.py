@@ -111,7 +111,7 @@ class Pod:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         self.engine = await asyncio.to_thread(SqlEngine, self.config.datasets, self.base)
         bus = await Bus.connect(self.config.broker.options(self.base), name=f"pod-{self.config.name}",
-                                reconnect_forever=True)
+                                reconnect_forever=True, login=self.identity)
         self.channel = SecureChannel(bus, self.identity)
         self.audit.append("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
                           datasets=[d.name for d in self.config.datasets])

@@ -4,6 +4,14 @@ Used by `fedpod broker start`, `fedpod demo` and the test fixtures alike. The se
 free port itself (`-p -1`) and writes it to a ports file, so there is no race between
 choosing a port and binding it; readiness is the ports file appearing and a TCP connect
 succeeding, waited for with a deadline.
+
+Authentication is NATS's own: every party logs in with the nkey of its identity's signing
+key, and the server's `authorization` block lists each known party with least-privilege
+subject permissions (`permissions`). Anonymous connections are refused. The block lives in
+its own file (`authorization.conf`, included by `nats.conf`), rewritten from `parties.json`
+whenever a party is added; `nats-server` reloads it on SIGHUP, so adding a pod or a modeller
+to a running broker never restarts it. `open=True` runs without authentication, for
+experiments only.
 """
 
 from __future__ import annotations
@@ -19,11 +27,89 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Literal
 
-from fedpod.errors import BrokerUnavailable
+from fedpod.errors import BrokerUnavailable, ConfigError
 from fedpod.lifecycle import die_with_parent
+from fedpod.transport import subjects
+
+Role = Literal["pod", "modeller"]
+PARTIES_FILE = "parties.json"
+AUTHORIZATION_FILE = "authorization.conf"
+PID_FILE = "nats-server.pid"
+
+
+@dataclass(frozen=True)
+class Party:
+    """Someone the broker lets in: a pod or a modeller, by its identity's NATS user key and
+    fingerprint (which names its inbox)."""
+
+    role: Role
+    name: str
+    nats_user: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, role: Role, public: Any) -> Party:
+        """From a `PublicIdentity` (or anything with name, nats_user and fingerprint)."""
+        return cls(role, public.name, public.nats_user, public.fingerprint)
+
+
+def permissions(party: Party) -> dict[str, Any]:
+    """Least privilege. Everyone may send to inboxes and answer the requests it receives
+    (`allow_responses`), and subscribe to its own inbox and its own replies. Pods also hear
+    discovery and publish their own heartbeat; modellers ask for discovery and hear heartbeats."""
+    own = party.fingerprint
+    publish = [subjects.INBOXES]
+    subscribe = [subjects.inbox(own), f"{subjects.replies(own)}.>"]
+    if party.role == "pod":
+        publish.append(subjects.heartbeat(own))
+        subscribe.append(subjects.DISCOVER)
+    else:
+        publish.append(subjects.DISCOVER)
+        subscribe.append(subjects.HEARTBEATS)
+    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}, "allow_responses": True}
+
+
+def authorization(parties: list[Party]) -> str:
+    """The `authorization` block. A user that nobody holds the key of is always listed: with
+    an empty user list nats-server would let anonymous clients in."""
+    import nkeys
+
+    nobody = nkeys.from_seed(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)).public_key.decode()
+    users = [{"nkey": nobody, "permissions": {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}}]
+    users += [{"nkey": p.nats_user, "permissions": permissions(p)} for p in parties]
+    return "authorization: " + json.dumps({"users": users}, indent=1) + "\n"
+
+
+def read_parties(folder: Path) -> list[Party]:
+    path = folder / PARTIES_FILE
+    if not path.exists():
+        return []
+    try:
+        return [Party(**entry) for entry in json.loads(path.read_text())]
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"broker parties file {path} is corrupt: {exc}") from exc
+
+
+def grant(folder: Path, party: Party) -> bool:
+    """Add (or replace, by name and role) a party in a broker folder and make a running
+    server reload its authorization; returns whether a running server was told."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parties = [p for p in read_parties(folder) if (p.name, p.role) != (party.name, party.role)] + [party]
+    (folder / PARTIES_FILE).write_text(json.dumps([asdict(p) for p in parties], indent=2))
+    (folder / AUTHORIZATION_FILE).write_text(authorization(parties))
+    try:
+        pid = int((folder / PID_FILE).read_text())
+        if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False  # a stale pid file: never signal whatever process has that number now
+        os.kill(pid, signal.SIGHUP)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def nats_server_binary() -> Path:
@@ -51,19 +137,28 @@ class EmbeddedBroker:
     exercised exactly as it would be against a stock cluster. `max_pending` (what the server
     buffers for a client that reads slowly) is raised from NATS's 64 MB to 256 MB, so that many
     pods can reply at once to one modeller.
+
+    `folder` keeps the configuration and the list of parties (`fedpod broker start` uses
+    `$FEDPOD_HOME/broker`, so `fedpod broker allow` can add parties from another shell);
+    without it everything lives in a temporary folder. `parties` are granted at start;
+    `allow` grants more while the server runs.
     """
 
     def __init__(self, *, port: int | None = None, store: Path | None = None,
                  max_payload: int | None = None, max_pending: int = 256 * 1024 * 1024,
-                 ready_timeout_s: float = 10.0) -> None:
+                 ready_timeout_s: float = 10.0, folder: Path | None = None, open: bool = False,
+                 parties: list[Party] | None = None) -> None:
         self.requested_port = port
         self.max_payload = max_payload
         self.max_pending = max_pending
         self.ready_timeout_s = ready_timeout_s
+        self.open = open
         self._tmp = tempfile.TemporaryDirectory(prefix="fedpod-broker-")
+        self.folder = folder or Path(self._tmp.name)
         self.store = store or Path(self._tmp.name) / "jetstream"
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._initial_parties = list(parties or [])
 
     @property
     def url(self) -> str:
@@ -71,17 +166,48 @@ class EmbeddedBroker:
             raise BrokerUnavailable("broker not started")
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "nats.log"
+
+    def allow(self, role: Role, public: Any) -> None:
+        """Let a party in while the server runs; returns once the server has reloaded."""
+        if self.open:
+            return
+        reloads = self._reloads()
+        grant(self.folder, Party.of(role, public))
+        if self._process is None:
+            return
+        deadline = time.monotonic() + self.ready_timeout_s
+        while self._reloads() == reloads:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"nats-server did not reload its configuration within {self.ready_timeout_s}s")
+            time.sleep(0.005)
+
+    def _reloads(self) -> int:
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text(errors="replace").count("Reloaded server configuration")
+
     def start(self) -> EmbeddedBroker:
         workdir = Path(self._tmp.name)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.store.mkdir(parents=True, exist_ok=True)
-        config = workdir / "nats.conf"
+        config = self.folder / "nats.conf"
         lines = ["host: 127.0.0.1", f"port: {self.requested_port if self.requested_port else -1}",
                  f"max_pending: {self.max_pending}",  # bytes buffered per client before it is a slow consumer
                  f"jetstream {{ store_dir: {json.dumps(str(self.store))} }}"]
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")
+        (self.folder / PID_FILE).unlink(missing_ok=True)
+        if not self.open:
+            for party in self._initial_parties:
+                grant(self.folder, party)
+            (self.folder / AUTHORIZATION_FILE).write_text(authorization(read_parties(self.folder)))
+            lines.append(f"include {json.dumps(AUTHORIZATION_FILE)}")
         config.write_text("\n".join(lines) + "\n")
-        log = workdir / "nats.log"
+        log = self.log_path
+        log.unlink(missing_ok=True)
         command = [str(nats_server_binary()), "-c", str(config), "--ports_file_dir", str(workdir), "-l", str(log)]
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True,
@@ -97,6 +223,7 @@ class EmbeddedBroker:
                     url = json.loads(ports_file.read_text())["nats"][0]
                     self.port = int(url.rsplit(":", 1)[1])
                     with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        (self.folder / PID_FILE).write_text(str(self._process.pid))
                         return self
                 except (ValueError, KeyError, IndexError, OSError):
                     pass
@@ -105,6 +232,7 @@ class EmbeddedBroker:
         raise BrokerUnavailable(f"nats-server not ready after {self.ready_timeout_s}s")
 
     def stop(self) -> None:
+        (self.folder / PID_FILE).unlink(missing_ok=True)
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
             try:

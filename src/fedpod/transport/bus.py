@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import nats
 import nats.errors
@@ -34,6 +35,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from fedpod.errors import BrokerUnavailable, PodUnreachable, TaskTimeout, TransportError
+from fedpod.transport import subjects
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,19 @@ class BrokerOptions:
         return context
 
 
+class Login(Protocol):
+    """What a party logs in to the broker with: its identity (see `security.identity`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def nats_seed(self) -> str: ...
+
+
 @dataclass
 class _Transfer:
     buffer: bytearray
@@ -91,8 +106,20 @@ class Bus:
         self.dropped_transfers = 0
 
     @classmethod
-    async def connect(cls, options: BrokerOptions, *, name: str = "fedpod", reconnect_forever: bool = False) -> Bus:
+    async def connect(cls, options: BrokerOptions, *, name: str = "fedpod", reconnect_forever: bool = False,
+                      login: Login | None = None) -> Bus:
+        """Connect as `login` (its nkey, unless a credentials file is given; its replies under
+        its own subject prefix, which is all a broker configured by fedpod lets it read)."""
         created: list[Bus] = []
+        seen: list[Exception] = []  # nats-py reports an auth refusal to error_cb, then "no servers"
+        extra: dict[str, str] = {}
+        if login is not None:
+            extra["inbox_prefix"] = subjects.replies(login.fingerprint)
+            if options.creds is None:
+                extra["nkeys_seed_str"] = login.nats_seed
+
+        async def on_error(exc: Exception) -> None:
+            await _log_error(exc, seen)
 
         async def on_reconnected() -> None:
             if created:
@@ -108,10 +135,20 @@ class Bus:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1 if reconnect_forever else 10,
                 reconnect_time_wait=0.5,
-                error_cb=_log_error,
+                error_cb=on_error,
                 reconnected_cb=on_reconnected,
+                **extra,
             )
-        except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+        except nats.errors.Error as exc:
+            refusal = next((e for e in [exc, *seen] if "authorization" in str(e).lower()), None)
+            if refusal is not None:
+                who = f"{login.name} ({login.fingerprint})" if login else "an anonymous client"
+                raise BrokerUnavailable(f"the broker at {options.url} refused {who}: {refusal}",
+                                        hint="ask the broker's operator to let this party in "
+                                             "(`fedpod broker allow --role pod|modeller NAME.pub`)") from exc
+            raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}",
+                                    hint="start one with `fedpod broker start` or pass --broker") from exc
+        except (OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}",
                                     hint="start one with `fedpod broker start` or pass --broker") from exc
         created.append(cls(client))
@@ -307,5 +344,10 @@ def _chunks(parts: Sequence[bytes | bytearray | memoryview], size: int) -> list[
     return out
 
 
-async def _log_error(exc: Exception) -> None:
+async def _log_error(exc: Exception, seen: list[Exception]) -> None:
+    if len(seen) < 16:
+        seen.append(exc)
+    if "permissions violation" in str(exc):
+        log.warning("broker: %s", exc)  # a misconfigured party, or one trying what it may not
+        return
     log.debug("nats: %s", exc)

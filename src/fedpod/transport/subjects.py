@@ -17,3 +17,10 @@ def heartbeat(fingerprint: str) -> str:
 
 
 HEARTBEATS = f"{PREFIX}.heartbeat.*"
+INBOXES = f"{PREFIX}.inbox.*"
+
+
+def replies(fingerprint: str) -> str:
+    """The prefix of a party's request/reply subjects (nats-py's `inbox_prefix`): a broker
+    that fedpod configures lets each party subscribe to its own replies only."""
+    return f"{PREFIX}.reply.{fingerprint}"
