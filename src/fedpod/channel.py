@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
 from fedpod.errors import EnvelopeRejected
 from fedpod.security.envelope import Opened, ReplayGuard, open_envelope, seal
 from fedpod.security.identity import Identity, PublicIdentity
+from fedpod.security.tickets import Ticket, TicketRefused, check_ticket, issue_ticket
 from fedpod.transport import subjects
 from fedpod.transport.bus import Bus, Payload
 from fedpod.wire.codec import Buffer, pack
@@ -29,11 +31,47 @@ OFFLOAD_BYTES = 1024 * 1024
 LARGE_SENDS = 2
 OpenedHandler = Callable[[Opened], Awaitable[None]]
 RejectedHandler = Callable[[EnvelopeRejected], Awaitable[None]]
+SenderFilter = Callable[[str], bool]
+REMEMBERED_TICKETS = 10_000
+
+
+class TransferTickets:
+    """The bus's `TransferAuthority` with this party's identity: signs its begin requests and
+    vets others' — signature, recipient, expiry, replay, and whether `accept(fingerprint)`
+    takes large messages from that sender (None: any party that signs)."""
+
+    def __init__(self, identity: Identity, accept: SenderFilter | None) -> None:
+        self.identity = identity
+        self.accept = accept
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def issue(self, recipient: str, transfer: str, size: int, digests: list[bytes]) -> bytes:
+        return issue_ticket(self.identity, recipient, transfer, size, digests)
+
+    def vet(self, ticket: bytes, max_size: int, min_chunk: int) -> tuple[str, Ticket]:
+        now = time.time()
+        try:
+            checked = check_ticket(ticket, self.identity.fingerprint, max_size=max_size, min_chunk=min_chunk, now=now)
+        except TicketRefused as exc:
+            raise ValueError(str(exc)) from exc
+        sender = checked.sender.fingerprint
+        if self.accept is not None and not self.accept(sender):
+            raise ValueError(f"{checked.sender.name} ({sender}) may not send large messages to this party")
+        while self._seen and (next(iter(self._seen.values())) < now or len(self._seen) >= REMEMBERED_TICKETS):
+            self._seen.popitem(last=False)
+        if (sender, checked.transfer) in self._seen:
+            raise ValueError("transfer ticket replayed")
+        self._seen[(sender, checked.transfer)] = checked.expires
+        return sender, checked
 
 
 class SecureChannel:
-    def __init__(self, bus: Bus, identity: Identity) -> None:
+    """`accept_transfers_from(fingerprint)` says whom this party takes messages larger than
+    the broker's `max_payload` from; nothing is spent on anyone else's (see `transport.bus`)."""
+
+    def __init__(self, bus: Bus, identity: Identity, accept_transfers_from: SenderFilter | None = None) -> None:
         self.bus = bus
+        bus.tickets = TransferTickets(identity, accept_transfers_from)
         self.identity = identity
         self.guard = ReplayGuard()
         self.rejections: Counter[str] = Counter()
@@ -59,7 +97,7 @@ class SecureChannel:
         async with self._large_sends if large else contextlib.nullcontext():
             parts = await self._seal(message.TYPE, payload, [recipient], task_id, large)
             await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
-                                recipient=f"{recipient.name} ({recipient.fingerprint})")
+                                recipient=f"{recipient.name} ({recipient.fingerprint})", to=recipient.fingerprint)
 
     async def broadcast(self, subject: str, message: WireMessage) -> None:
         payload = pack(message)

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpod.channel import SecureChannel
-from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout, TrustError
+from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout
 from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
 from fedpod.security.envelope import Opened
@@ -52,18 +52,23 @@ class AsyncModeller:
         self.discovery_window_s = discovery_window_s
         self.known_pods = KnownPods(known_pods)
         self.channel: SecureChannel | None = None
-        self._pending: dict[str, asyncio.Future[Opened]] = {}
+        self._pending: dict[str, tuple[str, asyncio.Future[Opened]]] = {}  # task id -> (pod fingerprint, reply)
+        self.ignored_replies = 0
         self._adverts: Adverts = {}
         self._advert_arrived = asyncio.Event()
 
     async def connect(self) -> None:
         bus = await Bus.connect(self.broker, name=f"modeller-{self.identity.name}", login=self.identity)
-        self.channel = SecureChannel(bus, self.identity)
+        self.channel = SecureChannel(bus, self.identity, accept_transfers_from=self._awaits_reply_from)
         await self.channel.listen_inbox(self._on_message, self._on_rejected)
 
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.bus.close()
+
+    def _awaits_reply_from(self, fingerprint: str) -> bool:
+        """Large messages are taken only from pods this modeller awaits a reply from."""
+        return any(expected == fingerprint for expected, _ in self._pending.values())
 
     async def _on_rejected(self, exc: EnvelopeRejected) -> None:
         return None  # counted by the channel; a modeller has no audit log of its own
@@ -79,9 +84,14 @@ class AsyncModeller:
             self._adverts[advert.pod] = (opened.sender, advert)
             self._advert_arrived.set()
             return
-        future = self._pending.get(opened.header.task)
-        if future is not None and not future.done():
-            future.set_result(opened)
+        pending = self._pending.get(opened.header.task)
+        if pending is None or pending[0] != opened.sender.fingerprint:
+            # A task id is visible to the broker; only the pod the task went to may answer it.
+            # Anyone else's "reply" is counted and ignored, never resolves or fails the task.
+            self.ignored_replies += 1
+            return
+        if not pending[1].done():
+            pending[1].set_result(opened)
 
     @property
     def _channel(self) -> SecureChannel:
@@ -122,7 +132,7 @@ class AsyncModeller:
         failure is raised as TaskFailed naming the pod."""
         task_id = os.urandom(8).hex()
         future: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
-        self._pending[task_id] = future
+        self._pending[task_id] = (target.pod.fingerprint, future)
         try:
             await self._channel.send(target.pod, build(task_id), task_id=task_id, timeout_s=min(self.timeout_s, 30.0))
             try:
@@ -132,8 +142,6 @@ class AsyncModeller:
                                   where=target.identifier) from exc
         finally:
             self._pending.pop(task_id, None)
-        if opened.sender.fingerprint != target.pod.fingerprint:
-            raise TrustError(f"reply for {target.identifier} came from {opened.sender.name}, not the pod")
         if opened.header.type == TaskFailure.TYPE:
             failure = unpack(opened.payload, TaskFailure)
             raise TaskFailed(failure.message, pod=target.pod.name, kind=failure.kind, hint=failure.hint)

@@ -112,7 +112,8 @@ class Pod:
         self.engine = await asyncio.to_thread(SqlEngine, self.config.datasets, self.base)
         bus = await Bus.connect(self.config.broker.options(self.base), name=f"pod-{self.config.name}",
                                 reconnect_forever=True, login=self.identity)
-        self.channel = SecureChannel(bus, self.identity)
+        accepted = {m.fingerprint for m in self.config.access.modellers}
+        self.channel = SecureChannel(bus, self.identity, accept_transfers_from=accepted.__contains__)
         self.audit.append("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
                           datasets=[d.name for d in self.config.datasets])
         try:

@@ -1,25 +1,36 @@
 """Bytes in, bytes out over NATS — of any size. The only module that imports `nats`.
 
-Messages larger than the server's `max_payload` travel as chunks with transfer headers and
-are reassembled into one preallocated buffer at the receiver. Flow control has two levels:
+Messages larger than the server's `max_payload` travel as chunks with transfer headers.
+Anyone who can reach the broker can publish to an inbox, so a chunked transfer costs the
+receiver nothing until its sender is authenticated:
 
-- Admission, decided by the receiver. A chunked transfer opens with an empty "begin" request
-  that the receiver answers only when fewer than `MAX_ACTIVE_TRANSFERS` transfers are in
-  progress (or with a refusal, e.g. too large). The server buffers up to `max_pending`
-  (64 MB by default) of what a client has not read yet and cuts it off as a slow consumer
-  beyond that; a per-sender window alone cannot bound this once enough pods reply at once
-  (twelve 4 MiB windows tripped it), so the receiver caps how many senders stream to it.
+- A transfer opens with a "begin" request carrying a signed ticket (`TransferAuthority`,
+  implemented with the parties' identity keys by `fedpod.channel`): who sends, to whom, how
+  many bytes, until when, and the SHA-256 of every chunk. The receiver checks it and asks
+  whether it takes large messages from that sender at all (a pod: from accepted modellers;
+  a modeller: from pods it awaits a reply from) before it queues or allocates anything.
+  Strangers are refused at once with the reason.
+- Admission, decided by the receiver: at most `MAX_ACTIVE_TRANSFERS` stream to it at once and
+  at most `MAX_PER_SENDER` from one sender, so no one party can hold every slot. The server
+  buffers up to `max_pending` (64 MB by default) of what a client has not read yet and cuts
+  it off as a slow consumer beyond that; a per-sender window alone cannot bound this once
+  enough pods reply at once (twelve 4 MiB windows tripped it).
+- Chunks are taken in order, each only if its digest is the ticket's: a chunk injected by
+  someone else (with a transfer id seen on the wire) is counted and ignored; it neither
+  corrupts nor cuts the genuine transfer. Buffers grow with the data received, never to the
+  announced size up front.
 - A window per transfer: every `WINDOW`-th chunk (and the last) is a request that the
   receiver acknowledges once the chunk is stored, so one fast sender cannot overrun it.
 
 A send to an inbox nobody listens on fails at once (`PodUnreachable`) instead of vanishing.
-Integrity of the reassembled bytes is the envelope's job (GCM tag or signed digest).
+Integrity and origin of the reassembled bytes is still the envelope's job (GCM tag, signature).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import ssl
@@ -43,13 +54,15 @@ Payload = bytes | bytearray
 Handler = Callable[[Payload], Awaitable[None]]
 
 H_TRANSFER = "Fedpod-Transfer"
-H_OFFSET = "Fedpod-Offset"
-H_SIZE = "Fedpod-Size"
+H_INDEX = "Fedpod-Chunk"
 H_BEGIN = "Fedpod-Begin"
 WINDOW = 4  # chunks in flight per transfer
 MAX_ACTIVE_TRANSFERS = 6  # x WINDOW x 1 MiB stays well under the server's default max_pending (64 MB)
+MAX_PER_SENDER = 2
+HASH_IN_THREAD_BYTES = 8 * 1024 * 1024
 ADMISSION_TIMEOUT_S = 600.0  # a live receiver may keep a sender waiting this long behind others
 HEADER_ALLOWANCE = 1024
+MIN_CHUNK = 4096
 DEFAULT_MAX_TRANSFER_BYTES = 4 * 1024**3
 STALE_TRANSFER_S = 120.0
 
@@ -87,11 +100,67 @@ class Login(Protocol):
     def nats_seed(self) -> str: ...
 
 
+class Vetted(Protocol):
+    """An authenticated begin request (see `fedpod.security.tickets.Ticket`)."""
+
+    @property
+    def transfer(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def digests(self) -> list[bytes]: ...
+
+
+class TransferAuthority(Protocol):
+    """Signs this party's begin requests and vets others': `vet` returns the sender's key (its
+    fingerprint) and the ticket, or raises ValueError with the reason for refusing."""
+
+    def issue(self, recipient: str, transfer: str, size: int, digests: list[bytes]) -> bytes: ...
+
+    def vet(self, ticket: bytes, max_size: int, min_chunk: int) -> tuple[str, Vetted]: ...
+
+
 @dataclass
 class _Transfer:
-    buffer: bytearray
-    received: int = 0
+    sender: str
+    size: int
+    digests: list[bytes]
+    buffer: bytearray = field(default_factory=bytearray)
+    next_index: int = 0
     touched: float = field(default_factory=time.monotonic)
+
+
+class _Admission:
+    """Slots for chunked transfers: `total` at once, `per_sender` from any one sender."""
+
+    def __init__(self, total: int, per_sender: int) -> None:
+        self.total, self.per_sender = total, per_sender
+        self.active: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    def _free_for(self, sender: str) -> bool:
+        return sum(self.active.values()) < self.total and self.active.get(sender, 0) < self.per_sender
+
+    async def acquire(self, sender: str, timeout_s: float) -> bool:
+        """Take a slot for `sender`; False if none freed up within `timeout_s`."""
+        while not self._free_for(sender):
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except TimeoutError:
+                return False
+        self.active[sender] = self.active.get(sender, 0) + 1
+        return True
+
+    def release(self, sender: str) -> None:
+        left = self.active.get(sender, 0) - 1
+        if left > 0:
+            self.active[sender] = left
+        else:
+            self.active.pop(sender, None)
+        self._changed.set()
 
 
 class Bus:
@@ -101,9 +170,11 @@ class Bus:
         self._client = client
         self.max_transfer_bytes = max_transfer_bytes
         self._transfers: dict[str, _Transfer] = {}
-        self._admission = asyncio.Semaphore(MAX_ACTIVE_TRANSFERS)
+        self._admission = _Admission(MAX_ACTIVE_TRANSFERS, MAX_PER_SENDER)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.tickets: TransferAuthority | None = None
         self.dropped_transfers = 0
+        self.ignored_chunks = 0
 
     @classmethod
     async def connect(cls, options: BrokerOptions, *, name: str = "fedpod", reconnect_forever: bool = False,
@@ -164,7 +235,7 @@ class Bus:
 
     @property
     def chunk_size(self) -> int:
-        return max(4096, self._client.max_payload - HEADER_ALLOWANCE)
+        return max(MIN_CHUNK, self._client.max_payload - HEADER_ALLOWANCE)
 
     @property
     def connected(self) -> bool:
@@ -209,28 +280,28 @@ class Bus:
 
     async def _admit(self, msg: Msg) -> None:
         """Answer a transfer's begin request once a slot is free: empty means go ahead, text
-        is a refusal the sender raises. The buffer is allocated only on admission."""
+        is a refusal the sender raises. Nothing is queued or allocated for a sender whose
+        ticket does not verify, or whom this party takes no large messages from."""
         headers = msg.headers or {}
         transfer_id = headers.get(H_TRANSFER, "")
-        try:
-            size = int(headers.get(H_SIZE, ""))
-        except ValueError:
-            size = -1
-        if not transfer_id or not 0 < size <= self.max_transfer_bytes:
-            await self._refuse(msg, f"refused: transfer of {size} bytes (limit {self.max_transfer_bytes})")
+        if self.tickets is None:
+            await self._refuse(msg, "refused: this party takes no chunked transfers")
             return
-        while True:
+        try:
+            sender, ticket = self.tickets.vet(bytes(msg.data), self.max_transfer_bytes, MIN_CHUNK)
+        except ValueError as exc:
+            await self._refuse(msg, f"refused: {exc}")
+            return
+        if ticket.transfer != transfer_id:
+            await self._refuse(msg, "refused: transfer id differs from the ticket's")
+            return
+        while not await self._admission.acquire(sender, STALE_TRANSFER_S / 4):
             self._forget_stale()  # a sender that vanished mid-transfer must not hold its slot forever
-            try:
-                await asyncio.wait_for(self._admission.acquire(), STALE_TRANSFER_S / 4)
-                break
-            except TimeoutError:
-                continue
         if transfer_id in self._transfers:
-            self._admission.release()
+            self._admission.release(sender)
             await self._refuse(msg, f"refused: transfer id {transfer_id} is already in use")
             return
-        self._transfers[transfer_id] = _Transfer(bytearray(size))
+        self._transfers[transfer_id] = _Transfer(sender, ticket.size, ticket.digests)
         try:
             await msg.respond(b"")
         except nats.errors.Error as exc:
@@ -243,8 +314,9 @@ class Bus:
             await msg.respond(reason.encode())
 
     def _finish(self, transfer_id: str) -> None:
-        if self._transfers.pop(transfer_id, None) is not None:
-            self._admission.release()
+        transfer = self._transfers.pop(transfer_id, None)
+        if transfer is not None:
+            self._admission.release(transfer.sender)
 
     def _absorb(self, msg: Msg) -> Payload | None:
         headers = msg.headers or {}
@@ -252,24 +324,23 @@ class Bus:
         if transfer_id is None:
             return bytes(msg.data)
         transfer = self._transfers.get(transfer_id)
-        if transfer is None:
-            raise TransportError(f"chunk for transfer {transfer_id} that was never admitted (or has expired)")
-        try:
-            offset = int(headers[H_OFFSET])
-        except (KeyError, ValueError) as exc:
-            self._finish(transfer_id)
-            raise TransportError(f"chunk of transfer {transfer_id} without a valid offset header") from exc
         data = msg.data
-        size = len(transfer.buffer)
-        if offset < 0 or offset + len(data) > size:
+        if transfer is None or headers.get(H_INDEX) != str(transfer.next_index) \
+                or transfer.next_index >= len(transfer.digests) \
+                or hashlib.sha256(data).digest() != transfer.digests[transfer.next_index]:
+            self.ignored_chunks += 1  # not a chunk an admitted sender signed for: someone else's, ignored
+            return None
+        if len(transfer.buffer) + len(data) > transfer.size:
             self._finish(transfer_id)
-            raise TransportError(f"chunk at offset {offset} does not fit transfer {transfer_id}")
-        transfer.buffer[offset : offset + len(data)] = data
-        transfer.received += len(data)
+            raise TransportError(f"transfer {transfer_id} carries more than the {transfer.size} bytes announced")
+        transfer.buffer += data
+        transfer.next_index += 1
         transfer.touched = time.monotonic()
-        if transfer.received < size:
+        if transfer.next_index < len(transfer.digests):
             return None
         self._finish(transfer_id)
+        if len(transfer.buffer) != transfer.size:
+            raise TransportError(f"transfer {transfer_id} ended at {len(transfer.buffer)} of {transfer.size} bytes")
         return transfer.buffer
 
     def _forget_stale(self) -> None:
@@ -280,9 +351,9 @@ class Bus:
                 self.dropped_transfers += 1
 
     async def send(self, subject: str, parts: bytes | Sequence[bytes | bytearray | memoryview], *,
-                   timeout_s: float = 30.0,
-                   recipient: str = "recipient") -> None:
-        """Deliver bytes to one listening party; returns once it has received all of them."""
+                   timeout_s: float = 30.0, recipient: str = "recipient", to: str | None = None) -> None:
+        """Deliver bytes to one listening party (fingerprint `to`, which a chunked transfer's
+        ticket names); returns once it has received all of them."""
         chunks = list(_chunks([parts] if isinstance(parts, bytes | bytearray) else parts, self.chunk_size))
         total = sum(len(c) for c in chunks)
         try:
@@ -290,14 +361,17 @@ class Bus:
                 await self._client.request(subject, bytes(chunks[0]), timeout=timeout_s)
                 return
             transfer_id = os.urandom(12).hex()
-            answer = await self._client.request(subject, b"", timeout=max(timeout_s, ADMISSION_TIMEOUT_S),
-                                                headers={H_TRANSFER: transfer_id, H_SIZE: str(total), H_BEGIN: "1"})
+            ticket = b""
+            if self.tickets is not None and to is not None:
+                digests = (await asyncio.to_thread(_digests, chunks)) if total > HASH_IN_THREAD_BYTES \
+                    else _digests(chunks)
+                ticket = self.tickets.issue(to, transfer_id, total, digests)
+            answer = await self._client.request(subject, ticket, timeout=max(timeout_s, ADMISSION_TIMEOUT_S),
+                                                headers={H_TRANSFER: transfer_id, H_BEGIN: "1"})
             if answer.data:
                 raise TransportError(f"{recipient} {answer.data.decode(errors='replace')}", where=subject)
-            offset = 0
             for index, chunk in enumerate(chunks):
-                headers = {H_TRANSFER: transfer_id, H_OFFSET: str(offset)}
-                offset += len(chunk)
+                headers = {H_TRANSFER: transfer_id, H_INDEX: str(index)}
                 if (index + 1) % WINDOW == 0 or index == len(chunks) - 1:
                     await self._client.request(subject, bytes(chunk), timeout=timeout_s, headers=headers)
                 else:
@@ -319,6 +393,10 @@ class Bus:
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         await self._client.flush(timeout=round(timeout_s))
+
+
+def _digests(chunks: list[memoryview | bytes]) -> list[bytes]:
+    return [hashlib.sha256(chunk).digest() for chunk in chunks]
 
 
 def _chunks(parts: Sequence[bytes | bytearray | memoryview], size: int) -> list[memoryview | bytes]:
