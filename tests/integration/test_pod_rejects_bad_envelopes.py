@@ -1,5 +1,5 @@
 """A live pod facing forged, tampered, replayed and garbage messages: it rejects, counts,
-audits, and keeps serving."""
+summarises them in its audit log, and keeps serving."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fedpod.transport.broker import EmbeddedBroker
 from fedpod.transport.bus import BrokerOptions, Bus
 from fedpod.wire.codec import pack
 from fedpod.wire.messages import SqlQueryAlgorithm, TaskRequest
-from tests.conftest import PodFactory, wait_until
+from tests.conftest import PodFactory
 
 pytestmark = pytest.mark.integration
 
@@ -66,15 +66,17 @@ def test_bad_envelopes_are_rejected_audited_and_the_pod_keeps_serving(
         await bus.close()
 
     asyncio.run(attack())
-    wanted = {"malformed", "bad-signature", "tampered", "replayed"}
-    wait_until(lambda: wanted <= {e.get("reason") for e in audit_events(pod.audit_path)}, 10, "rejections audited")
-    assert pod.process.poll() is None
     with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=10) as modeller:
         result = modeller.sql("SELECT SUM(a) AS s FROM t", datasets=["alice/t"])
     assert isinstance(result, dict) and int(result["alice/t"]["s"][0]) == 6
+    assert pod.process.poll() is None
     pod.stop()
     from fedpod.governance.audit import AuditLog
 
     assert AuditLog.verify(pod.audit_path).ok
-    stopped = audit_events(pod.audit_path)[-1]
+    events = audit_events(pod.audit_path)
+    assert not [e for e in events if e["event"] == "envelope-rejected"]  # counted, not written one by one
+    summary = next(e for e in events if e["event"] == "rejections")
+    assert {"malformed", "bad-signature", "tampered", "replayed"} <= set(summary["counts"])
+    stopped = events[-1]
     assert stopped["event"] == "pod-stopped" and stopped["rejected"]["replayed"] == 1

@@ -2,8 +2,11 @@
 
 Every inbound message is verified before anything else looks at it; every task goes through
 `governance.access.decide` and is written to the audit log with its decision and what was
-returned. A bad message is counted and audited, never raised: the pod keeps serving. Tasks
-run in worker threads (bounded by `max_concurrent_tasks`) so heartbeats never wait on a query.
+returned. What strangers send (bad envelopes, tasks from keys nobody accepted) is counted and
+summarised in the audit log once per window (`governance.rejections`), never written one
+entry per message and never raised: the pod keeps serving. Audit writes happen in a writer
+thread, so a burst of them never stalls the event loop. Tasks run in worker threads (bounded
+by `max_concurrent_tasks`) so heartbeats never wait on a query.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from fedpod.channel import SecureChannel
 from fedpod.data.datasets import round_count
 from fedpod.errors import EnvelopeRejected, FedpodError, ResultTooLarge
 from fedpod.governance.access import AccessRequest, decide
-from fedpod.governance.audit import AuditLog
+from fedpod.governance.audit import AuditLog, AuditWriter
 from fedpod.governance.plans import PlanRegistry
+from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.pod.config import PodConfig
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
@@ -48,11 +52,15 @@ REQUESTS: dict[str, type[TaskRequest] | type[TrainRequest]] = {TaskRequest.TYPE:
                                                                 TrainRequest.TYPE: TrainRequest}
 
 
-def describe_request(request: TaskRequest | TrainRequest) -> dict[str, Any]:
-    """What the audit log records about a request."""
+DENIED_REPLIES_PER_WINDOW = 20  # a sender refused more often than this in a window hears nothing more
+
+
+def describe_request(request: TaskRequest | TrainRequest, *, denied: bool = False) -> dict[str, Any]:
+    """What the audit log records about a request. A denied request's text was chosen by
+    someone the pod does not trust: only its hash and first characters are kept."""
     if isinstance(request, TaskRequest):
         query = request.algorithm.query
-        return {"mode": request.algorithm.mode, "query": query,
+        return {"mode": request.algorithm.mode, "query": truncated(query) if denied else query,
                 "query_sha256": hashlib.sha256(query.encode()).hexdigest()}
     plan = request.plan
     return {"experiment": request.experiment_id, "round": request.round, "plan": plan.name, "plan_kind": plan.kind,
@@ -81,6 +89,8 @@ class Pod:
         storage = self._resolve(config.storage)
         storage.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(storage / "audit.jsonl")
+        self.journal: AuditWriter | None = None
+        self.tally = RejectionTally(time.monotonic())
         self.engine: SqlEngine | None = None
         self._trainer: TrainingRunner | None = None
         self._trainer_lock = threading.Lock()
@@ -114,8 +124,9 @@ class Pod:
                                 reconnect_forever=True, login=self.identity)
         accepted = {m.fingerprint for m in self.config.access.modellers}
         self.channel = SecureChannel(bus, self.identity, accept_transfers_from=accepted.__contains__)
-        self.audit.append("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
-                          datasets=[d.name for d in self.config.datasets])
+        self.journal = AuditWriter(self.audit)
+        await self.journal.record_durably("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
+                                          datasets=[d.name for d in self.config.datasets])
         try:
             await self.channel.listen_inbox(self._on_message, self._on_rejected)
             await self.channel.listen(subjects.DISCOVER, self._on_discover, self._on_rejected)
@@ -124,8 +135,11 @@ class Pod:
             log.info("pod %s (%s) serving %d dataset(s)", self.config.name, self.fingerprint, len(self.config.datasets))
             await self._heartbeats(stop)
         finally:
-            self.audit.append("pod-stopped", pod=self.config.name, rejected=dict(self.channel.rejections))
             await bus.close()
+            self._summarise_rejections(force=True)
+            self.journal.record("pod-stopped", pod=self.config.name, rejected=dict(self.tally.total),
+                                ignored_chunks=bus.ignored_chunks)
+            self.journal.close()
             self.engine.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
@@ -135,12 +149,30 @@ class Pod:
                              running_tasks=self.running_tasks, uptime_s=time.monotonic() - self.started)
             with contextlib.suppress(FedpodError):
                 await self.channel.broadcast(subjects.heartbeat(self.fingerprint), beat)
+            self._summarise_rejections()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_s)
 
+    @property
+    def _journal(self) -> AuditWriter:
+        assert self.journal is not None, "the pod is not running"
+        return self.journal
+
+    def _summarise_rejections(self, *, force: bool = False) -> None:
+        summary = self.tally.summary(time.monotonic(), force=force)
+        if summary is not None:
+            self._journal.record("rejections", **summary)
+
+    def _accepts(self, fingerprint: str) -> bool:
+        return any(m.fingerprint == fingerprint for m in self.config.access.modellers)
+
+    def _refused(self, reason: str, detail: str) -> None:
+        """Count a refusal; only the first of each reason in a window reaches the log."""
+        if self.tally.note(reason, detail):
+            log.warning("refused (%s): %s; further ones this minute are only counted", reason, detail)
+
     async def _on_rejected(self, exc: EnvelopeRejected) -> None:
-        log.warning("rejected envelope: %s", exc)
-        self.audit.append("envelope-rejected", reason=exc.reason, detail=exc.message)
+        self._refused(exc.reason, exc.message)
 
     async def _on_discover(self, opened: Opened) -> None:
         if opened.header.type != Discover.TYPE:
@@ -151,13 +183,20 @@ class Pod:
 
     async def _on_message(self, opened: Opened) -> None:
         request_type = REQUESTS.get(opened.header.type)
+        trusted = self._accepts(opened.sender.fingerprint)
         if request_type is None:
-            self.audit.append("message-ignored", sender=opened.sender.fingerprint, type=opened.header.type)
+            if trusted:
+                self._journal.record("message-ignored", sender=opened.sender.fingerprint, type=opened.header.type[:64])
+            else:
+                self._refused("unexpected-message", f"{opened.header.type[:64]!r} from {opened.sender.fingerprint}")
             return
         try:
             request = unpack(opened.payload, request_type)
         except DecodeError as exc:
-            self.audit.append("task-malformed", sender=opened.sender.fingerprint, error=str(exc))
+            if not trusted:
+                self._refused("malformed-task", f"from {opened.sender.fingerprint}: {exc}")
+                return
+            self._journal.record("task-malformed", sender=opened.sender.fingerprint, error=str(exc)[:500])
             await self._reply(opened, TaskFailure(task_id=opened.header.task or "?", kind="DecodeError",
                                                   message=str(exc)))
             return
@@ -169,16 +208,21 @@ class Pod:
         kind = "sql" if isinstance(request, TaskRequest) else "train"
         decision = decide(self.config.access, AccessRequest(sender.name, sender.fingerprint, request.dataset, kind),
                           set(self.engine.datasets))
-        self.audit.append("task-received", task=request.task_id, requester=sender.name,
-                          requester_fingerprint=sender.fingerprint, dataset=request.dataset, kind=kind,
-                          **describe_request(request), decision="allow" if decision.allowed else "deny",
-                          reasons=decision.reasons)
+        received = {"task": request.task_id, "requester": sender.name[:64], "requester_fingerprint": sender.fingerprint,
+                    "dataset": request.dataset[:128], "kind": kind, "reasons": decision.reasons}
         if not decision.allowed:
-            await self._reply(opened, TaskFailure(
-                task_id=request.task_id, dataset=request.dataset, kind="AccessDenied",
-                message=f"{'; '.join(decision.reasons)} [rule: {decision.rule}]",
-                hint=f"ask the custodian of pod {self.config.name} to accept fingerprint {sender.fingerprint}"))
+            denials = self.tally.denial(sender.fingerprint, decision.rule or "")
+            if denials == 1:
+                await self._journal.record_durably("task-received", **received,
+                                                   **describe_request(request, denied=True), decision="deny")
+            if denials <= DENIED_REPLIES_PER_WINDOW:
+                await self._reply(opened, TaskFailure(
+                    task_id=request.task_id, dataset=request.dataset, kind="AccessDenied",
+                    message=f"{'; '.join(decision.reasons)} [rule: {decision.rule}]",
+                    hint=f"ask the custodian of pod {self.config.name} to accept fingerprint {sender.fingerprint}"),
+                    attempts=1)
             return
+        await self._journal.record_durably("task-received", **received, **describe_request(request), decision="allow")
         async with self._slots:
             self.running_tasks += 1
             try:
@@ -188,15 +232,15 @@ class Pod:
                     log.exception("task %s failed unexpectedly", request.task_id)
                 message = exc.message if isinstance(exc, FedpodError) else str(exc)
                 hint = exc.hint if isinstance(exc, FedpodError) else "see the pod's log"
-                self.audit.append("task-failed", task=request.task_id, dataset=request.dataset,
-                                  error=type(exc).__name__, message=message)
+                self._journal.record("task-failed", task=request.task_id, dataset=request.dataset,
+                                     error=type(exc).__name__, message=message)
                 await self._reply(opened, TaskFailure(task_id=request.task_id, dataset=request.dataset,
                                                       kind=type(exc).__name__, message=message, hint=hint))
                 return
             finally:
                 self.running_tasks -= 1
         result, returned = outcome
-        self.audit.append("task-completed", task=request.task_id, dataset=request.dataset, **returned)
+        self._journal.record("task-completed", task=request.task_id, dataset=request.dataset, **returned)
         await self._reply(opened, result)
 
     def _execute(self, request: TaskRequest | TrainRequest,
@@ -233,18 +277,23 @@ class Pod:
                                                self._resolve(self.config.storage) / "training-state")
             return self._trainer
 
-    async def _reply(self, opened: Opened, message: TaskResult | TrainResult | TaskFailure) -> None:
-        """Deliver a reply, retrying twice with backoff: a modeller that was briefly disconnected
-        (broker restart, slow-consumer cut) still gets a result that took long to compute."""
+    async def _reply(self, opened: Opened, message: TaskResult | TrainResult | TaskFailure,
+                     attempts: int = 3) -> None:
+        """Deliver a reply, retrying with backoff: a modeller that was briefly disconnected
+        (broker restart, slow-consumer cut) still gets a result that took long to compute.
+        Refusals are sent once: a stranger's flood must not pile up retrying tasks."""
         assert self.channel is not None
-        for attempt in range(3):
+        for attempt in range(attempts):
             try:
                 await self.channel.send(opened.sender, message, task_id=message.task_id)
                 return
             except FedpodError as exc:
-                if attempt == 2:
-                    self.audit.append("reply-undelivered", task=message.task_id, to=opened.sender.fingerprint,
-                                      error=str(exc))
+                if attempt == attempts - 1:
+                    if attempts > 1:
+                        self._journal.record("reply-undelivered", task=message.task_id, to=opened.sender.fingerprint,
+                                             error=str(exc))
+                    else:
+                        self._refused("reply-undelivered", f"to {opened.sender.fingerprint}: {exc}")
                     return
                 await asyncio.sleep(1.0 * 2**attempt)
 
