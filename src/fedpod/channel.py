@@ -67,13 +67,15 @@ class TransferTickets:
 
 class SecureChannel:
     """`accept_transfers_from(fingerprint)` says whom this party takes messages larger than
-    the broker's `max_payload` from; nothing is spent on anyone else's (see `transport.bus`)."""
+    the broker's `max_payload` from; nothing is spent on anyone else's (see `transport.bus`).
+    `guard` remembers the envelopes already seen (a pod's survives restarts)."""
 
-    def __init__(self, bus: Bus, identity: Identity, accept_transfers_from: SenderFilter | None = None) -> None:
+    def __init__(self, bus: Bus, identity: Identity, accept_transfers_from: SenderFilter | None = None,
+                 guard: ReplayGuard | None = None) -> None:
         self.bus = bus
         bus.tickets = TransferTickets(identity, accept_transfers_from)
         self.identity = identity
-        self.guard = ReplayGuard()
+        self.guard = guard or ReplayGuard()
         self.rejections: Counter[str] = Counter()
         self._seq = itertools.count(1)
         self._large_sends = asyncio.Semaphore(LARGE_SENDS)

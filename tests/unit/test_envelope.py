@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import struct
+import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -111,10 +113,31 @@ def test_multi_recipient_envelope_opens_for_each_recipient() -> None:
 
 def test_replay_guard_forgets_entries_older_than_the_window() -> None:
     guard = ReplayGuard(max_age_s=10)
-    assert guard.check_and_remember(b"a", b"n", ts=0, now=0)
-    assert not guard.check_and_remember(b"a", b"n", ts=0, now=5)
-    guard.check_and_remember(b"a", b"other", ts=100, now=100)
+    sender = ALICE.public
+    assert guard.check_and_remember(sender, b"n", ts=0, now=0)
+    assert not guard.check_and_remember(sender, b"n", ts=0, now=5)
+    guard.check_and_remember(sender, b"other", ts=100, now=100)
     assert len(guard._seen) == 1
+
+
+def test_a_durable_guard_remembers_trusted_senders_across_restarts(tmp_path: Path) -> None:
+    from fedpod.security.replay import DurableReplayGuard
+
+    path = tmp_path / "nonces.bin"
+    trusted = {ALICE.fingerprint}.__contains__
+    first = DurableReplayGuard(path, trusted)
+    now = time.time()
+    assert first.check_and_remember(ALICE.public, b"n" * 16, ts=now, now=now)
+    assert first.check_and_remember(BOB.public, b"m" * 16, ts=now, now=now)  # untrusted: memory only
+    first.close()
+    second = DurableReplayGuard(path, trusted)
+    assert second.seen(ALICE.public, b"n" * 16)
+    assert not second.check_and_remember(ALICE.public, b"n" * 16, ts=now, now=now)
+    assert second.check_and_remember(BOB.public, b"m" * 16, ts=now, now=now)
+    second.close()
+    with path.open("ab") as handle:
+        handle.write(b"torn")  # a crash mid-write leaves a partial record: it is dropped, not fatal
+    assert DurableReplayGuard(path, trusted).seen(ALICE.public, b"n" * 16)
 
 
 def test_tampered_copy_does_not_get_the_genuine_envelope_refused() -> None:

@@ -32,6 +32,7 @@ from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.pod.config import PodConfig
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
+from fedpod.security.replay import DurableReplayGuard
 from fedpod.transport import subjects
 from fedpod.transport.bus import Bus
 from fedpod.wire.codec import DecodeError, table_to_bytes, unpack
@@ -122,8 +123,8 @@ class Pod:
         self.engine = await asyncio.to_thread(SqlEngine, self.config.datasets, self.base)
         bus = await Bus.connect(self.config.broker.options(self.base), name=f"pod-{self.config.name}",
                                 reconnect_forever=True, login=self.identity)
-        accepted = {m.fingerprint for m in self.config.access.modellers}
-        self.channel = SecureChannel(bus, self.identity, accept_transfers_from=accepted.__contains__)
+        guard = DurableReplayGuard(self._resolve(self.config.storage) / "replay-nonces.bin", self._accepts)
+        self.channel = SecureChannel(bus, self.identity, accept_transfers_from=self._accepts, guard=guard)
         self.journal = AuditWriter(self.audit)
         await self.journal.record_durably("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
                                           datasets=[d.name for d in self.config.datasets])
@@ -140,6 +141,7 @@ class Pod:
             self.journal.record("pod-stopped", pod=self.config.name, rejected=dict(self.tally.total),
                                 ignored_chunks=bus.ignored_chunks)
             self.journal.close()
+            guard.close()
             self.engine.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:

@@ -50,6 +50,7 @@ DEFAULT_MAX_AGE_S = 300.0
 DEFAULT_MAX_SKEW_S = 30.0
 SEGMENT_BYTES = 8 * 1024 * 1024
 TAG_BYTES = 16
+NONCE_BYTES = 16
 Buffer = bytes | bytearray | memoryview
 
 
@@ -141,7 +142,7 @@ def seal(
     `recipients=None` makes a signed plaintext broadcast (heartbeats, discovery requests).
     """
     parts: Sequence[Buffer] = [payload] if isinstance(payload, bytes | bytearray | memoryview) else payload
-    nonce = os.urandom(16)
+    nonce = os.urandom(NONCE_BYTES)
     enc: Encryption | None = None
     hasher = hashlib.sha256()
     body: list[Buffer]
@@ -202,7 +203,8 @@ class ReplayGuard:
     """Remembers (sender, nonce) pairs for the freshness window, bounded in size.
 
     Entries older than `max_age_s` can be forgotten safely: such envelopes are refused as
-    expired before the guard is consulted.
+    expired before the guard is consulted. `fedpod.security.replay.DurableReplayGuard` also
+    keeps the nonces of trusted senders across restarts.
     """
 
     def __init__(self, max_age_s: float = DEFAULT_MAX_AGE_S, max_entries: int = 200_000) -> None:
@@ -211,25 +213,25 @@ class ReplayGuard:
         self._seen: OrderedDict[tuple[bytes, bytes], float] = OrderedDict()
         self._lock = threading.Lock()
 
-    def seen(self, sender: bytes, nonce: bytes) -> bool:
+    def seen(self, sender: PublicIdentity, nonce: bytes) -> bool:
         with self._lock:
-            return (sender, nonce) in self._seen
+            return (sender.sign_public, nonce) in self._seen
 
-    def check_and_remember(self, sender: bytes, nonce: bytes, ts: float, now: float) -> bool:
+    def check_and_remember(self, sender: PublicIdentity, nonce: bytes, ts: float, now: float) -> bool:
         with self._lock:
-            return self._check_and_remember(sender, nonce, ts, now)
+            return self._remember(self._seen, (sender.sign_public, nonce), ts, now, self.max_entries)
 
-    def _check_and_remember(self, sender: bytes, nonce: bytes, ts: float, now: float) -> bool:
-        while self._seen:
-            oldest_key, oldest_ts = next(iter(self._seen.items()))
-            if now - oldest_ts > self.max_age_s + DEFAULT_MAX_SKEW_S or len(self._seen) >= self.max_entries:
-                del self._seen[oldest_key]
+    def _remember(self, seen: OrderedDict[tuple[bytes, bytes], float], key: tuple[bytes, bytes], ts: float,
+                  now: float, max_entries: int | None) -> bool:
+        while seen:
+            oldest_key, oldest_ts = next(iter(seen.items()))
+            if now - oldest_ts > self.max_age_s + DEFAULT_MAX_SKEW_S or (max_entries and len(seen) >= max_entries):
+                del seen[oldest_key]
             else:
                 break
-        key = (sender, nonce)
-        if key in self._seen:
+        if key in seen:
             return False
-        self._seen[key] = ts
+        seen[key] = ts
         return True
 
 
@@ -267,6 +269,8 @@ def open_envelope(
         raise EnvelopeRejected("bad-signature", f"claimed sender {header.sender_name}") from exc
     if header.v != 1:
         raise EnvelopeRejected("malformed", f"unsupported envelope version {header.v}")
+    if len(header.nonce) != NONCE_BYTES:
+        raise EnvelopeRejected("malformed", "nonce is not 16 bytes")
     if header.body_len != len(body):
         raise EnvelopeRejected("tampered", "body length differs from the signed length")
     if header.digest is not None and hashlib.sha256(body).digest() != header.digest:
@@ -279,7 +283,7 @@ def open_envelope(
         raise EnvelopeRejected("expired", f"{current - header.ts:.0f}s old")
     if header.ts - current > max_skew_s:
         raise EnvelopeRejected("future", f"{header.ts - current:.0f}s ahead of this clock")
-    if guard.seen(header.sign_public, header.nonce):
+    if guard.seen(header.sender, header.nonce):
         raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}")
     payload: bytes | bytearray
     if header.enc is None:
@@ -290,7 +294,7 @@ def open_envelope(
         payload = _decrypt(header, header.enc, body, me, my_fingerprint)
     # Remember the nonce only once the body authenticated: otherwise a tampered copy of a
     # genuine envelope, sent first, would get the genuine one refused as a replay.
-    if not guard.check_and_remember(header.sign_public, header.nonce, header.ts, current):
+    if not guard.check_and_remember(header.sender, header.nonce, header.ts, current):
         raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}")
     return Opened(header, payload)
 
