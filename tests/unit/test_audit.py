@@ -51,3 +51,87 @@ def test_two_writers_keep_one_unbroken_chain(tmp_path: Path) -> None:
         (pod if i % 3 else cli).append("event", i=i)
     result = AuditLog.verify(path)
     assert result.ok and result.entries == 10
+
+
+# --- anchored checkpoints ---------------------------------------------------------------------
+
+from fedpod.governance.audit import _entry_hash, checkpoints_path, read_checkpoints  # noqa: E402
+from fedpod.security.identity import Identity  # noqa: E402
+
+POD = Identity.generate("alice")
+
+
+def _anchored(tmp_path: Path, n: int = 5) -> Path:
+    path = _log(tmp_path, n)
+    AuditLog(path).checkpoint(POD)
+    return path
+
+
+def _recompute(lines: list[str]) -> list[str]:
+    """What someone who rewrites the log does: recompute every hash so the chain verifies."""
+    previous, out = "0" * 64, []
+    for line in lines:
+        entry = json.loads(line)
+        entry["prev"] = previous
+        entry["hash"] = _entry_hash(entry)
+        previous = entry["hash"]
+        out.append(json.dumps(entry, sort_keys=True))
+    return out
+
+
+def test_an_anchored_log_verifies_against_its_checkpoint(tmp_path: Path) -> None:
+    result = AuditLog.verify(_anchored(tmp_path), signer=POD.public)
+    assert result.ok and result.entries == 5 and result.checkpoints == 1 and result.note is None
+
+
+def test_without_a_checkpoint_the_result_says_what_cannot_be_detected(tmp_path: Path) -> None:
+    result = AuditLog.verify(_log(tmp_path))
+    assert result.ok and "cannot be detected" in (result.note or "")
+
+
+def test_deleting_the_newest_entries_is_detected(tmp_path: Path) -> None:
+    path = _anchored(tmp_path)
+    path.write_text("\n".join(path.read_text().splitlines()[:3]) + "\n")
+    result = AuditLog.verify(path)
+    assert not result.ok and "truncated to 3 entries" in (result.problem or "") and "vouches for 5" in result.problem
+
+
+def test_an_emptied_or_deleted_log_is_detected(tmp_path: Path) -> None:
+    path = _anchored(tmp_path)
+    path.write_text("")
+    assert "log empty" in (AuditLog.verify(path).problem or "")
+    path.unlink()
+    assert "log missing" in (AuditLog.verify(path).problem or "")
+
+
+def test_a_rewritten_chain_with_recomputed_hashes_is_detected(tmp_path: Path) -> None:
+    path = _anchored(tmp_path)
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["decision"] = "deny"
+    lines[1] = json.dumps(entry)
+    path.write_text("\n".join(_recompute(lines)) + "\n")
+    assert AuditLog.verify(path, checkpoints=[]).ok  # the chain alone cannot tell
+    result = AuditLog.verify(path)
+    assert not result.ok and "rewritten" in (result.problem or "")
+
+
+def test_an_altered_or_foreign_checkpoint_is_detected(tmp_path: Path) -> None:
+    path = _anchored(tmp_path)
+    checkpoint = read_checkpoints(checkpoints_path(path))[0]
+    assert "does not verify" in (AuditLog.verify(path, [{**checkpoint, "entries": 4}]).problem or "")
+    other = Identity.generate("mallory")
+    AuditLog(path).checkpoint(other)
+    assert "not by the pod" in (AuditLog.verify(path, signer=POD.public).problem or "")
+
+
+def test_a_witnessed_checkpoint_exposes_a_custodian_who_rewrote_and_re_signed(tmp_path: Path) -> None:
+    path = _anchored(tmp_path)
+    witnessed = read_checkpoints(checkpoints_path(path))
+    lines = path.read_text().splitlines()[:2]  # drop three entries, then re-sign with the pod's own key
+    path.write_text("\n".join(_recompute(lines)) + "\n")
+    checkpoints_path(path).unlink()
+    AuditLog(path).checkpoint(POD)
+    assert AuditLog.verify(path, signer=POD.public).ok  # everything local agrees...
+    result = AuditLog.verify(path, read_checkpoints(checkpoints_path(path)) + witnessed, POD.public)
+    assert not result.ok and "vouches for 5" in (result.problem or "")  # ...but not with what the modeller kept

@@ -342,21 +342,38 @@ def data_synth(
 
 
 @audit_app.command("verify")
-def audit_verify(config: ConfigPath = Path("pod.yaml")) -> None:
-    """Check the pod's audit log hash chain; exit 1 if it was tampered with."""
+def audit_verify(
+    config: ConfigPath = Path("pod.yaml"),
+    witness: Annotated[list[Path] | None, typer.Option(
+        help="checkpoints a modeller kept ($FEDPOD_HOME/witness/POD-FINGERPRINT.jsonl); repeatable")] = None,
+) -> None:
+    """Check the pod's audit log: its hash chain, and that it still holds what every signed
+    checkpoint (the pod's own, and any a modeller kept) vouches for. Exit 1 if not."""
+    from fedpod.governance.audit import checkpoints_path, read_checkpoints
+
+    settings = PodConfig.load(config)
     path = _pod_storage(config) / "audit.jsonl"
-    result = AuditLog.verify(path)
+    signer = Identity.load(_resolve_beside(config, settings.identity)).public
+    anchors = read_checkpoints(checkpoints_path(path)) + [c for f in witness or [] for c in read_checkpoints(f)]
+    result = AuditLog.verify(path, anchors, signer)
     if result.ok:
-        console.print(f"audit log intact: {result.entries} entries ({path})")
+        console.print(f"audit log intact: {result.entries} entries, consistent with {result.checkpoints} signed "
+                      f"checkpoint(s) ({path})", highlight=False)
+        if result.note:
+            err.print(f"[yellow]note:[/yellow] {result.note}", highlight=False)
     else:
-        err.print(f"[red]audit log TAMPERED[/red] after {result.entries} good entries: {result.problem} ({path})")
+        err.print(f"[red]audit log TAMPERED[/red] after {result.entries} good entries: {result.problem} ({path})",
+                  highlight=False)
         raise typer.Exit(1)
 
 
+def _resolve_beside(config: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else config.parent / path
+
+
 def _pod_storage(config: Path) -> Path:
-    settings = PodConfig.load(config)
-    storage = Path(settings.storage)
-    return storage if storage.is_absolute() else config.parent / storage
+    return _resolve_beside(config, PodConfig.load(config).storage)
 
 
 def _plans(config: Path) -> PlanRegistry:

@@ -6,16 +6,27 @@ JSON. Editing, deleting or reordering any entry breaks the chain at that point, 
 
 `AuditLog.append` writes and fsyncs at once (the CLI's approvals). A running pod writes
 through an `AuditWriter` instead: a thread that takes whatever entries are queued, chains and
-writes them together and fsyncs once per batch, so no append ever blocks the pod's event loop
-and a burst of events costs one fsync, not one each. What a crash can lose is bounded: entries
-queued in the last `AuditWriter.BATCH_S` (50 ms) before it, never one that `record_durably`
-returned for — the pod writes `task-received` that way before it answers a task.
+writes them together and fsyncs once per batch (group commit: entries queued while one batch
+is being written go into the next), so no append ever blocks the pod's event loop and a burst
+of events costs one fsync, not one each. What a crash can lose is bounded by what was queued
+during the last fsync, never an entry that `record_durably` returned for — the pod writes
+`task-received` that way before it runs a task.
+
+A hash chain alone cannot show that its newest entries were deleted, that the file was emptied
+or removed, or that someone rewrote it and recomputed every hash. So the pod anchors it: it
+signs checkpoints of the chain's head (entry count, head hash, time) with its identity key,
+periodically and when it stops, appends them to `audit.checkpoints.jsonl`, and hands the latest
+to modellers with each result, who keep it (`$FEDPOD_HOME/witness/`). `verify` checks the
+chain against every checkpoint it is given. What the custodian, holding the pod's key, can
+still do is said in the README's threat model: rewrite entries newer than the newest
+checkpoint someone outside holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -26,6 +37,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+
+from fedpod.security.identity import Identity, PublicIdentity
 
 GENESIS = "0" * 64
 
@@ -40,6 +55,49 @@ class VerifyResult:
     ok: bool
     entries: int
     problem: str | None = None
+    checkpoints: int = 0
+    note: str | None = None
+
+
+def checkpoints_path(log_path: Path) -> Path:
+    return log_path.with_name(log_path.stem + ".checkpoints.jsonl")
+
+
+def _checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in checkpoint.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_checkpoint(identity: Identity, entries: int, head: str, *, now: float | None = None) -> dict[str, Any]:
+    public = identity.public
+    checkpoint: dict[str, Any] = {"pod": public.name, "sign_public": public.sign_public.hex(),
+                                  "box_public": public.box_public.hex(), "entries": entries, "head": head,
+                                  "ts": time.time() if now is None else now}
+    checkpoint["signature"] = identity.sign(_checkpoint_bytes(checkpoint)).hex()
+    return checkpoint
+
+
+def checkpoint_signer(checkpoint: dict[str, Any]) -> PublicIdentity:
+    """Who signed a checkpoint; raises ValueError if the signature does not verify."""
+    try:
+        signer = PublicIdentity(str(checkpoint["pod"]), bytes.fromhex(checkpoint["sign_public"]),
+                                bytes.fromhex(checkpoint["box_public"]))
+        signer.verify_key().verify(bytes.fromhex(checkpoint["signature"]), _checkpoint_bytes(checkpoint))
+    except (KeyError, TypeError, ValueError, InvalidSignature) as exc:
+        raise ValueError(f"checkpoint of {checkpoint.get('ts')} does not verify") from exc
+    return signer
+
+
+def read_checkpoints(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                found.append(value)
+    return found
 
 
 def _last_line(handle: Any) -> bytes:
@@ -101,31 +159,83 @@ class AuditLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    @staticmethod
-    def verify(path: Path) -> VerifyResult:
-        if not path.exists():
-            return VerifyResult(True, 0)
-        previous = GENESIS
-        count = 0
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+    def checkpoint(self, identity: Identity) -> dict[str, Any]:
+        """Sign the chain's current head and append it to the checkpoints file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, self.path.open("a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                return VerifyResult(False, count, f"line {number}: not JSON")
-            if entry.get("prev") != previous:
-                return VerifyResult(False, count, f"line {number}: chain broken (entry removed or reordered before it)")
-            if entry.get("hash") != _entry_hash(entry):
-                return VerifyResult(False, count, f"line {number}: entry was modified")
-            if entry.get("seq") != count + 1:
-                return VerifyResult(False, count, f"line {number}: sequence number {entry.get('seq')} out of order")
-            previous = entry["hash"]
-            count += 1
-        return VerifyResult(True, count)
+                last = _last_line(handle)
+                head: dict[str, Any] = json.loads(last) if last.strip() else {"seq": 0, "hash": GENESIS}
+                checkpoint = sign_checkpoint(identity, int(head["seq"]), str(head["hash"]))
+                with checkpoints_path(self.path).open("a") as out:
+                    out.write(json.dumps(checkpoint, sort_keys=True) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return checkpoint
+
+    @staticmethod
+    def verify(path: Path, checkpoints: list[dict[str, Any]] | None = None,
+               signer: PublicIdentity | None = None) -> VerifyResult:
+        """Check the hash chain, then that it still holds what every checkpoint vouches for
+        (default: the checkpoints file beside the log). With `signer`, a checkpoint signed by
+        any other key is itself a problem."""
+        anchors = read_checkpoints(checkpoints_path(path)) if checkpoints is None else checkpoints
+        chain = _walk_chain(path, {int(c["entries"]) for c in anchors if isinstance(c.get("entries"), int)})
+        if isinstance(chain, VerifyResult):
+            return chain
+        count, heads = chain
+        for anchor in sorted(anchors, key=lambda c: float(c.get("ts", 0))):
+            try:
+                who = checkpoint_signer(anchor)
+            except ValueError as exc:
+                return VerifyResult(False, count, f"{exc}: the checkpoint or its signature was altered", len(anchors))
+            if signer is not None and who.fingerprint != signer.fingerprint:
+                return VerifyResult(False, count, f"checkpoint of {anchor['ts']} was signed by {who.fingerprint}, "
+                                    f"not by the pod ({signer.fingerprint})", len(anchors))
+            vouched, when = int(anchor["entries"]), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(anchor["ts"]))
+            if vouched > count:
+                state = "missing" if not path.exists() else "empty" if count == 0 else f"truncated to {count} entries"
+                return VerifyResult(False, count, f"log {state}: the checkpoint signed at {when} UTC vouches for "
+                                    f"{vouched} entries", len(anchors))
+            if vouched and heads.get(vouched) != anchor["head"]:
+                return VerifyResult(False, count, f"entry {vouched} differs from the checkpoint signed at {when} UTC: "
+                                    "the chain was rewritten and its hashes recomputed", len(anchors))
+        note = None if anchors else "no checkpoint: deleted newest entries or a rewritten chain cannot be detected"
+        return VerifyResult(True, count, None, len(anchors), note)
+
+
+def _walk_chain(path: Path, wanted: set[int]) -> tuple[int, dict[int, str]] | VerifyResult:
+    """The number of entries and the hashes at the `wanted` positions, or what is wrong."""
+    heads: dict[int, str] = {}
+    if not path.exists():
+        return 0, heads
+    previous = GENESIS
+    count = 0
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            return VerifyResult(False, count, f"line {number}: not JSON")
+        if entry.get("prev") != previous:
+            return VerifyResult(False, count, f"line {number}: chain broken (entry removed or reordered before it)")
+        if entry.get("hash") != _entry_hash(entry):
+            return VerifyResult(False, count, f"line {number}: entry was modified")
+        if entry.get("seq") != count + 1:
+            return VerifyResult(False, count, f"line {number}: sequence number {entry.get('seq')} out of order")
+        previous = entry["hash"]
+        count += 1
+        if count in wanted:
+            heads[count] = previous
+    return count, heads
 
 
 _Pending = tuple[str, dict[str, Any], "concurrent.futures.Future[dict[str, Any]] | None"]
+CHECKPOINT = "\0checkpoint"  # a queued request to sign the head once everything before it is written
 
 
 class AuditWriter:
@@ -134,14 +244,17 @@ class AuditWriter:
     `record` never blocks; `record_durably` waits (without blocking the event loop) until the
     entry is on disk. The queue is bounded (`MAX_QUEUED`): if a flood ever fills it, further
     records are counted in `dropped` instead of growing memory, and the count is itself
-    written once there is room again.
+    written once there is room again. `checkpoint` signs the head (as `identity`) once every
+    entry queued before it is written; the newest is kept in `latest_checkpoint`.
     """
 
-    BATCH_S = 0.05
+    MAX_BATCH = 1000
     MAX_QUEUED = 10_000
 
-    def __init__(self, log: AuditLog) -> None:
+    def __init__(self, log: AuditLog, identity: Identity | None = None) -> None:
         self.log = log
+        self.identity = identity
+        self.latest_checkpoint: dict[str, Any] | None = None
         self.dropped = 0
         self._reported_dropped = 0
         self._queue: queue.Queue[_Pending | None] = queue.Queue(self.MAX_QUEUED)
@@ -150,6 +263,9 @@ class AuditWriter:
 
     def record(self, event: str, **details: Any) -> None:
         self._put((event, details, None))
+
+    def checkpoint(self) -> None:
+        self._put((CHECKPOINT, {}, None))
 
     async def record_durably(self, event: str, **details: Any) -> dict[str, Any]:
         done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
@@ -178,10 +294,9 @@ class AuditWriter:
                 stopping = True
             else:
                 batch.append(first)
-                deadline = time.monotonic() + self.BATCH_S
-                while len(batch) < 1000:
+                while len(batch) < self.MAX_BATCH:  # group commit: whatever queued up meanwhile
                     try:
-                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                        item = self._queue.get_nowait()
                     except queue.Empty:
                         break
                     if item is None:
@@ -191,8 +306,12 @@ class AuditWriter:
             if self.dropped != self._reported_dropped:
                 batch.append(("audit-entries-dropped", {"count": self.dropped - self._reported_dropped}, None))
                 self._reported_dropped = self.dropped
-            if batch:
-                self._write(batch)
+            entries = [item for item in batch if item[0] != CHECKPOINT]
+            if entries:
+                self._write(entries)
+            if len(entries) != len(batch) and self.identity is not None:
+                with contextlib.suppress(OSError):
+                    self.latest_checkpoint = self.log.checkpoint(self.identity)
 
     def _write(self, batch: list[_Pending]) -> None:
         try:

@@ -20,6 +20,7 @@ from fedpod.channel import SecureChannel
 from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout
 from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
+from fedpod.modeller.witness import AuditWitness
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity, default_keystore
 from fedpod.transport import subjects
@@ -45,12 +46,13 @@ Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
 
 class AsyncModeller:
     def __init__(self, identity: Identity, broker: BrokerOptions, *, known_pods: Path | None = None,
-                 timeout_s: float = 60.0, discovery_window_s: float = 1.0) -> None:
+                 timeout_s: float = 60.0, discovery_window_s: float = 1.0, witness: Path | None = None) -> None:
         self.identity = identity
         self.broker = broker
         self.timeout_s = timeout_s
         self.discovery_window_s = discovery_window_s
         self.known_pods = KnownPods(known_pods)
+        self.witness = AuditWitness(witness)
         self.channel: SecureChannel | None = None
         self._pending: dict[str, tuple[str, asyncio.Future[Opened]]] = {}  # task id -> (pod fingerprint, reply)
         self.ignored_replies = 0
@@ -147,7 +149,9 @@ class AsyncModeller:
             raise TaskFailed(failure.message, pod=target.pod.name, kind=failure.kind, hint=failure.hint)
         if opened.header.type != reply_type.TYPE:
             raise TaskFailed(f"unexpected reply type {opened.header.type!r}", pod=target.pod.name, kind="ProtocolError")
-        return unpack(opened.payload, reply_type)
+        reply = unpack(opened.payload, reply_type)
+        self.witness.keep(target.pod, getattr(reply, "audit_checkpoint", None))
+        return reply
 
     async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> Any:
         def build(task_id: str) -> TaskRequest:
@@ -199,7 +203,8 @@ class Modeller:
             raise
 
     async def _make_core(self, options: BrokerOptions, pins: Path, timeout_s: float) -> AsyncModeller:
-        return AsyncModeller(self.identity, options, known_pods=pins, timeout_s=timeout_s)
+        return AsyncModeller(self.identity, options, known_pods=pins, timeout_s=timeout_s,
+                             witness=pins.parent / "witness")
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

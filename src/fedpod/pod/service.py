@@ -125,9 +125,10 @@ class Pod:
                                 reconnect_forever=True, login=self.identity)
         guard = DurableReplayGuard(self._resolve(self.config.storage) / "replay-nonces.bin", self._accepts)
         self.channel = SecureChannel(bus, self.identity, accept_transfers_from=self._accepts, guard=guard)
-        self.journal = AuditWriter(self.audit)
+        self.journal = AuditWriter(self.audit, self.identity)
         await self.journal.record_durably("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
                                           datasets=[d.name for d in self.config.datasets])
+        self.journal.checkpoint()
         try:
             await self.channel.listen_inbox(self._on_message, self._on_rejected)
             await self.channel.listen(subjects.DISCOVER, self._on_discover, self._on_rejected)
@@ -140,13 +141,19 @@ class Pod:
             self._summarise_rejections(force=True)
             self.journal.record("pod-stopped", pod=self.config.name, rejected=dict(self.tally.total),
                                 ignored_chunks=bus.ignored_chunks)
+            self.journal.checkpoint()
             self.journal.close()
             guard.close()
             self.engine.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
+        """Heartbeats, and on the same clock the minute's rejection summary and the audit checkpoint."""
         assert self.channel is not None
+        checkpointed = time.monotonic()
         while not stop.is_set():
+            if time.monotonic() - checkpointed >= self.config.audit_checkpoint_s:
+                self._journal.checkpoint()
+                checkpointed = time.monotonic()
             beat = Heartbeat(pod=self.config.name, fingerprint=self.fingerprint, ts=time.time(),
                              running_tasks=self.running_tasks, uptime_s=time.monotonic() - self.started)
             with contextlib.suppress(FedpodError):
@@ -225,6 +232,7 @@ class Pod:
                     attempts=1)
             return
         await self._journal.record_durably("task-received", **received, **describe_request(request), decision="allow")
+        self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
         async with self._slots:
             self.running_tasks += 1
             try:
@@ -243,7 +251,7 @@ class Pod:
                 self.running_tasks -= 1
         result, returned = outcome
         self._journal.record("task-completed", task=request.task_id, dataset=request.dataset, **returned)
-        await self._reply(opened, result)
+        await self._reply(opened, result.model_copy(update={"audit_checkpoint": self._journal.latest_checkpoint}))
 
     def _execute(self, request: TaskRequest | TrainRequest,
                  requester: str) -> tuple[TaskResult | TrainResult, dict[str, Any]]:

@@ -121,6 +121,7 @@ class TrainResult(WireMessage):
     seconds: float
     device: str
     tensors: BulkParts
+    audit_checkpoint: dict[str, Any] | None = None  # the pod's latest signed audit checkpoint, for the modeller to keep
 
 
 class TaskResult(WireMessage):
@@ -130,6 +131,7 @@ class TaskResult(WireMessage):
     dataset: str
     table: BulkBytes
     seconds: float
+    audit_checkpoint: dict[str, Any] | None = None  # the pod's latest signed audit checkpoint, for the modeller to keep
 
 
 class TaskFailure(WireMessage):
