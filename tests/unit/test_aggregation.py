@@ -108,7 +108,7 @@ def test_median_and_trimmed_mean_resist_one_outlier() -> None:
     attacker = reply("evil", {"w": np.full(3, 1e9)}, 10**9)
     assert (CoordinateMedian().aggregate(1, x, [*honest, attacker])["w"] <= 3).all()
     assert (TrimmedMean(beta=0.2).aggregate(1, x, [*honest, attacker])["w"] <= 3).all()
-    np.testing.assert_allclose(TrimmedMean(beta=0.0).aggregate(1, x, honest)["w"], np.full(3, 1.5))
+    np.testing.assert_allclose(TrimmedMean(beta=0.25).aggregate(1, x, honest)["w"], np.full(3, 1.5))
 
 
 @pytest.mark.parametrize("bad", [
@@ -139,3 +139,26 @@ def test_fedavg_of_identical_float32_updates_is_exact(pods: int) -> None:
         result = FedAverage().aggregate(1, params, [reply(f"p{i}", params, 1) for i in range(pods)])
         assert result["w"].dtype == np.float32
         np.testing.assert_array_equal(result["w"], params["w"])
+
+
+def test_a_poisoned_update_is_set_aside_with_its_reason() -> None:
+    from fedpod.aggregation.screening import screen_updates
+
+    x = {"w": np.zeros(4)}
+    honest = [reply(f"p{i}", {"w": np.full(4, 0.1 * (i + 1))}, 10) for i in range(3)]
+    poisoned = reply("evil", {"w": np.full(4, 1e30)}, 10)
+    kept, rejected = screen_updates([*honest, poisoned], x)
+    assert [r.pod for r in kept] == ["p0", "p1", "p2"]
+    assert "evil" in rejected and "x the round's median" in rejected["evil"] and "limit 10x" in rejected["evil"]
+    assert screen_updates([*honest, poisoned], x, limit=None)[1] == {}
+    two = screen_updates([honest[0], poisoned], x)  # two replies: neither is the odd one out
+    assert two[1] == {}
+
+
+def test_trimmed_mean_refuses_to_be_a_plain_mean() -> None:
+    x = {"w": np.zeros(2)}
+    replies = [reply(f"p{i}", {"w": np.full(2, float(i))}, 10) for i in range(3)]
+    with pytest.raises(ValueError, match=r"trims nothing from 3 replies \(floor\(0.1 x 3\) = 0\)"):
+        TrimmedMean(beta=0.1).aggregate(1, x, replies)
+    with pytest.raises(ValueError, match="plain mean"):
+        TrimmedMean(beta=0.0)

@@ -43,13 +43,21 @@ class CoordinateMedian(Aggregator):
 
 @register("trimmed_mean")
 class TrimmedMean(Aggregator):
+    """Refuses to run as a plain mean: when ⌊beta·n⌋ is 0 for the round's n replies (beta 0.1 with
+    fewer than 10 pods), nothing would be trimmed, and a user who asked for robustness would
+    silently get none."""
+
     def __init__(self, beta: float = 0.1) -> None:
-        if not 0 <= beta < 0.5:
-            raise ValueError("TrimmedMean needs 0 <= beta < 0.5")
+        if not 0 < beta < 0.5:
+            raise ValueError("TrimmedMean needs 0 < beta < 0.5 (beta 0 is a plain mean: use fedavg)")
         self.beta = beta
 
     def aggregate(self, round_number: int, global_params: Params, replies: Sequence[Reply]) -> Params:
         check_replies(replies, global_params)
+        if math.floor(self.beta * len(replies)) == 0:
+            raise ValueError(f"trimmed_mean with beta={self.beta} trims nothing from {len(replies)} replies "
+                             f"(floor({self.beta} x {len(replies)}) = 0), so it would be a plain mean: use beta >= "
+                             f"{1 / len(replies):.3g}, or the median")
         return {k: trimmed_mean(_stacked(replies, k), self.beta).astype(v.dtype) for k, v in global_params.items()}
 
     def get_config(self) -> dict[str, Any]:

@@ -14,7 +14,18 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpod import __version__
-from fedpod.cli.options import BrokerUrl, Creds, IdentityName, Keystore, Timeout, TlsCa, TlsCert, TlsKey, broker_options
+from fedpod.cli.options import (
+    BrokerUrl,
+    Creds,
+    IdentityName,
+    Keystore,
+    RequirePinned,
+    Timeout,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    broker_options,
+)
 from fedpod.data.datasets import DatasetSpec, inspect
 from fedpod.errors import ConfigError, FedpodError
 from fedpod.governance.access import TrustedModeller
@@ -27,6 +38,7 @@ if TYPE_CHECKING:  # the modeller's libraries stay out of `fedpod pod start`
     import pandas as pd
 
     from fedpod.modeller.client import Modeller
+    from fedpod.modeller.known_pods import KnownPods
 
 console = Console()
 err = Console(stderr=True)
@@ -40,8 +52,10 @@ datasets_app = typer.Typer(help="Discover datasets that pods advertise.", no_arg
 data_app = typer.Typer(help="Synthetic data.", no_args_is_help=True)
 audit_app = typer.Typer(help="Inspect and verify a pod's audit log.", no_args_is_help=True)
 plan_app = typer.Typer(help="Approve or reject custom training-plan code sent to this pod.", no_args_is_help=True)
+known_pods_app = typer.Typer(help="Pinned pod fingerprints (like SSH's known_hosts).", no_args_is_help=True)
 for sub, name in ((broker_app, "broker"), (identity_app, "identity"), (pod_app, "pod"), (dataset_app, "dataset"),
-                  (datasets_app, "datasets"), (data_app, "data"), (audit_app, "audit"), (plan_app, "plan")):
+                  (datasets_app, "datasets"), (data_app, "data"), (audit_app, "audit"), (plan_app, "plan"),
+                  (known_pods_app, "known-pods")):
     app.add_typer(sub, name=name)
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
@@ -241,11 +255,46 @@ def dataset_add(
 
 
 def _modeller(identity: str, keystore: Path | None, url: str, tls_ca: Path | None, tls_cert: Path | None,
-              tls_key: Path | None, creds: Path | None, timeout: float) -> Modeller:
+              tls_key: Path | None, creds: Path | None, timeout: float, require_pinned: bool = False) -> Modeller:
     from fedpod.modeller.client import Modeller
 
     return Modeller(identity, broker=broker_options(url, tls_ca, tls_cert, tls_key, creds), keystore=keystore,
-                    timeout_s=timeout)
+                    timeout_s=timeout, require_pinned=require_pinned)
+
+
+def _report_ignored(modeller: Modeller) -> None:
+    for pod, reason in sorted(modeller.ignored_adverts.items()):
+        err.print(f"[yellow]warning:[/yellow] ignored pod {pod}: it {reason}", highlight=False)
+
+
+def _known_pods(keystore: Path | None) -> KnownPods:
+    from fedpod.modeller.known_pods import KnownPods
+
+    return KnownPods((keystore or default_keystore()).parent / "known_pods.json")
+
+
+@known_pods_app.command("add")
+def known_pods_add(
+    pod: str, fingerprint: str, keystore: Keystore = None,
+    replace: Annotated[bool, typer.Option(help="replace an existing pin (the pod's keys really changed)")] = False,
+) -> None:
+    """Pin a pod's fingerprint before first contact (compare it with its custodian out of band)."""
+    _known_pods(keystore).pin(pod, fingerprint, replace=replace)
+    console.print(f"pinned {pod} to {fingerprint}")
+
+
+@known_pods_app.command("list")
+def known_pods_list(keystore: Keystore = None) -> None:
+    """Print the pinned pods."""
+    for pod, fingerprint in sorted(_known_pods(keystore).all().items()):
+        console.print(f"{pod}  {fingerprint}", highlight=False)
+
+
+@known_pods_app.command("remove")
+def known_pods_remove(pod: str, keystore: Keystore = None) -> None:
+    """Forget a pod's pin (the next task that targets it pins it again, unless --require-pinned)."""
+    found = _known_pods(keystore).remove(pod)
+    console.print(f"removed {pod}" if found else f"{pod} was not pinned")
 
 
 @datasets_app.command("list")
@@ -254,10 +303,12 @@ def datasets_list(
     tags: Annotated[str, typer.Option(help="only datasets carrying all these tags (comma-separated)")] = "",
     wait: Annotated[float, typer.Option(help="seconds to collect adverts")] = 1.0,
     tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
+    require_pinned: RequirePinned = False,
 ) -> None:
-    """List the datasets that pods on the broker advertise."""
-    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, 30.0) as modeller:
+    """List the datasets that pods on the broker advertise to this modeller."""
+    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, 30.0, require_pinned) as modeller:
         targets = modeller.datasets(tags=[t for t in tags.split(",") if t] or None, window_s=wait)
+        _report_ignored(modeller)
     table = Table(title=f"{len(targets)} dataset(s)", title_justify="left")
     for column in ("identifier", "tags", "rows (rounded)", "columns", "pod fingerprint"):
         table.add_column(column)
@@ -288,6 +339,7 @@ def run_task(
     broker: BrokerUrl = "nats://127.0.0.1:4222", identity: IdentityName = "modeller", keystore: Keystore = None,
     timeout: Timeout = 60.0,
     tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
+    require_pinned: RequirePinned = False,
 ) -> None:
     """Run a task file: SQL results are saved as CSV (one per dataset, or aggregate.csv); training
     writes an experiment folder (metrics, final weights) under --out."""
@@ -295,7 +347,7 @@ def run_task(
     from fedpod.tasks.yaml_front import load_task
 
     task = load_task(task_file)
-    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout) as modeller:
+    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout, require_pinned) as modeller:
         if isinstance(task, SqlTask):
             result = modeller.sql(task.query, datasets=task.targets.identifiers or None,
                                   tags=task.targets.tags or None, aggregate=task.aggregate)
@@ -318,9 +370,10 @@ def sql(
     broker: BrokerUrl = "nats://127.0.0.1:4222", identity: IdentityName = "modeller", keystore: Keystore = None,
     timeout: Timeout = 60.0,
     tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
+    require_pinned: RequirePinned = False,
 ) -> None:
     """Run one federated SQL query."""
-    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout) as modeller:
+    with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout, require_pinned) as modeller:
         result = modeller.sql(query, datasets=[d for d in datasets.split(",") if d] or None,
                               tags=[t for t in tags.split(",") if t] or None, aggregate=aggregate)
     _save_results(result, out)

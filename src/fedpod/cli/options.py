@@ -18,6 +18,8 @@ Keystore = Annotated[Path | None, typer.Option("--keystore", envvar="FEDPOD_KEYS
                                                help="folder of identities (default $FEDPOD_HOME/keys)")]
 IdentityName = Annotated[str, typer.Option("--identity", envvar="FEDPOD_IDENTITY", help="modeller identity name")]
 Timeout = Annotated[float, typer.Option("--timeout", help="seconds to wait for each pod")]
+RequirePinned = Annotated[bool, typer.Option("--require-pinned", envvar="FEDPOD_REQUIRE_PINNED",
+                                             help="use only pods pinned with `fedpod known-pods add`")]
 
 
 def broker_options(url: str, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -17,7 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpod.channel import SecureChannel
-from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout
+from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout, TrustError
 from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
 from fedpod.modeller.witness import AuditWitness
@@ -39,6 +40,7 @@ from fedpod.wire.messages import (
 if TYPE_CHECKING:  # SQL's libraries load with the first query: a training-only modeller never needs them
     import pandas as pd
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R", bound=WireMessage)
 Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
@@ -46,12 +48,16 @@ Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
 
 class AsyncModeller:
     def __init__(self, identity: Identity, broker: BrokerOptions, *, known_pods: Path | None = None,
-                 timeout_s: float = 60.0, discovery_window_s: float = 1.0, witness: Path | None = None) -> None:
+                 timeout_s: float = 60.0, discovery_window_s: float = 1.0, witness: Path | None = None,
+                 require_pinned: bool = False) -> None:
         self.identity = identity
         self.broker = broker
         self.timeout_s = timeout_s
         self.discovery_window_s = discovery_window_s
         self.known_pods = KnownPods(known_pods)
+        self.require_pinned = require_pinned
+        self.ignored_adverts: dict[str, str] = {}  # pod name -> why its advert was not used, last discovery
+        self._claims: dict[str, set[str]] = {}
         self.witness = AuditWitness(witness)
         self.channel: SecureChannel | None = None
         self._pending: dict[str, tuple[str, asyncio.Future[Opened]]] = {}  # task id -> (pod fingerprint, reply)
@@ -83,8 +89,7 @@ class AsyncModeller:
                 return
             if advert.fingerprint != opened.sender.fingerprint or advert.pod != opened.sender.name:
                 return  # an advert must describe the pod that signed it
-            self._adverts[advert.pod] = (opened.sender, advert)
-            self._advert_arrived.set()
+            self._consider(opened.sender, advert)
             return
         pending = self._pending.get(opened.header.task)
         if pending is None or pending[0] != opened.sender.fingerprint:
@@ -95,6 +100,28 @@ class AsyncModeller:
         if not pending[1].done():
             pending[1].set_result(opened)
 
+    def _consider(self, sender: PublicIdentity, advert: PodAdvert) -> None:
+        """Use an advert only if its key may speak for its name: the pinned key, or (first
+        contact, unless require_pinned) the only key that claims the name."""
+        name, fingerprint = advert.pod, sender.fingerprint
+        pin = self.known_pods.pinned(name)
+        if pin is not None and pin != fingerprint:
+            self.ignored_adverts[name] = (f"answered with fingerprint {fingerprint}, but {pin} is pinned "
+                                          "(an impostor, or the pod's keys changed)")
+            return
+        if pin is None and self.require_pinned:
+            self.ignored_adverts[name] = f"is not pinned (it presented {fingerprint}); require_pinned refuses it"
+            return
+        claims = self._claims.setdefault(name, set())
+        claims.add(fingerprint)
+        if pin is None and len(claims) > 1:
+            self._adverts.pop(name, None)
+            self.ignored_adverts[name] = (f"was claimed by {len(claims)} keys on first contact "
+                                          f"({', '.join(sorted(claims))}); pin the right one first")
+            return
+        self._adverts[name] = (sender, advert)
+        self._advert_arrived.set()
+
     @property
     def _channel(self) -> SecureChannel:
         if self.channel is None:
@@ -102,32 +129,50 @@ class AsyncModeller:
         return self.channel
 
     async def discover(self, *, identifiers: list[str] | None = None, window_s: float | None = None) -> Adverts:
-        """Ask every pod for its advert. With identifiers, stop as soon as all owners answered."""
-        self._adverts = {}
-        await self._channel.broadcast(subjects.DISCOVER, Discover(identifiers=identifiers or []))
+        """Ask every pod for its advert. With identifiers, stop as soon as all owners answered —
+        at once if they are all pinned; on first contact only after `discovery_window_s` more,
+        so that a second key claiming the same name (an impostor racing the real pod) is seen
+        rather than whichever answered first being pinned."""
+        self._adverts, self._claims, self.ignored_adverts = {}, {}, {}
+        await self._channel.broadcast(subjects.DISCOVER, Discover())
         wanted = {i.partition("/")[0] for i in identifiers or []}
         window = window_s or (self.timeout_s if wanted else self.discovery_window_s)
-        deadline = asyncio.get_running_loop().time() + window
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + window
         while True:
             if wanted and wanted <= set(self._adverts):
-                break
-            remaining = deadline - asyncio.get_running_loop().time()
+                if all(self.known_pods.pinned(owner) for owner in wanted):
+                    break
+                deadline = min(deadline, clock() + self.discovery_window_s)
+                wanted = set()  # now only collecting rival claims until the new deadline
+            remaining = deadline - clock()
             if remaining <= 0:
                 break
             self._advert_arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._advert_arrived.wait(), timeout=remaining)
-        for pod, (identity, _) in self._adverts.items():
-            self.known_pods.check(pod, identity.fingerprint)
+        for pod, reason in self.ignored_adverts.items():
+            log.warning("ignored the advert of pod %s: it %s", pod, reason)
         return dict(self._adverts)
 
     async def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None) -> list[Target]:
+        """The targets of a task. Pins are checked (and first-contact pins made) for these pods
+        only; a targeted pod whose advert was ignored fails the task with the reason."""
         if bool(datasets) == bool(tags):
             raise FedpodError("name either datasets (owner/name identifiers) or tags, not both or neither")
         if datasets:
             adverts = await self.discover(identifiers=datasets, window_s=min(self.timeout_s, 10.0))
-            return select_by_identifiers(adverts, datasets)
-        return select_by_tags(await self.discover(), tags or [])
+            for owner in dict.fromkeys(i.partition("/")[0] for i in datasets):
+                if owner in self.ignored_adverts and owner not in adverts:
+                    raise TrustError(f"pod {owner} {self.ignored_adverts[owner]}", where=f"pod {owner}",
+                                     hint=f"check its fingerprint with its custodian; `fedpod known-pods add {owner} "
+                                          "FINGERPRINT --replace` if its keys really changed")
+            targets = select_by_identifiers(adverts, datasets)
+        else:
+            targets = select_by_tags(await self.discover(), tags or [])
+        for target in targets:
+            self.known_pods.pin_on_first_use(target.pod.name, target.pod.fingerprint)
+        return targets
 
     async def exchange(self, target: Target, build: Callable[[str], WireMessage], reply_type: type[R]) -> R:
         """Send one request (built for a fresh task id) to one pod and wait for its reply; a pod's
@@ -187,7 +232,8 @@ class Modeller:
     """
 
     def __init__(self, identity: Identity | str, *, broker: str | BrokerOptions = "nats://127.0.0.1:4222",
-                 keystore: Path | None = None, timeout_s: float = 60.0, known_pods: Path | None = None) -> None:
+                 keystore: Path | None = None, timeout_s: float = 60.0, known_pods: Path | None = None,
+                 require_pinned: bool = False) -> None:
         store = keystore or default_keystore()
         self.identity = identity if isinstance(identity, Identity) else Identity.load(identity, store)
         options = broker if isinstance(broker, BrokerOptions) else BrokerOptions(broker)
@@ -195,19 +241,25 @@ class Modeller:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedpod-modeller", daemon=True)
         self._thread.start()
-        self._core = self._call(self._make_core(options, pins, timeout_s))
+        self._core = self._call(self._make_core(options, pins, timeout_s, require_pinned))
         try:
             self._call(self._core.connect())
         except BaseException:
             self.close()
             raise
 
-    async def _make_core(self, options: BrokerOptions, pins: Path, timeout_s: float) -> AsyncModeller:
+    async def _make_core(self, options: BrokerOptions, pins: Path, timeout_s: float,
+                         require_pinned: bool) -> AsyncModeller:
         return AsyncModeller(self.identity, options, known_pods=pins, timeout_s=timeout_s,
-                             witness=pins.parent / "witness")
+                             witness=pins.parent / "witness", require_pinned=require_pinned)
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    @property
+    def ignored_adverts(self) -> dict[str, str]:
+        """Pods whose adverts the last discovery did not use, with why (pin mismatch, unpinned, contested)."""
+        return dict(self._core.ignored_adverts)
 
     def datasets(self, *, tags: list[str] | None = None, window_s: float | None = None) -> list[Target]:
         """Every advertised dataset (or those carrying all `tags`)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpod.errors import AmbiguousDatasets, DatasetNotFound
+from fedpod.errors import AccessDenied, AmbiguousDatasets, DatasetNotFound
 from fedpod.security.identity import PublicIdentity
 from fedpod.wire.messages import DatasetAdvert, PodAdvert
 
@@ -37,6 +37,9 @@ def select_by_identifiers(adverts: dict[str, tuple[PublicIdentity, PodAdvert]], 
             raise DatasetNotFound(f"pod {owner!r} did not answer discovery (pods that answered: {answered})",
                                   where=identifier, hint=f"is pod {owner} running on this broker?")
         pod, advert = adverts[owner]
+        if advert.notice:
+            raise AccessDenied(advert.notice, where=f"pod {owner}", rule="modellers",
+                               hint=f"send the custodian of pod {owner} your fingerprint, compared out of band")
         dataset = next((d for d in advert.datasets if d.name == name), None)
         if dataset is None:
             offered = ", ".join(d.name for d in advert.datasets) or "none"
@@ -48,8 +51,11 @@ def select_by_identifiers(adverts: dict[str, tuple[PublicIdentity, PodAdvert]], 
 def select_by_tags(adverts: dict[str, tuple[PublicIdentity, PodAdvert]], tags: list[str]) -> list[Target]:
     wanted = set(tags)
     targets: list[Target] = []
+    refusing = sorted(owner for owner, (_, advert) in adverts.items() if advert.notice)
     for owner in sorted(adverts):
         pod, advert = adverts[owner]
+        if advert.notice:
+            continue
         matching = [d for d in advert.datasets if wanted <= set(d.tags)]
         if len(matching) > 1:
             names = ", ".join(d.identifier for d in matching)
@@ -57,6 +63,7 @@ def select_by_tags(adverts: dict[str, tuple[PublicIdentity, PodAdvert]], tags: l
                                     where=f"pod {owner}", hint="add a tag that tells them apart")
         targets.extend(Target(pod, d) for d in matching)
     if not targets:
-        raise DatasetNotFound(f"no dataset carries all of the tags {sorted(wanted)}",
+        refused = f" ({len(refusing)} pod(s) do not accept this modeller: {', '.join(refusing)})" if refusing else ""
+        raise DatasetNotFound(f"no dataset carries all of the tags {sorted(wanted)}{refused}",
                               hint="`fedpod datasets list` shows what pods advertise")
     return targets

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpod.aggregation import Aggregator, FedAverage, Reply, aggregator_from_config
+from fedpod.aggregation.screening import DEFAULT_NORM_LIMIT, screen_updates
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.local import seed_everything
 from fedpod.algorithms.training.plans import TrainingPlan
@@ -78,6 +79,7 @@ class Experiment:
         *,
         datasets: list[str] | None = None,
         min_pods: int | None = None,
+        update_norm_limit: float | None = DEFAULT_NORM_LIMIT,
         broker: str | BrokerOptions = "nats://127.0.0.1:4222",
         identity: str = "modeller",
         keystore: Path | None = None,
@@ -104,6 +106,7 @@ class Experiment:
         self._strategy = node_selection_strategy or AllNodes()
         self._save_breakpoints = save_breakpoints
         self._min_pods = min_pods
+        self._update_norm_limit = update_norm_limit
         self._console = console or Console()
         root = Path(experiments_root)
         self._folder = root / experimentation_folder if experimentation_folder else next_experiment_folder(root)
@@ -222,6 +225,10 @@ class Experiment:
     def set_min_pods(self, min_pods: int | None) -> None:
         self._min_pods = min_pods
 
+    def set_update_norm_limit(self, limit: float | None) -> None:
+        """Updates larger than `limit` x the round's median update norm are set aside (None: off)."""
+        self._update_norm_limit = limit
+
     def training_replies(self) -> dict[int, dict[str, dict[str, Any]]]:
         """Per round, per pod: loss, validation metrics, sample count, timings."""
         return {r: {pod: dict(reply) for pod, reply in pods.items()} for r, pods in self._replies.items()}
@@ -250,6 +257,7 @@ class Experiment:
                 "nodes": self._nodes, "round_current": self._round, "round_limit": self._round_limit,
                 "aggregator": self._aggregator.get_config(), "training_args": self.training_args(),
                 "model_args": self._model_args, "min_pods": self._min_pods,
+                "update_norm_limit": self._update_norm_limit,
                 "save_breakpoints": self._save_breakpoints, "tensorboard": self.tensorboard()}
 
     # --- running -----------------------------------------------------------------------------
@@ -305,19 +313,27 @@ class Experiment:
         tensors = encode_parts({"params": self._global, **arrays})
         outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors))
         successes = [(t, o) for t, o in zip(selected, outcomes, strict=True) if isinstance(o, TrainResult)]
-        failures = {t.pod.name: o for t, o in zip(selected, outcomes, strict=True) if not isinstance(o, TrainResult)}
+        failures: dict[str, object] = {t.pod.name: o for t, o in zip(selected, outcomes, strict=True)
+                                       if not isinstance(o, TrainResult)}
+        replies = []
+        for target, result in successes:
+            groups = decode_groups(result.tensors)
+            extra = {k[len(EXTRA_PREFIX):]: v for k, v in groups.items() if k.startswith(EXTRA_PREFIX)}
+            replies.append(Reply(target.pod.name, groups["params"], result.num_samples, result.metrics, extra))
+        replies, set_aside = screen_updates(replies, self._global, self._update_norm_limit)
+        failures.update({pod: f"update set aside: {reason}" for pod, reason in set_aside.items()})
+        successes = [(t, r) for t, r in successes if t.pod.name not in set_aside]
         needed = self._min_pods if self._min_pods is not None else len(selected)
         if len(successes) < needed:
             details = "; ".join(f"{pod}: {error}" for pod, error in failures.items())
             raise RoundFailed(f"round {round_number}: {len(successes)} of {len(selected)} pods replied, "
                               f"{needed} needed (min_pods) — {details}",
                               hint="the global model of the previous round is kept; fix the pods or lower min_pods")
-        replies = []
-        for target, result in successes:
-            groups = decode_groups(result.tensors)
-            extra = {k[len(EXTRA_PREFIX):]: v for k, v in groups.items() if k.startswith(EXTRA_PREFIX)}
-            replies.append(Reply(target.pod.name, groups["params"], result.num_samples, result.metrics, extra))
-        self._global = self._aggregator.aggregate(round_number, self._global, replies)
+        try:
+            self._global = self._aggregator.aggregate(round_number, self._global, replies)
+        except ValueError as exc:
+            raise RoundFailed(f"round {round_number}: {self._aggregator.name} cannot aggregate: {exc}",
+                              hint="the global model of the previous round is kept") from exc
         self._plan.set_params(self._global)
         self._replies[round_number] = {
             target.pod.name: {"dataset": target.identifier, "num_samples": result.num_samples, **result.metrics,
@@ -400,6 +416,7 @@ class Experiment:
                 "nodes": self._nodes, "plan": self._plan_spec.model_dump(exclude={"source"}),
                 "model_args": self._model_args, "training_args": self.training_args(),
                 "aggregator": self._aggregator.get_config(), "min_pods": self._min_pods,
+                "update_norm_limit": self._update_norm_limit,
                 "replies": {str(k): v for k, v in self._replies.items()}}
 
     @classmethod
@@ -416,7 +433,8 @@ class Experiment:
                          training_plan_class=plan_class, model_args=state["model_args"],
                          training_args=state["training_args"], round_limit=state["round_limit"],
                          aggregator=aggregator, save_breakpoints=True, experimentation_folder=folder.name,
-                         experiments_root=folder.parent, min_pods=state["min_pods"], **connection)
+                         experiments_root=folder.parent, min_pods=state["min_pods"],
+                         update_norm_limit=state.get("update_norm_limit", DEFAULT_NORM_LIMIT), **connection)
         if source is not None:
             experiment._plan_spec = plan
         experiment._experiment_id = state["experiment_id"]

@@ -1,5 +1,11 @@
-"""Trust on first use for pods, like SSH's known_hosts: the first fingerprint seen for a pod
-name is pinned; a different one later is refused until the user removes the old pin."""
+"""Pinned pod fingerprints, like SSH's known_hosts.
+
+A pod a task targets is pinned on first contact (trust on first use), unless the modeller asks
+for `require_pinned`, in which case only pods pinned beforehand (`fedpod known-pods add NAME
+FINGERPRINT`, the fingerprint compared out of band) are used. Pins are only ever consulted for
+the pods a task targets: an impostor answering discovery under a pinned name is ignored and
+reported, never fatal to a task that does not involve that pod.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import json
 import threading
 from pathlib import Path
 
-from fedpod.errors import TrustError
+from fedpod.errors import ConfigError
+from fedpod.names import check_name
 
 
 class KnownPods:
@@ -16,14 +23,38 @@ class KnownPods:
         self._lock = threading.Lock()
         self._pins: dict[str, str] = json.loads(path.read_text()) if path and path.exists() else {}
 
-    def check(self, pod: str, fingerprint: str) -> None:
+    def pinned(self, pod: str) -> str | None:
         with self._lock:
-            pinned = self._pins.get(pod)
-            if pinned is None:
+            return self._pins.get(pod)
+
+    def all(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._pins)
+
+    def pin(self, pod: str, fingerprint: str, *, replace: bool = False) -> None:
+        """Pin explicitly (before first contact, or after a pod's keys really changed)."""
+        check_name(pod, "pod")
+        with self._lock:
+            current = self._pins.get(pod)
+            if current is not None and current != fingerprint and not replace:
+                raise ConfigError(f"pod {pod!r} is pinned to {current}", where=str(self.path),
+                                  hint="pass --replace if its keys really changed")
+            self._pins[pod] = fingerprint
+            self._save()
+
+    def remove(self, pod: str) -> bool:
+        with self._lock:
+            found = self._pins.pop(pod, None) is not None
+            self._save()
+            return found
+
+    def pin_on_first_use(self, pod: str, fingerprint: str) -> None:
+        with self._lock:
+            if pod not in self._pins:
                 self._pins[pod] = fingerprint
-                if self.path is not None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    self.path.write_text(json.dumps(self._pins, indent=2, sort_keys=True))
-            elif pinned != fingerprint:
-                raise TrustError(f"pod {pod!r} presented fingerprint {fingerprint}, but {pinned} is pinned",
-                                 where=str(self.path), hint="if the pod's keys really changed, remove its line")
+                self._save()
+
+    def _save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self._pins, indent=2, sort_keys=True))

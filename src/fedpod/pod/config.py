@@ -47,6 +47,7 @@ class PodConfig(BaseModel):
     sql_timeout_s: float = Field(default=60.0, gt=0)
     max_concurrent_tasks: int = Field(default=4, ge=1)
     audit_checkpoint_s: float = Field(default=60.0, gt=0)
+    discovery: Literal["accepted", "names", "open"] = "accepted"
     max_result_rows: int = Field(default=100_000, ge=1)
     max_result_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"

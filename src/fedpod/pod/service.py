@@ -31,7 +31,7 @@ from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.pod.config import PodConfig
 from fedpod.security.envelope import Opened
-from fedpod.security.identity import Identity
+from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.replay import DurableReplayGuard
 from fedpod.transport import subjects
 from fedpod.transport.bus import Bus
@@ -109,15 +109,26 @@ class Pod:
     def fingerprint(self) -> str:
         return self.identity.fingerprint
 
-    def advert(self) -> PodAdvert:
+    def advert(self, requester: PublicIdentity | None = None) -> PodAdvert:
+        """What discovery tells `requester`: everything if the pod accepts it (or `discovery:
+        open`); otherwise a notice that it is not accepted, with the datasets' names only under
+        `discovery: names` — schemas and row counts are for accepted modellers."""
         assert self.engine is not None
+        full = requester is None or self.config.discovery == "open" or self._accepts(requester.fingerprint)
         datasets = []
         for spec in self.config.datasets:
-            columns, rows = self.engine.schemas[spec.name]
-            datasets.append(DatasetAdvert(identifier=f"{self.config.name}/{spec.name}", name=spec.name,
-                                          tags=spec.tags, kind=spec.kind, columns=columns,
-                                          rows_rounded=round_count(rows), description=spec.description))
-        return PodAdvert(pod=self.config.name, fingerprint=self.fingerprint, datasets=datasets, version=__version__)
+            identifier = f"{self.config.name}/{spec.name}"
+            if full:
+                columns, rows = self.engine.schemas[spec.name]
+                datasets.append(DatasetAdvert(identifier=identifier, name=spec.name, tags=spec.tags, kind=spec.kind,
+                                              columns=columns, rows_rounded=round_count(rows),
+                                              description=spec.description))
+            elif self.config.discovery == "names":
+                datasets.append(DatasetAdvert(identifier=identifier, name=spec.name))
+        notice = None if full else (f"modeller {requester.name!r} ({requester.fingerprint}) is not in pod "
+                                    f"{self.config.name}'s accepted modellers") if requester else None
+        return PodAdvert(pod=self.config.name, fingerprint=self.fingerprint, datasets=datasets, version=__version__,
+                         heartbeat_s=self.config.heartbeat_s, notice=notice)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         self.engine = await asyncio.to_thread(SqlEngine, self.config.datasets, self.base)
@@ -187,8 +198,12 @@ class Pod:
         if opened.header.type != Discover.TYPE:
             return
         assert self.channel is not None
+        sender = opened.sender
+        if not self._accepts(sender.fingerprint) and \
+                self.tally.denial(sender.fingerprint, "discovery") > DENIED_REPLIES_PER_WINDOW:
+            return
         with contextlib.suppress(FedpodError):
-            await self.channel.send(opened.sender, self.advert(), timeout_s=5.0)
+            await self.channel.send(sender, self.advert(sender), timeout_s=5.0)
 
     async def _on_message(self, opened: Opened) -> None:
         request_type = REQUESTS.get(opened.header.type)

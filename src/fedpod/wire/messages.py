@@ -20,30 +20,36 @@ class WireMessage(BaseModel):
 
 
 class Discover(WireMessage):
-    """Broadcast by a modeller: every pod answers with its advert (to the sender only)."""
+    """Broadcast by a modeller, signed and empty: what it looks for (tags, identifiers) is chosen
+    among the adverts at the modeller, so the broadcast tells an observer nothing. Each pod
+    answers with its advert, sealed for the sender only, and only as much as its `discovery`
+    setting grants that sender."""
 
     TYPE: ClassVar[str] = "discover"
-    tags: list[str] = []
-    identifiers: list[str] = []
 
 
 class DatasetAdvert(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
     identifier: str
     name: str
-    tags: list[str]
-    kind: str
-    columns: dict[str, str]
-    rows_rounded: int
+    tags: list[str] = []
+    kind: str = ""
+    columns: dict[str, str] = {}
+    rows_rounded: int = 0
     description: str = ""
 
 
 class PodAdvert(WireMessage):
+    """`notice` is set when the pod does not accept the modeller that asked: it then lists no
+    dataset (or only their names, if its custodian chose `discovery: names`)."""
+
     TYPE: ClassVar[str] = "advert"
     pod: str
     fingerprint: str
     datasets: list[DatasetAdvert]
     version: str
+    heartbeat_s: float = 2.0
+    notice: str | None = None
 
 
 class Heartbeat(WireMessage):

@@ -1,0 +1,51 @@
+"""Screening pods' updates before any aggregator sees them.
+
+A pod that sends an update scaled by 1e30 is averaged in by FedAvg without a word (the mean of
+finite numbers is finite). So every round, before aggregation, each update's size is compared
+with the others': an update whose norm ‖params - global‖ exceeds `limit` times the median norm
+of the round is set aside with its reason, which the round report shows beside the pod. It
+needs at least `MIN_REPLIES` replies — with two, neither can be told to be the odd one out — and
+it is a guard against gross poisoning, not Byzantine robustness (use `median` or
+`trimmed_mean` for that). Non-finite values and wrong shapes are refused by `check_replies`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedpod.aggregation.base import Params, Reply
+
+DEFAULT_NORM_LIMIT = 10.0
+MIN_REPLIES = 3
+
+
+def update_norm(params: Params, reference: Params) -> float:
+    total = 0.0
+    for key, value in params.items():
+        base = reference.get(key)
+        if base is None or np.shape(base) != np.shape(value):
+            return float("inf")  # malformed: check_replies will say how
+        delta = np.asarray(value, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+        total += float(np.dot(delta.ravel(), delta.ravel()))
+    return float(np.sqrt(total))
+
+
+def screen_updates(replies: Sequence[Reply], reference: Params,
+                   limit: float | None = DEFAULT_NORM_LIMIT) -> tuple[list[Reply], dict[str, str]]:
+    """The replies to aggregate, and the pods set aside with why."""
+    rejected: dict[str, str] = {}
+    norms = {reply.pod: update_norm(reply.params, reference) for reply in replies}
+    for pod, norm in norms.items():
+        if not np.isfinite(norm):
+            rejected[pod] = "update is not finite or does not match the model's parameters"
+    finite = [n for pod, n in norms.items() if pod not in rejected]
+    if limit is not None and len(finite) >= MIN_REPLIES:
+        median = float(np.median(finite))
+        bound = limit * max(median, 1e-12)
+        for pod, norm in norms.items():
+            if pod not in rejected and norm > bound:
+                rejected[pod] = (f"update norm {norm:.3g} is {norm / max(median, 1e-12):.3g}x the round's median "
+                                 f"{median:.3g} (limit {limit:g}x)")
+    return [r for r in replies if r.pod not in rejected], rejected
