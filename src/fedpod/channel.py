@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections import Counter, OrderedDict
@@ -23,7 +24,7 @@ from fedpod.security.envelope import Opened, ReplayGuard, open_envelope, seal
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.tickets import Ticket, TicketRefused, check_ticket, issue_ticket
 from fedpod.transport import subjects
-from fedpod.transport.bus import Bus, Payload
+from fedpod.transport.bus import Ack, Bus, Payload
 from fedpod.wire.codec import Buffer, pack
 from fedpod.wire.messages import WireMessage
 
@@ -113,9 +114,10 @@ class SecureChannel:
 
     async def listen(self, subject: str, on_opened: OpenedHandler, on_rejected: RejectedHandler) -> None:
         """Subscribe `subject`; verified envelopes go to `on_opened`, rejections are counted
-        and reported to `on_rejected` — never raised into the subscription."""
+        and reported to `on_rejected` — never raised into the subscription. The sender hears
+        that its message arrived when the handler awaits `opened.acknowledge()`, or returns."""
 
-        async def on_frame(frame: Payload) -> None:
+        async def on_frame(frame: Payload, ack: Ack) -> None:
             try:
                 opened = await self.open(frame)
             except EnvelopeRejected as exc:
@@ -123,7 +125,7 @@ class SecureChannel:
                 await on_rejected(exc)
                 return
             del frame  # the ciphertext is not needed while the handler works (a pod trains for minutes)
-            await on_opened(opened)
+            await on_opened(dataclasses.replace(opened, acknowledge=ack))
 
         await self.bus.subscribe(subject, on_frame)
 

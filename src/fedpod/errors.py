@@ -6,6 +6,7 @@
     ├── TransportError (ConnectionError)
     │   ├── BrokerUnavailable               no NATS server at the URL, or it failed to start
     │   ├── PodUnreachable                  nobody listens on the pod's inbox (pod offline)
+    │   ├── PodLost                         a pod stopped sending heartbeats while it held a task
     │   └── TaskTimeout (TimeoutError)      the pod took the task but did not answer in time
     ├── AccessDenied (PermissionError)      the pod's access decision refused the task
     ├── DiscoveryError (LookupError)
@@ -82,6 +83,10 @@ class PodUnreachable(TransportError):
 
 
 class TaskTimeout(TransportError, TimeoutError):
+    pass
+
+
+class PodLost(TransportError):
     pass
 
 

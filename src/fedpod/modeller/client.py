@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpod.channel import SecureChannel
-from fedpod.errors import EnvelopeRejected, FedpodError, TaskFailed, TaskTimeout, TrustError
+from fedpod.errors import EnvelopeRejected, FedpodError, PodLost, TaskFailed, TaskTimeout, TrustError
 from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
 from fedpod.modeller.witness import AuditWitness
@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # SQL's libraries load with the first query: a training-only 
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LOST_AFTER_BEATS = 3  # a pod silent for this many heartbeat intervals is declared lost...
+LOST_AFTER_AT_LEAST_S = 5.0  # ...but never sooner than this (a loaded machine delays beats)
 R = TypeVar("R", bound=WireMessage)
 Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
 
@@ -58,6 +60,8 @@ class AsyncModeller:
         self.require_pinned = require_pinned
         self.ignored_adverts: dict[str, str] = {}  # pod name -> why its advert was not used, last discovery
         self._claims: dict[str, set[str]] = {}
+        self._heartbeat_s: dict[str, float] = {}  # pod fingerprint -> its advertised interval
+        self._last_beat: dict[str, float] = {}  # pod fingerprint -> when its last heartbeat arrived (loop time)
         self.witness = AuditWitness(witness)
         self.channel: SecureChannel | None = None
         self._pending: dict[str, tuple[str, asyncio.Future[Opened]]] = {}  # task id -> (pod fingerprint, reply)
@@ -120,6 +124,7 @@ class AsyncModeller:
                                           f"({', '.join(sorted(claims))}); pin the right one first")
             return
         self._adverts[name] = (sender, advert)
+        self._heartbeat_s[fingerprint] = advert.heartbeat_s
         self._advert_arrived.set()
 
     @property
@@ -181,12 +186,9 @@ class AsyncModeller:
         future: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
         self._pending[task_id] = (target.pod.fingerprint, future)
         try:
+            await self._watch(target.pod)
             await self._channel.send(target.pod, build(task_id), task_id=task_id, timeout_s=min(self.timeout_s, 30.0))
-            try:
-                opened = await asyncio.wait_for(future, timeout=self.timeout_s)
-            except TimeoutError as exc:
-                raise TaskTimeout(f"pod {target.pod.name} did not answer within {self.timeout_s:.0f}s",
-                                  where=target.identifier) from exc
+            opened = await self._reply_or_loss(future, target)
         finally:
             self._pending.pop(task_id, None)
         if opened.header.type == TaskFailure.TYPE:
@@ -197,6 +199,43 @@ class AsyncModeller:
         reply = unpack(opened.payload, reply_type)
         self.witness.keep(target.pod, getattr(reply, "audit_checkpoint", None))
         return reply
+
+    async def _watch(self, pod: PublicIdentity) -> None:
+        """Follow a pod's heartbeats from the first task sent to it on."""
+        if pod.fingerprint in self._last_beat:
+            return
+        loop = asyncio.get_running_loop()
+        self._last_beat[pod.fingerprint] = loop.time()
+
+        async def on_beat(opened: Opened) -> None:
+            if opened.sender.fingerprint == pod.fingerprint:
+                self._last_beat[pod.fingerprint] = loop.time()
+
+        async def ignore(exc: EnvelopeRejected) -> None:
+            return None
+
+        await self._channel.listen(subjects.heartbeat(pod.fingerprint), on_beat, ignore)
+
+    async def _reply_or_loss(self, future: asyncio.Future[Opened], target: Target) -> Opened:
+        """Wait for the reply; fail as soon as the pod stops sending heartbeats (it died or was
+        cut off), or at the timeout — naming the pod either way."""
+        loop = asyncio.get_running_loop()
+        interval = self._heartbeat_s.get(target.pod.fingerprint, 2.0)
+        lost_after = max(LOST_AFTER_BEATS * interval, LOST_AFTER_AT_LEAST_S)
+        deadline = loop.time() + self.timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TaskTimeout(f"pod {target.pod.name} did not answer within {self.timeout_s:.0f}s",
+                                  where=target.identifier)
+            done, _ = await asyncio.wait({future}, timeout=min(remaining, interval))
+            if done:
+                return future.result()
+            silent = loop.time() - self._last_beat.get(target.pod.fingerprint, loop.time())
+            if silent > lost_after:
+                raise PodLost(f"pod {target.pod.name} stopped sending heartbeats {silent:.1f}s ago (one every "
+                              f"{interval:g}s expected) while it held this task: declared lost",
+                              where=target.identifier, hint="is the pod running? its custodian can see its log")
 
     async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> Any:
         def build(task_id: str) -> TaskRequest:

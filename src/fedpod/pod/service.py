@@ -247,6 +247,7 @@ class Pod:
                     attempts=1)
             return
         await self._journal.record_durably("task-received", **received, **describe_request(request), decision="allow")
+        await opened.acknowledge()  # only now does the modeller hear that the task arrived
         self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
         async with self._slots:
             self.running_tasks += 1

@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,12 +91,18 @@ class Header(BaseModel):
         return PublicIdentity(self.sender_name, self.sign_public, self.box_public)
 
 
+async def _nothing_to_acknowledge() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Opened:
-    """A verified envelope: who sent it, what type, and the decrypted payload."""
+    """A verified envelope: who sent it, what type, and the decrypted payload. `acknowledge`
+    tells the sender it arrived (set by the channel that received it)."""
 
     header: Header
     payload: bytes | bytearray
+    acknowledge: Callable[[], Awaitable[None]] = _nothing_to_acknowledge
 
     @property
     def sender(self) -> PublicIdentity:

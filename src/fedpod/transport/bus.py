@@ -51,7 +51,8 @@ from fedpod.transport import subjects
 log = logging.getLogger(__name__)
 
 Payload = bytes | bytearray
-Handler = Callable[[Payload], Awaitable[None]]
+Ack = Callable[[], Awaitable[None]]
+Handler = Callable[[Payload, Ack], Awaitable[None]]
 
 H_TRANSFER = "Fedpod-Transfer"
 H_INDEX = "Fedpod-Chunk"
@@ -252,7 +253,12 @@ class Bus:
     async def subscribe(self, subject: str, handler: Handler) -> None:
         """Deliver each whole message (reassembled if chunked) to `handler` in its own task,
         so that a slow handler never stalls the subscription (or a pod's heartbeats). Returns
-        once the server has registered the subscription."""
+        once the server has registered the subscription.
+
+        The sender's `send` returns when the receiver acknowledges the whole message, which is
+        when the handler calls its `ack` (at the latest when it returns): a pod acknowledges a
+        task only once it has written it to its audit log, so a task a sender saw accepted is
+        never missing from the log, even if the pod dies right after."""
 
         async def on_message(msg: Msg) -> None:
             if msg.headers and H_BEGIN in msg.headers:
@@ -261,14 +267,15 @@ class Bus:
             try:
                 whole = self._absorb(msg)
             except TransportError as exc:
-                log.warning("dropped transfer on %s: %s", subject, exc)
+                log.debug("dropped transfer on %s: %s", subject, exc)
                 self.dropped_transfers += 1
                 whole = None
-            if msg.reply:
-                with contextlib.suppress(Exception):
-                    await msg.respond(b"")
-            if whole is not None:
-                self._spawn(handler(whole))
+            if whole is None:
+                if msg.reply:  # flow control of a transfer under way, or a message dropped
+                    with contextlib.suppress(Exception):
+                        await msg.respond(b"")
+                return
+            self._spawn(_acknowledging(handler, whole, msg))
 
         await self._client.subscribe(subject, cb=on_message, pending_bytes_limit=256 * 1024 * 1024)
         await self._client.flush()  # return only once the server knows: a send right after must find us
@@ -393,6 +400,23 @@ class Bus:
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         await self._client.flush(timeout=round(timeout_s))
+
+
+async def _acknowledging(handler: Handler, whole: Payload, msg: Msg) -> None:
+    acked = False
+
+    async def ack() -> None:
+        nonlocal acked
+        if not acked:
+            acked = True
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(b"")
+
+    try:
+        await handler(whole, ack)
+    finally:
+        await ack()
 
 
 def _digests(chunks: list[memoryview | bytes]) -> list[bytes]:
