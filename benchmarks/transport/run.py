@@ -135,7 +135,8 @@ def throughput(sizes: list[int], runs: dict[int, int]) -> dict[int, tuple[float,
     # Open (no authentication): the raw nats-py baseline uses subjects that a broker configured by
     # fedpod grants to nobody. Authentication costs a signature at connect, not per message.
     with EmbeddedBroker(open=True) as broker:
-        process = subprocess.Popen([sys.executable, __file__, "--receiver", broker.url, str(keystore)],
+        process = subprocess.Popen([sys.executable, "-m", "benchmarks.transport.run", "--receiver", broker.url,
+                                    str(keystore)], cwd=HERE.parents[1],
                                    stdout=subprocess.PIPE, text=True)
         try:
             assert process.stdout is not None and process.stdout.readline().strip() == "ready"

@@ -5,8 +5,11 @@ signed tasks from keys nobody accepted. Writing one audit entry each would let a
 the disk and stall the pod with fsyncs. So refusals are counted by reason and summarised: one
 `rejections` entry per window (`WINDOW_S`) with the counts and the first detail seen for each
 reason. A denied task is audited in full (query hash and its first `QUERY_CHARS` characters)
-once per sender and rule per window; repeats only count. Pure bookkeeping: the caller
-supplies the clock and writes what `summary` returns.
+once per sender and rule per window; repeats only count. Since anyone can make fresh keys,
+"once per sender" alone bounds nothing: at most `AUDITED_PER_WINDOW` denials are written and
+`REPLIES_PER_WINDOW` refusals answered per window over all senders, and at most
+`TRACKED_SENDERS` senders are remembered (beyond that they are treated as repeats). Pure
+bookkeeping: the caller supplies the clock and writes what `summary` returns.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from typing import Any
 WINDOW_S = 60.0
 QUERY_CHARS = 200
 DETAIL_CHARS = 200
+AUDITED_PER_WINDOW = 20
+REPLIES_PER_SENDER = 20
+REPLIES_PER_WINDOW = 200
+TRACKED_SENDERS = 10_000
 
 
 class RejectionTally:
@@ -26,6 +33,8 @@ class RejectionTally:
         self._counts: Counter[str] = Counter()
         self._first_detail: dict[str, str] = {}
         self._denied: Counter[tuple[str, str]] = Counter()
+        self._audited = 0
+        self._replied = 0
         self.total: Counter[str] = Counter()
 
     def note(self, reason: str, detail: str = "") -> bool:
@@ -37,14 +46,23 @@ class RejectionTally:
             self._first_detail[reason] = detail[:DETAIL_CHARS]
         return first
 
-    def denial(self, sender: str, rule: str) -> int:
-        """Count a denied task; returns how many `sender` had under `rule` in this window. The
-        first is audited in full; later ones are counted as `denied-repeat`."""
+    def denial(self, sender: str, rule: str) -> tuple[bool, bool]:
+        """Count a denied request; returns whether to audit it in full and whether to answer it."""
         key = (sender, rule)
+        if key not in self._denied and len(self._denied) >= TRACKED_SENDERS:
+            self.note("denied-untracked", f"{sender} [{rule}]")
+            return False, False
         self._denied[key] += 1
-        if self._denied[key] > 1:
-            self.note("denied-repeat", f"{sender} [{rule}]")
-        return self._denied[key]
+        seen = self._denied[key]
+        audit = seen == 1 and self._audited < AUDITED_PER_WINDOW
+        if audit:
+            self._audited += 1
+        else:
+            self.note("denied-repeat" if seen > 1 else "denied-unaudited", f"{sender} [{rule}]")
+        reply = seen <= REPLIES_PER_SENDER and self._replied < REPLIES_PER_WINDOW
+        if reply:
+            self._replied += 1
+        return audit, reply
 
     def summary(self, now: float, *, force: bool = False) -> dict[str, Any] | None:
         """The entry to write when the window is over (or `force`), then a fresh window."""
@@ -56,6 +74,7 @@ class RejectionTally:
         self._counts.clear()
         self._first_detail.clear()
         self._denied.clear()
+        self._audited = self._replied = 0
         if not counts:
             return None
         return {"window_s": seconds, "counts": counts, "first_detail": details}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -53,9 +54,6 @@ REQUESTS: dict[str, type[TaskRequest] | type[TrainRequest]] = {TaskRequest.TYPE:
                                                                 TrainRequest.TYPE: TrainRequest}
 
 
-DENIED_REPLIES_PER_WINDOW = 20  # a sender refused more often than this in a window hears nothing more
-
-
 def describe_request(request: TaskRequest | TrainRequest, *, denied: bool = False) -> dict[str, Any]:
     """What the audit log records about a request. A denied request's text was chosen by
     someone the pod does not trust: only its hash and first characters are kept."""
@@ -64,9 +62,10 @@ def describe_request(request: TaskRequest | TrainRequest, *, denied: bool = Fals
         return {"mode": request.algorithm.mode, "query": truncated(query) if denied else query,
                 "query_sha256": hashlib.sha256(query.encode()).hexdigest()}
     plan = request.plan
-    return {"experiment": request.experiment_id, "round": request.round, "plan": plan.name, "plan_kind": plan.kind,
-            "plan_sha256": hashlib.sha256(plan.source.encode()).hexdigest() if plan.source else None,
-            "training_args": request.training_args}
+    arguments = json.dumps(request.training_args, sort_keys=True, default=str)
+    return {"experiment": request.experiment_id[:128], "round": request.round, "plan": plan.name[:128],
+            "plan_kind": plan.kind, "plan_sha256": hashlib.sha256(plan.source.encode()).hexdigest() if plan.source
+            else None, "training_args": truncated(arguments) if denied else request.training_args}
 
 
 def describe_training(result: TrainResult) -> dict[str, Any]:
@@ -199,8 +198,7 @@ class Pod:
             return
         assert self.channel is not None
         sender = opened.sender
-        if not self._accepts(sender.fingerprint) and \
-                self.tally.denial(sender.fingerprint, "discovery") > DENIED_REPLIES_PER_WINDOW:
+        if not self._accepts(sender.fingerprint) and not self.tally.denial(sender.fingerprint, "discovery")[1]:
             return
         with contextlib.suppress(FedpodError):
             await self.channel.send(sender, self.advert(sender), timeout_s=5.0)
@@ -235,11 +233,11 @@ class Pod:
         received = {"task": request.task_id, "requester": sender.name[:64], "requester_fingerprint": sender.fingerprint,
                     "dataset": request.dataset[:128], "kind": kind, "reasons": decision.reasons}
         if not decision.allowed:
-            denials = self.tally.denial(sender.fingerprint, decision.rule or "")
-            if denials == 1:
+            audit, answer = self.tally.denial(sender.fingerprint, decision.rule or "")
+            if audit:
                 await self._journal.record_durably("task-received", **received,
                                                    **describe_request(request, denied=True), decision="deny")
-            if denials <= DENIED_REPLIES_PER_WINDOW:
+            if answer:
                 await self._reply(opened, TaskFailure(
                     task_id=request.task_id, dataset=request.dataset, kind="AccessDenied",
                     message=f"{'; '.join(decision.reasons)} [rule: {decision.rule}]",

@@ -54,7 +54,15 @@ def load_task(path: Path) -> SqlTask | TrainingTask:
         spec = TaskFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"invalid task file: {exc}", where=str(path)) from exc
-    return compile_task(spec, where=str(path), base=path.parent)
+    try:
+        return compile_task(spec, where=str(path), base=path.parent)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        # Sections still typed as free-form mappings (data_structure, hyperparameters, model) can
+        # hold a value of the wrong kind; found by fuzzing. Say so instead of crashing.
+        raise ConfigError(f"invalid task file: a value has the wrong type ({type(exc).__name__}: {exc})",
+                          where=str(path), hint="compare with examples/*.yaml") from exc
 
 
 def compile_task(spec: TaskFile, *, where: str, base: Path = Path()) -> SqlTask | TrainingTask:
