@@ -247,4 +247,5 @@ def report() -> Any:
     yield
     if FUZZ_COUNTS:
         lines = [f"| {target} | {runs:,} |" for target, runs in FUZZ_COUNTS.items()]
-        print(f"\nfuzz inputs ({time.monotonic() - started:.0f}s):\n| target | inputs |\n|---|---:|\n" + "\n".join(lines))
+        header = f"\nfuzz inputs ({time.monotonic() - started:.0f}s):\n| target | inputs |\n|---|---:|\n"
+        print(header + "\n".join(lines))
