@@ -17,8 +17,10 @@ receiver nothing until its sender is authenticated:
   enough pods reply at once (twelve 4 MiB windows tripped it).
 - Chunks are taken in order, each only if its digest is the ticket's: a chunk injected by
   someone else (with a transfer id seen on the wire) is counted and ignored; it neither
-  corrupts nor cuts the genuine transfer. Buffers grow with the data received, never to the
-  announced size up front.
+  corrupts nor cuts the genuine transfer. Memory grows with the data received, never to the
+  announced size up front: the buffer is an anonymous memory map of the announced size, made
+  at the first verified chunk, whose pages the kernel provides only as they are written (and
+  which, unlike a growing bytearray, is never copied to grow).
 - A window per transfer: every `WINDOW`-th chunk (and the last) is a request that the
   receiver acknowledges once the chunk is stored, so one fast sender cannot overrun it.
 
@@ -32,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import ssl
 import time
@@ -50,7 +53,7 @@ from fedpod.transport import subjects
 
 log = logging.getLogger(__name__)
 
-Payload = bytes | bytearray
+Payload = bytes | bytearray | memoryview
 Ack = Callable[[], Awaitable[None]]
 Handler = Callable[[Payload, Ack], Awaitable[None]]
 
@@ -128,7 +131,8 @@ class _Transfer:
     sender: str
     size: int
     digests: list[bytes]
-    buffer: bytearray = field(default_factory=bytearray)
+    buffer: mmap.mmap | None = None
+    received: int = 0
     next_index: int = 0
     touched: float = field(default_factory=time.monotonic)
 
@@ -337,18 +341,21 @@ class Bus:
                 or hashlib.sha256(data).digest() != transfer.digests[transfer.next_index]:
             self.ignored_chunks += 1  # not a chunk an admitted sender signed for: someone else's, ignored
             return None
-        if len(transfer.buffer) + len(data) > transfer.size:
+        if transfer.received + len(data) > transfer.size:
             self._finish(transfer_id)
             raise TransportError(f"transfer {transfer_id} carries more than the {transfer.size} bytes announced")
-        transfer.buffer += data
+        if transfer.buffer is None:
+            transfer.buffer = mmap.mmap(-1, transfer.size)  # address space now; memory page by page as written
+        transfer.buffer[transfer.received : transfer.received + len(data)] = data
+        transfer.received += len(data)
         transfer.next_index += 1
         transfer.touched = time.monotonic()
         if transfer.next_index < len(transfer.digests):
             return None
         self._finish(transfer_id)
-        if len(transfer.buffer) != transfer.size:
-            raise TransportError(f"transfer {transfer_id} ended at {len(transfer.buffer)} of {transfer.size} bytes")
-        return transfer.buffer
+        if transfer.received != transfer.size:
+            raise TransportError(f"transfer {transfer_id} ended at {transfer.received} of {transfer.size} bytes")
+        return memoryview(transfer.buffer)
 
     def _forget_stale(self) -> None:
         now = time.monotonic()
@@ -413,8 +420,10 @@ async def _acknowledging(handler: Handler, whole: Payload, msg: Msg) -> None:
                 with contextlib.suppress(Exception):
                     await msg.respond(b"")
 
+    running = handler(whole, ack)
+    del whole  # the handler lets go of the bytes once it has read them (a pod then trains for minutes)
     try:
-        await handler(whole, ack)
+        await running
     finally:
         await ack()
 
