@@ -157,7 +157,8 @@ def main() -> None:
               f"Authentication (the first time column against the last, same run): "
               f"{', '.join(f'{seconds / open_s - 1:+.0%}' for _, _, (seconds, _), _, open_s in rows)} per round "
               "for the rows above. nats-server checks subject permissions per message, and a party signs the "
-              "server's nonce once per connection; differences of a few percent are this machine's noise.", "",
+              "server's nonce once per connection; the small model's rounds last milliseconds, where this "
+              "machine's noise alone moves them by tens of percent (earlier runs: +8% to +18%).", "",
               "Targets: time per round at most 1/20 of Flower's for the small model (and under 100 ms at 10 pods), "
               "at most 1/4 for the 40 MB model, at least half of raw NATS throughput, at most half of Flower's "
               f"memory: **{'all met' if all(verdicts) else 'NOT all met'}**.", ""]

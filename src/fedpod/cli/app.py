@@ -31,6 +31,7 @@ from fedpod.errors import ConfigError, FedpodError
 from fedpod.governance.access import TrustedModeller
 from fedpod.governance.audit import AuditLog
 from fedpod.governance.plans import PlanRegistry
+from fedpod.names import check_name
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity, default_keystore
 
@@ -170,6 +171,7 @@ def pod_init(
     tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
 ) -> None:
     """Write a pod config, creating the pod's identity beside it (keys/NAME.key)."""
+    check_name(name, "pod")  # before anything is written: a name is never a path
     if config.exists():
         raise ConfigError(f"{config} exists already", hint="edit it, or choose another --config")
     config.parent.mkdir(parents=True, exist_ok=True)
