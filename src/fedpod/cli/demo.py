@@ -82,7 +82,8 @@ def run_demo(out: Path, *, patients: int, seed: int, console: Console) -> None:
     console.print(f"generated {patients} synthetic patients over {len(centres)} centres "
                   f"({', '.join(f'{c.name}: {len(c.patients)}' for c in centres)})")
     with EmbeddedBroker() as broker:
-        console.print(f"NATS broker (JetStream) on {broker.url}; only the parties below may connect (nkeys)")
+        console.print(f"NATS broker (JetStream) on {broker.url}; only its three pods and the modeller may "
+                      "connect (nkeys)")
         configs = [prepare_pod(out / "pods" / c.name, c.name, broker, f / "patients.csv", modeller_identity)
                    for c, f in zip(centres, folders, strict=True)]
         with pod_processes(configs, out / "logs") as processes, \
