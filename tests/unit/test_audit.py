@@ -135,3 +135,16 @@ def test_a_witnessed_checkpoint_exposes_a_custodian_who_rewrote_and_re_signed(tm
     assert AuditLog.verify(path, signer=POD.public).ok  # everything local agrees...
     result = AuditLog.verify(path, read_checkpoints(checkpoints_path(path)) + witnessed, POD.public)
     assert not result.ok and "vouches for 5" in (result.problem or "")  # ...but not with what the modeller kept
+
+
+def test_discovery_by_strangers_does_not_spend_the_audit_budget_for_denied_tasks() -> None:
+    from fedpod.governance.rejections import AUDITED_PER_WINDOW, RejectionTally
+
+    tally = RejectionTally(started=0.0)
+    for index in range(100):
+        assert tally.denial(f"stranger{index}", "discovery", auditable=False) == (False, True)
+    assert tally.denial("newcomer", "modellers") == (True, True)  # still audited in full
+    for index in range(AUDITED_PER_WINDOW + 5):
+        tally.denial(f"rotating{index}", "modellers")
+    summary = tally.summary(61.0)
+    assert summary is not None and summary["counts"]["denied-unaudited"] == 100 + 6

@@ -46,15 +46,17 @@ class RejectionTally:
             self._first_detail[reason] = detail[:DETAIL_CHARS]
         return first
 
-    def denial(self, sender: str, rule: str) -> tuple[bool, bool]:
-        """Count a denied request; returns whether to audit it in full and whether to answer it."""
+    def denial(self, sender: str, rule: str, *, auditable: bool = True) -> tuple[bool, bool]:
+        """Count a denied request; returns whether to audit it in full and whether to answer it.
+        A request that is never audited in full (`auditable=False`: discovery) spends none of
+        the window's audit budget, which stays for denied tasks."""
         key = (sender, rule)
         if key not in self._denied and len(self._denied) >= TRACKED_SENDERS:
             self.note("denied-untracked", f"{sender} [{rule}]")
             return False, False
         self._denied[key] += 1
         seen = self._denied[key]
-        audit = seen == 1 and self._audited < AUDITED_PER_WINDOW
+        audit = auditable and seen == 1 and self._audited < AUDITED_PER_WINDOW
         if audit:
             self._audited += 1
         else:

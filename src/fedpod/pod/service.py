@@ -198,7 +198,8 @@ class Pod:
             return
         assert self.channel is not None
         sender = opened.sender
-        if not self._accepts(sender.fingerprint) and not self.tally.denial(sender.fingerprint, "discovery")[1]:
+        if not self._accepts(sender.fingerprint) and \
+                not self.tally.denial(sender.fingerprint, "discovery", auditable=False)[1]:
             return
         with contextlib.suppress(FedpodError):
             await self.channel.send(sender, self.advert(sender), timeout_s=5.0)
