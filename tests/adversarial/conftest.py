@@ -3,17 +3,23 @@ the worst case every defence behind the broker must survive), and ways to read w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import msgpack
 import pandas as pd
 import pytest
 
+from fedpod.channel import SecureChannel
 from fedpod.data.datasets import DatasetSpec
 from fedpod.modeller.client import Modeller
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
+from fedpod.transport.bus import BrokerOptions, Bus
 from tests.conftest import PodFactory, RunningPod
 
 
@@ -44,3 +50,32 @@ def exposed_pod(pod_factory: PodFactory, open_broker: EmbeddedBroker, modeller_i
 def exposed_modeller(open_broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path) -> Modeller:
     with Modeller(modeller_identity, broker=open_broker.url, keystore=keystore, timeout_s=30) as client:
         yield client  # type: ignore[misc]
+
+
+async def ignore(exc: object) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def rogue_party(url: str, identity: Identity, subscribe: Callable[[SecureChannel], Awaitable[None]], *,
+                login: bool = False) -> Iterator[None]:
+    """A party of the attacker's own (an impostor pod, a poisoning pod): a SecureChannel in its own
+    thread and event loop, listening where `subscribe` says, until the block ends."""
+    stop, ready = threading.Event(), threading.Event()
+
+    async def run() -> None:
+        channel = SecureChannel(await Bus.connect(BrokerOptions(url), login=identity if login else None), identity)
+        await subscribe(channel)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await channel.bus.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield
+    finally:
+        stop.set()
+        thread.join(10)

@@ -4,8 +4,6 @@ another pod's name, and a modeller no pod accepts."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +17,8 @@ from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
 from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
-from fedpod.transport.bus import BrokerOptions, Bus
 from fedpod.wire.messages import DatasetAdvert, PodAdvert
+from tests.adversarial.conftest import ignore, rogue_party
 from tests.conftest import PodFactory, RunningPod
 
 pytestmark = pytest.mark.integration
@@ -37,32 +35,17 @@ def two_pods(pod_factory: PodFactory, open_broker: EmbeddedBroker, modeller_iden
 def impostor(open_broker: EmbeddedBroker) -> Iterator[Identity]:
     """A fresh key calling itself "alice", answering every discovery request with an advert."""
     identity = Identity.generate("alice")
-    stop = threading.Event()
-    ready = threading.Event()
 
-    async def run() -> None:
-        channel = SecureChannel(await Bus.connect(BrokerOptions(open_broker.url)), identity)
-
+    async def subscribe(channel: SecureChannel) -> None:
         async def answer(opened: Opened) -> None:
             advert = PodAdvert(pod="alice", fingerprint=identity.fingerprint, version="x", datasets=[
                 DatasetAdvert(identifier="alice/t", name="t", tags=["ehr"], kind="csv", columns={"a": "BIGINT"})])
             await channel.send(opened.sender, advert, timeout_s=5)
 
-        async def ignore(exc: object) -> None:
-            return None
-
         await channel.listen(subjects.DISCOVER, answer, ignore)
-        ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        await channel.bus.close()
 
-    thread = threading.Thread(target=asyncio.run, args=(run(),))
-    thread.start()
-    assert ready.wait(10)
-    yield identity
-    stop.set()
-    thread.join(10)
+    with rogue_party(open_broker.url, identity, subscribe):
+        yield identity
 
 
 def test_an_impostor_of_a_pinned_pod_is_ignored_and_reported_not_fatal(

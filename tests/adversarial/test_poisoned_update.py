@@ -4,8 +4,6 @@ attacker's own, a party the broker lets in, answering training tasks with the gl
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +20,10 @@ from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
 from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
-from fedpod.transport.bus import BrokerOptions, Bus
 from fedpod.wire.codec import unpack
 from fedpod.wire.messages import DatasetAdvert, PodAdvert, TrainRequest, TrainResult
 from fedpod.wire.tensors import decode_groups, encode_parts
+from tests.adversarial.conftest import ignore, rogue_party
 from tests.conftest import PodFactory, RunningPod
 
 pytestmark = pytest.mark.integration
@@ -43,12 +41,9 @@ def honest_pods(pod_factory: PodFactory, modeller_identity: Identity, tmp_path: 
 def poisoner(broker: EmbeddedBroker, honest_pods: list[RunningPod]) -> Iterator[Identity]:
     identity = Identity.generate("mallory")
     broker.allow("pod", identity.public)
-    stop, ready = threading.Event(), threading.Event()
+    columns = {"age": "DOUBLE", "bmi": "DOUBLE", "smoker": "BIGINT", "outcome": "BIGINT"}
 
-    async def run() -> None:
-        channel = SecureChannel(await Bus.connect(BrokerOptions(broker.url), login=identity), identity)
-        columns = {"age": "DOUBLE", "bmi": "DOUBLE", "smoker": "BIGINT", "outcome": "BIGINT"}
-
+    async def subscribe(channel: SecureChannel) -> None:
         async def on_discover(opened: Opened) -> None:
             advert = PodAdvert(pod="mallory", fingerprint=identity.fingerprint, version="evil", datasets=[
                 DatasetAdvert(identifier="mallory/ehr", name="ehr", tags=["ehr"], kind="csv", columns=columns,
@@ -62,22 +57,11 @@ def poisoner(broker: EmbeddedBroker, honest_pods: list[RunningPod]) -> Iterator[
                 task_id=request.task_id, round=request.round, dataset="ehr", num_samples=1000, metrics={},
                 seconds=0.1, device="cpu", tensors=encode_parts({"params": poisoned})), task_id=request.task_id)
 
-        async def ignore(exc: object) -> None:
-            return None
-
         await channel.listen(subjects.DISCOVER, on_discover, ignore)
         await channel.listen_inbox(on_task, ignore)
-        ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        await channel.bus.close()
 
-    thread = threading.Thread(target=asyncio.run, args=(run(),))
-    thread.start()
-    assert ready.wait(10)
-    yield identity
-    stop.set()
-    thread.join(10)
+    with rogue_party(broker.url, identity, subscribe, login=True):
+        yield identity
 
 
 def test_an_update_scaled_by_1e30_is_set_aside_and_named(
