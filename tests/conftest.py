@@ -27,6 +27,22 @@ from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
 
+@dataclass(frozen=True)
+class Impersonator:
+    """A forger: puts `victim`'s public keys in the envelopes it seals, but can only sign them
+    with its own key (pass it to `seal` as the sender)."""
+
+    own: Identity
+    victim: Identity
+
+    @property
+    def public(self) -> object:
+        return self.victim.public
+
+    def sign(self, data: bytes) -> bytes:
+        return self.own.sign(data)
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -178,11 +194,12 @@ def postgres() -> Iterator[PostgresServer]:
 @contextlib.contextmanager
 def heartbeats(broker: EmbeddedBroker, pod: RunningPod) -> Iterator[list[float]]:
     """Times (monotonic) at which the pod's heartbeats arrive, observed from another connection
-    until the block ends; the first two have arrived when the block starts."""
+    (which cannot open them: it only sees the pod announce its keys) until the block ends; the
+    first two have arrived when the block starts."""
     import asyncio
     import threading
 
-    from fedpod.channel import SecureChannel
+    from fedpod.security.envelope import announced_sender
     from fedpod.transport import subjects
     from fedpod.transport.bus import BrokerOptions, Bus
 
@@ -193,15 +210,13 @@ def heartbeats(broker: EmbeddedBroker, pod: RunningPod) -> Iterator[list[float]]
         observer = Identity.generate("observer")
         broker.allow("modeller", observer.public)
         bus = await Bus.connect(BrokerOptions(broker.url), login=observer)
-        channel = SecureChannel(bus, observer)
+        keys = (pod.identity.public.sign_public, pod.identity.public.box_public)
 
-        async def on_beat(opened: object) -> None:
-            beats.append(time.monotonic())
+        async def on_beat(frame: bytes, ack: object) -> None:
+            if announced_sender(frame) == keys:
+                beats.append(time.monotonic())
 
-        async def ignore(exc: object) -> None:
-            return None
-
-        await channel.listen(subjects.heartbeat(pod.identity.fingerprint), on_beat, ignore)
+        await bus.subscribe(subjects.heartbeat(pod.identity.fingerprint), on_beat)
         while not stop.is_set():
             await asyncio.sleep(0.05)
         await bus.close()

@@ -12,7 +12,8 @@ has verified it:
   chunked after the receiver admits the transfer, every 4th chunk acknowledged (a smaller
   window than raw's 16, to serve many senders at once); the receiver verifies, decrypts and decodes.
 The receiver answers on a `done` subject; the sender times from start to that answer.
-Target: fedpod >= 50% of raw throughput.
+Target: fedpod >= 50% of raw throughput. A second table (`envelope_cost`) states what sealing the
+metadata costs per message against the previous, plaintext-header envelope.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import nats
 
 from benchmarks.report import machine, publish
+from benchmarks.transport import envelope_cost
 from fedpod.channel import SecureChannel
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
@@ -171,6 +173,7 @@ def main() -> None:
         verdicts.append(ratio >= 0.5)
         lines.append(f"| {size // 1_000_000} MB | {count} | {raw_rate:.0f} | {fedpod_rate:.0f} | {ratio:.0%} |")
     lines += ["", f"Target (fedpod >= 50% of raw throughput): **{'met' if all(verdicts) else 'NOT met'}**.", ""]
+    lines += [*envelope_cost.table(), ""]
     publish(HERE / "results.md", lines)
 
 

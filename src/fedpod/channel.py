@@ -15,14 +15,13 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from fedpod.errors import EnvelopeRejected
 from fedpod.security.envelope import Opened, ReplayGuard, open_envelope, seal
 from fedpod.security.identity import Identity, PublicIdentity
-from fedpod.security.tickets import Ticket, TicketRefused, check_ticket, issue_ticket
+from fedpod.security.tickets import TICKET_TTL_S, Ticket, TicketRefused, check_ticket, issue_ticket
 from fedpod.transport import subjects
 from fedpod.transport.bus import Ack, Bus, Payload
 from fedpod.wire.codec import Buffer, pack
@@ -36,33 +35,38 @@ SenderFilter = Callable[[str], bool]
 REMEMBERED_TICKETS = 10_000
 
 
+class _AcceptedSendersOnly(ReplayGuard):
+    """Remembers the tickets of accepted senders only: others are refused right after opening,
+    so a stranger's valid tickets never push genuine ones out of the bounded memory."""
+
+    def __init__(self, accept: SenderFilter | None) -> None:
+        super().__init__(max_age_s=TICKET_TTL_S, max_entries=REMEMBERED_TICKETS)
+        self.accept = accept
+
+    def check_and_remember(self, sender: PublicIdentity, nonce: bytes, ts: float, now: float) -> bool:
+        if self.accept is not None and not self.accept(sender.fingerprint):
+            return True
+        return super().check_and_remember(sender, nonce, ts, now)
+
+
 class TransferTickets:
-    """The bus's `TransferAuthority` with this party's identity: signs its begin requests and
-    vets others' — signature, recipient, expiry, replay, and whether `accept(fingerprint)`
-    takes large messages from that sender (None: any party that signs)."""
+    """The bus's `TransferAuthority` with this party's identity: vets others' begin requests —
+    envelope, recipient, expiry, replay, and whether `accept(fingerprint)` takes large messages
+    from that sender (None: any party that signs)."""
 
     def __init__(self, identity: Identity, accept: SenderFilter | None) -> None:
         self.identity = identity
         self.accept = accept
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
-
-    def issue(self, recipient: str, transfer: str, size: int, digests: list[bytes]) -> bytes:
-        return issue_ticket(self.identity, recipient, transfer, size, digests)
+        self._guard = _AcceptedSendersOnly(accept)
 
     def vet(self, ticket: bytes, max_size: int, min_chunk: int) -> tuple[str, Ticket]:
-        now = time.time()
         try:
-            checked = check_ticket(ticket, self.identity.fingerprint, max_size=max_size, min_chunk=min_chunk, now=now)
+            checked = check_ticket(ticket, self.identity, self._guard, max_size=max_size, min_chunk=min_chunk)
         except TicketRefused as exc:
             raise ValueError(str(exc)) from exc
         sender = checked.sender.fingerprint
         if self.accept is not None and not self.accept(sender):
             raise ValueError(f"{checked.sender.name} ({sender}) may not send large messages to this party")
-        while self._seen and (next(iter(self._seen.values())) < now or len(self._seen) >= REMEMBERED_TICKETS):
-            self._seen.popitem(last=False)
-        if (sender, checked.transfer) in self._seen:
-            raise ValueError("transfer ticket replayed")
-        self._seen[(sender, checked.transfer)] = checked.expires
         return sender, checked
 
 
@@ -85,13 +89,14 @@ class SecureChannel:
     def fingerprint(self) -> str:
         return self.identity.fingerprint
 
-    async def _seal(self, message_type: str, payload: list[Buffer], recipients: list[PublicIdentity] | None,
-                    task_id: str, large: bool) -> list[Buffer]:
+    async def _seal(self, message_type: str, payload: list[Buffer], recipients: list[PublicIdentity],
+                    task_id: str, large: bool, announce: bool = False) -> list[Buffer]:
         seq = next(self._seq)
         if large:
             return await asyncio.to_thread(seal, self.identity, message_type, payload, recipients=recipients,
-                                           task_id=task_id, seq=seq)
-        return seal(self.identity, message_type, payload, recipients=recipients, task_id=task_id, seq=seq)
+                                           task_id=task_id, seq=seq, announce=announce)
+        return seal(self.identity, message_type, payload, recipients=recipients, task_id=task_id, seq=seq,
+                    announce=announce)
 
     async def send(self, recipient: PublicIdentity, message: WireMessage, *, task_id: str = "",
                    timeout_s: float = 30.0) -> None:
@@ -99,12 +104,19 @@ class SecureChannel:
         large = sum(len(part) for part in payload) > OFFLOAD_BYTES
         async with self._large_sends if large else contextlib.nullcontext():
             parts = await self._seal(message.TYPE, payload, [recipient], task_id, large)
-            await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
-                                recipient=f"{recipient.name} ({recipient.fingerprint})", to=recipient.fingerprint)
 
-    async def broadcast(self, subject: str, message: WireMessage) -> None:
+            def ticket(transfer: str, size: int, digests: list[bytes]) -> bytes:
+                return issue_ticket(self.identity, recipient, transfer, size, digests)
+
+            await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
+                                recipient=f"{recipient.name} ({recipient.fingerprint})", ticket=ticket)
+
+    async def announce(self, subject: str, message: WireMessage, recipients: list[PublicIdentity]) -> None:
+        """Publish `message` on this party's own subject, sealed for `recipients` and showing this
+        party's public keys, so that others can address it (see `seal(announce=True)`)."""
         payload = pack(message)
-        parts = await self._seal(message.TYPE, payload, None, "", sum(len(part) for part in payload) > OFFLOAD_BYTES)
+        parts = await self._seal(message.TYPE, payload, recipients, "",
+                                 sum(len(part) for part in payload) > OFFLOAD_BYTES, announce=True)
         await self.bus.publish(subject, b"".join(parts))
 
     async def open(self, frame: Payload) -> Opened:

@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-import msgpack
 import pandas as pd
 import pytest
 
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import DatasetSpec
 from fedpod.modeller.client import Modeller
+from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
+from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
 from fedpod.transport.bus import BrokerOptions, Bus
+from fedpod.wire.messages import Discover, Heartbeat, PodAdvert
 from tests.conftest import PodFactory, RunningPod
-
-
-def envelope_header(frame: bytes) -> dict:  # type: ignore[type-arg]
-    """What any broker client can read of an envelope: its header (signed, not encrypted)."""
-    (length,) = struct.unpack(">I", frame[4:8])
-    header: dict = msgpack.unpackb(frame[8 : 8 + length])  # type: ignore[type-arg]
-    return header
 
 
 @pytest.fixture
@@ -79,3 +73,29 @@ def rogue_party(url: str, identity: Identity, subscribe: Callable[[SecureChannel
     finally:
         stop.set()
         thread.join(10)
+
+
+TaskHandler = Callable[[SecureChannel, Opened], Awaitable[None]]
+
+
+def rogue_pod(identity: Identity, advert: PodAdvert, on_task: TaskHandler | None = None,
+              ) -> Callable[[SecureChannel], Awaitable[None]]:
+    """What a pod of the attacker's own does (pass it to `rogue_party`): it announces its keys
+    when a modeller pings, answers discovery requests with `advert` and hands anything else to
+    `on_task`."""
+
+    async def subscribe(channel: SecureChannel) -> None:
+        async def on_ping(frame: object, ack: object) -> None:
+            beat = Heartbeat(pod=advert.pod, fingerprint=identity.fingerprint, ts=0, running_tasks=0, uptime_s=0)
+            await channel.announce(subjects.heartbeat(identity.fingerprint), beat, [])
+
+        async def on_message(opened: Opened) -> None:
+            if opened.header.type == Discover.TYPE:
+                await channel.send(opened.sender, advert, timeout_s=5)
+            elif on_task is not None:
+                await on_task(channel, opened)
+
+        await channel.bus.subscribe(subjects.DISCOVER, on_ping)
+        await channel.listen_inbox(on_message, ignore)
+
+    return subscribe

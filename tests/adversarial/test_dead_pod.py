@@ -1,6 +1,6 @@
 """Finding 8 of the hardening issue: the modeller ignored heartbeats, so a pod killed mid-task
 cost the whole timeout (61 s for SQL, 600 s for a training round), and a pod killed after
-acknowledging a task left no `task-received` entry in its audit log."""
+acknowledging a task left no `task-received` entry in its audit log. Killed mid-query and mid-round."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from fedpod.data.datasets import DatasetSpec
+from fedpod.data.synth import generate, write
 from fedpod.errors import PodLost
 from fedpod.modeller.client import Modeller
+from fedpod.modeller.experiment import Experiment
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
-from tests.conftest import PodFactory
+from tests.conftest import PodFactory, wait_until
 
 pytestmark = pytest.mark.integration
 SLOW = ("SELECT COUNT(*) AS n FROM t x, t y WHERE x.a < 3000 "
@@ -41,3 +44,38 @@ def test_a_pod_killed_mid_task_is_declared_lost_within_seconds_and_its_log_kept_
     assert elapsed < 15, f"declared lost after {elapsed:.1f}s"
     entries = [json.loads(line) for line in pod.audit_path.read_text().splitlines()]
     assert any(e["event"] == "task-received" and e.get("query") == SLOW for e in entries)
+
+
+def test_a_pod_killed_mid_round_is_declared_lost_and_the_round_completes_with_the_others(
+        pod_factory: PodFactory, broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path,
+        tmp_path: Path) -> None:
+    """The same for training: with `min_pods=1` the round goes on with bob's update, within
+    seconds of alice's death instead of the 600 s round timeout, and names alice as lost."""
+    folders = write(generate(2, 40_000, seed=2), tmp_path / "data")
+    alice, bob = (pod_factory(name, [DatasetSpec(name="ehr", type="csv", path=str(folder / "patients.csv"),
+                                                 tags=["ehr"])], [modeller_identity])
+                  for name, folder in zip(["alice", "bob"], folders, strict=True))
+
+    def kill_alice_once_training() -> None:
+        wait_until(lambda: any(e["event"] == "task-received" and e.get("round") == 0
+                               for e in map(json.loads, alice.audit_path.read_text().splitlines())), 60,
+                   "alice's training task")
+        alice.process.send_signal(signal.SIGKILL)
+
+    with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=600) as modeller:
+        experiment = Experiment(tags=["ehr"], training_plan_class="logistic_regression", min_pods=1,
+                                model_args={"target": "outcome", "features": ["age", "bmi", "smoker"]},
+                                training_args={"num_updates": 3000}, round_limit=1, modeller=modeller,
+                                experiments_root=tmp_path / "experiments", console=Console(quiet=True))
+        experiment._targets()  # discovery first, so the timer measures the round alone
+        killer = threading.Thread(target=kill_alice_once_training)
+        killer.start()
+        started = time.monotonic()
+        experiment.run()
+        elapsed = time.monotonic() - started
+        killer.join()
+    assert elapsed < 30, f"the round took {elapsed:.1f}s"
+    replies = experiment.training_replies()[0]
+    assert replies["bob"]["num_samples"] > 0
+    assert "pod alice stopped sending heartbeats" in replies["alice"]["error"]
+    assert bob.process.poll() is None

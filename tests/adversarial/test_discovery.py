@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from fedpod.channel import SecureChannel
 from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import TrustError
 from fedpod.modeller.client import Modeller
-from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
-from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
 from fedpod.wire.messages import DatasetAdvert, PodAdvert
-from tests.adversarial.conftest import ignore, rogue_party
+from tests.adversarial.conftest import rogue_party, rogue_pod
 from tests.conftest import PodFactory, RunningPod
 
 pytestmark = pytest.mark.integration
@@ -36,15 +33,9 @@ def impostor(open_broker: EmbeddedBroker) -> Iterator[Identity]:
     """A fresh key calling itself "alice", answering every discovery request with an advert."""
     identity = Identity.generate("alice")
 
-    async def subscribe(channel: SecureChannel) -> None:
-        async def answer(opened: Opened) -> None:
-            advert = PodAdvert(pod="alice", fingerprint=identity.fingerprint, version="x", datasets=[
-                DatasetAdvert(identifier="alice/t", name="t", tags=["ehr"], kind="csv", columns={"a": "BIGINT"})])
-            await channel.send(opened.sender, advert, timeout_s=5)
-
-        await channel.listen(subjects.DISCOVER, answer, ignore)
-
-    with rogue_party(open_broker.url, identity, subscribe):
+    advert = PodAdvert(pod="alice", fingerprint=identity.fingerprint, version="x", datasets=[
+        DatasetAdvert(identifier="alice/t", name="t", tags=["ehr"], kind="csv", columns={"a": "BIGINT"})])
+    with rogue_party(open_broker.url, identity, rogue_pod(identity, advert)):
         yield identity
 
 

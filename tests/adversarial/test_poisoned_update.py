@@ -18,12 +18,11 @@ from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity
-from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
 from fedpod.wire.codec import unpack
 from fedpod.wire.messages import DatasetAdvert, PodAdvert, TrainRequest, TrainResult
 from fedpod.wire.tensors import decode_groups, encode_parts
-from tests.adversarial.conftest import ignore, rogue_party
+from tests.adversarial.conftest import rogue_party, rogue_pod
 from tests.conftest import PodFactory, RunningPod
 
 pytestmark = pytest.mark.integration
@@ -43,24 +42,18 @@ def poisoner(broker: EmbeddedBroker, honest_pods: list[RunningPod]) -> Iterator[
     broker.allow("pod", identity.public)
     columns = {"age": "DOUBLE", "bmi": "DOUBLE", "smoker": "BIGINT", "outcome": "BIGINT"}
 
-    async def subscribe(channel: SecureChannel) -> None:
-        async def on_discover(opened: Opened) -> None:
-            advert = PodAdvert(pod="mallory", fingerprint=identity.fingerprint, version="evil", datasets=[
-                DatasetAdvert(identifier="mallory/ehr", name="ehr", tags=["ehr"], kind="csv", columns=columns,
-                              rows_rounded=1000)])
-            await channel.send(opened.sender, advert, timeout_s=5)
+    advert = PodAdvert(pod="mallory", fingerprint=identity.fingerprint, version="evil", datasets=[
+        DatasetAdvert(identifier="mallory/ehr", name="ehr", tags=["ehr"], kind="csv", columns=columns,
+                      rows_rounded=1000)])
 
-        async def on_task(opened: Opened) -> None:
-            request = unpack(opened.payload, TrainRequest)
-            poisoned = {k: v * np.float32(1e30) for k, v in decode_groups(request.tensors)["params"].items()}
-            await channel.send(opened.sender, TrainResult(
-                task_id=request.task_id, round=request.round, dataset="ehr", num_samples=1000, metrics={},
-                seconds=0.1, device="cpu", tensors=encode_parts({"params": poisoned})), task_id=request.task_id)
+    async def on_task(channel: SecureChannel, opened: Opened) -> None:
+        request = unpack(opened.payload, TrainRequest)
+        poisoned = {k: v * np.float32(1e30) for k, v in decode_groups(request.tensors)["params"].items()}
+        await channel.send(opened.sender, TrainResult(
+            task_id=request.task_id, round=request.round, dataset="ehr", num_samples=1000, metrics={},
+            seconds=0.1, device="cpu", tensors=encode_parts({"params": poisoned})), task_id=request.task_id)
 
-        await channel.listen(subjects.DISCOVER, on_discover, ignore)
-        await channel.listen_inbox(on_task, ignore)
-
-    with rogue_party(broker.url, identity, subscribe, login=True):
+    with rogue_party(broker.url, identity, rogue_pod(identity, advert, on_task), login=True):
         yield identity
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,13 @@ from typing import Any
 import msgpack
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpod.errors import ConfigError, EnvelopeRejected, SqlError, TransportError
+from fedpod.security import envelope
 from fedpod.security.envelope import ReplayGuard, open_envelope, seal_bytes
 from fedpod.security.identity import Identity
 from fedpod.security.tickets import TicketRefused, check_ticket, issue_ticket
@@ -68,13 +72,35 @@ def _flip(original: bytes, changes: list[tuple[int, int]]) -> bytes:
     return bytes(data)
 
 
+GENUINE_HEADER = open_envelope(GENUINE, RECEIVER, ReplayGuard()).header.model_dump()
+
+
 def header_with(changes: dict[str, Any]) -> bytes:
-    """A genuine envelope whose header fields are replaced (and re-signed by the sender or not)."""
+    """An envelope whose sealed header has fields replaced — signed by the sender and sealed for
+    the receiver, as an accepted party gone rogue could send (built as `envelope.seal` does)."""
+    header = {**GENUINE_HEADER, **changes}
+    key, base, ephemeral = os.urandom(32), os.urandom(8), X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    kek, tag = envelope._wrap_keys(ephemeral.exchange(RECEIVER.public.box_key()), ephemeral_public,
+                                   RECEIVER.public.box_public)
+    header_bytes = msgpack.packb(header, use_bin_type=True)
+    outer = msgpack.packb({"v": 2, "ephemeral": ephemeral_public, "base": base, "header_len": len(header_bytes) + 80,
+                           "wraps": [tag + AESGCM(kek).encrypt(b"\0" * 12, key, ephemeral_public)], "keys": None},
+                          use_bin_type=True)
+    cipher = AESGCM(key)
+    sealed = cipher.encrypt(envelope._gcm_nonce(base, 0xFFFFFFFF), header_bytes + SENDER.sign(outer + header_bytes),
+                            outer)
+    nonce = header["nonce"] if isinstance(header["nonce"], bytes) else b""
+    body = cipher.encrypt(envelope._gcm_nonce(base, 0), b"payload " * 64, envelope._segment_aad(nonce, 0, True))
+    return b"FPE2" + len(outer).to_bytes(4, "big") + outer + sealed + body
+
+
+def outer_with(changes: dict[str, Any]) -> bytes:
+    """The genuine envelope with its plaintext (outer) fields replaced, as anyone on the broker can."""
     length = int.from_bytes(GENUINE[4:8], "big")
-    header = msgpack.unpackb(GENUINE[8 : 8 + length])
-    header.update(changes)
-    packed = msgpack.packb(header, use_bin_type=True)
-    return b"FPE1" + len(packed).to_bytes(4, "big") + packed + SENDER.sign(packed) + GENUINE[8 + length + 64:]
+    outer = {**msgpack.unpackb(GENUINE[8 : 8 + length]), **changes}
+    packed = msgpack.packb(outer, use_bin_type=True)
+    return b"FPE2" + len(packed).to_bytes(4, "big") + packed + GENUINE[8 + length :]
 
 
 header_values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
@@ -82,14 +108,17 @@ header_values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 
                                                                                  max_size=4),
                           st.dictionaries(st.text(max_size=8), st.integers(-2**63, 2**63 - 1), max_size=3))
 header_fields = st.sampled_from(["v", "type", "sender_name", "sign_public", "box_public", "to", "task", "seq", "ts",
-                                 "nonce", "body_len", "digest", "enc", "extra"])
+                                 "nonce", "segments", "digest", "extra"])
+outer_fields = st.sampled_from(["v", "ephemeral", "base", "wraps", "header_len", "keys", "extra"])
+outer_values = st.one_of(header_values, st.lists(st.binary(min_size=55, max_size=57), max_size=3))
 
 
 def test_envelope_opening_refuses_every_altered_or_random_frame() -> None:
     count = Count()
 
     @FUZZ
-    @given(st.one_of(mutations(GENUINE), st.dictionaries(header_fields, header_values, min_size=1).map(header_with)))
+    @given(st.one_of(mutations(GENUINE), st.dictionaries(header_fields, header_values, min_size=1).map(header_with),
+                     st.dictionaries(outer_fields, outer_values, min_size=1).map(outer_with)))
     @count
     def opening(frame: bytes) -> None:
         try:
@@ -104,7 +133,7 @@ def test_envelope_opening_refuses_every_altered_or_random_frame() -> None:
 
 
 def test_transfer_tickets_refuse_every_altered_or_random_ticket() -> None:
-    genuine = issue_ticket(SENDER, RECEIVER.fingerprint, "t", 3 * 1024 * 1024, [b"\1" * 32] * 3)
+    genuine = issue_ticket(SENDER, RECEIVER.public, "t", 3 * 1024 * 1024, [b"\1" * 32] * 3)
     count = Count()
 
     @FUZZ
@@ -112,7 +141,7 @@ def test_transfer_tickets_refuse_every_altered_or_random_ticket() -> None:
     @count
     def checking(ticket: bytes) -> None:
         try:
-            checked = check_ticket(ticket, RECEIVER.fingerprint, max_size=2**32, min_chunk=4096)
+            checked = check_ticket(ticket, RECEIVER, ReplayGuard(), max_size=2**32, min_chunk=4096)
         except TicketRefused:
             return
         assert ticket == genuine and checked.sender.fingerprint == SENDER.fingerprint

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from pathlib import Path
 
-import msgpack
 import pandas as pd
 import pytest
 
@@ -21,7 +19,7 @@ from fedpod.transport.broker import EmbeddedBroker
 from fedpod.transport.bus import BrokerOptions, Bus
 from fedpod.wire.codec import pack
 from fedpod.wire.messages import SqlQueryAlgorithm, TaskRequest
-from tests.conftest import PodFactory
+from tests.conftest import Impersonator, PodFactory
 
 pytestmark = pytest.mark.integration
 
@@ -46,15 +44,9 @@ def test_bad_envelopes_are_rejected_audited_and_the_pod_keeps_serving(
         # 1. garbage
         await bus.send(inbox, b"\x00garbage")
         # 2. forged: Mallory signs a header claiming the trusted modeller's keys
-        mallory = Identity.generate("modeller")
-        head, body = seal(mallory, "task", pack(request), recipients=[pod.identity.public], task_id="x1")
-        header_len = struct.unpack(">4sI", head[:8])[1]
-        header = msgpack.unpackb(head[8 : 8 + header_len])
-        header["sign_public"] = modeller_identity.public.sign_public
-        header["box_public"] = modeller_identity.public.box_public
-        forged_header = msgpack.packb(header, use_bin_type=True)
-        await bus.send(inbox, struct.pack(">4sI", b"FPE1", len(forged_header)) + forged_header
-                       + mallory.sign(forged_header) + body)
+        mallory = Impersonator(Identity.generate("modeller"), modeller_identity)
+        await bus.send(inbox, seal(mallory, "task", pack(request), recipients=[pod.identity.public],  # type: ignore[arg-type]
+                                   task_id="x1"))
         # 3. tampered: a genuine envelope from the modeller with one bit flipped in its body
         genuine = b"".join(seal(modeller_identity, "task", pack(request), recipients=[pod.identity.public]))
         flipped = bytearray(genuine)

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator
+from functools import partial
 
 import nats
 import pytest
@@ -75,7 +76,8 @@ async def test_tampered_chunk_is_rejected_and_the_receiver_keeps_running(open_br
         head, body = seal(sender.identity, "result", os.urandom(3 * 1024 * 1024), recipients=[receiver.identity.public])
         corrupted = bytearray(body)
         corrupted[2 * 1024 * 1024] ^= 0x01
-        await sender.bus.send(subjects.inbox(receiver.fingerprint), [head, bytes(corrupted)], to=receiver.fingerprint)
+        await sender.bus.send(subjects.inbox(receiver.fingerprint), [head, bytes(corrupted)],
+                              ticket=partial(issue_ticket, sender.identity, receiver.identity.public))
         assert (await asyncio.wait_for(rejected.get(), 10)).reason == "tampered"
         await sender.send(receiver.identity.public, TaskResult(task_id="t2", dataset="d", table=b"ok", seconds=0))
         assert (await asyncio.wait_for(opened.get(), 10)).header.task == ""
@@ -119,7 +121,8 @@ async def test_a_transfer_over_the_receivers_limit_is_refused_before_any_data_mo
         receiver.bus.max_transfer_bytes = 2 * 1024 * 1024
         with pytest.raises(TransportError, match=r"refused: transfer of \d+ bytes \(limit 2097152\)"):
             await sender.bus.send(subjects.inbox(receiver.fingerprint), os.urandom(3 * 1024 * 1024),
-                                  recipient="receiver", to=receiver.fingerprint)
+                                  recipient="receiver",
+                                  ticket=partial(issue_ticket, sender.identity, receiver.identity.public))
         assert receiver.bus.dropped_transfers == 1
         await sender.send(receiver.identity.public, TaskResult(task_id="t", dataset="d", table=b"ok", seconds=0))
         assert (await asyncio.wait_for(opened.get(), 10)).sender.name == "sender"
@@ -143,7 +146,7 @@ async def begin_and_vanish(url: str, receiver: SecureChannel, count: int, prefix
         if index % bus_module.MAX_PER_SENDER == 0:
             dead = Identity.generate(f"{prefix}{index}")
         transfer = f"{prefix}{index}"
-        ticket = issue_ticket(dead, receiver.fingerprint, transfer, 5 * 1024 * 1024, [b"\0" * 32] * 5)
+        ticket = issue_ticket(dead, receiver.identity.public, transfer, 5 * 1024 * 1024, [b"\0" * 32] * 5)
         answer = await raw.request(subjects.inbox(receiver.fingerprint), ticket, timeout=5,
                                    headers={H_TRANSFER: transfer, H_BEGIN: "1"})
         assert answer.data == b""

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpod.errors import EnvelopeRejected
-from fedpod.security.envelope import ReplayGuard, open_envelope, seal, seal_bytes
+from fedpod.security.envelope import ReplayGuard, announced_sender, open_envelope, seal, seal_bytes
 from fedpod.security.identity import Identity
+from tests.conftest import Impersonator
 
 ALICE = Identity.generate("alice")
 BOB = Identity.generate("bob")
@@ -41,10 +42,11 @@ def test_payload_is_not_visible_in_the_frame() -> None:
     assert secret[:20] not in frame
 
 
-@pytest.mark.parametrize("recipients", [[BOB], [BOB, CAROL], None], ids=["one", "two", "broadcast"])
-def test_every_single_bit_change_is_rejected(recipients: list[Identity] | None) -> None:
-    publics = [r.public for r in recipients] if recipients else None
-    frame = seal_bytes(ALICE, "result", b"x" * 64, recipients=publics, task_id="t")
+@pytest.mark.parametrize("recipients,announce", [([BOB], False), ([BOB, CAROL], False), ([CAROL, BOB], True)],
+                         ids=["one", "two", "announced"])
+def test_every_single_bit_change_is_rejected(recipients: list[Identity], announce: bool) -> None:
+    frame = seal_bytes(ALICE, "result", b"x" * 64, recipients=[r.public for r in recipients], task_id="t",
+                       announce=announce)
     open_envelope(frame, BOB, ReplayGuard())  # the original is fine
     for bit in range(len(frame) * 8):
         tampered = bytearray(frame)
@@ -80,28 +82,64 @@ def test_envelope_for_someone_else_is_rejected() -> None:
     assert reason(frame, me=CAROL) == "wrong-recipient"
 
 
+class Unsigning:
+    """A sender that leaves the signature empty."""
+
+    public = ALICE.public
+
+    @staticmethod
+    def sign(data: bytes) -> bytes:
+        return b"\0" * 64
+
+
 def test_unsigned_envelope_is_rejected() -> None:
-    head, body = seal(ALICE, "task", b"x", recipients=[BOB.public])
-    header_len = struct.unpack(">4sI", head[:8])[1]
-    unsigned = head[: 8 + header_len] + b"\0" * 64 + body
-    assert reason(unsigned) == "unsigned"
+    assert reason(seal_bytes(Unsigning(), "task", b"x", recipients=[BOB.public])) == "unsigned"
 
 
 def test_forged_sender_claiming_anothers_keys_is_rejected() -> None:
-    """Mallory copies Alice's public keys into the header but can only sign with her own key."""
-    mallory = Identity.generate("alice")
-    head, body = seal(mallory, "task", b"x", recipients=[BOB.public])
-    header_len = struct.unpack(">4sI", head[:8])[1]
-    header = msgpack.unpackb(head[8 : 8 + header_len])
-    header["sign_public"] = ALICE.public.sign_public
-    header["box_public"] = ALICE.public.box_public
-    forged_header = msgpack.packb(header, use_bin_type=True)
-    forged = struct.pack(">4sI", b"FPE1", len(forged_header)) + forged_header + mallory.sign(forged_header) + body
+    """Mallory puts Alice's public keys in the header but can only sign with her own key."""
+    forged = seal_bytes(Impersonator(Identity.generate("alice"), ALICE), "task", b"x", recipients=[BOB.public])
     assert reason(forged) == "bad-signature"
 
 
+def test_an_observer_reads_no_name_type_task_or_keys() -> None:
+    """Finding 11: all a broker client sees is the outer part — an ephemeral key, opaque wraps."""
+    frame = seal_bytes(ALICE, "task", b"x", recipients=[BOB.public, CAROL.public], task_id="task-7f3a")
+    outer_len = struct.unpack(">4sI", frame[:8])[1]
+    outer = msgpack.unpackb(frame[8 : 8 + outer_len])
+    assert set(outer) == {"v", "ephemeral", "base", "wraps", "header_len", "keys"} and outer["keys"] is None
+    for visible in (b"alice", b"task-7f3a", b"task", ALICE.public.sign_public, ALICE.public.box_public,
+                    BOB.fingerprint.encode(), BOB.public.box_public):
+        assert visible not in frame
+    assert announced_sender(frame) is None
+
+
+def test_an_announcement_shows_the_senders_keys_only() -> None:
+    frame = seal_bytes(ALICE, "heartbeat", b"pod alice, 2 tasks", recipients=[BOB.public], announce=True)
+    assert announced_sender(frame) == (ALICE.public.sign_public, ALICE.public.box_public)
+    assert b"alice" not in frame and b"heartbeat" not in frame
+    assert open_envelope(frame, BOB, ReplayGuard()).payload == b"pod alice, 2 tasks"
+    assert reason(frame, me=CAROL) == "wrong-recipient"
+    nobody = seal_bytes(ALICE, "heartbeat", b"", recipients=[], announce=True)
+    assert reason(nobody) == "wrong-recipient"
+    with pytest.raises(ValueError, match="at least one recipient"):
+        seal(ALICE, "task", b"", recipients=[])
+
+
+def test_a_co_recipient_cannot_rewrap_a_multi_recipient_envelope() -> None:
+    """Carol, a recipient, knows the content key; she re-seals Alice's signed header for Bob
+    alone (dropping her own wrap). The signature covers the outer part: Bob refuses it."""
+    frame = seal_bytes(ALICE, "model", b"weights", recipients=[BOB.public, CAROL.public])
+    outer_len = struct.unpack(">4sI", frame[:8])[1]
+    outer = msgpack.unpackb(frame[8 : 8 + outer_len])
+    outer["wraps"] = outer["wraps"][:1]
+    packed = msgpack.packb(outer, use_bin_type=True)
+    stripped = struct.pack(">4sI", b"FPE2", len(packed)) + packed + frame[8 + outer_len :]
+    assert reason(stripped) == "tampered"  # the sealed header's associated data no longer matches
+
+
 def test_garbage_is_rejected_as_malformed() -> None:
-    for garbage in (b"", b"hello", b"FPE1" + b"\xff" * 100, msgpack.packb({"a": 1}) * 20):
+    for garbage in (b"", b"hello", b"FPE2" + b"\xff" * 100, msgpack.packb({"a": 1}) * 20, b"FPE1" + bytes(200)):
         assert reason(garbage) == "malformed"
 
 

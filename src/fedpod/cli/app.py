@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -58,6 +58,9 @@ for sub, name in ((broker_app, "broker"), (identity_app, "identity"), (pod_app, 
                   (datasets_app, "datasets"), (data_app, "data"), (audit_app, "audit"), (plan_app, "plan"),
                   (known_pods_app, "known-pods")):
     app.add_typer(sub, name=name)
+accounts_app = typer.Typer(help="NATS operator/account JWTs for a cluster that fedpod does not run.",
+                           no_args_is_help=True)
+broker_app.add_typer(accounts_app, name="accounts")
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
 
@@ -139,13 +142,61 @@ def broker_allow(
     from fedpod.security.identity import PublicIdentity
     from fedpod.transport.broker import Party, grant
 
-    if role not in ("pod", "modeller"):
-        raise ConfigError(f"role {role!r} is not pod or modeller")
-    party = Party.of("pod" if role == "pod" else "modeller", PublicIdentity.load(public))
+    party = Party.of(_role(role), PublicIdentity.load(public))
     home = _broker_folder(folder)
     reloaded = grant(home, party)
     state = "the running broker reloaded" if reloaded else "it applies when the broker starts"
     console.print(f"{role} {party.name} ({party.fingerprint}) may connect; {state} ({home})", highlight=False)
+
+
+AccountsFolder = Annotated[Path | None, typer.Option(
+    "--folder", help="the operator and account keys (default $FEDPOD_HOME/broker/accounts)")]
+
+
+def _accounts_folder(folder: Path | None) -> Path:
+    return folder or _broker_folder(None) / "accounts"
+
+
+def _role(role: str) -> Literal["pod", "modeller"]:
+    if role not in ("pod", "modeller"):
+        raise ConfigError(f"role {role!r} is not pod or modeller")
+    return "pod" if role == "pod" else "modeller"
+
+
+@accounts_app.command("init")
+def accounts_init(folder: AccountsFolder = None) -> None:
+    """Create an operator and an account (NATS decentralised authentication) for a cluster run by
+    others; writes accounts.conf for the cluster's nats-server configuration to include."""
+    from fedpod.transport.accounts import AccountAuthority
+    from fedpod.transport.broker import ACCOUNTS_FILE
+
+    home = _accounts_folder(folder)
+    authority = AccountAuthority.create(home)
+    (home / ACCOUNTS_FILE).write_text(authority.server_config())
+    console.print(f"operator and account {authority.account_public} created in {home}; give the cluster's "
+                  f"operator {home / ACCOUNTS_FILE} to include (the .nk files stay here, secret)", highlight=False)
+
+
+@accounts_app.command("issue")
+def accounts_issue(
+    public: Annotated[Path, typer.Argument(help="the party's NAME.pub file (written beside its key)")],
+    role: Annotated[str, typer.Option(help="pod | modeller")],
+    out: Annotated[Path | None, typer.Option(help="where to write the user JWT (default NAME.jwt here)")] = None,
+    expires_days: Annotated[float | None, typer.Option(help="the JWT expires after this many days")] = None,
+    folder: AccountsFolder = None,
+) -> None:
+    """Issue a user JWT for a pod or a modeller, with only the subjects its role needs. It holds
+    no secret: the party connects with `--creds NAME.jwt` (pod config: broker.creds) and its own key."""
+    from fedpod.security.identity import PublicIdentity
+    from fedpod.transport.accounts import AccountAuthority
+    from fedpod.transport.broker import Party
+
+    party = Party.of(_role(role), PublicIdentity.load(public))
+    token = AccountAuthority.load(_accounts_folder(folder)).user_jwt(
+        party, expires_s=expires_days * 86400 if expires_days else None)
+    path = out or Path(f"{party.name}.jwt")
+    path.write_text(token + "\n")
+    console.print(f"{role} {party.name} ({party.fingerprint}): user JWT written to {path}", highlight=False)
 
 
 @identity_app.command("create")

@@ -22,10 +22,10 @@ from fedpod.errors import EnvelopeRejected, FedpodError, PodLost, TaskFailed, Ta
 from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
 from fedpod.modeller.witness import AuditWitness
-from fedpod.security.envelope import Opened
+from fedpod.security.envelope import Opened, announced_sender
 from fedpod.security.identity import Identity, PublicIdentity, default_keystore
 from fedpod.transport import subjects
-from fedpod.transport.bus import BrokerOptions, Bus
+from fedpod.transport.bus import Ack, BrokerOptions, Bus, Payload
 from fedpod.wire.codec import DecodeError, table_from_bytes, unpack
 from fedpod.wire.messages import (
     Discover,
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LOST_AFTER_BEATS = 3  # a pod silent for this many heartbeat intervals is declared lost...
 LOST_AFTER_AT_LEAST_S = 5.0  # ...but never sooner than this (a loaded machine delays beats)
+MAX_DISCOVERY_REQUESTS = 1000
 R = TypeVar("R", bound=WireMessage)
 Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
 
@@ -68,11 +69,14 @@ class AsyncModeller:
         self.ignored_replies = 0
         self._adverts: Adverts = {}
         self._advert_arrived = asyncio.Event()
+        self._asked: set[str] | None = None  # pods sent a discovery request in the discovery under way
+        self._requests: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         bus = await Bus.connect(self.broker, name=f"modeller-{self.identity.name}", login=self.identity)
         self.channel = SecureChannel(bus, self.identity, accept_transfers_from=self._awaits_reply_from)
         await self.channel.listen_inbox(self._on_message, self._on_rejected)
+        await bus.subscribe(subjects.HEARTBEATS, self._on_heartbeat)
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -84,6 +88,25 @@ class AsyncModeller:
 
     async def _on_rejected(self, exc: EnvelopeRejected) -> None:
         return None  # counted by the channel; a modeller has no audit log of its own
+
+    async def _on_heartbeat(self, frame: Payload, ack: Ack) -> None:
+        """During a discovery, every pod that announces itself gets a sealed discovery request
+        (heartbeats show a pod's public keys; a ping makes every pod beat at once). At most
+        MAX_DISCOVERY_REQUESTS per discovery: on an open broker anyone can announce keys."""
+        keys = announced_sender(frame)
+        if keys is None or self._asked is None or len(self._asked) >= MAX_DISCOVERY_REQUESTS:
+            return
+        pod = PublicIdentity("pod", *keys)
+        if pod.fingerprint in self._asked:
+            return
+        self._asked.add(pod.fingerprint)
+        request = asyncio.ensure_future(self._ask(pod))
+        self._requests.add(request)
+        request.add_done_callback(self._requests.discard)
+
+    async def _ask(self, pod: PublicIdentity) -> None:
+        with contextlib.suppress(FedpodError):
+            await self._channel.send(pod, Discover(), timeout_s=5.0)
 
     async def _on_message(self, opened: Opened) -> None:
         if opened.header.type == PodAdvert.TYPE:
@@ -139,7 +162,17 @@ class AsyncModeller:
         so that a second key claiming the same name (an impostor racing the real pod) is seen
         rather than whichever answered first being pinned."""
         self._adverts, self._claims, self.ignored_adverts = {}, {}, {}
-        await self._channel.broadcast(subjects.DISCOVER, Discover())
+        self._asked = set()
+        try:
+            await self._channel.bus.publish(subjects.DISCOVER, b"")
+            await self._collect_adverts(identifiers, window_s)
+        finally:
+            self._asked = None
+        for pod, reason in self.ignored_adverts.items():
+            log.warning("ignored the advert of pod %s: it %s", pod, reason)
+        return dict(self._adverts)
+
+    async def _collect_adverts(self, identifiers: list[str] | None, window_s: float | None) -> None:
         wanted = {i.partition("/")[0] for i in identifiers or []}
         window = window_s or (self.timeout_s if wanted else self.discovery_window_s)
         clock = asyncio.get_running_loop().time
@@ -156,9 +189,6 @@ class AsyncModeller:
             self._advert_arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._advert_arrived.wait(), timeout=remaining)
-        for pod, reason in self.ignored_adverts.items():
-            log.warning("ignored the advert of pod %s: it %s", pod, reason)
-        return dict(self._adverts)
 
     async def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None) -> list[Target]:
         """The targets of a task. Pins are checked (and first-contact pins made) for these pods

@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from fedpod.pod.training import TrainingRunner
 
 log = logging.getLogger(__name__)
+MIN_BEAT_GAP_S = 0.25
 
 
 class Pod:
@@ -98,6 +99,8 @@ class Pod:
         self.channel: SecureChannel | None = None
         self.started = time.monotonic()
         self.running_tasks = 0
+        self._modeller_keys: dict[str, PublicIdentity] = {}  # accepted modellers seen: heartbeats are sealed for them
+        self._pinged = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_tasks)
 
     def _resolve(self, value: str) -> Path:
@@ -141,7 +144,7 @@ class Pod:
         self.journal.checkpoint()
         try:
             await self.channel.listen_inbox(self._on_message, self._on_rejected)
-            await self.channel.listen(subjects.DISCOVER, self._on_discover, self._on_rejected)
+            await bus.subscribe(subjects.DISCOVER, self._on_ping)
             if ready is not None:
                 ready.set()
             log.info("pod %s (%s) serving %d dataset(s)", self.config.name, self.fingerprint, len(self.config.datasets))
@@ -157,7 +160,12 @@ class Pod:
             self.engine.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
-        """Heartbeats, and on the same clock the minute's rejection summary and the audit checkpoint."""
+        """Heartbeats, and on the same clock the minute's rejection summary and the audit checkpoint.
+
+        A heartbeat is sealed for the accepted modellers this pod has heard from (only they
+        learn its name, load and uptime) and shows the pod's public keys, so that any modeller
+        can address a sealed discovery request to it. A discovery ping brings the next beat
+        forward — at most one every MIN_BEAT_GAP_S, whoever pings."""
         assert self.channel is not None
         checkpointed = time.monotonic()
         while not stop.is_set():
@@ -167,10 +175,22 @@ class Pod:
             beat = Heartbeat(pod=self.config.name, fingerprint=self.fingerprint, ts=time.time(),
                              running_tasks=self.running_tasks, uptime_s=time.monotonic() - self.started)
             with contextlib.suppress(FedpodError):
-                await self.channel.broadcast(subjects.heartbeat(self.fingerprint), beat)
+                await self.channel.announce(subjects.heartbeat(self.fingerprint), beat,
+                                            list(self._modeller_keys.values()))
             self._summarise_rejections()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_s)
+            self._pinged.clear()
+            stopped = asyncio.ensure_future(stop.wait())
+            pinged = asyncio.ensure_future(self._pinged.wait())
+            await asyncio.wait({stopped, pinged}, timeout=self.config.heartbeat_s, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            pinged.cancel()
+            if pinged.done() and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=MIN_BEAT_GAP_S)
+
+    async def _on_ping(self, payload: object, ack: object) -> None:
+        """A discovery ping (its content, whoever sent it, is ignored): beat now."""
+        self._pinged.set()
 
     @property
     def _journal(self) -> AuditWriter:
@@ -193,13 +213,11 @@ class Pod:
     async def _on_rejected(self, exc: EnvelopeRejected) -> None:
         self._refused(exc.reason, exc.message)
 
-    async def _on_discover(self, opened: Opened) -> None:
-        if opened.header.type != Discover.TYPE:
-            return
+    async def _on_discover(self, opened: Opened, trusted: bool) -> None:
         assert self.channel is not None
         sender = opened.sender
-        if not self._accepts(sender.fingerprint) and \
-                not self.tally.denial(sender.fingerprint, "discovery", auditable=False)[1]:
+        await opened.acknowledge()
+        if not trusted and not self.tally.denial(sender.fingerprint, "discovery", auditable=False)[1]:
             return
         with contextlib.suppress(FedpodError):
             await self.channel.send(sender, self.advert(sender), timeout_s=5.0)
@@ -207,6 +225,11 @@ class Pod:
     async def _on_message(self, opened: Opened) -> None:
         request_type = REQUESTS.get(opened.header.type)
         trusted = self._accepts(opened.sender.fingerprint)
+        if trusted:
+            self._modeller_keys[opened.sender.fingerprint] = opened.sender
+        if opened.header.type == Discover.TYPE:
+            await self._on_discover(opened, trusted)
+            return
         if request_type is None:
             if trusted:
                 self._journal.record("message-ignored", sender=opened.sender.fingerprint, type=opened.header.type[:64])

@@ -11,7 +11,8 @@ subject permissions (`permissions`). Anonymous connections are refused. The bloc
 its own file (`authorization.conf`, included by `nats.conf`), rewritten from `parties.json`
 whenever a party is added; `nats-server` reloads it on SIGHUP, so adding a pod or a modeller
 to a running broker never restarts it. `open=True` runs without authentication, for
-experiments only.
+experiments only. `accounts=` runs it the way a cluster run by others is set up instead —
+NATS's decentralised JWT authentication (see `transport.accounts`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from fedpod.transport import subjects
 Role = Literal["pod", "modeller"]
 PARTIES_FILE = "parties.json"
 AUTHORIZATION_FILE = "authorization.conf"
+ACCOUNTS_FILE = "accounts.conf"
 PID_FILE = "nats-server.pid"
 
 
@@ -141,13 +143,15 @@ class EmbeddedBroker:
     `folder` keeps the configuration and the list of parties (`fedpod broker start` uses
     `$FEDPOD_HOME/broker`, so `fedpod broker allow` can add parties from another shell);
     without it everything lives in a temporary folder. `parties` are granted at start;
-    `allow` grants more while the server runs.
+    `allow` grants more while the server runs. `accounts` (an `AccountAuthority`'s
+    `server_config()`) replaces that list with NATS's decentralised authentication: parties
+    then log in with user JWTs the authority issued.
     """
 
     def __init__(self, *, port: int | None = None, store: Path | None = None,
                  max_payload: int | None = None, max_pending: int = 256 * 1024 * 1024,
                  ready_timeout_s: float = 10.0, folder: Path | None = None, open: bool = False,
-                 parties: list[Party] | None = None) -> None:
+                 parties: list[Party] | None = None, accounts: str | None = None) -> None:
         self.requested_port = port
         self.max_payload = max_payload
         self.max_pending = max_pending
@@ -159,6 +163,7 @@ class EmbeddedBroker:
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._initial_parties = list(parties or [])
+        self.accounts = accounts
 
     @property
     def url(self) -> str:
@@ -174,6 +179,9 @@ class EmbeddedBroker:
         """Let a party in while the server runs; returns once the server has reloaded."""
         if self.open:
             return
+        if self.accounts is not None:
+            raise ConfigError("this broker trusts an account authority: parties log in with the user JWTs it issues",
+                              hint="`fedpod broker accounts issue --role pod|modeller NAME.pub`")
         reloads = self._reloads()
         grant(self.folder, Party.of(role, public))
         if self._process is None:
@@ -200,7 +208,10 @@ class EmbeddedBroker:
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")
         (self.folder / PID_FILE).unlink(missing_ok=True)
-        if not self.open:
+        if self.accounts is not None:
+            (self.folder / ACCOUNTS_FILE).write_text(self.accounts)
+            lines.append(f"include {json.dumps(ACCOUNTS_FILE)}")
+        elif not self.open:
             for party in self._initial_parties:
                 grant(self.folder, party)
             (self.folder / AUTHORIZATION_FILE).write_text(authorization(read_parties(self.folder)))

@@ -41,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import nats
 import nats.errors
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 Payload = bytes | bytearray | memoryview
 Ack = Callable[[], Awaitable[None]]
 Handler = Callable[[Payload, Ack], Awaitable[None]]
+TicketIssuer = Callable[[str, int, list[bytes]], bytes]  # (transfer id, size, chunk digests) -> ticket
 
 H_TRANSFER = "Fedpod-Transfer"
 H_INDEX = "Fedpod-Chunk"
@@ -118,10 +119,8 @@ class Vetted(Protocol):
 
 
 class TransferAuthority(Protocol):
-    """Signs this party's begin requests and vets others': `vet` returns the sender's key (its
-    fingerprint) and the ticket, or raises ValueError with the reason for refusing."""
-
-    def issue(self, recipient: str, transfer: str, size: int, digests: list[bytes]) -> bytes: ...
+    """Vets others' begin requests: `vet` returns the sender's key (its fingerprint) and the
+    ticket, or raises ValueError with the reason for refusing."""
 
     def vet(self, ticket: bytes, max_size: int, min_chunk: int) -> tuple[str, Vetted]: ...
 
@@ -191,7 +190,7 @@ class Bus:
         extra: dict[str, str] = {}
         if login is not None:
             extra["inbox_prefix"] = subjects.replies(login.fingerprint)
-            if options.creds is None:
+            if options.creds is None or not _holds_seed(options.creds):
                 extra["nkeys_seed_str"] = login.nats_seed
 
         async def on_error(exc: Exception) -> None:
@@ -206,7 +205,7 @@ class Bus:
                 options.url,
                 name=name,
                 tls=options.ssl_context(),
-                user_credentials=str(options.creds) if options.creds else None,
+                **_credentials(options.creds, signs=login is not None),
                 connect_timeout=options.connect_timeout_s,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1 if reconnect_forever else 10,
@@ -367,9 +366,9 @@ class Bus:
                 self.dropped_transfers += 1
 
     async def send(self, subject: str, parts: bytes | Sequence[bytes | bytearray | memoryview], *,
-                   timeout_s: float = 30.0, recipient: str = "recipient", to: str | None = None) -> None:
-        """Deliver bytes to one listening party (fingerprint `to`, which a chunked transfer's
-        ticket names); returns once it has received all of them."""
+                   timeout_s: float = 30.0, recipient: str = "recipient", ticket: TicketIssuer | None = None) -> None:
+        """Deliver bytes to one listening party; returns once it has received all of them. A
+        chunked transfer opens with the ticket `ticket` issues for it (signed for the recipient)."""
         chunks = list(_chunks([parts] if isinstance(parts, bytes | bytearray) else parts, self.chunk_size))
         total = sum(len(c) for c in chunks)
         try:
@@ -377,12 +376,12 @@ class Bus:
                 await self._client.request(subject, bytes(chunks[0]), timeout=timeout_s)
                 return
             transfer_id = os.urandom(12).hex()
-            ticket = b""
-            if self.tickets is not None and to is not None:
+            begin = b""
+            if ticket is not None:
                 digests = (await asyncio.to_thread(_digests, chunks)) if total > HASH_IN_THREAD_BYTES \
                     else _digests(chunks)
-                ticket = self.tickets.issue(to, transfer_id, total, digests)
-            answer = await self._client.request(subject, ticket, timeout=max(timeout_s, ADMISSION_TIMEOUT_S),
+                begin = ticket(transfer_id, total, digests)
+            answer = await self._client.request(subject, begin, timeout=max(timeout_s, ADMISSION_TIMEOUT_S),
                                                 headers={H_TRANSFER: transfer_id, H_BEGIN: "1"})
             if answer.data:
                 raise TransportError(f"{recipient} {answer.data.decode(errors='replace')}", where=subject)
@@ -455,6 +454,28 @@ def _chunks(parts: Sequence[bytes | bytearray | memoryview], size: int) -> list[
     if pending or not out:
         out.append(pending)
     return out
+
+
+def _holds_seed(creds: Path) -> bool:
+    try:
+        return b"BEGIN USER NKEY SEED" in creds.read_bytes()
+    except OSError as exc:
+        raise BrokerUnavailable(f"cannot read the credentials file {creds}: {exc}") from exc
+
+
+def _credentials(creds: Path | None, *, signs: bool) -> dict[str, Any]:
+    """How to present `creds`: a NATS credentials file (JWT and seed, as `nsc` writes them), or
+    a bare user JWT issued for the party's own key (`fedpod broker accounts issue`), which the
+    party's identity then signs for."""
+    if creds is None:
+        return {}
+    if _holds_seed(creds):
+        return {"user_credentials": str(creds)}
+    if not signs:
+        raise BrokerUnavailable(f"{creds} holds a user JWT but no key to sign with",
+                                hint="connect as a fedpod identity, or give a full NATS credentials file")
+    token = creds.read_bytes().strip()
+    return {"user_jwt_cb": lambda: bytearray(token)}
 
 
 async def _log_error(exc: Exception, seen: list[Exception]) -> None:

@@ -20,10 +20,11 @@ class WireMessage(BaseModel):
 
 
 class Discover(WireMessage):
-    """Broadcast by a modeller, signed and empty: what it looks for (tags, identifiers) is chosen
-    among the adverts at the modeller, so the broadcast tells an observer nothing. Each pod
-    answers with its advert, sealed for the sender only, and only as much as its `discovery`
-    setting grants that sender."""
+    """Sent by a modeller to each pod that announced itself (after an empty ping on the discover
+    subject makes every pod beat), sealed like any task. It is empty: what the modeller looks
+    for (tags, identifiers) is chosen among the adverts at the modeller. Each pod answers with
+    its advert, sealed for the sender only, and only as much as its `discovery` setting grants
+    that sender."""
 
     TYPE: ClassVar[str] = "discover"
 
