@@ -194,7 +194,21 @@ def test_multi_segment_payload_given_in_parts_round_trips() -> None:
 
 
 def test_reordered_segments_are_rejected() -> None:
-    head, *segments = seal(ALICE, "result", os.urandom(20 * 1024 * 1024), recipients=[BOB.public])
-    assert len(segments) == 3
-    swapped = head + segments[1] + segments[0] + segments[2]
-    assert reason(swapped) == "tampered"
+    head, body = seal(ALICE, "result", os.urandom(20 * 1024 * 1024), recipients=[BOB.public])
+    segment = 8 * 1024 * 1024 + 16  # two full segments and a shorter last one
+    first, second, rest = body[:segment], body[segment : 2 * segment], body[2 * segment :]
+    assert reason(bytes(head) + bytes(second) + bytes(first) + bytes(rest)) == "tampered"
+
+
+def test_a_large_writable_frame_is_decrypted_where_it_lies() -> None:
+    """A reassembled transfer is decrypted in place (no second large buffer); a tampered one is
+    still refused, and a read-only frame is left as it was."""
+    payload = os.urandom(20 * 1024 * 1024)
+    frame = bytearray(seal_bytes(ALICE, "result", payload, recipients=[BOB.public]))
+    untouched = bytes(frame)
+    assert open_envelope(bytes(frame), BOB, ReplayGuard()).payload == payload
+    opened = open_envelope(memoryview(frame), BOB, ReplayGuard())
+    assert opened.payload == payload and isinstance(opened.payload, memoryview) and opened.payload.obj is frame
+    tampered = bytearray(untouched)
+    tampered[-100] ^= 1
+    assert reason(memoryview(tampered)) == "tampered"
