@@ -17,6 +17,7 @@
     │   ├── NotMergeable                    an aggregated query uses a construct that cannot merge exactly
     │   ├── SqlExecutionError               DuckDB refused or failed the query
     │   └── ResultTooLarge                  the answer exceeds the pod's max_result_rows/max_result_bytes
+    ├── MissingDatasets                     several datasets a task asked for will not take part (each named)
     ├── TrustError (PermissionError)        a pod's fingerprint differs from the pinned one
     └── TaskFailed                          a pod reported a failure while running a task
 
@@ -26,14 +27,25 @@ callers only ever need `except FedpodError` (or the matching builtin).
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+_TERMINAL_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def plain(text: str) -> str:
+    """Without terminal escape sequences or control characters: libraries colour their messages
+    (sqlglot underlines the bad token), and a message can come from a remote pod."""
+    return _TERMINAL_CONTROL.sub("", text)
+
 
 class FedpodError(Exception):
     """Base of every fedpod error; carries where it happened and a hint on what to do."""
 
     def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
-        self.message = message
-        self.where = where
-        self.hint = hint
+        self.message = plain(message)
+        self.where = plain(where) if where is not None else None
+        self.hint = plain(hint) if hint is not None else None
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
@@ -105,6 +117,19 @@ class DatasetNotFound(DiscoveryError):
     pass
 
 
+class MissingDatasets(FedpodError):
+    """Datasets a task asked for will not take part (silent at discovery, refused, or failed while
+    running): `missing` maps each identifier to why."""
+
+    def __init__(self, missing: dict[str, str], taking_part: int, needed: str) -> None:
+        self.missing = dict(missing)
+        reasons = "; ".join(f"{identifier}: {why}" for identifier, why in sorted(self.missing.items()))
+        super().__init__(f"{len(self.missing)} dataset(s) asked for will not take part ({taking_part} would, "
+                         f"{needed} needed) — {reasons}",
+                         hint="start or fix those pods, or accept a partial answer with --min-datasets N "
+                              "(Python: min_datasets=N; training: min_pods)")
+
+
 class AmbiguousDatasets(DiscoveryError):
     pass
 
@@ -145,3 +170,22 @@ class TaskFailed(FedpodError):
         self.pod = pod
         self.kind = kind
         super().__init__(f"{kind}: {message}", where=f"pod {pod}", hint=hint)
+
+
+def invalid_fields(exc: Exception, what: str, where: str) -> ConfigError:
+    """A pydantic ValidationError as "field X in FILE: problem" lines, without links to docs."""
+    problems: list[dict[str, Any]] = getattr(exc, "errors", list)()
+    lines = [f"field {'.'.join(str(part) for part in problem['loc']) or '(top level)'} in {where}: {problem['msg']}"
+             for problem in problems] or [str(exc)]
+    return ConfigError(f"invalid {what}: " + "; ".join(lines))
+
+
+def yaml_syntax(exc: Exception, where: str) -> ConfigError:
+    """A YAML parser error, naming the file, line and column, with the parser's own words."""
+    mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    if context and context_mark is not None:
+        context = f"{context} (begun at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    problem = ": ".join(str(part) for part in (context, getattr(exc, "problem", None)) if part)
+    return ConfigError(f"YAML syntax error in {where}{place}: {problem or exc}")

@@ -64,27 +64,75 @@ def federation(cli: Cli, home: Path) -> Iterator[str]:
         url = next(w for w in broker_log.read_text().split() if w.startswith("nats://"))
         cli("identity", "create", "modeller")
         cli("broker", "allow", "--role", "modeller", ".fedpod/keys/modeller.pub")
-        fingerprint = cli("identity", "show", "modeller").stdout.strip()
         cli("data", "synth", "--centres", "3", "--patients", "900", "--seed", "1", "--out", "data")
         for name in PODS:
-            config = f"pods/{name}/pod.yaml"
-            cli("pod", "init", "--name", name, "--config", config, "--broker", url)
-            cli("broker", "allow", "--role", "pod", f"pods/{name}/keys/{name}.pub")
-            cli("dataset", "add", "--config", config, "--name", DATASET, "--type", "csv",
-                "--path", f"data/{name}/patients.csv", "--tags", "ehr,synthetic")
-            cli("pod", "allow", "--config", config, "--name", "modeller", "--fingerprint", fingerprint)
-        logs = []
-        for name in PODS:
-            logs.append(home / f"{name}.log")
-            processes.append(cli.start("pod", "start", "--config", f"pods/{name}/pod.yaml", log=logs[-1]))
-        for log in logs:
-            wait_until(lambda log=log: "ready" in log.read_text(), 60, f"{log.name} ready")
+            configure_pod(cli, url, name, f"data/{name}/patients.csv", "ehr,synthetic")
+        processes.extend(start_pods(cli, home, PODS))
         yield url
     finally:
         for process in reversed(processes):
             process.send_signal(signal.SIGINT)
         for process in processes:
             process.wait(timeout=20)
+
+
+def configure_pod(cli: Cli, url: str, name: str, csv: str, tags: str) -> None:
+    """A pod set up with the CLI alone, as its custodian would: serving `csv` as DATASET."""
+    config = f"pods/{name}/pod.yaml"
+    cli("pod", "init", "--name", name, "--config", config, "--broker", url)
+    cli("broker", "allow", "--role", "pod", f"pods/{name}/keys/{name}.pub")
+    cli("dataset", "add", "--config", config, "--name", DATASET, "--type", "csv", "--path", csv, "--tags", tags)
+    cli("pod", "allow", "--config", config, "--name", "modeller",
+        "--fingerprint", cli("identity", "show", "modeller").stdout.strip())
+
+
+def start_pods(cli: Cli, home: Path, names: list[str]) -> list[subprocess.Popen[bytes]]:
+    processes = [cli.start("pod", "start", "--config", f"pods/{name}/pod.yaml", log=home / f"{name}.log")
+                 for name in names]
+    for name in names:
+        wait_until(lambda name=name: "ready" in (home / f"{name}.log").read_text(), 60, f"{name} ready")
+    return processes
+
+
+def test_a_stopped_pod_is_named_never_silently_left_out_of_an_aggregate(cli: Cli, federation: str,
+                                                                         home: Path) -> None:
+    """Issue 7, item 1: with one of the pods a tag matched stopped, the aggregate used to cover
+    the others and say "aggregated over all datasets", exit 0."""
+    for name in ("erin", "fay"):
+        configure_pod(cli, federation, name, "data/alice/patients.csv", "trial")
+    erin, fay = start_pods(cli, home, ["erin", "fay"])
+    query = f"SELECT COUNT(*) AS n FROM `{DATASET}`"
+    try:
+        both = cli("sql", query, "--tags", "trial", "--aggregate", "--broker", federation, "--out", "trial")
+        assert f"aggregated over 2 dataset(s): erin/{DATASET}, fay/{DATASET}" in " ".join(both.stdout.split())
+        fay.send_signal(signal.SIGINT)
+        fay.wait(timeout=20)
+        failed = cli("sql", query, "--tags", "trial", "--aggregate", "--broker", federation, "--out", "trial",
+                     ok=False)
+        said = " ".join(failed.stderr.split())
+        assert failed.returncode == 1 and f"fay/{DATASET}" in said and "pod 'fay' did not answer discovery" in said
+        partial = cli("sql", query, "--tags", "trial", "--aggregate", "--broker", federation, "--out", "trial",
+                      "--min-datasets", "1")
+        shown = " ".join((partial.stdout + partial.stderr).split())
+        assert f"aggregated over 1 dataset(s): erin/{DATASET}" in shown
+        assert f"missing: fay/{DATASET} — " in shown and "did not answer discovery" in shown
+    finally:
+        for process in (erin, fay):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(timeout=20)
+
+
+def test_the_python_example_finds_the_broker_as_the_cli_does(cli: Cli, federation: str, home: Path) -> None:
+    """Issue 7, item 2: examples/python_api.py runs unedited against a broker on a random port,
+    given FEDPOD_BROKER as the CLI is; without it, the error names the Python argument too."""
+    run = subprocess.run([sys.executable, str(EXAMPLES / "python_api.py")], cwd=home, capture_output=True, text=True,
+                         env={**cli.env, "FEDPOD_BROKER": federation}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "aggregated over alice/ehr-records-2025, bob/ehr-records-2025, charlie/ehr-records-2025" in run.stdout
+    lost = subprocess.run([sys.executable, str(EXAMPLES / "python_api.py")], cwd=home, capture_output=True,
+                          text=True, env={**cli.env, "FEDPOD_BROKER": "nats://127.0.0.1:9"}, timeout=120)
+    assert lost.returncode != 0 and "broker=URL in Python" in lost.stderr and "FEDPOD_BROKER" in lost.stderr
 
 
 def test_a_party_the_broker_was_not_told_about_cannot_connect(cli: Cli, federation: str) -> None:
@@ -149,6 +197,45 @@ def test_errors_are_one_clear_line_without_a_traceback(cli: Cli, federation: str
     assert "Traceback" not in result.stderr
     result = cli("sql", "SELECT 1", "--datasets", "zed/ehr", "--broker", federation, "--timeout", "1", ok=False)
     assert result.returncode == 1 and "pod 'zed' did not answer" in result.stderr
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The error as the user sees it: exit 1, no traceback, no terminal escapes, one logical line."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "\x1b[" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    return " ".join(result.stderr.split())
+
+
+def test_every_kind_of_error_is_a_clean_line(cli: Cli, federation: str, home: Path) -> None:
+    """Issue 7, item 4: YAML text eaten as markup, pydantic's links, sqlglot's ANSI codes, and
+    a custom plan's KeyError as a traceback."""
+    broken = home / "broken.yaml"
+    broken.write_text("pods:\n  tags: [ehr\ntask: {}\n")
+    said = one_error_line(cli("run", str(broken), "--broker", federation, ok=False))
+    assert "broken.yaml at line 3, column 5: while parsing a flow sequence (begun at line 2, column 9): " \
+           "expected ',' or ']', but got ':'" in said
+    config = home / "pods" / "alice" / "pod.yaml"
+    bad_config = home / "bad-pod.yaml"
+    bad_config.write_text(config.read_text().replace("heartbeat_s: 2.0", "heartbeat_s: often"))
+    said = one_error_line(cli("audit", "verify", "--config", str(bad_config), ok=False))
+    assert f"field heartbeat_s in {bad_config}:" in said and "errors.pydantic" not in said
+    said = one_error_line(cli("sql", "SELECT (((", "--datasets", f"alice/{DATASET}", "--broker", federation,
+                              ok=False))
+    assert "does not parse" in said
+    plan = home / "needs_features.py"
+    plan.write_text("from fedpod.training import TorchTrainingPlan\n\n\nclass NeedsFeatures(TorchTrainingPlan):\n"
+                    "    def init_model(self, model_args):\n        return model_args['features']\n")
+    task = home / "custom.yaml"
+    task.write_text((EXAMPLES / "bitfount-training.yaml").read_text().replace(
+        "model_ref: logistic_regression", f"model_ref: {plan}:NeedsFeatures"))
+    said = one_error_line(cli("run", str(task), "--broker", federation, ok=False))
+    assert "training plan NeedsFeatures failed while being set up at the modeller: KeyError: 'features'" in said
+    said = one_error_line(cli("pod", "allow", "--config", "pods/alice/pod.yaml", "--name", "bob",
+                              "--fingerprint", "ABCD-EFGH", ok=False))  # item 5: validated, not stored
+    assert "'ABCD-EFGH' is not a fingerprint" in said
+    debug = cli("--debug", "run", str(task), "--broker", federation, ok=False)
+    assert "Traceback" in debug.stderr and "KeyError: 'features'" in debug.stderr
 
 
 def test_demo_runs_and_agrees_with_pooled_data(cli: Cli, home: Path) -> None:

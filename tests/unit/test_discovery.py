@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from fedpod.errors import AmbiguousDatasets, DatasetNotFound
-from fedpod.modeller.discovery import select_by_identifiers, select_by_tags
+from fedpod.errors import AccessDenied, AmbiguousDatasets, DatasetNotFound, MissingDatasets
+from fedpod.modeller.discovery import require, select_by_identifiers, select_by_tags
+from fedpod.modeller.known_pods import KnownPods
 from fedpod.security.identity import Identity
 from fedpod.wire.messages import DatasetAdvert, PodAdvert
 
 
-def advert(pod: str, *datasets: tuple[str, list[str]]) -> tuple[str, tuple]:  # type: ignore[type-arg]
+def advert(pod: str, *datasets: tuple[str, list[str]], notice: str | None = None) -> tuple[str, tuple]:  # type: ignore[type-arg]
     identity = Identity.generate(pod).public
-    return pod, (identity, PodAdvert(pod=pod, fingerprint=identity.fingerprint, version="0", datasets=[
+    return pod, (identity, PodAdvert(pod=pod, fingerprint=identity.fingerprint, version="0", notice=notice, datasets=[
         DatasetAdvert(identifier=f"{pod}/{name}", name=name, tags=tags, kind="csv", columns={"a": "INTEGER"},
                       rows_rounded=100) for name, tags in datasets]))
 
@@ -40,8 +44,47 @@ def test_identifiers_select_exact_datasets() -> None:
     assert [t.identifier for t in found] == ["bob/ehr", "carol/ehr-2"]
 
 
-def test_unknown_pod_and_unknown_dataset_are_named() -> None:
-    with pytest.raises(DatasetNotFound, match="pod 'dave' did not answer"):
-        select_by_identifiers(ADVERTS, ["dave/ehr"])
-    with pytest.raises(DatasetNotFound, match=r"no dataset 'x'.*offers: ehr"):
-        select_by_identifiers(ADVERTS, ["bob/x"])
+def test_every_missing_identifier_is_named_with_its_reason() -> None:
+    refusing = advert("erin", notice="modeller 'm' (FP) is not in pod erin's accepted modellers")
+    found = select_by_identifiers({**ADVERTS, "erin": refusing[1]}, ["bob/ehr", "dave/ehr", "bob/x", "erin/ehr"])
+    assert [t.identifier for t in found] == ["bob/ehr"]
+    assert set(found.missing) == {"dave/ehr", "bob/x", "erin/ehr"}
+    reasons = found.reasons()
+    assert "pod 'dave' did not answer discovery" in reasons["dave/ehr"]
+    assert "no dataset 'x'" in reasons["bob/x"] and "offers: ehr" in reasons["bob/x"]
+    assert "not in pod erin's accepted modellers" in reasons["erin/ehr"]
+    assert isinstance(found.missing["erin/ehr"], AccessDenied)
+    with pytest.raises(MissingDatasets) as info:
+        require(found, None)
+    said = str(info.value)
+    assert all(name in said for name in ("dave/ehr", "bob/x", "erin/ehr")) and "--min-datasets" in said
+    assert require(found, 1) is found  # a quorum of one: the missing ones travel with the targets
+    with pytest.raises(MissingDatasets, match="at least 2 needed"):
+        require(found, 2)
+    with pytest.raises(DatasetNotFound, match="pod 'dave' did not answer"):  # one missing: its own error
+        require(select_by_identifiers(ADVERTS, ["bob/ehr", "dave/ehr"]), None)
+    both_refuse = select_by_identifiers({"erin": refusing[1], "fay": advert("fay", notice="not accepted")[1]},
+                                        ["erin/ehr", "fay/ehr"])
+    with pytest.raises(AccessDenied, match=r"2 datasets refused this modeller.*erin/ehr.*fay/ehr"):
+        require(both_refuse, None)
+
+
+def test_a_remembered_dataset_whose_pod_is_silent_is_missing_from_a_tag_selection() -> None:
+    found = select_by_tags({k: ADVERTS[k] for k in ("alice", "bob")}, ["ehr"], expected=["bob/ehr", "zed/ehr"])
+    assert [t.identifier for t in found] == ["alice/ehr", "bob/ehr"]
+    assert list(found.missing) == ["zed/ehr"] and "did not answer" in found.reasons()["zed/ehr"]
+    silent = select_by_tags({}, ["ehr"], expected=["zed/ehr"])
+    assert not silent and list(silent.missing) == ["zed/ehr"]
+
+
+def test_known_pods_remember_what_a_pinned_pod_offered(tmp_path: Path) -> None:
+    path = tmp_path / "known_pods.json"
+    path.write_text(json.dumps({"alice": "AAAA-AAAA-AAAA-AAAA"}))  # the older format: pins only
+    pods = KnownPods(path)
+    assert pods.pinned("alice") == "AAAA-AAAA-AAAA-AAAA" and pods.expected(["ehr"]) == []
+    pods.remember("alice", "AAAA-AAAA-AAAA-AAAA", {"ehr": ["ehr", "covid"], "labs": ["labs"]})
+    pods.remember("alice", "EVIL-EVIL-EVIL-EVIL", {"fake": ["ehr"]})  # not the pinned key: ignored
+    pods.remember("bob", "BBBB-BBBB-BBBB-BBBB", {"ehr": ["ehr"]})  # not pinned: nothing to remember
+    again = KnownPods(path)
+    assert again.expected(["ehr"]) == ["alice/ehr"] and again.expected(["labs"]) == ["alice/labs"]
+    assert again.all() == {"alice": "AAAA-AAAA-AAAA-AAAA"}

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -185,3 +185,51 @@ def test_test_batch_size_scores_in_batches_with_the_same_result() -> None:
     without = run_local_round(reference, reference.get_params(), whole, {}).metrics
     assert max(calls) == 7 and len(calls) > 1
     assert with_batches["global_auc"] == pytest.approx(without["global_auc"])
+
+
+def test_a_data_managers_loader_arguments_are_used_under_the_modellers() -> None:
+    """Issue 7, item 11d: DataManager(..., shuffle=False) was stored and never used."""
+    from fedpod.algorithms.training.local import with_plan_loader_args
+
+    default = TrainingArgs.parse({"num_updates": 2})
+    assert with_plan_loader_args(default, {"shuffle": False, "batch_size": 8}).loader_args.model_dump() == \
+        {"batch_size": 8, "shuffle": False, "drop_last": False}
+    modeller = TrainingArgs.parse({"num_updates": 2, "loader_args": {"batch_size": 64}})
+    merged = with_plan_loader_args(modeller, {"shuffle": False, "batch_size": 8}).loader_args
+    assert (merged.batch_size, merged.shuffle) == (64, False)  # the modeller's wins where both set one
+    with pytest.raises(ConfigError, match=r"field num_workers in the plan's training_data\(\)"):
+        with_plan_loader_args(default, {"num_workers": 4})
+
+    class Ordered(TorchTrainingPlan):
+        """Records the order in which rows reach training_step: unshuffled, it is the dataset's."""
+
+        seen: ClassVar[list[float]] = []
+
+        def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
+            return torch.nn.Linear(1, 1)
+
+        def training_data(self) -> DataManager:
+            return DataManager(torch.arange(6, dtype=torch.float32).reshape(6, 1), torch.zeros(6), shuffle=False,
+                               batch_size=2)
+
+        def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            Ordered.seen.extend(data[:, 0].tolist())
+            return ((self.model()(data).squeeze(-1) - target) ** 2).mean()
+
+    plan = Ordered()
+    plan.post_init({}, TrainingArgs.parse({"num_updates": 3}))
+    run_local_round(plan, plan.get_params(), TrainingArgs.parse({"num_updates": 3, "random_seed": 4}), {})
+    assert Ordered.seen == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("name", ["perceptron", "sgd_classifier", "sgd_regressor"])
+def test_a_scikit_learn_plan_predicts_at_the_modeller_before_and_after_training(name: str) -> None:
+    """Issue 7, item 11a: `training_plan().model().predict(X)` raised "'Perceptron' object has no
+    attribute 'classes_'" on the modeller's copy, which never sees data."""
+    plan = plan_for(name, CENTRES[0].patients, MODEL_ARGS, TrainingArgs.parse({"num_updates": 5}))
+    rows = ((POOLED[FEATURES].to_numpy() - np.array(MEANS)) / np.array(STDS))[:20]
+    assert plan.model().predict(rows).shape == (20,)
+    trained = federated(name, TrainingArgs.parse({"num_updates": 20, "random_seed": 2}), 2)
+    predicted = trained.model().predict(rows)
+    if name != "sgd_regressor":
+        assert set(np.unique(predicted)) <= {0, 1}

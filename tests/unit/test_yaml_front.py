@@ -46,8 +46,45 @@ def test_results_can_only_be_saved_at_the_modeller(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="invalid task file"):
+    with pytest.raises(ConfigError, match="unknown key `extra` at the top level"):
         load_task(write(tmp_path, BITFOUNT_EXAMPLE + "\nextra: 1\n"))
+
+
+@pytest.mark.parametrize("original,misspelled,path,nearest", [
+    ("save_location", "save_locaton", "task.protocol.arguments", "save_location"),
+    ("table_config", "table_confg", "task.data_structure", "table_config"),
+    ("identifiers", "identifers", "pods", "identifiers"),
+    ("    arguments:\n      query", "    argument:\n      query", "task.algorithm", "arguments"),
+])
+def test_a_misspelled_key_anywhere_is_named_with_its_place_and_the_nearest_valid_key(
+        tmp_path: Path, original: str, misspelled: str, path: str, nearest: str) -> None:
+    """Issue 7, item 3: unknown keys were ignored (save_locaton) or led to a message about another key."""
+    assert original in BITFOUNT_EXAMPLE
+    with pytest.raises(ConfigError) as info:
+        load_task(write(tmp_path, BITFOUNT_EXAMPLE.replace(original, misspelled, 1)))
+    said = str(info.value)
+    assert f"unknown key `{misspelled.split(':')[0].strip()}` at {path}" in said
+    assert f"did you mean `{nearest}`?" in said and "task.yaml" in said
+
+
+def test_training_keys_are_strict_too(tmp_path: Path) -> None:
+    for original, misspelled, path in (("batch_size", "batchsize", "task.algorithm.hyperparameters"),
+                                       ("{model_ref:", "{model_rf:", "task.algorithm.model.bitfount_model"),
+                                       ("assign:", "asign:", "task.data_structure")):
+        with pytest.raises(ConfigError, match=f"unknown key `{misspelled.strip('{:')}` at {path}"):
+            load_task(write(tmp_path, TRAINING_EXAMPLE.replace(original, misspelled, 1)))
+    both = TRAINING_EXAMPLE.replace("steps_between_parameter_updates: 20",
+                                    "steps_between_parameter_updates: 20\n      epochs_between_parameter_updates: 1")
+    with pytest.raises(ConfigError, match="mixing steps"):
+        load_task(write(tmp_path, both))
+    aggregator = TRAINING_EXAMPLE.replace("    secure: False",
+                                          "    secure: False\n    name: trimmed_mean\n    betta: 0.2")
+    with pytest.raises(ConfigError, match=r"unknown argument `betta` for aggregator 'trimmed_mean'.*`beta`"):
+        load_task(write(tmp_path, aggregator))
+    steps_for_sql = BITFOUNT_EXAMPLE.replace('save_location: ["Modeller"]',
+                                             'save_location: ["Modeller"]\n      steps_between_parameter_updates: 2')
+    with pytest.raises(ConfigError, match=r"belong.*to FederatedAveraging, not ResultsOnly"):
+        load_task(write(tmp_path, steps_for_sql))
 
 
 TRAINING_EXAMPLE = (EXAMPLES / "bitfount-training.yaml").read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -50,6 +52,13 @@ def aggregator_from_config(config: Mapping[str, Any]) -> Aggregator:
     name = str(arguments.pop("name", "")).lower()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown aggregator {name!r}", hint=f"choose one of {', '.join(registered_aggregators())}")
+    accepted = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
+    for key in arguments:
+        if key not in accepted:
+            near = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            raise ConfigError(f"unknown argument `{key}` for aggregator {name!r}",
+                              hint=f"did you mean `{near[0]}`?" if near else
+                              f"it takes: {', '.join(accepted) or 'no arguments'}")
     try:
         return _REGISTRY[name](**arguments)
     except TypeError as exc:

@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedpod import __version__
@@ -19,6 +21,7 @@ from fedpod.cli.options import (
     Creds,
     IdentityName,
     Keystore,
+    MinDatasets,
     RequirePinned,
     Timeout,
     TlsCa,
@@ -27,18 +30,18 @@ from fedpod.cli.options import (
     broker_options,
 )
 from fedpod.data.datasets import DatasetSpec, inspect
-from fedpod.errors import ConfigError, FedpodError
+from fedpod.errors import ConfigError, FedpodError, plain
 from fedpod.governance.access import TrustedModeller
 from fedpod.governance.audit import AuditLog
 from fedpod.governance.plans import PlanRegistry
 from fedpod.names import check_name
 from fedpod.pod.config import BrokerSettings, PodConfig
-from fedpod.security.identity import Identity, default_keystore
+from fedpod.security.identity import Identity, check_fingerprint, default_keystore, fedpod_home
 
 if TYPE_CHECKING:  # the modeller's libraries stay out of `fedpod pod start`
     import pandas as pd
 
-    from fedpod.modeller.client import Modeller
+    from fedpod.modeller.client import Modeller, SqlResults
     from fedpod.modeller.known_pods import KnownPods
 
 console = Console()
@@ -79,11 +82,12 @@ SHOWN_ROWS = 50  # a terminal table of a million rows takes minutes and gigabyte
 def print_frame(frame: pd.DataFrame, title: str) -> None:
     import pandas as pd
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for column in frame.columns:
-        table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
+        numeric = pd.api.types.is_numeric_dtype(frame[column])
+        table.add_column(escape(str(column)), justify="right" if numeric else "left")
     for row in frame.head(SHOWN_ROWS).itertuples(index=False):
-        table.add_row(*[f"{v:.6g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.6g}" if isinstance(v, float) else escape(str(v)) for v in row])
     console.print(table)
     if len(frame) > SHOWN_ROWS:
         console.print(f"[dim]showing {SHOWN_ROWS} of {len(frame):,} rows; all of them are in the file[/dim]")
@@ -101,7 +105,7 @@ BrokerFolder = Annotated[Path | None, typer.Option(
 
 
 def _broker_folder(folder: Path | None) -> Path:
-    return folder or default_keystore().parent / "broker"
+    return folder or fedpod_home() / "broker"
 
 
 @broker_app.command("start")
@@ -245,6 +249,8 @@ def pod_allow(
     config: ConfigPath = Path("pod.yaml"),
 ) -> None:
     """Accept tasks from a modeller identified by its fingerprint."""
+    check_fingerprint(fingerprint)
+    check_name(modeller, "modeller")
     settings = PodConfig.load(config)
     if any(m.fingerprint == fingerprint for m in settings.access.modellers):
         console.print(f"{modeller} is already accepted")
@@ -332,7 +338,7 @@ def known_pods_add(
     replace: Annotated[bool, typer.Option(help="replace an existing pin (the pod's keys really changed)")] = False,
 ) -> None:
     """Pin a pod's fingerprint before first contact (compare it with its custodian out of band)."""
-    _known_pods(keystore).pin(pod, fingerprint, replace=replace)
+    _known_pods(keystore).pin(pod, check_fingerprint(fingerprint), replace=replace)
     console.print(f"pinned {pod} to {fingerprint}")
 
 
@@ -372,9 +378,11 @@ def datasets_list(
     console.print(table)
 
 
-def _save_results(result: pd.DataFrame | dict[str, pd.DataFrame], out: Path) -> None:
+def _save_results(result: pd.DataFrame | SqlResults, out: Path) -> None:
+    """Save and show a query's results, saying exactly which datasets they cover."""
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(result, dict):
+        missing = result.missing
         for identifier, frame in result.items():
             file = out / (identifier.replace("/", "__") + ".csv")
             frame.to_csv(file, index=False)
@@ -382,7 +390,13 @@ def _save_results(result: pd.DataFrame | dict[str, pd.DataFrame], out: Path) -> 
     else:
         file = out / "aggregate.csv"
         result.to_csv(file, index=False)
-        print_frame(result, f"aggregated over all datasets  →  {file}")
+        covered = result.attrs.get("datasets", [])
+        missing = result.attrs.get("missing", {})
+        print_frame(result, f"aggregate  →  {file}")
+        console.print(f"aggregated over {len(covered)} dataset(s): {escape(', '.join(covered))}", highlight=False,
+                      soft_wrap=True)
+    for identifier, why in sorted(missing.items()):
+        err.print(f"[yellow]missing:[/yellow] {escape(identifier)} — {escape(why)}", highlight=False, soft_wrap=True)
 
 
 @app.command("run")
@@ -392,7 +406,7 @@ def run_task(
     broker: BrokerUrl = "nats://127.0.0.1:4222", identity: IdentityName = "modeller", keystore: Keystore = None,
     timeout: Timeout = 60.0,
     tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
-    require_pinned: RequirePinned = False,
+    require_pinned: RequirePinned = False, min_datasets: MinDatasets = None,
 ) -> None:
     """Run a task file: SQL results are saved as CSV (one per dataset, or aggregate.csv); training
     writes an experiment folder (metrics, final weights) under --out."""
@@ -403,12 +417,12 @@ def run_task(
     with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout, require_pinned) as modeller:
         if isinstance(task, SqlTask):
             result = modeller.sql(task.query, datasets=task.targets.identifiers or None,
-                                  tags=task.targets.tags or None, aggregate=task.aggregate)
+                                  tags=task.targets.tags or None, aggregate=task.aggregate, min_datasets=min_datasets)
             _save_results(result, out)
             return
         from fedpod.modeller.training_task import run_training_task
 
-        experiment = run_training_task(task, modeller, out, console)
+        experiment = run_training_task(task, modeller, out, console, min_datasets)
     console.print(f"trained {task.plan} for {experiment.round_current()} rounds; metrics and weights in "
                   f"{experiment.experimentation_path()}")
 
@@ -423,12 +437,14 @@ def sql(
     broker: BrokerUrl = "nats://127.0.0.1:4222", identity: IdentityName = "modeller", keystore: Keystore = None,
     timeout: Timeout = 60.0,
     tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None, creds: Creds = None,
-    require_pinned: RequirePinned = False,
+    require_pinned: RequirePinned = False, min_datasets: MinDatasets = None,
 ) -> None:
-    """Run one federated SQL query."""
+    """Run one federated SQL query. Every dataset asked for must answer (each one that does not
+    is named) unless --min-datasets accepts fewer; the result says which datasets it covers."""
     with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout, require_pinned) as modeller:
         result = modeller.sql(query, datasets=[d for d in datasets.split(",") if d] or None,
-                              tags=[t for t in tags.split(",") if t] or None, aggregate=aggregate)
+                              tags=[t for t in tags.split(",") if t] or None, aggregate=aggregate,
+                              min_datasets=min_datasets)
     _save_results(result, out)
 
 
@@ -533,13 +549,23 @@ def demo(
 
 
 def main() -> None:
+    """Every error is one clean line (its text never read as markup); `--debug` or FEDPOD_DEBUG=1
+    shows the traceback instead."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("FEDPOD_DEBUG", "") not in ("", "0")
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
     try:
         app()
-    except FedpodError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        text = str(exc) if isinstance(exc, FedpodError) else plain(f"unexpected {type(exc).__name__}: {exc}")
+        err.print(f"[red]error:[/red] {escape(text)}", highlight=False)
+        if not isinstance(exc, FedpodError):
+            err.print("[dim]run with --debug (or FEDPOD_DEBUG=1) for the traceback[/dim]", highlight=False)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedpod.security.identity import FINGERPRINT_PATTERN
 
 
 class TrustedModeller(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    fingerprint: str
+    fingerprint: str = Field(pattern=FINGERPRINT_PATTERN.pattern)
 
 
 class AccessSettings(BaseModel):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpod.channel import SecureChannel
 from fedpod.errors import EnvelopeRejected, FedpodError, PodLost, TaskFailed, TaskTimeout, TrustError
-from fedpod.modeller.discovery import Target, select_by_identifiers, select_by_tags
+from fedpod.modeller.discovery import Target, Targets, require, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
 from fedpod.modeller.witness import AuditWitness
 from fedpod.security.envelope import Opened, announced_sender
@@ -190,9 +190,13 @@ class AsyncModeller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._advert_arrived.wait(), timeout=remaining)
 
-    async def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None) -> list[Target]:
+    async def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None, *,
+                      min_datasets: int | None = None) -> Targets:
         """The targets of a task. Pins are checked (and first-contact pins made) for these pods
-        only; a targeted pod whose advert was ignored fails the task with the reason."""
+        only; a targeted pod whose advert was ignored fails the task with the reason. Every
+        dataset asked for — by identifier, or remembered as carrying the tags — that will not
+        take part is named (`MissingDatasets`), unless `min_datasets` of them do: then the
+        targets carry the `missing` ones."""
         if bool(datasets) == bool(tags):
             raise FedpodError("name either datasets (owner/name identifiers) or tags, not both or neither")
         if datasets:
@@ -204,10 +208,19 @@ class AsyncModeller:
                                           "FINGERPRINT --replace` if its keys really changed")
             targets = select_by_identifiers(adverts, datasets)
         else:
-            targets = select_by_tags(await self.discover(), tags or [])
+            adverts = await self.discover()
+            targets = select_by_tags(adverts, tags or [], expected=self.known_pods.expected(tags or []))
+        for identifier in targets.missing:
+            owner = identifier.partition("/")[0]
+            if owner in self.ignored_adverts and owner not in adverts:
+                targets.missing[identifier] = TrustError(f"pod {owner} {self.ignored_adverts[owner]}",
+                                                         where=f"pod {owner}")
         for target in targets:
             self.known_pods.pin_on_first_use(target.pod.name, target.pod.fingerprint)
-        return targets
+        for owner, (pod, advert) in adverts.items():
+            if not advert.notice:
+                self.known_pods.remember(owner, pod.fingerprint, {d.name: list(d.tags) for d in advert.datasets})
+        return require(targets, min_datasets)
 
     async def exchange(self, target: Target, build: Callable[[str], WireMessage], reply_type: type[R]) -> R:
         """Send one request (built for a fresh task id) to one pod and wait for its reply; a pod's
@@ -274,38 +287,77 @@ class AsyncModeller:
         return table_from_bytes((await self.exchange(target, build, TaskResult)).table)
 
     async def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
-                  aggregate: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:
-        """Run `query` on each dataset. With `aggregate=True`, one exact global result;
-        otherwise one DataFrame per dataset identifier."""
+                  aggregate: bool = False, min_datasets: int | None = None) -> pd.DataFrame | SqlResults:
+        """Run `query` on each dataset. With `aggregate=True`, one exact global result whose
+        `attrs` name the datasets it covers (`datasets`) and any left out (`missing`);
+        otherwise one DataFrame per dataset identifier (`.missing` on the mapping). A dataset
+        that does not answer fails the query naming it — every one, with its reason — unless
+        `min_datasets` answered."""
         from fedpod.algorithms.sql.federated import plan_merge
         from fedpod.modeller.sql import merge, output_names
 
         plan = plan_merge(query) if aggregate else None
-        targets = await self.resolve(datasets, tags)
+        targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
         first = targets[0].dataset
         names = output_names(query, first.name, first.columns) if plan else []
         algorithm = SqlQueryAlgorithm(query=plan.partial_sql if plan else query,
                                       mode=plan.mode if plan else "rows")
-        tables = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets))
+        outcomes = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets), return_exceptions=True)
+        answered = Targets(missing=targets.missing)
+        tables = []
+        for target, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, FedpodError):
+                answered.missing[target.identifier] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                answered.append(target)
+                tables.append(outcome)
+        require(answered, min_datasets)
         if plan is None:
-            return {t.identifier: table.to_pandas() for t, table in zip(targets, tables, strict=True)}
-        return merge(plan, list(tables), names)
+            return SqlResults({t.identifier: table.to_pandas() for t, table in zip(answered, tables, strict=True)},
+                              answered.reasons())
+        merged = merge(plan, tables, names)
+        merged.attrs.update(datasets=[t.identifier for t in answered], missing=answered.reasons())
+        return merged
+
+
+def broker_options(broker: str | BrokerOptions | None) -> BrokerOptions:
+    """A URL, full options, or None: FEDPOD_BROKER / FEDPOD_CREDS as the CLI reads them."""
+    if isinstance(broker, BrokerOptions):
+        return broker
+    environment = BrokerOptions.from_environment()
+    return environment if broker is None else BrokerOptions(broker, creds=environment.creds)
+
+
+class SqlResults(dict[str, "pd.DataFrame"]):
+    """One DataFrame per dataset identifier; `missing` names the datasets asked for that did not
+    answer (only ever non-empty when the caller accepted a quorum) and why."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], missing: dict[str, str]) -> None:
+        super().__init__(frames)
+        self.missing = dict(missing)
 
 
 class Modeller:
     """Blocking facade over `AsyncModeller` for scripts and notebooks.
 
-        with Modeller("modeller", broker="nats://127.0.0.1:4222") as m:
+        with Modeller() as m:  # identity, keystore and broker found as the CLI finds them
             df = m.sql("SELECT sex, AVG(age) FROM `ehr` GROUP BY sex",
                        datasets=["alice/ehr", "bob/ehr"], aggregate=True)
+
+    Defaults, as on the command line: `identity` from FEDPOD_IDENTITY (else "modeller"),
+    `keystore` from FEDPOD_KEYSTORE (else $FEDPOD_HOME/keys), `broker` from FEDPOD_BROKER and
+    FEDPOD_CREDS (else nats://127.0.0.1:4222).
     """
 
-    def __init__(self, identity: Identity | str, *, broker: str | BrokerOptions = "nats://127.0.0.1:4222",
+    def __init__(self, identity: Identity | str | None = None, *, broker: str | BrokerOptions | None = None,
                  keystore: Path | None = None, timeout_s: float = 60.0, known_pods: Path | None = None,
                  require_pinned: bool = False) -> None:
         store = keystore or default_keystore()
-        self.identity = identity if isinstance(identity, Identity) else Identity.load(identity, store)
-        options = broker if isinstance(broker, BrokerOptions) else BrokerOptions(broker)
+        name = identity if identity is not None else os.environ.get("FEDPOD_IDENTITY") or "modeller"
+        self.identity = name if isinstance(name, Identity) else Identity.load(name, store)
+        options = broker_options(broker)
         pins = known_pods if known_pods is not None else store.parent / "known_pods.json"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedpod-modeller", daemon=True)
@@ -322,6 +374,10 @@ class Modeller:
         return AsyncModeller(self.identity, options, known_pods=pins, timeout_s=timeout_s,
                              witness=pins.parent / "witness", require_pinned=require_pinned)
 
+    @property
+    def broker(self) -> BrokerOptions:
+        return self._core.broker
+
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
@@ -337,13 +393,16 @@ class Modeller:
             return select_by_tags(adverts, tags)
         return [Target(pod, d) for _, (pod, advert) in sorted(adverts.items()) for d in advert.datasets]
 
-    def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None) -> list[Target]:
-        """The pods and datasets a task addresses: `owner/name` identifiers, or tags."""
-        return self._call(self._core.resolve(datasets, tags))
+    def resolve(self, datasets: list[str] | None = None, tags: list[str] | None = None, *,
+                min_datasets: int | None = None) -> Targets:
+        """The pods and datasets a task addresses: `owner/name` identifiers, or tags (see
+        `AsyncModeller.resolve` for what happens to those that do not answer)."""
+        return self._call(self._core.resolve(datasets, tags, min_datasets=min_datasets))
 
     def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
-            aggregate: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:
-        return self._call(self._core.sql(query, datasets=datasets, tags=tags, aggregate=aggregate))
+            aggregate: bool = False, min_datasets: int | None = None) -> pd.DataFrame | SqlResults:
+        return self._call(self._core.sql(query, datasets=datasets, tags=tags, aggregate=aggregate,
+                                         min_datasets=min_datasets))
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedpod.aggregation import Aggregator, FedAverage, Reply, aggregator_from_config
@@ -33,13 +34,14 @@ from fedpod.aggregation.screening import DEFAULT_NORM_LIMIT, screen_updates
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.local import seed_everything
 from fedpod.algorithms.training.plans import TrainingPlan
-from fedpod.errors import ConfigError, FedpodError
+from fedpod.errors import ConfigError, FedpodError, TaskFailed
 from fedpod.modeller.client import Modeller
-from fedpod.modeller.discovery import Target
+from fedpod.modeller.discovery import Target, Targets
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
 from fedpod.modeller.results import (
     TensorboardLog,
     aggregated_files,
+    latest_experiment,
     load_params,
     next_experiment_folder,
     plot_metrics,
@@ -80,8 +82,8 @@ class Experiment:
         datasets: list[str] | None = None,
         min_pods: int | None = None,
         update_norm_limit: float | None = DEFAULT_NORM_LIMIT,
-        broker: str | BrokerOptions = "nats://127.0.0.1:4222",
-        identity: str = "modeller",
+        broker: str | BrokerOptions | None = None,
+        identity: str | None = None,
         keystore: Path | None = None,
         timeout_s: float = 600.0,
         experiments_root: Path = Path("experiments"),
@@ -108,7 +110,7 @@ class Experiment:
         self._min_pods = min_pods
         self._update_norm_limit = update_norm_limit
         self._console = console or Console()
-        root = Path(experiments_root)
+        root = Path(experiments_root).resolve()
         self._folder = root / experimentation_folder if experimentation_folder else next_experiment_folder(root)
         # Unique, because pods key what they remember between rounds (Scaffold's control variate)
         # by it: two experiments in different folders are both "Experiment_0001". Kept in breakpoints.
@@ -116,7 +118,7 @@ class Experiment:
         self._owns_modeller = modeller is None
         self._modeller = modeller or Modeller(identity, broker=broker, keystore=keystore, timeout_s=timeout_s)
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}
-        self._resolved: list[Target] | None = None
+        self._resolved: Targets | None = None
         self._round_seconds: dict[int, float] = {}
         self._plan = self._build_plan()
         self._global = self._plan.get_params()
@@ -313,8 +315,10 @@ class Experiment:
         tensors = encode_parts({"params": self._global, **arrays})
         outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors))
         successes = [(t, o) for t, o in zip(selected, outcomes, strict=True) if isinstance(o, TrainResult)]
-        failures: dict[str, object] = {t.pod.name: o for t, o in zip(selected, outcomes, strict=True)
-                                       if not isinstance(o, TrainResult)}
+        failures: dict[str, object] = {identifier.partition("/")[0]: f"did not take part: {why}"
+                                       for identifier, why in targets.reasons().items()}
+        failures.update({t.pod.name: o for t, o in zip(selected, outcomes, strict=True)
+                         if not isinstance(o, TrainResult)})
         replies = []
         for target, result in successes:
             groups = decode_groups(result.tensors)
@@ -326,9 +330,13 @@ class Experiment:
         needed = self._min_pods if self._min_pods is not None else len(selected)
         if len(successes) < needed:
             details = "; ".join(f"{pod}: {error}" for pod, error in failures.items())
+            awaiting = [pod for pod, error in failures.items()
+                        if isinstance(error, TaskFailed) and error.kind == "PlanNotApproved"]
+            hint = (f"the plan awaits its custodians' approval on {', '.join(awaiting)} (each error above gives "
+                    "the command); the global model of the previous round is kept" if awaiting else
+                    "the global model of the previous round is kept; fix the pods or lower min_pods")
             raise RoundFailed(f"round {round_number}: {len(successes)} of {len(selected)} pods replied, "
-                              f"{needed} needed (min_pods) — {details}",
-                              hint="the global model of the previous round is kept; fix the pods or lower min_pods")
+                              f"{needed} needed (min_pods) — {details}", hint=hint)
         try:
             self._global = self._aggregator.aggregate(round_number, self._global, replies)
         except ValueError as exc:
@@ -361,7 +369,7 @@ class Experiment:
         return await asyncio.gather(*(core.exchange(t, build(t), TrainResult) for t in selected),
                                     return_exceptions=True)
 
-    def _targets(self) -> list[Target]:
+    def _targets(self) -> Targets:
         """The experiment's datasets, found once (as Fed-BioMed fixes its federated dataset) and
         again only after `set_tags`, `set_datasets` or `set_nodes`: discovery by tags must wait
         out its collection window, which would otherwise dominate every round."""
@@ -369,10 +377,11 @@ class Experiment:
             self._resolved = self._resolve_targets()
         return self._resolved
 
-    def _resolve_targets(self) -> list[Target]:
-        targets = self._modeller.resolve(self._datasets or None, self._tags or None)
-        if self._nodes is not None:
-            targets = [t for t in targets if t.pod.name in self._nodes]
+    def _resolve_targets(self) -> Targets:
+        """Every dataset asked for must take part (each missing one is named), unless `min_pods`
+        accepts fewer: then the missing ones are reported in every round's replies."""
+        found = self._modeller.resolve(self._datasets or None, self._tags or None, min_datasets=self._min_pods)
+        targets = Targets([t for t in found if self._nodes is None or t.pod.name in self._nodes], found.missing)
         pods = [t.pod.name for t in targets]
         duplicated = sorted({p for p in pods if pods.count(p) > 1})
         if duplicated:
@@ -387,7 +396,7 @@ class Experiment:
             self._board.write(round_number, self._replies[round_number])
         params_file = save_aggregated(self._folder, round_number, self._global)
         if self._save_breakpoints:
-            save_breakpoint(self._folder, self._round, self._state(), params_file, self._aggregator.state(),
+            save_breakpoint(self._folder, round_number, self._state(), params_file, self._aggregator.state(),
                             self._plan_spec.source)
         self._show(round_number)
 
@@ -396,13 +405,14 @@ class Experiment:
         pods = self._replies[round_number]
         validation = sorted({k for reply in pods.values() for k in reply
                              if k.startswith(("global_", "local_")) and not k.endswith("_samples")})
-        title = f"round {round_number + 1}/{self._round_limit or '?'} ({self._round_seconds[round_number]:.2f}s)"
-        table = Table(title=title, title_justify="left")
+        last = self._round_limit - 1 if self._round_limit else "?"
+        title = f"round {round_number} [0..{last}] ({self._round_seconds[round_number]:.2f}s)"
+        table = Table(title=escape(title), title_justify="left")
         for column in ["pod", "samples", "loss", *validation, "seconds"]:
             table.add_column(column, justify="left" if column == "pod" else "right")
         for pod, reply in sorted(pods.items()):
             if "error" in reply:
-                table.add_row(pod, f"[red]{reply['error']}[/red]")
+                table.add_row(pod, f"[red]{escape(str(reply['error']))}[/red]")
                 continue
             cells = [str(reply["num_samples"]), f"{reply.get('loss', float('nan')):.4f}",
                      *[f"{reply[k]:.4f}" if k in reply else "" for k in validation], f"{reply['seconds']:.2f}"]
@@ -412,6 +422,7 @@ class Experiment:
     # --- breakpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {"experiment_id": self._experiment_id, "folder": str(self._folder), "round": self._round,
+                "broker": self._modeller.broker.as_dict(),
                 "round_limit": self._round_limit, "tags": self._tags, "datasets": self._datasets,
                 "nodes": self._nodes, "plan": self._plan_spec.model_dump(exclude={"source"}),
                 "model_args": self._model_args, "training_args": self.training_args(),
@@ -420,10 +431,18 @@ class Experiment:
                 "replies": {str(k): v for k, v in self._replies.items()}}
 
     @classmethod
-    def load_breakpoint(cls, path: str | Path, **connection: Any) -> Experiment:
-        """Resume from a breakpoint folder (or an experiment folder: its latest breakpoint).
-        `connection` takes the constructor's keyword arguments (broker, identity, keystore, ...)."""
+    def load_breakpoint(cls, path: str | Path | None = None, **connection: Any) -> Experiment:
+        """Resume from a breakpoint folder, an experiment folder (its latest breakpoint), or —
+        with no path, as in Fed-BioMed — the latest breakpoint of the latest experiment under
+        `experiments_root` (default ./experiments). It reconnects to the broker it was made
+        with (URL, TLS and credentials files) unless `connection` says otherwise; `connection`
+        takes the constructor's keyword arguments (broker, identity, keystore, modeller, ...)."""
+        if path is None:
+            path = latest_experiment(Path(connection.pop("experiments_root", "experiments")))
+        connection.pop("experiments_root", None)
         state, params, aggregator_state, source = read_breakpoint(Path(path))
+        if "broker" in state and not {"broker", "modeller"} & set(connection):
+            connection["broker"] = BrokerOptions.from_dict(state["broker"])
         plan = PlanSpec.model_validate({**state["plan"], "source": source})
         plan_class: type[TrainingPlan] | str = load_plan_class(source, plan.name) if source else plan.name
         aggregator = aggregator_from_config(state["aggregator"])
@@ -435,8 +454,6 @@ class Experiment:
                          aggregator=aggregator, save_breakpoints=True, experimentation_folder=folder.name,
                          experiments_root=folder.parent, min_pods=state["min_pods"],
                          update_norm_limit=state.get("update_norm_limit", DEFAULT_NORM_LIMIT), **connection)
-        if source is not None:
-            experiment._plan_spec = plan
         experiment._experiment_id = state["experiment_id"]
         experiment._round = state["round"]
         experiment._global = params
@@ -445,9 +462,18 @@ class Experiment:
         return experiment
 
     def _build_plan(self) -> TrainingPlan:
+        """The plan at the modeller (it holds the global model). Its code is the user's: what it
+        raises is reported as one line naming the plan, the traceback kept for --debug."""
         seed_everything(self._training_args.random_seed)
-        plan = self._plan_class()
-        plan.post_init(self._model_args, self._training_args)
+        try:
+            plan = self._plan_class()
+            plan.post_init(self._model_args, self._training_args)
+        except FedpodError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"training plan {self._plan_spec.name} failed while being set up at the modeller: "
+                              f"{type(exc).__name__}: {exc}",
+                              hint="check the model_args and training_args the plan reads") from exc
         return plan
 
     def _check_aggregator_fits(self, args: TrainingArgs) -> None:

@@ -15,6 +15,7 @@ from fedpod.algorithms.training.plans import TrainingPlan
 from fedpod.errors import ConfigError
 from fedpod.wire.messages import PlanSpec
 
+SOURCE_ATTRIBUTE = "__fedpod_source__"
 HEADER = """import numpy as np
 import pandas as pd
 import torch
@@ -40,6 +41,9 @@ def plan_spec(plan_class: type[TrainingPlan] | str,
         name = next((name for name, cls in BUILTIN_PLANS.items() if cls is plan_class), None)
         if name is not None:
             return PlanSpec(kind="builtin", name=name), plan_class
+    kept = plan_class.__dict__.get(SOURCE_ATTRIBUTE)
+    if isinstance(kept, str):  # rebuilt from source (a breakpoint): no file to read it from, and no need
+        return PlanSpec(kind="custom", name=plan_class.__name__, source=kept), plan_class
     try:
         body = inspect.getsource(plan_class)
     except (OSError, TypeError) as exc:
@@ -59,4 +63,5 @@ def load_plan_class(source: str, name: str) -> type[TrainingPlan]:
     plan_class = getattr(module, name, None)
     if not (isinstance(plan_class, type) and issubclass(plan_class, TrainingPlan)):
         raise ConfigError(f"the training plan source defines no TrainingPlan named {name}")
+    setattr(plan_class, SOURCE_ATTRIBUTE, source)  # the exact text, so that its hash (its approval) holds
     return plan_class

@@ -33,6 +33,15 @@ def next_experiment_folder(root: Path) -> Path:
     return root / f"Experiment_{max(numbers, default=0) + 1:04d}"
 
 
+def latest_experiment(root: Path) -> Path:
+    """The highest-numbered `Experiment_NNNN` folder under `root`."""
+    folders = sorted((int(m.group(1)), p) for p in root.glob("Experiment_*") if (m := FOLDER_PATTERN.match(p.name)))
+    if not folders:
+        raise ConfigError(f"no experiment in {root.resolve()}",
+                          hint="pass the breakpoint's path, or experiments_root=FOLDER where the experiments are")
+    return folders[-1][1]
+
+
 def save_params(params: Params, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v for k, v in params.items()}, str(path))

@@ -64,8 +64,10 @@ def global_standardisation(modeller: Modeller, targets: list[Target], features: 
             "feature_stds": [float(row[f"s{i}"][0]) for i in range(len(features))]}
 
 
-def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console: Console) -> Experiment:
-    targets = modeller.resolve(task.targets.identifiers or None, task.targets.tags or None)
+def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console: Console,
+                      min_datasets: int | None = None) -> Experiment:
+    targets = modeller.resolve(task.targets.identifiers or None, task.targets.tags or None,
+                               min_datasets=min_datasets)
     check_schemas(targets, task.schema_requirements, task.model_args["target"])
     model_args = dict(task.model_args)
     if task.plan_path is None and task.plan in BUILTIN_PLANS and task.standardize:
@@ -74,6 +76,7 @@ def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console
                             training_plan_path=task.plan_path, model_args=model_args,
                             training_args=task.training_args, round_limit=task.rounds,
                             aggregator=aggregator_from_config(task.aggregator), modeller=modeller,
+                            min_pods=min_datasets,
                             experiments_root=out, console=console)
     experiment.run()
     return experiment

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedpod.data.datasets import DatasetSpec
-from fedpod.errors import ConfigError
+from fedpod.errors import ConfigError, invalid_fields, yaml_syntax
 from fedpod.governance.access import AccessSettings
 from fedpod.names import NAME_PATTERN
 from fedpod.transport.bus import BrokerOptions
@@ -57,9 +57,13 @@ class PodConfig(BaseModel):
         if not path.exists():
             raise ConfigError(f"no pod config at {path}", hint="create one with `fedpod pod init`")
         try:
-            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
-        except (yaml.YAMLError, ValidationError) as exc:
-            raise ConfigError(f"invalid pod config: {exc}", where=str(path)) from exc
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise yaml_syntax(exc, str(path)) from exc
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise invalid_fields(exc, "pod config", str(path)) from exc
 
     def save(self, path: Path) -> None:
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -85,7 +85,8 @@ MIN_BEAT_GAP_S = 0.25
 class Pod:
     def __init__(self, config: PodConfig, config_path: Path) -> None:
         self.config = config
-        self.base = config_path.parent.resolve()
+        self.config_path = config_path.resolve()
+        self.base = self.config_path.parent
         self.identity = Identity.load(self._resolve(config.identity))
         storage = self._resolve(config.storage)
         storage.mkdir(parents=True, exist_ok=True)
@@ -322,7 +323,8 @@ class Pod:
                 assert self.engine is not None
                 self._trainer = TrainingRunner(self.engine, {d.name: d for d in self.config.datasets}, self.base,
                                                self.plans, self.config.device, self.config.name,
-                                               self._resolve(self.config.storage) / "training-state")
+                                               self._resolve(self.config.storage) / "training-state",
+                                               self.config_path)
             return self._trainer
 
     async def _reply(self, opened: Opened, message: TaskResult | TrainResult | TaskFailure,

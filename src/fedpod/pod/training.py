@@ -52,7 +52,8 @@ class TrainingRunner:
     pod that restarts mid-experiment goes on where it was instead of from zero."""
 
     def __init__(self, engine: SqlEngine, datasets: dict[str, DatasetSpec], base: Path, plans: PlanRegistry,
-                 device: str, pod_name: str, state_dir: Path) -> None:
+                 device: str, pod_name: str, state_dir: Path, config_path: Path) -> None:
+        self.config_path = config_path
         self.engine = engine
         self.datasets = datasets
         self.base = base
@@ -90,7 +91,8 @@ class TrainingRunner:
         if status != "approved":
             state = "rejected" if status == "rejected" else "awaiting approval"
             raise PlanNotApproved(f"training plan {spec.name} is {state} on pod {self.pod_name} (hash {sha})",
-                                  hint=f"the custodian runs `fedpod plan approve {sha[:12]}`")
+                                  hint=f"the custodian of pod {self.pod_name} runs `fedpod plan approve {sha[:12]} "
+                                       f"--config {self.config_path}` (after `fedpod plan show {sha[:12]}`)")
         namespace: dict[str, Any] = {"__name__": f"fedpod_plan_{sha[:12]}"}
         exec(compile(spec.source, f"<training plan {sha[:12]}>", "exec"), namespace)  # approved source only
         plan_class = namespace.get(spec.name)

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +32,32 @@ _RAW_PRIV = serialization.PrivateFormat.Raw
 _NO_ENC = serialization.NoEncryption()
 
 
+def fedpod_home() -> Path:
+    """`$FEDPOD_HOME`, falling back to `~/.fedpod`."""
+    return Path(os.environ.get("FEDPOD_HOME") or Path.home() / ".fedpod")
+
+
 def default_keystore() -> Path:
-    """`$FEDPOD_HOME/keys`, falling back to `~/.fedpod/keys`."""
-    return Path(os.environ.get("FEDPOD_HOME", Path.home() / ".fedpod")) / "keys"
+    """`$FEDPOD_KEYSTORE`, else `$FEDPOD_HOME/keys`."""
+    return Path(os.environ["FEDPOD_KEYSTORE"]) if os.environ.get("FEDPOD_KEYSTORE") else fedpod_home() / "keys"
 
 
 def fingerprint_of(sign_public: bytes, box_public: bytes) -> str:
     digest = hashlib.sha256(b"fedpod-fp-v1" + sign_public + box_public).digest()
     text = base64.b32encode(digest[:10]).decode()
     return "-".join(text[i : i + 4] for i in range(0, 16, 4))
+
+
+FINGERPRINT_PATTERN = re.compile(r"^[A-Z2-7]{4}(-[A-Z2-7]{4}){3}$")
+
+
+def check_fingerprint(value: str) -> str:
+    """A fingerprint as `fingerprint_of` writes it (four groups of four base32 characters), or
+    ConfigError: a mistyped one would otherwise be accepted and never match anyone."""
+    if not FINGERPRINT_PATTERN.match(value):
+        raise ConfigError(f"{value!r} is not a fingerprint", hint="it looks like ABCD-EFGH-IJKL-MNOP "
+                          "(`fedpod identity show NAME` prints it); compare it out of band")
+    return value
 
 
 def nats_user_key(sign_public: bytes) -> str:

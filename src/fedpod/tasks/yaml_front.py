@@ -13,8 +13,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fedpod.errors import ConfigError
+from fedpod.aggregation.base import aggregator_from_config
+from fedpod.errors import ConfigError, invalid_fields, yaml_syntax
 from fedpod.tasks.model import SqlTask, Targets, TrainingTask
+from fedpod.tasks.strict import check_keys
 
 PROTOCOLS = {"ResultsOnly", "FederatedAveraging"}
 ALGORITHMS = {"SqlQuery", "FederatedModelTraining"}
@@ -48,12 +50,15 @@ class TaskFile(BaseModel):
 def load_task(path: Path) -> SqlTask | TrainingTask:
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read task file: {exc}", where=str(path)) from exc
+    except yaml.YAMLError as exc:
+        raise yaml_syntax(exc, str(path)) from exc
+    check_keys(raw, str(path))
     try:
         spec = TaskFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"invalid task file: {exc}", where=str(path)) from exc
+        raise invalid_fields(exc, "task file", str(path)) from exc
     try:
         return compile_task(spec, where=str(path), base=path.parent)
     except (TypeError, AttributeError, KeyError, ValueError) as exc:
@@ -72,6 +77,11 @@ def compile_task(spec: TaskFile, *, where: str, base: Path = Path()) -> SqlTask 
                           where=where, hint=f"supported: {', '.join(sorted(PROTOCOLS))}")
     if protocol == "FederatedAveraging":
         return compile_training(spec, where=where, base=base)
+    training_only = sorted({"steps_between_parameter_updates", "epochs_between_parameter_updates"}
+                           & set(spec.task.protocol.arguments))
+    if training_only:
+        raise ConfigError(f"{', '.join(training_only)} belong(s) to FederatedAveraging, not {protocol}", where=where,
+                          hint="remove it, or use protocol bitfount.FederatedAveraging to train")
     save = spec.task.protocol.arguments.get("save_location", ["Modeller"])
     if [s for s in save if s != "Modeller"]:
         raise ConfigError(f"save_location {save} is not supported: results are saved at the modeller only",
@@ -134,14 +144,14 @@ def compile_training(spec: TaskFile, *, where: str, base: Path) -> TrainingTask:
     training_args["optimizer_args"] = {"lr": float(hyper.get("learning_rate", 1e-3))}
     if "random_seed" in hyper:
         training_args["random_seed"] = int(hyper["random_seed"])
-    unknown = set(hyper) - {"steps", "epochs", "batch_size", "learning_rate", "random_seed"}
-    if unknown:
-        raise ConfigError(f"unknown hyperparameters {sorted(unknown)}", where=where,
-                          hint="supported: steps, epochs, batch_size, learning_rate, random_seed")
     aggregator = dict(spec.task.aggregator or {})
     if aggregator.pop("secure", False):
         raise ConfigError("secure aggregation (aggregator.secure: true) is not available yet", where=where,
                           hint="set aggregator.secure to false; it is never silently ignored")
+    try:
+        aggregator_from_config({"name": "fedavg", **aggregator})  # its arguments are checked now, not at round 1
+    except ConfigError as exc:
+        raise ConfigError(exc.message, where=f"{where}: task.aggregator", hint=exc.hint) from exc
     structure = spec.task.data_structure or {}
     target = (structure.get("assign") or {}).get("target")
     if not target:

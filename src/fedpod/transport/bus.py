@@ -72,16 +72,45 @@ DEFAULT_MAX_TRANSFER_BYTES = 4 * 1024**3
 STALE_TRANSFER_S = 120.0
 
 
+DEFAULT_BROKER_URL = "nats://127.0.0.1:4222"
+CONNECT_HINT = ("start one with `fedpod broker start`, then pass its URL: --broker URL on the command line, "
+                "broker=URL in Python, or FEDPOD_BROKER=URL for both")
+
+
 @dataclass(frozen=True)
 class BrokerOptions:
     """Where the broker is and how to authenticate: a URL plus optional TLS and credentials."""
 
-    url: str = "nats://127.0.0.1:4222"
+    url: str = DEFAULT_BROKER_URL
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     creds: Path | None = None
     connect_timeout_s: float = 5.0
+
+    @classmethod
+    def from_environment(cls) -> BrokerOptions:
+        """What the CLI uses when no --broker/--creds is given: FEDPOD_BROKER (else the default
+        URL) and FEDPOD_CREDS. The Python API starts from the same."""
+        creds = os.environ.get("FEDPOD_CREDS")
+        return cls(os.environ.get("FEDPOD_BROKER") or DEFAULT_BROKER_URL, creds=Path(creds) if creds else None)
+
+    def as_dict(self) -> dict[str, str | None]:
+        """URL and absolute file paths, for a breakpoint to reconnect the same way."""
+        def absolute(path: Path | None) -> str | None:
+            return str(path.resolve()) if path else None
+
+        return {"url": self.url, "tls_ca": absolute(self.tls_ca), "tls_cert": absolute(self.tls_cert),
+                "tls_key": absolute(self.tls_key), "creds": absolute(self.creds)}
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, str | None]) -> BrokerOptions:
+        def path(key: str) -> Path | None:
+            value = fields.get(key)
+            return Path(value) if value else None
+
+        return cls(str(fields.get("url") or DEFAULT_BROKER_URL), path("tls_ca"), path("tls_cert"), path("tls_key"),
+                   path("creds"))
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert or self.url.startswith("tls://")):
@@ -221,11 +250,9 @@ class Bus:
                 raise BrokerUnavailable(f"the broker at {options.url} refused {who}: {refusal}",
                                         hint="ask the broker's operator to let this party in "
                                              "(`fedpod broker allow --role pod|modeller NAME.pub`)") from exc
-            raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}",
-                                    hint="start one with `fedpod broker start` or pass --broker") from exc
+            raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}", hint=CONNECT_HINT) from exc
         except (OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}",
-                                    hint="start one with `fedpod broker start` or pass --broker") from exc
+            raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}", hint=CONNECT_HINT) from exc
         created.append(cls(client))
         return created[0]
 

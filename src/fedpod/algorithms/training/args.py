@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedpod.algorithms.training.metrics import METRICS
-from fedpod.errors import ConfigError
+from fedpod.errors import ConfigError, invalid_fields
 
 
 class LoaderArgs(BaseModel):
@@ -66,7 +66,7 @@ class TrainingArgs(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(f"invalid training_args: {exc}") from exc
+            raise invalid_fields(exc, "training_args", "training_args") from exc
 
     @property
     def uses_updates(self) -> bool:

@@ -13,12 +13,13 @@ import sys
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from fedpod.aggregation.base import Params
-from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.args import LoaderArgs, TrainingArgs
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
-from fedpod.errors import ConfigError
+from fedpod.errors import ConfigError, invalid_fields
 
 
 def seed_everything(seed: int | None) -> None:
@@ -33,12 +34,13 @@ def seed_everything(seed: int | None) -> None:
 
 
 def split(count: int, test_ratio: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed train/test split per pod (the same every round for a given seed)."""
+    """A fixed train/test split per pod (the same every round for a given seed). Each part keeps
+    the dataset's row order: shuffling is the loader's to do, and `shuffle=False` means it."""
     order = np.random.default_rng(0 if seed is None else seed).permutation(count)
     n_test = round(count * test_ratio)
     if test_ratio > 0 and (n_test == 0 or n_test == count):
         raise ConfigError(f"test_ratio {test_ratio} leaves no training or no test rows out of {count}")
-    return order[n_test:], order[:n_test]
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 def _validate(plan: TrainingPlan, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
@@ -52,6 +54,18 @@ def _validate(plan: TrainingPlan, features: np.ndarray, target: np.ndarray, args
     return metrics
 
 
+def with_plan_loader_args(args: TrainingArgs, plan_kwargs: dict[str, Any]) -> TrainingArgs:
+    """The plan's `DataManager(..., shuffle=False)` arguments, under the modeller's `loader_args`
+    (which win where both set one, as in Fed-BioMed); an argument fedpod does not use is an error."""
+    if not plan_kwargs:
+        return args
+    try:
+        loader = LoaderArgs.model_validate({**plan_kwargs, **args.loader_args.model_dump(exclude_unset=True)})
+    except ValidationError as exc:
+        raise invalid_fields(exc, "DataManager loader arguments", "the plan's training_data()") from exc
+    return args.model_copy(update={"loader_args": loader})
+
+
 def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
                     *, device: str = "cpu", state: dict[str, Params] | None = None) -> LocalResult:
     if args.dp_args is not None:
@@ -59,9 +73,11 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
                           hint="remove dp_args for now")
     seed_everything(args.random_seed)
     plan.set_params(global_params)
-    features, target = plan.training_data().arrays()
+    data = plan.training_data()
+    features, target = data.arrays()
     if target is None:
         raise ConfigError("training_data() returned no target")
+    args = with_plan_loader_args(args, data.loader_kwargs)
     train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed)
     metrics: dict[str, float] = {}
     if len(test_rows) and args.test_on_global_updates:

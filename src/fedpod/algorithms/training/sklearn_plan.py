@@ -42,9 +42,13 @@ class SKLearnTrainingPlan(TrainingPlan):
         if n_features <= 0:
             raise ConfigError("scikit-learn plans need model_args['n_features'] (or the list of `features`)")
         self._model = self.init_model(self.model_args)
+        # Everything a fitted estimator has, as Fed-BioMed sets it: the modeller's copy never sees
+        # data, yet `training_plan().model().predict(X)` must work on the global parameters.
+        self._model.n_features_in_ = n_features
         if self.is_classifier:
             n_classes = int(model_args.get("n_classes", 2))
             self.classes = np.arange(n_classes)
+            self._model.classes_ = self.classes
             rows = 1 if n_classes == 2 else n_classes
             self._model.coef_ = np.zeros((rows, n_features))
             self._model.intercept_ = np.zeros(rows)
