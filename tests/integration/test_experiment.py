@@ -235,10 +235,9 @@ RESUME_SCRIPT = textwrap.dedent('''
     from fedpod.modeller.experiment import Experiment
 
     settings = json.loads(sys.argv[1])
-    exp = Experiment(tags=["ehr"], training_plan_class="logistic_regression", model_args=settings["model_args"],
+    exp = Experiment(tags=["ehr"], training_plan_class="TinyPlan", training_plan_path=settings["plan"], model_args={},
                      training_args=settings["training_args"], round_limit=4, save_breakpoints=True,
-                     experiments_root=Path(settings["root"]), broker=settings["broker"],
-                     keystore=Path(settings["keystore"]), aggregator=FedAdam(lr=0.05))
+                     broker=settings["broker"], keystore=Path(settings["keystore"]), aggregator=FedAdam(lr=0.05))
     exp.run(rounds=2)
     print("two rounds done", flush=True)
     time.sleep(600)
@@ -246,30 +245,50 @@ RESUME_SCRIPT = textwrap.dedent('''
 
 
 def test_breakpoint_resume_after_killing_the_modeller_matches_an_uninterrupted_run(
-        pods: list[RunningPod], modeller: Modeller, tmp_path: Path, broker: EmbeddedBroker, keystore: Path) -> None:
+        pods: list[RunningPod], modeller: Modeller, tmp_path: Path, broker: EmbeddedBroker, keystore: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom plan class, the modeller killed after two rounds (in its own working directory,
+    experiments under ./experiments), resumed with `Experiment.load_breakpoint()` and no argument,
+    reconnecting to the broker the breakpoint names; the same final weights as an uninterrupted
+    run. Issue 7, items 2 and 11b/c: such a breakpoint could not be loaded (the class had no file
+    to read its source from), and one read from another directory pointed at the wrong folder."""
     from fedpod.aggregation import FedAdam
+    from fedpod.governance.plans import PlanRegistry
 
-    model_args = standardisation(modeller)
-    uninterrupted = experiment(modeller, tmp_path / "a", model_args=model_args, round_limit=4,
-                               aggregator=FedAdam(lr=0.05))
+    plan_file = tmp_path / "tiny_plan.py"
+    plan_file.write_text(PLAN_SOURCE)
+    for pod in pods:
+        registry = PlanRegistry(pod.config_path.parent / "storage" / "plans")
+        registry.decide(registry.submit(PLAN_SOURCE, "TinyPlan", "test")[0], "approved")
+    uninterrupted = experiment(modeller, tmp_path / "a", training_plan_class="TinyPlan", training_plan_path=plan_file,
+                               model_args={}, round_limit=4, aggregator=FedAdam(lr=0.05))
     uninterrupted.run()
-    settings = {"model_args": model_args, "training_args": TRAINING_ARGS, "root": str(tmp_path / "b"),
-                "broker": broker.url, "keystore": str(keystore)}
+    settings = {"plan": str(plan_file), "training_args": TRAINING_ARGS, "broker": broker.url,
+                "keystore": str(keystore)}
     import json
 
+    workdir = tmp_path / "modeller-workdir"
+    workdir.mkdir()
     log = tmp_path / "modeller.log"
     process = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(settings)], stdout=log.open("wb"),
-                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                               stderr=subprocess.STDOUT, cwd=workdir,
+                               env={**os.environ, "PYTHONPATH": os.getcwd(), "FEDPOD_BROKER": "nats://127.0.0.1:9"})
     try:
         wait_until(lambda: "two rounds done" in log.read_text() or process.poll() is not None, 120, "two rounds")
         assert process.poll() is None, log.read_text()
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    folder = tmp_path / "b" / "Experiment_0001"
-    resumed = Experiment.load_breakpoint(folder, modeller=modeller)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the breakpoint's folder is absolute
+    elsewhere = Experiment.load_breakpoint(workdir / "experiments", keystore=keystore)
+    assert sorted(elsewhere.aggregated_params()) == [0, 1]
+    elsewhere.close()
+    monkeypatch.chdir(workdir)
+    resumed = Experiment.load_breakpoint(keystore=keystore)  # the latest breakpoint of the latest experiment
     assert resumed.round_current() == 2 and sorted(resumed.training_replies()) == [0, 1]
+    assert resumed.training_plan().__class__.__name__ == "TinyPlan"
     resumed.run()
+    resumed.close()
     assert resumed.round_current() == 4
     final, expected = resumed.aggregated_params()[3]["params"], uninterrupted.aggregated_params()[3]["params"]
     for key in expected:

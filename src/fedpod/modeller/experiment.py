@@ -432,14 +432,16 @@ class Experiment:
 
     @classmethod
     def load_breakpoint(cls, path: str | Path | None = None, **connection: Any) -> Experiment:
-        """Resume from a breakpoint folder, an experiment folder (its latest breakpoint), or —
-        with no path, as in Fed-BioMed — the latest breakpoint of the latest experiment under
-        `experiments_root` (default ./experiments). It reconnects to the broker it was made
-        with (URL, TLS and credentials files) unless `connection` says otherwise; `connection`
-        takes the constructor's keyword arguments (broker, identity, keystore, modeller, ...)."""
-        if path is None:
-            path = latest_experiment(Path(connection.pop("experiments_root", "experiments")))
+        """Resume from a breakpoint folder, an experiment folder (its latest breakpoint), a folder
+        of experiments (its latest), or — with no path, as in Fed-BioMed — the latest breakpoint
+        of the latest experiment under `experiments_root` (default ./experiments). It reconnects
+        to the broker it was made with (URL, TLS and credentials files) unless `connection` says
+        otherwise; `connection` takes the constructor's keyword arguments (broker, identity,
+        keystore, modeller, ...)."""
+        folder = Path(path) if path is not None else Path(connection.pop("experiments_root", "experiments"))
         connection.pop("experiments_root", None)
+        if path is None or not ((folder / "state.json").exists() or (folder / "breakpoints").exists()):
+            path = latest_experiment(folder)  # a folder of experiments: its latest one
         state, params, aggregator_state, source = read_breakpoint(Path(path))
         if "broker" in state and not {"broker", "modeller"} & set(connection):
             connection["broker"] = BrokerOptions.from_dict(state["broker"])
