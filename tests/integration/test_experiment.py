@@ -328,3 +328,23 @@ def test_unknown_training_args_fail_before_any_pod_is_asked(modeller: Modeller, 
 
         Experiment(tags=["ehr"], training_plan_class="mlp", model_args={"n_features": 3, "target": "y"},
                    training_args={"epochs": 1}, aggregator=Scaffold(), modeller=modeller)
+
+
+def test_a_ten_class_built_in_model_trains_over_pods(pod_factory: PodFactory, modeller: Modeller,
+                                                     modeller_identity: Identity, tmp_path: Path) -> None:
+    """Issue 7, item 11e: a 10-class target over three pods, softmax logistic regression, macro F1."""
+    from tests.unit.test_training_local import ten_classes
+
+    for index, name in enumerate(PODS):
+        csv = tmp_path / f"{name}.csv"
+        ten_classes(1500, seed=index).to_csv(csv, index=False)
+        pod_factory(name, [DatasetSpec(name="digits", kind="csv", path=str(csv), tags=["digits"])], [modeller_identity])
+    exp = Experiment(tags=["digits"], training_plan_class="logistic_regression",
+                     model_args={"target": "digit", "features": ["a", "b", "c", "d"], "n_classes": 10},
+                     training_args={"num_updates": 100, "optimizer_args": {"lr": 0.05}, "random_seed": 1,
+                                    "test_ratio": 0.2, "test_metric": "f1", "test_on_global_updates": True},
+                     round_limit=4, modeller=modeller, experiments_root=tmp_path / "experiments")
+    exp.run()
+    last = exp.training_replies()[3]
+    assert all(last[pod]["global_f1"] > 0.6 for pod in PODS), last
+    assert exp.training_plan().predict_scores(np.zeros((2, 4), dtype=np.float32)).shape == (2, 10)

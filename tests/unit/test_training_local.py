@@ -233,3 +233,33 @@ def test_a_scikit_learn_plan_predicts_at_the_modeller_before_and_after_training(
     predicted = trained.model().predict(rows)
     if name != "sgd_regressor":
         assert set(np.unique(predicted)) <= {0, 1}
+
+
+def ten_classes(rows: int, seed: int) -> pd.DataFrame:
+    """Ten classes, each a region of a 4-feature space a linear softmax model can separate; the
+    regions are the same for every seed (one population, sampled by several pods)."""
+    centres = np.random.default_rng(100).normal(0, 3, size=(10, 4))
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 10, rows)
+    frame = pd.DataFrame(centres[label] + rng.normal(0, 0.7, size=(rows, 4)), columns=["a", "b", "c", "d"])
+    frame["digit"] = label
+    return frame
+
+
+@pytest.mark.parametrize("name", ["logistic_regression", "mlp", "sgd_classifier"])
+def test_a_ten_class_target_is_learnt_with_n_classes_and_refused_without(name: str) -> None:
+    """Issue 7, item 11e: the built-ins trained a 10-class target as one sigmoid output."""
+    frame = ten_classes(3000, seed=1)
+    args = TrainingArgs.parse({"num_updates": 300, "random_seed": 3, "test_ratio": 0.2, "test_metric": "f1",
+                               "test_on_local_updates": True, "optimizer_args": {"lr": 0.05}})
+    two = plan_for(name, frame, {"target": "digit", "features": ["a", "b", "c", "d"]}, args)
+    with pytest.raises(ConfigError, match=r"holds 10 distinct values \(0, 1, .*set up for 2 classes.*n_classes"):
+        run_local_round(two, two.get_params(), args, {})
+    ten = plan_for(name, frame, {"target": "digit", "features": ["a", "b", "c", "d"], "n_classes": 10}, args)
+    result = run_local_round(ten, ten.get_params(), args, {})
+    assert result.metrics["local_f1"] > 0.6, result.metrics  # macro F1 over ten classes; chance is ~0.1
+    assert ten.predict_scores(frame[["a", "b", "c", "d"]].to_numpy(np.float32, copy=True)).shape == (3000, 10)
+    continuous = frame.assign(digit=frame["a"])
+    with pytest.raises(ConfigError, match="distinct values"):
+        plan_for(name, continuous, {"target": "digit", "features": ["a", "b"], "n_classes": 10},
+                 args).training_data()

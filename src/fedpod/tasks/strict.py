@@ -19,7 +19,8 @@ FREE = None
 ALGORITHM: Schema = {
     "name": FREE,
     "arguments": {"query": FREE},
-    "model": {"name": FREE, "bitfount_model": {"model_ref": FREE, "model_version": FREE, "username": FREE}},
+    "model": {"name": FREE, "n_classes": FREE, "hidden": FREE,
+              "bitfount_model": {"model_ref": FREE, "model_version": FREE, "username": FREE}},
     "hyperparameters": {"steps": FREE, "epochs": FREE, "batch_size": FREE, "learning_rate": FREE,
                         "random_seed": FREE},
 }

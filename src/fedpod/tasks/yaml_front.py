@@ -162,6 +162,10 @@ def compile_training(spec: TaskFile, *, where: str, base: Path) -> TrainingTask:
         model_args["features"] = list(select["include"])
     if select.get("exclude"):
         model_args["exclude"] = list(select["exclude"])
+    model = (algorithm.model_extra or {}).get("model") or {}
+    for key in ("n_classes", "hidden"):  # the built-ins' shape: classes to predict, MLP layer sizes
+        if key in model:
+            model_args[key] = model[key]
     plan, plan_path = _model_reference(algorithm, where, base)
     return TrainingTask(targets=spec.pods, plan=plan, plan_path=plan_path, model_args=model_args,
                         training_args=training_args, rounds=total // between,

@@ -3,7 +3,8 @@
 They read the pod's dataset as a DataFrame. `model_args`: `target` (column), `features`
 (columns; default: every numeric column but the target and `exclude`), optional
 `feature_means` / `feature_stds` to standardise with global statistics (which federated SQL
-computes exactly), `n_classes` for classifiers, `hidden` for the MLP.
+computes exactly), `n_classes` for classifiers (default 2; more gives a softmax model), `hidden`
+for the MLP.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def tabular_features(frame: pd.DataFrame, model_args: dict[str, Any]) -> list[st
 
 
 class TabularData:
-    """`training_data()` for the built-ins: the configured features and target of the pod's dataset."""
+    """`training_data()` for the built-ins: the configured features and target of the pod's
+    dataset. A classifier's target must be class indices 0..n_classes-1 — anything else (a 10-class
+    target given to a 2-class model, a continuous one) is refused before training, never learnt
+    silently as something else."""
 
     model_args: dict[str, Any]
 
@@ -41,7 +45,29 @@ class TabularData:
         if handle is None:
             raise ConfigError("no dataset was given to the plan")
         features, target = tabular_arrays(handle.to_pandas(), self.model_args, handle.name)
+        if getattr(self, "classifies", False):  # set by the classifier bases
+            check_classes(target, n_classes(self.model_args), str(self.model_args["target"]), handle.name)
         return DataManager(features, target)
+
+
+def n_classes(model_args: dict[str, Any]) -> int:
+    count = int(model_args.get("n_classes", 2))
+    if count < 2:
+        raise ConfigError(f"n_classes must be at least 2, not {count}")
+    return count
+
+
+def check_classes(target: np.ndarray, count: int, column: str, source: str) -> None:
+    if not np.issubdtype(target.dtype, np.number):
+        raise ConfigError(f"target column {column!r} of dataset {source} is not numeric",
+                          hint=f"encode its classes as 0..{count - 1}, or use sgd_regressor for a numeric target")
+    values = np.unique(target[~np.isnan(target)] if np.issubdtype(target.dtype, np.floating) else target)
+    if len(values) and (np.any(values != np.round(values)) or values.min() < 0 or values.max() >= count):
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        raise ConfigError(f"target column {column!r} of dataset {source} holds {len(values)} distinct values "
+                          f"({shown}); this model was set up for {count} classes (0..{count - 1})",
+                          hint="give model_args n_classes=K for K classes labelled 0..K-1, or use sgd_regressor "
+                               "for a continuous target")
 
 
 def tabular_arrays(frame: pd.DataFrame, model_args: dict[str, Any], source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,34 +93,47 @@ def _n_features(model_args: dict[str, Any]) -> int:
     raise ConfigError("give model_args['n_features'] or model_args['features']")
 
 
-class BinaryLogits(TorchTrainingPlan):
-    """A model with one logit output: binary cross-entropy to train, probabilities to validate."""
+class ClassLogits(TorchTrainingPlan):
+    """Logits for `n_classes` classes: with two, one logit, binary cross-entropy and the
+    probability of class 1; with more, one logit per class, cross-entropy and softmax
+    probabilities (which the metrics read as multi-class: argmax, macro averages, one-vs-rest AUC)."""
+
+    classifies = True
+
+    def outputs(self, model_args: dict[str, Any]) -> int:
+        count = n_classes(model_args)
+        return 1 if count == 2 else count
 
     def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = self.model()(data).squeeze(-1)
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+        logits = self.model()(data)
+        if logits.shape[-1] == 1:
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), target.float())
+        return torch.nn.functional.cross_entropy(logits, target.long())
 
     def predict(self, data: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model()(data).squeeze(-1))
+        logits = self.model()(data)
+        if logits.shape[-1] == 1:
+            return torch.sigmoid(logits.squeeze(-1))
+        return torch.softmax(logits, dim=-1)
 
 
-class LogisticRegression(TabularData, BinaryLogits):
+class LogisticRegression(TabularData, ClassLogits):
     def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
-        return torch.nn.Linear(_n_features(model_args), 1)
+        return torch.nn.Linear(_n_features(model_args), self.outputs(model_args))
 
 
-class MLP(TabularData, BinaryLogits):
+class MLP(TabularData, ClassLogits):
     def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
         sizes = [_n_features(model_args), *model_args.get("hidden", [32])]
         layers: list[torch.nn.Module] = []
         for a, b in itertools.pairwise(sizes):
             layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-        layers.append(torch.nn.Linear(sizes[-1], 1))
+        layers.append(torch.nn.Linear(sizes[-1], self.outputs(model_args)))
         return torch.nn.Sequential(*layers)
 
 
 class TabularSGDClassifier(TabularData, SGDClassifierPlan):
-    pass
+    classifies = True
 
 
 class TabularSGDRegressor(TabularData, SGDRegressorPlan):
@@ -102,7 +141,7 @@ class TabularSGDRegressor(TabularData, SGDRegressorPlan):
 
 
 class TabularPerceptron(TabularData, PerceptronPlan):
-    pass
+    classifies = True
 
 
 BUILTIN_PLANS: dict[str, type[TrainingPlan]] = {

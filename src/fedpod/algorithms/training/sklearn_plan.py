@@ -76,7 +76,8 @@ class SKLearnTrainingPlan(TrainingPlan):
         scores = features @ np.atleast_2d(model.coef_).T + model.intercept_
         if scores.shape[1] == 1:
             return np.asarray(1 / (1 + np.exp(-scores[:, 0])))
-        return np.asarray(scores)
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))  # softmax: one-vs-rest AUC needs probabilities
+        return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
 
     def train_round(self, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
                     round_config: dict[str, Any], device: str, state: dict[str, Params]) -> LocalResult:
