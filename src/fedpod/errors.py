@@ -19,6 +19,7 @@
     │   └── ResultTooLarge                  the answer exceeds the pod's max_result_rows/max_result_bytes
     ├── MissingDatasets                     several datasets a task asked for will not take part (each named)
     ├── TrustError (PermissionError)        a pod's fingerprint differs from the pinned one
+    ├── PlanNotApproved (PermissionError)   a custom training plan awaits (or was refused) its custodian's approval
     └── TaskFailed                          a pod reported a failure while running a task
 
 Errors raised by third-party libraries are mapped at the edge (`raise X(...) from exc`), so
@@ -160,6 +161,10 @@ class ResultTooLarge(SqlError):
 
 
 class TrustError(FedpodError, PermissionError):
+    pass
+
+
+class PlanNotApproved(FedpodError, PermissionError):
     pass
 
 

@@ -261,11 +261,18 @@ def pod_allow(
 
 
 @pod_app.command("start")
-def pod_start(config: ConfigPath = Path("pod.yaml")) -> None:
-    """Run the pod until Ctrl-C / SIGTERM. It connects out to the broker; it opens no port."""
+def pod_start(
+    config: ConfigPath = Path("pod.yaml"),
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+) -> None:
+    """Run the pod until Ctrl-C / SIGTERM. It connects out to the broker; it opens no port. One
+    line per task (who, dataset, kind, decision; then duration and what left the pod) on the
+    console and in <storage>/pod.log (rotated)."""
+    from fedpod.pod import logs
     from fedpod.pod.service import Pod
 
     settings = PodConfig.load(config)
+    logs.configure(_pod_storage(config), log_level)
     pod = Pod(settings, config)
 
     async def main() -> None:

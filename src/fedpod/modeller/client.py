@@ -18,7 +18,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpod.channel import SecureChannel
-from fedpod.errors import EnvelopeRejected, FedpodError, PodLost, TaskFailed, TaskTimeout, TrustError
+from fedpod.errors import (
+    AccessDenied,
+    EnvelopeRejected,
+    FedpodError,
+    PodLost,
+    TaskFailed,
+    TaskTimeout,
+    TrustError,
+)
 from fedpod.modeller.discovery import Target, Targets, require, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
 from fedpod.modeller.witness import AuditWitness
@@ -236,6 +244,8 @@ class AsyncModeller:
             self._pending.pop(task_id, None)
         if opened.header.type == TaskFailure.TYPE:
             failure = unpack(opened.payload, TaskFailure)
+            if failure.kind == "AccessDenied":  # a refusal is a refusal, whether at discovery or at the task
+                raise AccessDenied(failure.message, where=f"pod {target.pod.name}", hint=failure.hint)
             raise TaskFailed(failure.message, pod=target.pod.name, kind=failure.kind, hint=failure.hint)
         if opened.header.type != reply_type.TYPE:
             raise TaskFailed(f"unexpected reply type {opened.header.type!r}", pod=target.pod.name, kind="ProtocolError")

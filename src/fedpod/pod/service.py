@@ -25,7 +25,7 @@ from fedpod import __version__
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import round_count
-from fedpod.errors import EnvelopeRejected, FedpodError, ResultTooLarge
+from fedpod.errors import EnvelopeRejected, FedpodError, PlanNotApproved, ResultTooLarge
 from fedpod.governance.access import AccessRequest, decide
 from fedpod.governance.audit import AuditLog, AuditWriter
 from fedpod.governance.plans import PlanRegistry
@@ -66,6 +66,13 @@ def describe_request(request: TaskRequest | TrainRequest, *, denied: bool = Fals
     return {"experiment": request.experiment_id[:128], "round": request.round, "plan": plan.name[:128],
             "plan_kind": plan.kind, "plan_sha256": hashlib.sha256(plan.source.encode()).hexdigest() if plan.source
             else None, "training_args": truncated(arguments) if denied else request.training_args}
+
+
+def what_left(returned: dict[str, Any]) -> str:
+    """The console's words for what a completed task sent back (its audit entry has the hashes)."""
+    if "returned_rows" in returned:
+        return f"{returned['returned_rows']:,} row(s) of {', '.join(returned['returned_columns'])[:200]}"
+    return f"a model update from {returned['num_samples']:,} samples"
 
 
 def describe_training(result: TrainResult) -> dict[str, Any]:
@@ -257,9 +264,12 @@ class Pod:
                           set(self.engine.datasets))
         received = {"task": request.task_id, "requester": sender.name[:64], "requester_fingerprint": sender.fingerprint,
                     "dataset": request.dataset[:128], "kind": kind, "reasons": decision.reasons}
+        who = f"{sender.name[:64]} ({sender.fingerprint})"
         if not decision.allowed:
             audit, answer = self.tally.denial(sender.fingerprint, decision.rule or "")
-            if audit:
+            if audit:  # as bounded as the audit log: a flood of refusals is summarised, not printed
+                log.warning("REFUSED %s task %s from %s on %s: %s [rule: %s]", kind, request.task_id[:8], who,
+                            request.dataset[:128], "; ".join(decision.reasons), decision.rule)
                 await self._journal.record_durably("task-received", **received,
                                                    **describe_request(request, denied=True), decision="deny")
             if answer:
@@ -270,6 +280,8 @@ class Pod:
                     attempts=1)
             return
         await self._journal.record_durably("task-received", **received, **describe_request(request), decision="allow")
+        log.info("%s task %s from %s on %s: allowed", kind, request.task_id[:8], who, request.dataset)
+        started = time.perf_counter()
         await opened.acknowledge()  # only now does the modeller hear that the task arrived
         self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
         async with self._slots:
@@ -283,6 +295,12 @@ class Pod:
                 hint = exc.hint if isinstance(exc, FedpodError) else "see the pod's log"
                 self._journal.record("task-failed", task=request.task_id, dataset=request.dataset,
                                      error=type(exc).__name__, message=message)
+                if isinstance(exc, PlanNotApproved):
+                    log.warning("PLAN AWAITS APPROVAL for task %s from %s: %s; %s", request.task_id[:8], who,
+                                message, hint)
+                else:
+                    log.warning("%s task %s failed after %.2fs: %s: %s", kind, request.task_id[:8],
+                                time.perf_counter() - started, type(exc).__name__, message)
                 await self._reply(opened, TaskFailure(task_id=request.task_id, dataset=request.dataset,
                                                       kind=type(exc).__name__, message=message, hint=hint))
                 return
@@ -290,6 +308,8 @@ class Pod:
                 self.running_tasks -= 1
         result, returned = outcome
         self._journal.record("task-completed", task=request.task_id, dataset=request.dataset, **returned)
+        log.info("%s task %s done in %.2fs: %s left the pod", kind, request.task_id[:8], time.perf_counter() - started,
+                 what_left(returned))
         await self._reply(opened, result.model_copy(update={"audit_checkpoint": self._journal.latest_checkpoint}))
 
     def _execute(self, request: TaskRequest | TrainRequest,

@@ -22,14 +22,10 @@ from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.local import run_local_round
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
 from fedpod.data.datasets import DatasetSpec, quote_identifier
-from fedpod.errors import FedpodError
+from fedpod.errors import FedpodError, PlanNotApproved
 from fedpod.governance.plans import PlanRegistry
 from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, TrainRequest, TrainResult
 from fedpod.wire.tensors import decode_groups, encode_groups, encode_parts
-
-
-class PlanNotApproved(FedpodError, PermissionError):
-    pass
 
 
 def resolve_device(setting: str, plan: TrainingPlan) -> str:
