@@ -135,6 +135,40 @@ def test_the_python_example_finds_the_broker_as_the_cli_does(cli: Cli, federatio
     assert lost.returncode != 0 and "broker=URL in Python" in lost.stderr and "FEDPOD_BROKER" in lost.stderr
 
 
+def test_custodian_commands_and_a_revocation_that_applies_without_a_restart(cli: Cli, federation: str,
+                                                                            home: Path) -> None:
+    """Issue 7, item 8: identity list, dataset list/remove, pod status/revoke, known-pods forget."""
+    fingerprint = cli("identity", "show", "modeller").stdout.strip()
+    assert f"modeller  {fingerprint}" in cli("identity", "list").stdout
+    configure_pod(cli, federation, "gus", "data/bob/patients.csv", "gus-only")
+    config = "pods/gus/pod.yaml"
+    assert "not running" in cli("pod", "status", "--config", config).stdout
+    (gus,) = start_pods(cli, home, ["gus"])
+    query = ["sql", f"SELECT COUNT(*) AS n FROM `{DATASET}`", "--datasets", f"gus/{DATASET}", "--broker", federation]
+    try:
+        cli(*query)
+        status = " ".join(cli("pod", "status", "--config", config).stdout.split())
+        assert "running, pid" in status and f"accepts modeller ({fingerprint})" in status
+        assert "tasks served 1" in status and f"dataset {DATASET}:" in status
+        assert DATASET in cli("dataset", "list", "--config", config).stdout
+        revoked = " ".join(cli("pod", "revoke", "modeller", "--config", config).stdout.split())
+        assert "no longer accepts modeller" in revoked and "applies it within a heartbeat, without a restart" in revoked
+        wait_until(lambda: cli(*query, ok=False).returncode == 1, 20, "the revocation to apply")
+        assert "not in pod gus's accepted modellers" in " ".join(cli(*query, ok=False).stderr.split())
+        cli("pod", "allow", "--config", config, "--name", "modeller", "--fingerprint", fingerprint)
+        wait_until(lambda: cli(*query, ok=False).returncode == 0, 20, "the new acceptance to apply")
+        added = " ".join(cli("dataset", "add", "--config", config, "--name", "more", "--type", "csv",
+                             "--path", "data/alice/patients.csv").stdout.split())
+        assert "serves it after a restart" in added
+        removed = " ".join(cli("dataset", "remove", "more", "--config", config).stdout.split())
+        assert "removed gus/more" in removed and "after a restart" in removed
+    finally:
+        gus.send_signal(signal.SIGINT)
+        gus.wait(timeout=20)
+    assert "not running" in cli("pod", "status", "--config", config).stdout
+    assert "removed gus" in cli("known-pods", "forget", "gus").stdout
+
+
 def test_a_party_the_broker_was_not_told_about_cannot_connect(cli: Cli, federation: str) -> None:
     cli("identity", "create", "stranger")
     refused = cli("datasets", "list", "--broker", federation, "--identity", "stranger", ok=False)

@@ -212,6 +212,17 @@ def identity_create(name: str, keystore: Keystore = None) -> None:
                   f"{path.with_suffix('.pub')})")
 
 
+@identity_app.command("list")
+def identity_list(keystore: Keystore = None) -> None:
+    """The identities in the keystore, with their fingerprints."""
+    store = keystore or default_keystore()
+    keys = sorted(store.glob("*.key")) if store.exists() else []
+    if not keys:
+        console.print(f"no identity in {store}; create one with `fedpod identity create NAME`", highlight=False)
+    for key in keys:
+        console.print(f"{escape(key.stem)}  {Identity.load(key.stem, store).fingerprint}", highlight=False)
+
+
 @identity_app.command("show")
 def identity_show(name: str, keystore: Keystore = None) -> None:
     """Print an identity's fingerprint."""
@@ -257,7 +268,73 @@ def pod_allow(
         return
     settings.access.modellers.append(TrustedModeller(name=modeller, fingerprint=fingerprint))
     settings.save(config)
-    console.print(f"pod {settings.name} now accepts {modeller} ({fingerprint})")
+    console.print(f"pod {settings.name} now accepts {modeller} ({fingerprint}); {_applies(config, live=True)}",
+                  highlight=False)
+
+
+def _applies(config: Path, live: bool) -> str:
+    """When a config change reaches the pod: at its next heartbeat if it runs and the change is
+    live (access), otherwise at its next start — said, never left to guess."""
+    from fedpod.pod.status import running_pid
+
+    pid = running_pid(_pod_storage(config))
+    if pid is None:
+        return "the pod is not running: it applies at the next `fedpod pod start`"
+    if live:
+        return f"the running pod (pid {pid}) applies it within a heartbeat, without a restart"
+    return f"the running pod (pid {pid}) serves it after a restart (stop it, then `fedpod pod start --config {config}`)"
+
+
+@pod_app.command("revoke")
+def pod_revoke(
+    modeller: Annotated[str, typer.Argument(help="the modeller's name or fingerprint")],
+    config: ConfigPath = Path("pod.yaml"),
+) -> None:
+    """Stop accepting a modeller's tasks (and adverts): a running pod applies it at its next heartbeat."""
+    settings = PodConfig.load(config)
+    kept = [m for m in settings.access.modellers if modeller not in (m.name, m.fingerprint)]
+    if len(kept) == len(settings.access.modellers):
+        raise ConfigError(f"pod {settings.name} does not accept {modeller!r}", where=str(config),
+                          hint="`fedpod pod status` lists the accepted modellers")
+    settings.access.modellers[:] = kept
+    settings.save(config)
+    console.print(f"pod {settings.name} no longer accepts {modeller}; {_applies(config, live=True)}",
+                  highlight=False)
+
+
+@pod_app.command("status")
+def pod_status(config: ConfigPath = Path("pod.yaml")) -> None:
+    """Running or not, datasets, accepted modellers, tasks served and refused, rejected messages."""
+    import json
+
+    from fedpod.pod.status import running_pid
+
+    settings = PodConfig.load(config)
+    storage = _pod_storage(config)
+    pid = running_pid(storage)
+    served = refused = 0
+    rejected: dict[str, int] = {}
+    audit = storage / "audit.jsonl"
+    for line in audit.read_text().splitlines() if audit.exists() else []:
+        entry = json.loads(line)
+        event = entry.get("event")
+        served += event == "task-completed"
+        refused += event == "task-received" and entry.get("decision") == "deny"
+        if event == "rejections":
+            for reason, count in entry.get("counts", {}).items():
+                rejected[reason] = rejected.get(reason, 0) + int(count)
+    fingerprint = Identity.load(_resolve_beside(config, settings.identity)).fingerprint
+    state = f"running, pid {pid}" if pid else "not running"
+    console.print(f"pod {escape(settings.name)} ({fingerprint}): {state}; broker {escape(settings.broker.url)}",
+                  highlight=False)
+    for spec in settings.datasets:
+        console.print(f"  dataset {escape(spec.name)}: {spec.rows:,} rows, tags {escape(', '.join(spec.tags) or '-')}",
+                      highlight=False)
+    for trusted in settings.access.modellers:
+        console.print(f"  accepts {escape(trusted.name)} ({trusted.fingerprint})", highlight=False)
+    rejections = ", ".join(f"{reason} {count}" for reason, count in sorted(rejected.items())) or "none"
+    console.print(f"  tasks served {served}, refused {refused} (audited); messages rejected: {rejections}",
+                  highlight=False)
 
 
 @pod_app.command("start")
@@ -317,7 +394,34 @@ def dataset_add(
     spec = inspect(spec, config.parent.resolve())
     settings.datasets.append(spec)
     settings.save(config)
-    console.print(f"added {settings.name}/{name}: {spec.rows} rows, columns {', '.join(spec.columns)}")
+    console.print(f"added {settings.name}/{name}: {spec.rows} rows, columns {', '.join(spec.columns)}; "
+                  f"{_applies(config, live=False)}", highlight=False)
+
+
+@dataset_app.command("list")
+def dataset_list(config: ConfigPath = Path("pod.yaml")) -> None:
+    """The datasets this pod serves: name, type, tags, rows, columns, source."""
+    settings = PodConfig.load(config)
+    table = Table(title=f"pod {escape(settings.name)}: {len(settings.datasets)} dataset(s)", title_justify="left")
+    for column in ("name", "type", "tags", "rows", "columns", "source"):
+        table.add_column(column)
+    for spec in settings.datasets:
+        source = spec.path or (f"{spec.table} in a PostgreSQL database" if spec.dsn else spec.table) or ""
+        table.add_row(escape(spec.name), spec.kind, escape(", ".join(spec.tags)), f"{spec.rows:,}",
+                      str(len(spec.columns)), escape(str(source)))
+    console.print(table)
+
+
+@dataset_app.command("remove")
+def dataset_remove(name: str, config: ConfigPath = Path("pod.yaml")) -> None:
+    """Stop serving a dataset (its file is left where it is)."""
+    settings = PodConfig.load(config)
+    if settings.dataset(name) is None:
+        raise ConfigError(f"pod {settings.name} has no dataset {name!r}", where=str(config),
+                          hint="`fedpod dataset list` shows them")
+    settings.datasets[:] = [d for d in settings.datasets if d.name != name]
+    settings.save(config)
+    console.print(f"removed {settings.name}/{name} from {config}; {_applies(config, live=False)}", highlight=False)
 
 
 def _modeller(identity: str, keystore: Path | None, url: str, tls_ca: Path | None, tls_cert: Path | None,
@@ -357,6 +461,7 @@ def known_pods_list(keystore: Keystore = None) -> None:
 
 
 @known_pods_app.command("remove")
+@known_pods_app.command("forget")
 def known_pods_remove(pod: str, keystore: Keystore = None) -> None:
     """Forget a pod's pin (the next task that targets it pins it again, unless --require-pinned)."""
     found = _known_pods(keystore).remove(pod)

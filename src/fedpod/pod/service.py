@@ -31,6 +31,7 @@ from fedpod.governance.audit import AuditLog, AuditWriter
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.pod.config import PodConfig
+from fedpod.pod.status import mark_running
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.replay import DurableReplayGuard
@@ -109,6 +110,7 @@ class Pod:
         self.running_tasks = 0
         self._modeller_keys: dict[str, PublicIdentity] = {}  # accepted modellers seen: heartbeats are sealed for them
         self._pinged = asyncio.Event()
+        self._config_mtime = self._config_changed_at()
         self._slots = asyncio.Semaphore(config.max_concurrent_tasks)
 
     def _resolve(self, value: str) -> Path:
@@ -147,6 +149,7 @@ class Pod:
         guard = DurableReplayGuard(self._resolve(self.config.storage) / "replay-nonces.bin", self._accepts)
         self.channel = SecureChannel(bus, self.identity, accept_transfers_from=self._accepts, guard=guard)
         self.journal = AuditWriter(self.audit, self.identity)
+        pid_file = mark_running(self._resolve(self.config.storage))
         await self.journal.record_durably("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
                                           datasets=[d.name for d in self.config.datasets])
         self.journal.checkpoint()
@@ -165,6 +168,7 @@ class Pod:
             self.journal.checkpoint()
             self.journal.close()
             guard.close()
+            pid_file.unlink(missing_ok=True)
             self.engine.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
@@ -184,7 +188,8 @@ class Pod:
                              running_tasks=self.running_tasks, uptime_s=time.monotonic() - self.started)
             with contextlib.suppress(FedpodError):
                 await self.channel.announce(subjects.heartbeat(self.fingerprint), beat,
-                                            list(self._modeller_keys.values()))
+                                            [k for fp, k in self._modeller_keys.items() if self._accepts(fp)])
+            self._reload_if_changed()
             self._summarise_rejections()
             self._pinged.clear()
             stopped = asyncio.ensure_future(stop.wait())
@@ -199,6 +204,36 @@ class Pod:
     async def _on_ping(self, payload: object, ack: object) -> None:
         """A discovery ping (its content, whoever sent it, is ignored): beat now."""
         self._pinged.set()
+
+    def _config_changed_at(self) -> int:
+        try:
+            return self.config_path.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def _reload_if_changed(self) -> None:
+        """Apply an edited pod config without a restart — who is accepted (`fedpod pod allow` /
+        `revoke`), discovery and result limits — at the next heartbeat. Datasets are loaded at
+        start: a changed list is reported, and served after a restart."""
+        changed_at = self._config_changed_at()
+        if changed_at == self._config_mtime:
+            return
+        self._config_mtime = changed_at
+        try:
+            fresh = PodConfig.load(self.config_path)
+        except FedpodError as exc:
+            log.warning("pod config %s changed but does not load (%s): the running settings stay", self.config_path,
+                        exc)
+            return
+        live = ("access", "discovery", "max_result_rows", "max_result_bytes")
+        changed = [field for field in live if getattr(fresh, field) != getattr(self.config, field)]
+        if changed:
+            self.config = self.config.model_copy(update={field: getattr(fresh, field) for field in live})
+            self._journal.record("config-reloaded", changed=changed,
+                                 accepted=[m.fingerprint for m in self.config.access.modellers])
+            log.info("pod config reloaded: %s now apply", ", ".join(changed))
+        if [d.name for d in fresh.datasets] != [d.name for d in self.config.datasets]:
+            log.warning("the datasets in %s changed: restart the pod to serve them", self.config_path)
 
     @property
     def _journal(self) -> AuditWriter:
