@@ -116,6 +116,12 @@ def test_a_stopped_pod_is_named_never_silently_left_out_of_an_aggregate(cli: Cli
         shown = " ".join((partial.stdout + partial.stderr).split())
         assert f"aggregated over 1 dataset(s): erin/{DATASET}" in shown
         assert f"missing: fay/{DATASET} — " in shown and "did not answer discovery" in shown
+        # item 10: the second answer did not overwrite the first; each has its query and coverage beside it
+        first, second = (json.loads((home / "trial" / name).read_text()) for name in ("aggregate.json",
+                                                                                       "aggregate-2.json"))
+        assert first["query"] == second["query"] == query and first["missing"] == {}
+        assert second["datasets"] == [f"erin/{DATASET}"] and list(second["missing"]) == [f"fay/{DATASET}"]
+        assert (home / "trial" / "aggregate.csv").exists() and (home / "trial" / "aggregate-2.csv").exists()
     finally:
         for process in (erin, fay):
             if process.poll() is None:

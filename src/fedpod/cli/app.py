@@ -490,25 +490,38 @@ def datasets_list(
     console.print(table)
 
 
-def _save_results(result: pd.DataFrame | SqlResults, out: Path) -> None:
-    """Save and show a query's results, saying exactly which datasets they cover."""
+def _save_results(result: pd.DataFrame | SqlResults, out: Path, query: str) -> None:
+    """Save and show a query's results, saying exactly which datasets they cover. An earlier
+    result is never overwritten (the next free name is taken), and each file has the query and
+    its coverage beside it (`NAME.json`)."""
+    import json
+    import time
+
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(result, dict):
-        missing = result.missing
-        for identifier, frame in result.items():
-            file = out / (identifier.replace("/", "__") + ".csv")
-            frame.to_csv(file, index=False)
-            print_frame(frame, f"{identifier}  →  {file}")
-    else:
-        file = out / "aggregate.csv"
-        result.to_csv(file, index=False)
-        covered = result.attrs.get("datasets", [])
-        missing = result.attrs.get("missing", {})
-        print_frame(result, f"aggregate  →  {file}")
+    frames = dict(result) if isinstance(result, dict) else {"aggregate": result}
+    missing = result.missing if isinstance(result, dict) else result.attrs.get("missing", {})
+    covered = list(result) if isinstance(result, dict) else result.attrs.get("datasets", [])
+    for identifier, frame in frames.items():
+        file = _free_name(out, identifier.replace("/", "__"))
+        frame.to_csv(file, index=False)
+        file.with_suffix(".json").write_text(json.dumps(
+            {"query": query, "result": identifier, "datasets": covered if identifier == "aggregate" else [identifier],
+             "missing": missing, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+        print_frame(frame, f"{identifier}  →  {file}")
+    if not isinstance(result, dict):
         console.print(f"aggregated over {len(covered)} dataset(s): {escape(', '.join(covered))}", highlight=False,
                       soft_wrap=True)
     for identifier, why in sorted(missing.items()):
         err.print(f"[yellow]missing:[/yellow] {escape(identifier)} — {escape(why)}", highlight=False, soft_wrap=True)
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    """`stem.csv`, or `stem-2.csv`, `stem-3.csv`, ... whichever does not exist yet."""
+    candidate, number = folder / f"{stem}.csv", 1
+    while candidate.exists():
+        number += 1
+        candidate = folder / f"{stem}-{number}.csv"
+    return candidate
 
 
 @app.command("run")
@@ -530,7 +543,7 @@ def run_task(
         if isinstance(task, SqlTask):
             result = modeller.sql(task.query, datasets=task.targets.identifiers or None,
                                   tags=task.targets.tags or None, aggregate=task.aggregate, min_datasets=min_datasets)
-            _save_results(result, out)
+            _save_results(result, out, task.query)
             return
         from fedpod.modeller.training_task import run_training_task
 
@@ -557,7 +570,7 @@ def sql(
         result = modeller.sql(query, datasets=[d for d in datasets.split(",") if d] or None,
                               tags=[t for t in tags.split(",") if t] or None, aggregate=aggregate,
                               min_datasets=min_datasets)
-    _save_results(result, out)
+    _save_results(result, out, query)
 
 
 @data_app.command("synth")
