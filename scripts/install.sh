@@ -13,8 +13,13 @@ if [ -z "$python" ]; then
   done
 fi
 [ -n "$python" ] || { echo "fedpod needs Python >= 3.11" >&2; exit 1; }
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+# Progress is shown (pip's own) unless CI is set, where logs want quiet.
+quiet=()
+[ -n "${CI:-}" ] && quiet=(--quiet)
+[ -x .venv/bin/python ] || { echo "==> creating .venv with $python"; "$python" -m venv .venv; }
+.venv/bin/python -m pip install ${quiet[@]+"${quiet[@]}"} --disable-pip-version-check --upgrade pip
 target="."
 [ -n "${1:-}" ] && target=".[$1]"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$target"
+echo "==> installing fedpod${1:+ with its [$1] extra} into .venv (the first time: a few minutes)"
+.venv/bin/python -m pip install ${quiet[@]+"${quiet[@]}"} --disable-pip-version-check -c constraints.txt -e "$target"
+echo "==> done: .venv/bin/fedpod"
