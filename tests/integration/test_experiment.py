@@ -348,3 +348,20 @@ def test_a_ten_class_built_in_model_trains_over_pods(pod_factory: PodFactory, mo
     last = exp.training_replies()[3]
     assert all(last[pod]["global_f1"] > 0.6 for pod in PODS), last
     assert exp.training_plan().predict_scores(np.zeros((2, 4), dtype=np.float32)).shape == (2, 10)
+
+
+def test_each_round_reports_what_every_pod_is_doing(pods: list[RunningPod], modeller: Modeller,
+                                                    tmp_path: Path) -> None:
+    """Issue 7, item 9: a live per-pod status (here: its record), not only a table at the end. The
+    first round shows the pods preparing (importing PyTorch), which used to look like a hang."""
+    exp = experiment(modeller, tmp_path, round_limit=2)
+    exp.run()
+    progress = exp.round_progress()
+    assert sorted(progress) == [0, 1]
+    for round_number in (0, 1):
+        for pod in PODS:
+            phases = [phase for phase, _ in progress[round_number][pod]]
+            assert phases[0] == "waiting" and "sending model" in phases and phases[-1] == "done", phases
+            times = [at for _, at in progress[round_number][pod]]
+            assert times == sorted(times)
+    assert any("preparing" in [phase for phase, _ in progress[0][pod]] for pod in PODS), progress[0]

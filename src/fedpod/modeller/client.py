@@ -37,6 +37,7 @@ from fedpod.transport.bus import Ack, BrokerOptions, Bus, Payload
 from fedpod.wire.codec import DecodeError, table_from_bytes, unpack
 from fedpod.wire.messages import (
     Discover,
+    Heartbeat,
     PodAdvert,
     SqlQueryAlgorithm,
     TaskFailure,
@@ -79,6 +80,7 @@ class AsyncModeller:
         self._advert_arrived = asyncio.Event()
         self._asked: set[str] | None = None  # pods sent a discovery request in the discovery under way
         self._requests: set[asyncio.Task[None]] = set()
+        self._observers: dict[str, Callable[[str], None]] = {}  # task id -> who hears its phases
 
     async def connect(self) -> None:
         bus = await Bus.connect(self.broker, name=f"modeller-{self.identity.name}", login=self.identity)
@@ -230,18 +232,26 @@ class AsyncModeller:
                 self.known_pods.remember(owner, pod.fingerprint, {d.name: list(d.tags) for d in advert.datasets})
         return require(targets, min_datasets)
 
-    async def exchange(self, target: Target, build: Callable[[str], WireMessage], reply_type: type[R]) -> R:
+    async def exchange(self, target: Target, build: Callable[[str], WireMessage], reply_type: type[R],
+                       on_phase: Callable[[str], None] | None = None) -> R:
         """Send one request (built for a fresh task id) to one pod and wait for its reply; a pod's
-        failure is raised as TaskFailed naming the pod."""
+        failure is raised as TaskFailed naming the pod. `on_phase` hears "sending", "sent", then
+        what the pod's heartbeats say it is doing ("queued", "preparing", "training", ...)."""
         task_id = os.urandom(8).hex()
         future: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
         self._pending[task_id] = (target.pod.fingerprint, future)
+        tell = on_phase or (lambda _: None)
+        if on_phase is not None:
+            self._observers[task_id] = on_phase
         try:
             await self._watch(target.pod)
+            tell("sending")
             await self._channel.send(target.pod, build(task_id), task_id=task_id, timeout_s=min(self.timeout_s, 30.0))
+            tell("sent")
             opened = await self._reply_or_loss(future, target)
         finally:
             self._pending.pop(task_id, None)
+            self._observers.pop(task_id, None)
         if opened.header.type == TaskFailure.TYPE:
             failure = unpack(opened.payload, TaskFailure)
             if failure.kind == "AccessDenied":  # a refusal is a refusal, whether at discovery or at the task
@@ -261,8 +271,14 @@ class AsyncModeller:
         self._last_beat[pod.fingerprint] = loop.time()
 
         async def on_beat(opened: Opened) -> None:
-            if opened.sender.fingerprint == pod.fingerprint:
-                self._last_beat[pod.fingerprint] = loop.time()
+            if opened.sender.fingerprint != pod.fingerprint:
+                return
+            self._last_beat[pod.fingerprint] = loop.time()
+            with contextlib.suppress(DecodeError):
+                for task_id, phase in unpack(opened.payload, Heartbeat).phases.items():
+                    observer = self._observers.get(task_id)
+                    if observer is not None and self._pending.get(task_id, ("",))[0] == pod.fingerprint:
+                        observer(phase[:32])
 
         async def ignore(exc: EnvelopeRejected) -> None:
             return None

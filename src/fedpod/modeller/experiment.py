@@ -38,6 +38,7 @@ from fedpod.errors import ConfigError, FedpodError, TaskFailed
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target, Targets
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
+from fedpod.modeller.progress import RoundProgress
 from fedpod.modeller.results import (
     TensorboardLog,
     aggregated_files,
@@ -120,9 +121,17 @@ class Experiment:
         self._replies: dict[int, dict[str, dict[str, Any]]] = {}
         self._resolved: Targets | None = None
         self._round_seconds: dict[int, float] = {}
+        self._progress: dict[int, dict[str, list[tuple[str, float]]]] = {}
         self._plan = self._build_plan()
         self._global = self._plan.get_params()
         self._board = TensorboardLog(self._folder) if tensorboard else None
+
+    def round_progress(self) -> dict[int, dict[str, list[tuple[str, float]]]]:
+        """Per round (this session's), per pod: each phase it went through and when it began,
+        in seconds from the round's start — sending model, waiting, preparing, training,
+        uploading, done or failed."""
+        return {round_number: {pod: list(steps) for pod, steps in pods.items()}
+                for round_number, pods in self._progress.items()}
 
     # --- Fed-BioMed's accessors and setters --------------------------------------------------
     def round_current(self) -> int:
@@ -313,7 +322,10 @@ class Experiment:
         scalars = {k: v for k, v in config.items() if not isinstance(v, dict)}
         arrays = {f"{CONFIG_PREFIX}{k}": v for k, v in config.items() if isinstance(v, dict)}
         tensors = encode_parts({"params": self._global, **arrays})
-        outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors))
+        progress = RoundProgress(round_number, [t.pod.name for t in selected], self._console)
+        self._progress[round_number] = progress.transitions
+        with progress.shown():
+            outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors, progress))
         successes = [(t, o) for t, o in zip(selected, outcomes, strict=True) if isinstance(o, TrainResult)]
         failures: dict[str, object] = {identifier.partition("/")[0]: f"did not take part: {why}"
                                        for identifier, why in targets.reasons().items()}
@@ -355,8 +367,19 @@ class Experiment:
         return 1
 
     async def _train_all(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
-                         tensors: list[Buffer]) -> list[TrainResult | BaseException]:
+                         tensors: list[Buffer], progress: RoundProgress) -> list[TrainResult | BaseException]:
         core = self._modeller._core
+
+        async def train(target: Target) -> TrainResult:
+            name = target.pod.name
+            try:
+                result = await core.exchange(target, build(target), TrainResult,
+                                             on_phase=lambda phase: progress.update(name, phase))
+            except BaseException:
+                progress.update(name, "failed")
+                raise
+            progress.update(name, "done")
+            return result
 
         def build(target: Target) -> Any:
             def message(task_id: str) -> TrainRequest:
@@ -366,8 +389,7 @@ class Experiment:
                                     round_config=scalars, tensors=tensors)
             return message
 
-        return await asyncio.gather(*(core.exchange(t, build(t), TrainResult) for t in selected),
-                                    return_exceptions=True)
+        return await asyncio.gather(*(train(t) for t in selected), return_exceptions=True)
 
     def _targets(self) -> Targets:
         """The experiment's datasets, found once (as Fed-BioMed fixes its federated dataset) and

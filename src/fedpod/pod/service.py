@@ -111,6 +111,8 @@ class Pod:
         self._modeller_keys: dict[str, PublicIdentity] = {}  # accepted modellers seen: heartbeats are sealed for them
         self._pinged = asyncio.Event()
         self._config_mtime = self._config_changed_at()
+        self._phases: dict[str, str] = {}  # task id -> what is being done with it (told in heartbeats)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = asyncio.Semaphore(config.max_concurrent_tasks)
 
     def _resolve(self, value: str) -> Path:
@@ -143,6 +145,7 @@ class Pod:
                          heartbeat_s=self.config.heartbeat_s, notice=notice)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         self.engine = await asyncio.to_thread(SqlEngine, self.config.datasets, self.base)
         bus = await Bus.connect(self.config.broker.options(self.base), name=f"pod-{self.config.name}",
                                 reconnect_forever=True, login=self.identity)
@@ -185,7 +188,8 @@ class Pod:
                 self._journal.checkpoint()
                 checkpointed = time.monotonic()
             beat = Heartbeat(pod=self.config.name, fingerprint=self.fingerprint, ts=time.time(),
-                             running_tasks=self.running_tasks, uptime_s=time.monotonic() - self.started)
+                             running_tasks=self.running_tasks, uptime_s=time.monotonic() - self.started,
+                             phases=dict(self._phases))
             with contextlib.suppress(FedpodError):
                 await self.channel.announce(subjects.heartbeat(self.fingerprint), beat,
                                             [k for fp, k in self._modeller_keys.items() if self._accepts(fp)])
@@ -319,8 +323,24 @@ class Pod:
         started = time.perf_counter()
         await opened.acknowledge()  # only now does the modeller hear that the task arrived
         self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
+        self._set_phase(request.task_id, "queued")
+        try:
+            await self._run_task(opened, request, kind, who, started)
+        finally:
+            self._phases.pop(request.task_id, None)
+
+    def _set_phase(self, task_id: str, phase: str) -> None:
+        """Called from worker threads too: the next heartbeat, brought forward, tells the modeller."""
+        self._phases[task_id] = phase
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._pinged.set)
+
+    async def _run_task(self, opened: Opened, request: TaskRequest | TrainRequest, kind: str, who: str,
+                        started: float) -> None:
+        sender = opened.sender
         async with self._slots:
             self.running_tasks += 1
+            self._set_phase(request.task_id, "running")
             try:
                 outcome = await asyncio.to_thread(self._execute, request, sender.fingerprint)
             except Exception as exc:  # a task never kills the pod, and its requester always hears back
@@ -342,6 +362,7 @@ class Pod:
             finally:
                 self.running_tasks -= 1
         result, returned = outcome
+        self._set_phase(request.task_id, "replying")
         self._journal.record("task-completed", task=request.task_id, dataset=request.dataset, **returned)
         log.info("%s task %s done in %.2fs: %s left the pod", kind, request.task_id[:8], time.perf_counter() - started,
                  what_left(returned))
@@ -353,7 +374,8 @@ class Pod:
         records about it (described from the result in hand, never decoded again)."""
         assert self.engine is not None
         if isinstance(request, TrainRequest):
-            trained = self.trainer().run(request, requester)
+            self._set_phase(request.task_id, "preparing")
+            trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase))
             return trained, describe_training(trained)
         started = time.perf_counter()
         table = self.engine.run(request.algorithm.query, request.dataset, timeout_s=self.config.sql_timeout_s,

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,12 @@ class TrainingRunner:
 
         return DatasetHandle(name, columns, load)
 
-    def run(self, request: TrainRequest, requester: str) -> TrainResult:
+    def run(self, request: TrainRequest, requester: str,
+            phase: Callable[[str], None] = lambda _: None) -> TrainResult:
+        """`phase` hears "preparing" (imports, plan and data: the first round pays PyTorch's
+        import) and then "training"."""
         started = time.perf_counter()
+        phase("preparing")
         plan_class, _ = self.plan_class(request, requester)
         args = TrainingArgs.parse(request.training_args)
         plan = plan_class()
@@ -124,6 +129,7 @@ class TrainingRunner:
             if state is None:
                 state = self._state[key] = self._load_state(key)
         device = resolve_device(self.device_setting, plan)
+        phase("training")
         result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state)
         if state:
             self._save_state(key, state)

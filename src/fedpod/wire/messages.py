@@ -54,12 +54,17 @@ class PodAdvert(WireMessage):
 
 
 class Heartbeat(WireMessage):
+    """`phases`: what the pod is doing with each task it holds (task id -> "queued", "preparing",
+    "training", "running" or "replying"), so a modeller can show progress; a task id means
+    nothing to anyone but the modeller that chose it."""
+
     TYPE: ClassVar[str] = "heartbeat"
     pod: str
     fingerprint: str
     ts: float
     running_tasks: int
     uptime_s: float
+    phases: dict[str, str] = {}
 
 
 class SqlQueryAlgorithm(BaseModel):
