@@ -51,21 +51,25 @@ def test_a_pod_killed_mid_round_is_declared_lost_and_the_round_completes_with_th
         tmp_path: Path) -> None:
     """The same for training: with `min_pods=1` the round goes on with bob's update, within
     seconds of alice's death instead of the 600 s round timeout, and names alice as lost."""
-    folders = write(generate(2, 40_000, seed=2), tmp_path / "data")
+    folders = write(generate(2, 4_000, seed=2), tmp_path / "data")
     alice, bob = (pod_factory(name, [DatasetSpec(name="ehr", type="csv", path=str(folder / "patients.csv"),
                                                  tags=["ehr"])], [modeller_identity])
                   for name, folder in zip(["alice", "bob"], folders, strict=True))
 
+    killed_at: list[float] = []
+
     def kill_alice_once_training() -> None:
+        """Right after alice logs the task: it is still preparing (importing PyTorch), far from replying."""
         wait_until(lambda: any(e["event"] == "task-received" and e.get("round") == 0
                                for e in map(json.loads, alice.audit_path.read_text().splitlines())), 60,
                    "alice's training task")
         alice.process.send_signal(signal.SIGKILL)
+        killed_at.append(time.monotonic())
 
     with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=600) as modeller:
         experiment = Experiment(tags=["ehr"], training_plan_class="logistic_regression", min_pods=1,
                                 model_args={"target": "outcome", "features": ["age", "bmi", "smoker"]},
-                                training_args={"num_updates": 3000}, round_limit=1, modeller=modeller,
+                                training_args={"num_updates": 200}, round_limit=1, modeller=modeller,
                                 experiments_root=tmp_path / "experiments", console=Console(quiet=True))
         experiment._targets()  # discovery first, so the timer measures the round alone
         killer = threading.Thread(target=kill_alice_once_training)
@@ -74,7 +78,11 @@ def test_a_pod_killed_mid_round_is_declared_lost_and_the_round_completes_with_th
         experiment.run()
         elapsed = time.monotonic() - started
         killer.join()
-    assert elapsed < 30, f"the round took {elapsed:.1f}s"
+    failed, failed_at = experiment.round_progress()[0]["alice"][-1]
+    assert failed == "failed"
+    noticed = started + failed_at - killed_at[0]  # the round's clock starts just after `started`
+    assert noticed < 15, f"alice was declared lost {noticed:.1f}s after she died (5 s of silence expected)"
+    assert elapsed < 120, f"the round took {elapsed:.1f}s (the round timeout is 600 s)"
     replies = experiment.training_replies()[0]
     assert replies["bob"]["num_samples"] > 0
     assert "pod alice stopped sending heartbeats" in replies["alice"]["error"]
