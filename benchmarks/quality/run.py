@@ -42,7 +42,7 @@ from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment
-from fedpod.modeller.training_task import global_standardisation, numeric_features
+from fedpod.modeller.standardise import global_standardisation, numeric_features
 from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker

@@ -52,7 +52,8 @@ def main() -> None:
                                                 "hidden": [args.hidden, args.hidden]},
                                     training_args={"num_updates": 1, "loader_args": {"batch_size": 32},
                                                    "optimizer_args": {"lr": 1e-4}},
-                                    round_limit=args.rounds, modeller=modeller, experiments_root=work / "experiments")
+                                    round_limit=args.rounds, modeller=modeller, experiments_root=work / "experiments",
+                                    standardize=False)
             parameters = sum(v.size for v in experiment.training_plan().get_params().values())
             seconds = []
             for _ in range(args.rounds):

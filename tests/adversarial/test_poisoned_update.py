@@ -61,7 +61,7 @@ def test_an_update_scaled_by_1e30_is_set_aside_and_named(
         honest_pods: list[RunningPod], poisoner: Identity, broker: EmbeddedBroker, modeller_identity: Identity,
         keystore: Path, tmp_path: Path) -> None:
     with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=60) as modeller:
-        exp = Experiment(tags=["ehr"], training_plan_class="logistic_regression", min_pods=2,
+        exp = Experiment(tags=["ehr"], training_plan_class="logistic_regression", min_pods=2, standardize=False,
                          model_args={"target": "outcome", "features": FEATURES},
                          training_args={"num_updates": 5, "random_seed": 1}, round_limit=2, modeller=modeller,
                          experiments_root=tmp_path / "experiments", console=Console(quiet=True))

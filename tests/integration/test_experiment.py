@@ -21,7 +21,7 @@ from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment, RoundFailed
-from fedpod.modeller.training_task import global_standardisation
+from fedpod.modeller.standardise import global_standardisation
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 from tests.conftest import PodFactory, RunningPod, heartbeats, start_pod_process, wait_until

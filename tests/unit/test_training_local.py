@@ -263,3 +263,23 @@ def test_a_ten_class_target_is_learnt_with_n_classes_and_refused_without(name: s
     with pytest.raises(ConfigError, match="distinct values"):
         plan_for(name, continuous, {"target": "digit", "features": ["a", "b"], "n_classes": 10},
                  args).training_data()
+
+
+def test_the_metrics_plot_labels_its_axes_weights_the_global_curve_and_keeps_honest_ranges() -> None:
+    """Issue 7, item 10: no y labels, no curve for all pods, and a zoomed axis that made a
+    0.02 wobble look like a collapse."""
+    from fedpod.modeller.results import metrics_figure
+
+    replies = {r: {"alice": {"num_samples": 900, "loss": 0.5 - 0.1 * r, "global_auc": 0.80 + 0.01 * r,
+                             "global_samples": 100.0},
+                   "bob": {"num_samples": 100, "loss": 0.7 - 0.1 * r, "global_auc": 0.60, "global_samples": 300.0}}
+               for r in range(3)}
+    axes = metrics_figure(replies).axes
+    loss, auc = axes
+    assert loss.get_ylabel() == "training loss" and auc.get_ylabel() == "auc (global model, validation rows)"
+    assert auc.get_ylim() == (0, 1.02) and loss.get_ylim()[0] == 0
+    weighted = next(line for line in auc.get_lines() if line.get_label() == "all pods (weighted)")
+    assert list(weighted.get_xdata()) == [0, 1, 2]  # rounds from 0, as everywhere
+    assert weighted.get_ydata()[0] == pytest.approx((0.80 * 100 + 0.60 * 300) / 400)
+    loss_curve = next(line for line in loss.get_lines() if line.get_label() == "all pods (weighted)")
+    assert loss_curve.get_ydata()[0] == pytest.approx((0.5 * 900 + 0.7 * 100) / 1000)

@@ -36,7 +36,7 @@ from fedpod.governance.audit import AuditLog
 from fedpod.governance.plans import PlanRegistry
 from fedpod.names import check_name
 from fedpod.pod.config import BrokerSettings, PodConfig
-from fedpod.security.identity import Identity, check_fingerprint, default_keystore, fedpod_home
+from fedpod.security.identity import Identity, PublicIdentity, check_fingerprint, default_keystore, fedpod_home
 
 if TYPE_CHECKING:  # the modeller's libraries stay out of `fedpod pod start`
     import pandas as pd
@@ -135,18 +135,27 @@ def broker_start(
             broker.wait()
 
 
+def _public(party: Path, keystore: Path | None) -> PublicIdentity:
+    """A NAME.pub file, or the name of an identity in the keystore."""
+    from fedpod.security.identity import PublicIdentity
+
+    if not party.exists() and party.suffix != ".pub" and len(party.parts) == 1:
+        party = (keystore or default_keystore()) / f"{check_name(str(party), 'identity')}.pub"
+    return PublicIdentity.load(party)
+
+
 @broker_app.command("allow")
 def broker_allow(
-    public: Annotated[Path, typer.Argument(help="the party's NAME.pub file (written beside its key)")],
+    public: Annotated[Path, typer.Argument(help="the party's NAME.pub file, or an identity's name in the keystore")],
     role: Annotated[str, typer.Option(help="pod | modeller")],
     folder: BrokerFolder = None,
+    keystore: Keystore = None,
 ) -> None:
     """Let a pod or a modeller connect to the broker, with only the subjects its role needs.
     A running broker reloads at once (SIGHUP); nothing restarts."""
-    from fedpod.security.identity import PublicIdentity
     from fedpod.transport.broker import Party, grant
 
-    party = Party.of(_role(role), PublicIdentity.load(public))
+    party = Party.of(_role(role), _public(public, keystore))
     home = _broker_folder(folder)
     reloaded = grant(home, party)
     state = "the running broker reloaded" if reloaded else "it applies when the broker starts"
@@ -191,11 +200,10 @@ def accounts_issue(
 ) -> None:
     """Issue a user JWT for a pod or a modeller, with only the subjects its role needs. It holds
     no secret: the party connects with `--creds NAME.jwt` (pod config: broker.creds) and its own key."""
-    from fedpod.security.identity import PublicIdentity
     from fedpod.transport.accounts import AccountAuthority
     from fedpod.transport.broker import Party
 
-    party = Party.of(_role(role), PublicIdentity.load(public))
+    party = Party.of(_role(role), _public(public, None))
     token = AccountAuthority.load(_accounts_folder(folder)).user_jwt(
         party, expires_s=expires_days * 86400 if expires_days else None)
     path = out or Path(f"{party.name}.jwt")
@@ -303,15 +311,26 @@ def pod_revoke(
 
 
 @pod_app.command("status")
-def pod_status(config: ConfigPath = Path("pod.yaml")) -> None:
+def pod_status(
+    config: ConfigPath = Path("pod.yaml"),
+    wait: Annotated[float, typer.Option(help="wait up to this many seconds for the pod to serve; exit 1 if not")] = 0,
+) -> None:
     """Running or not, datasets, accepted modellers, tasks served and refused, rejected messages."""
     import json
+    import time
 
     from fedpod.pod.status import running_pid
 
     settings = PodConfig.load(config)
     storage = _pod_storage(config)
+    deadline = time.monotonic() + wait
     pid = running_pid(storage)
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pid = running_pid(storage)
+    if wait and pid is None:
+        raise ConfigError(f"pod {settings.name} is not serving after {wait:g}s", where=str(config),
+                          hint=f"its log: {storage / 'pod.log'}")
     served = refused = 0
     rejected: dict[str, int] = {}
     audit = storage / "audit.jsonl"

@@ -16,7 +16,7 @@ from rich.console import Console
 from fedpod.algorithms.training.centralised import holdout_scores, train_centrally
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment
-from fedpod.modeller.training_task import global_standardisation
+from fedpod.modeller.standardise import global_standardisation
 
 FEATURES = ["age", "bmi", "smoker", "diabetes", "systolic_bp", "cholesterol", "hba1c"]
 ROUNDS = 5

@@ -83,6 +83,7 @@ class Experiment:
         datasets: list[str] | None = None,
         min_pods: int | None = None,
         update_norm_limit: float | None = DEFAULT_NORM_LIMIT,
+        standardize: bool = True,
         broker: str | BrokerOptions | None = None,
         identity: str | None = None,
         keystore: Path | None = None,
@@ -110,6 +111,7 @@ class Experiment:
         self._save_breakpoints = save_breakpoints
         self._min_pods = min_pods
         self._update_norm_limit = update_norm_limit
+        self._standardize = standardize
         self._console = console or Console()
         root = Path(experiments_root).resolve()
         self._folder = root / experimentation_folder if experimentation_folder else next_experiment_folder(root)
@@ -397,7 +399,21 @@ class Experiment:
         out its collection window, which would otherwise dominate every round."""
         if self._resolved is None:
             self._resolved = self._resolve_targets()
+            self._standardise(self._resolved)
         return self._resolved
+
+    def _standardise(self, targets: Targets) -> None:
+        """A built-in tabular model learns on features scaled by their global means and standard
+        deviations (federated SQL, exact), unless the model_args carry their own or
+        `standardize=False`: raw features of different scales made the README's example stall."""
+        if not (self._standardize and self._plan_spec.kind == "builtin" and self._round == 0
+                and "feature_means" not in self._model_args and "target" in self._model_args):
+            return
+        from fedpod.modeller.standardise import global_standardisation, numeric_features
+
+        features = numeric_features(targets[0], self._model_args)
+        self._model_args |= global_standardisation(self._modeller, list(targets), features)
+        self._plan.model_args = dict(self._model_args)  # the model's shape is unchanged: no rebuild
 
     def _resolve_targets(self) -> Targets:
         """Every dataset asked for must take part (each missing one is named), unless `min_pods`

@@ -118,8 +118,24 @@ def read_breakpoint(path: Path) -> tuple[dict[str, Any], Params, dict[str, Param
             decode_groups((path / "aggregator.safetensors").read_bytes()), plan.read_text() if plan.exists() else None)
 
 
+BOUNDED = ("auc", "accuracy", "f1", "precision", "recall")  # scores in [0, 1]: plotted on that whole range
+
+
 def plot_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> Path:
-    """`metrics.png`: one panel per metric (training loss, validation metrics), one line per pod."""
+    import matplotlib.pyplot as plt
+
+    figure = metrics_figure(replies)
+    path = folder / "metrics.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def metrics_figure(replies: dict[int, dict[str, dict[str, Any]]]) -> Any:
+    """`metrics.png`'s figure: one panel per metric (training loss, validation metrics), one line per pod
+    and a thicker one for all pods together — the mean weighted by each pod's rows, which is what
+    the global model would score on their union. Rounds from 0, as everywhere; scores in [0, 1] on
+    that whole axis and losses from 0, so that a small wobble never looks like a collapse."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,24 +143,34 @@ def plot_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) ->
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
-    frame = pd.DataFrame([{"round": r + 1, "pod": pod, **reply} for r, pods in replies.items()
+    frame = pd.DataFrame([{"round": r, "pod": pod, **reply} for r, pods in replies.items()
                           for pod, reply in pods.items() if "error" not in reply])
     names = [c for c in frame.columns if c == "loss" or (c.startswith(("global_", "local_"))
                                                             and not c.endswith("_samples"))]
     figure, axes = plt.subplots(1, max(1, len(names)), figsize=(4.5 * max(1, len(names)), 3.4), squeeze=False)
     for axis, name in zip(axes[0], names, strict=False):
         for pod, rows in frame.groupby("pod"):
-            axis.plot(rows["round"], rows[name], marker="o", label=str(pod))
+            axis.plot(rows["round"], rows[name], marker="o", alpha=0.6, label=str(pod))
+        weights = frame.get(f"{name.partition('_')[0]}_samples", frame["num_samples"]) if name != "loss" \
+            else frame["num_samples"]
+        valid = frame[name].notna() & weights.notna()
+        weighted = (frame[name][valid] * weights[valid]).groupby(frame["round"][valid]).sum() \
+            / weights[valid].groupby(frame["round"][valid]).sum()
+        axis.plot(weighted.index, weighted.to_numpy(), color="black", linewidth=2.5, label="all pods (weighted)")
+        metric = name.partition("_")[2] if name != "loss" else "loss"
         axis.set_title(name)
         axis.set_xlabel("round")
+        axis.set_ylabel("training loss" if name == "loss" else f"{metric} ({name.partition('_')[0]} model, "
+                        "validation rows)")
+        if metric in BOUNDED:
+            axis.set_ylim(0, 1.02)
+        elif metric in ("loss", "mse", "mae"):
+            axis.set_ylim(bottom=0)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
     figure.tight_layout()
-    path = folder / "metrics.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 class TensorboardLog:

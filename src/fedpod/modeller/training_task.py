@@ -9,21 +9,15 @@ means and standard deviations computed exactly by federated SQL.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 from rich.console import Console
 
 from fedpod.aggregation import aggregator_from_config
-from fedpod.algorithms.training.builtin import BUILTIN_PLANS
 from fedpod.errors import ConfigError
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target
 from fedpod.modeller.experiment import Experiment
 from fedpod.tasks.model import TrainingTask
-
-NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
-           "FLOAT", "DOUBLE", "DECIMAL", "BOOLEAN")
 
 
 def check_schemas(targets: list[Target], requirement: str, target_column: str) -> None:
@@ -44,39 +38,16 @@ def check_schemas(targets: list[Target], requirement: str, target_column: str) -
                               f"{sorted(set(columns) ^ set(reference))} that {targets[0].identifier} lacks or adds")
 
 
-def numeric_features(target: Target, model_args: dict[str, Any]) -> list[str]:
-    if model_args.get("features"):
-        return list(model_args["features"])
-    excluded = {model_args["target"], *model_args.get("exclude", [])}
-    return [c for c, kind in target.dataset.columns.items() if c not in excluded and kind.startswith(NUMERIC)]
-
-
-def global_standardisation(modeller: Modeller, targets: list[Target], features: list[str]) -> dict[str, Any]:
-    def quoted(name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
-    columns = ", ".join(f"AVG(CAST({quoted(f)} AS DOUBLE)) AS m{i}, STDDEV_POP(CAST({quoted(f)} AS DOUBLE)) AS s{i}"
-                        for i, f in enumerate(features))
-    row = modeller.sql(f"SELECT {columns} FROM {quoted(targets[0].dataset.name)}",
-                       datasets=[t.identifier for t in targets], aggregate=True)
-    assert isinstance(row, pd.DataFrame)
-    return {"features": features, "feature_means": [float(row[f"m{i}"][0]) for i in range(len(features))],
-            "feature_stds": [float(row[f"s{i}"][0]) for i in range(len(features))]}
-
-
 def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console: Console,
                       min_datasets: int | None = None) -> Experiment:
     targets = modeller.resolve(task.targets.identifiers or None, task.targets.tags or None,
                                min_datasets=min_datasets)
     check_schemas(targets, task.schema_requirements, task.model_args["target"])
-    model_args = dict(task.model_args)
-    if task.plan_path is None and task.plan in BUILTIN_PLANS and task.standardize:
-        model_args |= global_standardisation(modeller, targets, numeric_features(targets[0], model_args))
     experiment = Experiment(datasets=[t.identifier for t in targets], training_plan_class=task.plan,
-                            training_plan_path=task.plan_path, model_args=model_args,
+                            training_plan_path=task.plan_path, model_args=dict(task.model_args),
                             training_args=task.training_args, round_limit=task.rounds,
                             aggregator=aggregator_from_config(task.aggregator), modeller=modeller,
-                            min_pods=min_datasets,
+                            min_pods=min_datasets, standardize=task.standardize,
                             experiments_root=out, console=console)
     experiment.run()
     return experiment

@@ -31,7 +31,7 @@ from fedpod.governance.audit import AuditLog, AuditWriter
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.pod.config import PodConfig
-from fedpod.pod.status import mark_running
+from fedpod.pod.status import PID_FILE, mark_running
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.replay import DurableReplayGuard
@@ -152,13 +152,14 @@ class Pod:
         guard = DurableReplayGuard(self._resolve(self.config.storage) / "replay-nonces.bin", self._accepts)
         self.channel = SecureChannel(bus, self.identity, accept_transfers_from=self._accepts, guard=guard)
         self.journal = AuditWriter(self.audit, self.identity)
-        pid_file = mark_running(self._resolve(self.config.storage))
+        pid_file = self._resolve(self.config.storage) / PID_FILE
         await self.journal.record_durably("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
                                           datasets=[d.name for d in self.config.datasets])
         self.journal.checkpoint()
         try:
             await self.channel.listen_inbox(self._on_message, self._on_rejected)
             await bus.subscribe(subjects.DISCOVER, self._on_ping)
+            mark_running(self._resolve(self.config.storage))  # serving: `fedpod pod status --wait` returns
             if ready is not None:
                 ready.set()
             log.info("pod %s (%s) serving %d dataset(s)", self.config.name, self.fingerprint, len(self.config.datasets))

@@ -152,6 +152,9 @@ class Identity:
         """Write `<name>.key` (0600, created with that mode so it is never world-readable)."""
         check_name(self.name, "identity")
         keystore.mkdir(parents=True, exist_ok=True)
+        ignore = keystore / ".gitignore"
+        if not ignore.exists():  # a keystore inside a git work tree (a pod folder) is never committed
+            ignore.write_text("# private keys: never commit them (written by fedpod)\n*.key\n")
         path = keystore / f"{self.name}.key"
         if path.exists():
             raise ConfigError(f"identity {self.name!r} already exists", where=str(path),
