@@ -220,6 +220,12 @@ def test_audit_log_verifies_and_detects_tampering(cli: Cli, federation: str, hom
     cli("sql", "SELECT COUNT(*) AS n FROM `ehr-records-2025`", "--datasets", f"alice/{DATASET}",
         "--broker", federation)
     assert "intact" in cli("audit", "verify", "--config", "pods/alice/pod.yaml").stdout
+    shown = " ".join(cli("audit", "show", "--config", "pods/alice/pod.yaml", "--modeller", "modeller",
+                         "--since", "1h").stdout.split())
+    assert "task-received" in shown and "task-completed" in shown and DATASET in shown
+    cli("audit", "export", "--config", "pods/alice/pod.yaml", "--csv", "audit.csv", "--decision", "allow")
+    exported = pd.read_csv(home / "audit.csv")
+    assert len(exported) >= 1 and set(exported["decision"]) == {"allow"} and set(exported["requester"]) == {"modeller"}
     audit = home / "pods" / "alice" / "storage" / "audit.jsonl"
     lines = audit.read_text().splitlines()
     entry = json.loads(lines[1])

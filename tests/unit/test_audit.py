@@ -3,6 +3,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from fedpod.errors import ConfigError
 from fedpod.governance.audit import AuditLog
 
 
@@ -148,3 +151,27 @@ def test_discovery_by_strangers_does_not_spend_the_audit_budget_for_denied_tasks
         tally.denial(f"rotating{index}", "modellers")
     summary = tally.summary(61.0)
     assert summary is not None and summary["counts"]["denied-unaudited"] == 100 + 6
+
+
+def test_a_reviewer_filters_the_log_and_sees_each_tasks_whole_story(tmp_path: Path) -> None:
+    """Issue 8, item 5: `fedpod audit show/export` rows — by dataset, modeller, decision and time;
+    a completed task is found by its requester although its entry does not name it."""
+    from fedpod.governance.audit_view import parse_since, rows
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("pod-started", pod="alice")
+    log.append("task-received", task="t1", requester="ann", requester_fingerprint="AAAA-AAAA-AAAA-AAAA",
+               dataset="ehr", kind="sql", decision="allow", query="SELECT 1")
+    log.append("task-completed", task="t1", dataset="ehr", returned_rows=1)
+    log.append("task-received", task="t2", requester="bob", requester_fingerprint="BBBB-BBBB-BBBB-BBBB",
+               dataset="labs", kind="sql", decision="deny")
+    entries = log.entries()
+    assert [r["event"] for r in rows(entries, modeller="ann")] == ["task-received", "task-completed"]
+    assert [r["task"] for r in rows(entries, modeller="BBBB-BBBB-BBBB-BBBB")] == ["t2"]
+    assert [r["task"] for r in rows(entries, decision="deny")] == ["t2"]
+    assert [r["event"] for r in rows(entries, dataset="ehr")] == ["task-received", "task-completed"]
+    assert rows(entries, since=parse_since("1h")) == rows(entries) and rows(entries, since=9e12) == []
+    completed = rows(entries, modeller="ann")[1]
+    assert completed["requester"] == "ann" and '"returned_rows": 1' in completed["details"]
+    with pytest.raises(ConfigError, match="neither a duration"):
+        parse_since("yesterday-ish")

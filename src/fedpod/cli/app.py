@@ -607,6 +607,56 @@ def data_synth(
         console.print(f"{folder}: {rows} patients")
 
 
+AuditFilters = tuple[str | None, str | None, str | None, str | None]
+
+
+def _audit_rows(config: Path, filters: AuditFilters) -> list[dict[str, object]]:
+    from fedpod.governance.audit_view import parse_since, rows
+
+    since, dataset, modeller, decision = filters
+    return rows(AuditLog(_pod_storage(config) / "audit.jsonl").entries(),
+                since=parse_since(since) if since else None, dataset=dataset, modeller=modeller, decision=decision)
+
+
+Since = Annotated[str | None, typer.Option(help="only entries since: 30m, 2h, 7d, or a date/time")]
+OfDataset = Annotated[str | None, typer.Option("--dataset", help="only this dataset's entries")]
+OfModeller = Annotated[str | None, typer.Option("--modeller", help="only this modeller's (name or fingerprint)")]
+OfDecision = Annotated[str | None, typer.Option("--decision", help="allow | deny")]
+
+
+@audit_app.command("show")
+def audit_show(config: ConfigPath = Path("pod.yaml"), since: Since = None, dataset: OfDataset = None,
+               modeller: OfModeller = None, decision: OfDecision = None,
+               last: Annotated[int, typer.Option(help="at most this many (the newest)")] = 200) -> None:
+    """The audit log as a table: who asked what of which dataset, what was decided and returned."""
+    selected = _audit_rows(config, (since, dataset, modeller, decision))
+    table = Table(title=f"{len(selected)} entr{'y' if len(selected) == 1 else 'ies'} (showing at most {last})",
+                  title_justify="left")
+    for column in ("seq", "time", "event", "requester", "dataset", "kind", "decision", "details"):
+        table.add_column(column, overflow="fold")
+    for row in selected[-last:]:
+        table.add_row(*(escape(str(row[c]))[:160] for c in ("seq", "time", "event", "requester", "dataset", "kind",
+                                                            "decision", "details")))
+    console.print(table)
+
+
+@audit_app.command("export")
+def audit_export(out: Annotated[Path, typer.Option("--csv", help="CSV file to write")],
+                 config: ConfigPath = Path("pod.yaml"), since: Since = None, dataset: OfDataset = None,
+                 modeller: OfModeller = None, decision: OfDecision = None) -> None:
+    """The audit log (filtered as `show`) as CSV, one entry per row, for a reviewer's own tools."""
+    import csv
+
+    from fedpod.governance.audit_view import COLUMNS
+
+    selected = _audit_rows(config, (since, dataset, modeller, decision))
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(selected)
+    console.print(f"wrote {len(selected)} entries to {out}", highlight=False)
+
+
 @audit_app.command("verify")
 def audit_verify(
     config: ConfigPath = Path("pod.yaml"),
