@@ -79,7 +79,7 @@ def test_a_broker_client_learns_no_names_types_tasks_or_datasets(
     cardiology.stop()
     tasks = [e["task"] for e in map(json.loads, cardiology.audit_path.read_text().splitlines())
              if e["event"] == "task-received"]
-    assert len(tasks) == 3  # the aggregate, the row query, the training round
+    assert len(tasks) == 4  # the aggregate, the row query, the standardisation aggregate, the training round
 
     secrets = [b"stmarys", b"modeller", b"cardiology", b"bmi", b"smoker", b"outcome", b"SELECT",
                b"logistic", b"discover", b"advert", b"heartbeat", b"task", b"result", b"train",

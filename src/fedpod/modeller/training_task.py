@@ -13,10 +13,12 @@ from pathlib import Path
 from rich.console import Console
 
 from fedpod.aggregation import aggregator_from_config
+from fedpod.algorithms.training.builtin import BUILTIN_PLANS
 from fedpod.errors import ConfigError
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target
 from fedpod.modeller.experiment import Experiment
+from fedpod.modeller.standardise import global_standardisation, numeric_features
 from fedpod.tasks.model import TrainingTask
 
 
@@ -43,8 +45,13 @@ def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console
     targets = modeller.resolve(task.targets.identifiers or None, task.targets.tags or None,
                                min_datasets=min_datasets)
     check_schemas(targets, task.schema_requirements, task.model_args["target"])
+    model_args = dict(task.model_args)
+    if task.plan_path is None and task.plan in BUILTIN_PLANS and task.standardize:
+        # here, not in the Experiment: a task file may leave `features` to the datasets' numeric
+        # columns, and the plan's shape depends on them
+        model_args |= global_standardisation(modeller, targets, numeric_features(targets[0], model_args))
     experiment = Experiment(datasets=[t.identifier for t in targets], training_plan_class=task.plan,
-                            training_plan_path=task.plan_path, model_args=dict(task.model_args),
+                            training_plan_path=task.plan_path, model_args=model_args,
                             training_args=task.training_args, round_limit=task.rounds,
                             aggregator=aggregator_from_config(task.aggregator), modeller=modeller,
                             min_pods=min_datasets, standardize=task.standardize,
