@@ -12,5 +12,11 @@ fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+echo "==> installing Debian's postgresql package (for the PostgreSQL dataset tests)"
+if [ -n "${CI:-}" ]; then  # quiet in CI logs; apt's own progress otherwise
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+else
+  $sudo apt-get update
+  $sudo apt-get install -y --no-install-recommends postgresql
+fi
