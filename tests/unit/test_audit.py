@@ -175,3 +175,13 @@ def test_a_reviewer_filters_the_log_and_sees_each_tasks_whole_story(tmp_path: Pa
     assert completed["requester"] == "ann" and '"returned_rows": 1' in completed["details"]
     with pytest.raises(ConfigError, match="neither a duration"):
         parse_since("yesterday-ish")
+
+
+def test_reordered_entries_are_detected_with_the_line(tmp_path: Path) -> None:
+    """Issue 8, item 5: edit, delete and truncate are tested above; reordering two entries too."""
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    lines[1], lines[2] = lines[2], lines[1]
+    path.write_text("\n".join(lines) + "\n")
+    result = AuditLog.verify(path)
+    assert not result.ok and "line 2" in (result.problem or ""), result.problem
