@@ -100,14 +100,17 @@ class AsyncModeller:
         return None  # counted by the channel; a modeller has no audit log of its own
 
     async def _on_heartbeat(self, frame: Payload, ack: Ack) -> None:
-        """During a discovery, every pod that announces itself gets a sealed discovery request
-        (heartbeats show a pod's public keys; a ping makes every pod beat at once). At most
-        MAX_DISCOVERY_REQUESTS per discovery: on an open broker anyone can announce keys."""
+        """Every pod's heartbeats, on one subscription. A pod this modeller has a task at is
+        followed (liveness, task phases). During a discovery, every pod that announces itself gets
+        a sealed discovery request (heartbeats show a pod's public keys; a ping makes every pod
+        beat at once) — at most MAX_DISCOVERY_REQUESTS: on an open broker anyone can announce keys."""
         keys = announced_sender(frame)
-        if keys is None or self._asked is None or len(self._asked) >= MAX_DISCOVERY_REQUESTS:
+        if keys is None:
             return
         pod = PublicIdentity("pod", *keys)
-        if pod.fingerprint in self._asked:
+        if pod.fingerprint in self._last_beat:
+            await self._beat(pod.fingerprint, frame)
+        if self._asked is None or len(self._asked) >= MAX_DISCOVERY_REQUESTS or pod.fingerprint in self._asked:
             return
         self._asked.add(pod.fingerprint)
         request = asyncio.ensure_future(self._ask(pod))
@@ -264,26 +267,23 @@ class AsyncModeller:
         return reply
 
     async def _watch(self, pod: PublicIdentity) -> None:
-        """Follow a pod's heartbeats from the first task sent to it on."""
-        if pod.fingerprint in self._last_beat:
+        """Follow a pod's heartbeats (see `_on_heartbeat`) from the first task sent to it on."""
+        self._last_beat.setdefault(pod.fingerprint, asyncio.get_running_loop().time())
+
+    async def _beat(self, fingerprint: str, frame: Payload) -> None:
+        """A watched pod's heartbeat: it is alive, and says what it does with our tasks."""
+        try:
+            opened = await self._channel.open(frame)
+        except EnvelopeRejected:
+            return  # not sealed for us, forged or replayed: it proves nothing
+        if opened.sender.fingerprint != fingerprint:
             return
-        loop = asyncio.get_running_loop()
-        self._last_beat[pod.fingerprint] = loop.time()
-
-        async def on_beat(opened: Opened) -> None:
-            if opened.sender.fingerprint != pod.fingerprint:
-                return
-            self._last_beat[pod.fingerprint] = loop.time()
-            with contextlib.suppress(DecodeError):
-                for task_id, phase in unpack(opened.payload, Heartbeat).phases.items():
-                    observer = self._observers.get(task_id)
-                    if observer is not None and self._pending.get(task_id, ("",))[0] == pod.fingerprint:
-                        observer(phase[:32])
-
-        async def ignore(exc: EnvelopeRejected) -> None:
-            return None
-
-        await self._channel.listen(subjects.heartbeat(pod.fingerprint), on_beat, ignore)
+        self._last_beat[fingerprint] = asyncio.get_running_loop().time()
+        with contextlib.suppress(DecodeError):
+            for task_id, phase in unpack(opened.payload, Heartbeat).phases.items():
+                observer = self._observers.get(task_id)
+                if observer is not None and self._pending.get(task_id, ("",))[0] == fingerprint:
+                    observer(phase[:32])
 
     async def _reply_or_loss(self, future: asyncio.Future[Opened], target: Target) -> Opened:
         """Wait for the reply; fail as soon as the pod stops sending heartbeats (it died or was
