@@ -124,10 +124,12 @@ class SecureChannel:
             return await asyncio.to_thread(open_envelope, frame, self.identity, self.guard)
         return open_envelope(frame, self.identity, self.guard)
 
-    async def listen(self, subject: str, on_opened: OpenedHandler, on_rejected: RejectedHandler) -> None:
-        """Subscribe `subject`; verified envelopes go to `on_opened`, rejections are counted
-        and reported to `on_rejected` — never raised into the subscription. The sender hears
-        that its message arrived when the handler awaits `opened.acknowledge()`, or returns."""
+    async def listen_inbox(self, on_opened: OpenedHandler, on_rejected: RejectedHandler) -> None:
+        """Subscribe this party's inbox (the only subject envelopes are opened on: heartbeats are
+        read by the modeller's own subscription); verified envelopes go to `on_opened`, rejections
+        are counted and reported to `on_rejected` — never raised into the subscription. The
+        sender hears that its message arrived when the handler awaits `opened.acknowledge()`, or
+        returns."""
 
         async def on_frame(frame: Payload, ack: Ack) -> None:
             try:
@@ -139,7 +141,4 @@ class SecureChannel:
             del frame  # the ciphertext is not needed while the handler works (a pod trains for minutes)
             await on_opened(dataclasses.replace(opened, acknowledge=ack))
 
-        await self.bus.subscribe(subject, on_frame)
-
-    async def listen_inbox(self, on_opened: OpenedHandler, on_rejected: RejectedHandler) -> None:
-        await self.listen(subjects.inbox(self.fingerprint), on_opened, on_rejected)
+        await self.bus.subscribe(subjects.inbox(self.fingerprint), on_frame)
