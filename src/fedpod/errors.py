@@ -107,6 +107,7 @@ class AccessDenied(FedpodError, PermissionError):
     def __init__(self, message: str, *, where: str | None = None, rule: str | None = None,
                  hint: str | None = None) -> None:
         self.rule = rule
+        self.request_id: int | None = None  # the access request a pod opened for this refusal
         super().__init__(message + (f" [rule: {rule}]" if rule else ""), where=where, hint=hint)
 
 

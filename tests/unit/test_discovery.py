@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedpod.errors import AccessDenied, AmbiguousDatasets, DatasetNotFound, MissingDatasets
-from fedpod.modeller.discovery import require, select_by_identifiers, select_by_tags
+from fedpod.modeller.discovery import Targets, require, select_by_identifiers, select_by_tags
 from fedpod.modeller.known_pods import KnownPods
 from fedpod.security.identity import Identity
 from fedpod.wire.messages import DatasetAdvert, PodAdvert
@@ -45,26 +45,34 @@ def test_identifiers_select_exact_datasets() -> None:
 
 
 def test_every_missing_identifier_is_named_with_its_reason() -> None:
-    refusing = advert("erin", notice="modeller 'm' (FP) is not in pod erin's accepted modellers")
-    found = select_by_identifiers({**ADVERTS, "erin": refusing[1]}, ["bob/ehr", "dave/ehr", "bob/x", "erin/ehr"])
+    found = select_by_identifiers(ADVERTS, ["bob/ehr", "dave/ehr", "bob/x"])
     assert [t.identifier for t in found] == ["bob/ehr"]
-    assert set(found.missing) == {"dave/ehr", "bob/x", "erin/ehr"}
+    assert set(found.missing) == {"dave/ehr", "bob/x"}
     reasons = found.reasons()
     assert "pod 'dave' did not answer discovery" in reasons["dave/ehr"]
     assert "no dataset 'x'" in reasons["bob/x"] and "offers: ehr" in reasons["bob/x"]
-    assert "not in pod erin's accepted modellers" in reasons["erin/ehr"]
-    assert isinstance(found.missing["erin/ehr"], AccessDenied)
     with pytest.raises(MissingDatasets) as info:
         require(found, None)
     said = str(info.value)
-    assert all(name in said for name in ("dave/ehr", "bob/x", "erin/ehr")) and "--min-datasets" in said
+    assert all(name in said for name in ("dave/ehr", "bob/x")) and "--min-datasets" in said
+
+
+def test_a_pod_that_does_not_know_the_modeller_still_gets_the_task_so_that_it_can_open_a_request() -> None:
+    refusing = advert("erin", notice="modeller 'm' (FP) is not in pod erin's accepted modellers")
+    found = select_by_identifiers({**ADVERTS, "erin": refusing[1]}, ["bob/ehr", "erin/ehr"])
+    assert [t.identifier for t in found] == ["bob/ehr", "erin/ehr"] and not found.missing
+    assert found[1].dataset.columns == {}  # no schema for a modeller the pod does not know
+
+
+def test_a_quorum_lets_a_task_go_on_with_the_missing_datasets_named() -> None:
+    found = select_by_identifiers(ADVERTS, ["bob/ehr", "dave/ehr"])
     assert require(found, 1) is found  # a quorum of one: the missing ones travel with the targets
     with pytest.raises(MissingDatasets, match="at least 2 needed"):
         require(found, 2)
     with pytest.raises(DatasetNotFound, match="pod 'dave' did not answer"):  # one missing: its own error
         require(select_by_identifiers(ADVERTS, ["bob/ehr", "dave/ehr"]), None)
-    both_refuse = select_by_identifiers({"erin": refusing[1], "fay": advert("fay", notice="not accepted")[1]},
-                                        ["erin/ehr", "fay/ehr"])
+    both_refuse = Targets(missing={"erin/ehr": AccessDenied("unknown to pod erin"),
+                                   "fay/ehr": AccessDenied("unknown to pod fay")})
     with pytest.raises(AccessDenied, match=r"2 datasets refused this modeller.*erin/ehr.*fay/ehr"):
         require(both_refuse, None)
 

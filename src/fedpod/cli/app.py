@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedpod import __version__
+from fedpod.cli.governance import _expiry, access_app, applies, policy_app
 from fedpod.cli.options import (
     BrokerUrl,
     Creds,
@@ -31,11 +32,12 @@ from fedpod.cli.options import (
 )
 from fedpod.data.datasets import DatasetSpec, inspect
 from fedpod.errors import ConfigError, FedpodError, plain
-from fedpod.governance.access import TrustedModeller
 from fedpod.governance.audit import AuditLog
 from fedpod.governance.plans import PlanRegistry
+from fedpod.governance.policy import EVERY_DATASET, TASK_KINDS
 from fedpod.names import check_name
 from fedpod.pod.config import BrokerSettings, PodConfig
+from fedpod.pod.custodian import PodFolder, parse_kinds
 from fedpod.security.identity import Identity, PublicIdentity, check_fingerprint, default_keystore, fedpod_home
 
 if TYPE_CHECKING:  # the modeller's libraries stay out of `fedpod pod start`
@@ -59,7 +61,7 @@ plan_app = typer.Typer(help="Approve or reject custom training-plan code sent to
 known_pods_app = typer.Typer(help="Pinned pod fingerprints (like SSH's known_hosts).", no_args_is_help=True)
 for sub, name in ((broker_app, "broker"), (identity_app, "identity"), (pod_app, "pod"), (dataset_app, "dataset"),
                   (datasets_app, "datasets"), (data_app, "data"), (audit_app, "audit"), (plan_app, "plan"),
-                  (known_pods_app, "known-pods")):
+                  (known_pods_app, "known-pods"), (access_app, "access"), (policy_app, "policy")):
     app.add_typer(sub, name=name)
 accounts_app = typer.Typer(help="NATS operator/account JWTs for a cluster that fedpod does not run.",
                            no_args_is_help=True)
@@ -265,31 +267,30 @@ def _opt(path: Path | None) -> str | None:
 def pod_allow(
     modeller: Annotated[str, typer.Option("--name", help="modeller's name")],
     fingerprint: Annotated[str, typer.Option(help="modeller's fingerprint, compared out of band")],
+    kinds: Annotated[str, typer.Option(help="task kinds, comma-separated")] = ",".join(TASK_KINDS),
+    dataset: Annotated[str, typer.Option(help="a dataset of the pod, or '*' for all")] = EVERY_DATASET,
+    expires: Annotated[str | None, typer.Option(help="last day of the grant, YYYY-MM-DD")] = None,
     config: ConfigPath = Path("pod.yaml"),
 ) -> None:
-    """Accept tasks from a modeller identified by its fingerprint."""
+    """Grant a modeller, identified by its fingerprint, task kinds on a dataset (default: all, on all)."""
     check_fingerprint(fingerprint)
     check_name(modeller, "modeller")
-    settings = PodConfig.load(config)
-    if any(m.fingerprint == fingerprint for m in settings.access.modellers):
-        console.print(f"{modeller} is already accepted")
-        return
-    settings.access.modellers.append(TrustedModeller(name=modeller, fingerprint=fingerprint))
-    settings.save(config)
-    console.print(f"pod {settings.name} now accepts {modeller} ({fingerprint}); {_applies(config, live=True)}",
-                  highlight=False)
+    granted = parse_kinds(kinds)
+    PodFolder(config).change_policy(
+        lambda policy: policy.grant(modeller, fingerprint, dataset, granted, _expiry(expires)), "fedpod pod allow")
+    console.print(f"pod {PodFolder(config).config.name} now grants {', '.join(granted)} on {escape(dataset)} to "
+                  f"{escape(modeller)} ({fingerprint}); {applies(config)}", highlight=False)
 
 
 def _applies(config: Path, live: bool) -> str:
-    """When a config change reaches the pod: at its next heartbeat if it runs and the change is
-    live (access), otherwise at its next start — said, never left to guess."""
+    """When a config change reaches the pod — said, never left to guess."""
     from fedpod.pod.status import running_pid
 
+    if live:
+        return applies(config)
     pid = running_pid(_pod_storage(config))
     if pid is None:
         return "the pod is not running: it applies at the next `fedpod pod start`"
-    if live:
-        return f"the running pod (pid {pid}) applies it within a heartbeat, without a restart"
     return f"the running pod (pid {pid}) serves it after a restart (stop it, then `fedpod pod start --config {config}`)"
 
 
@@ -298,15 +299,9 @@ def pod_revoke(
     modeller: Annotated[str, typer.Argument(help="the modeller's name or fingerprint")],
     config: ConfigPath = Path("pod.yaml"),
 ) -> None:
-    """Stop accepting a modeller's tasks (and adverts): a running pod applies it at its next heartbeat."""
-    settings = PodConfig.load(config)
-    kept = [m for m in settings.access.modellers if modeller not in (m.name, m.fingerprint)]
-    if len(kept) == len(settings.access.modellers):
-        raise ConfigError(f"pod {settings.name} does not accept {modeller!r}", where=str(config),
-                          hint="`fedpod pod status` lists the accepted modellers")
-    settings.access.modellers[:] = kept
-    settings.save(config)
-    console.print(f"pod {settings.name} no longer accepts {modeller}; {_applies(config, live=True)}",
+    """Remove a modeller and its grants (same as `fedpod access revoke`)."""
+    PodFolder(config).revoke(modeller, "fedpod pod revoke")
+    console.print(f"pod {PodFolder(config).config.name} no longer accepts {escape(modeller)}; {applies(config)}",
                   highlight=False)
 
 
@@ -349,8 +344,11 @@ def pod_status(
     for spec in settings.datasets:
         console.print(f"  dataset {escape(spec.name)}: {spec.rows:,} rows, tags {escape(', '.join(spec.tags) or '-')}",
                       highlight=False)
-    for trusted in settings.access.modellers:
-        console.print(f"  accepts {escape(trusted.name)} ({trusted.fingerprint})", highlight=False)
+    for name, known in settings.policies.modellers.items():
+        console.print(f"  knows {escape(name)} ({known})", highlight=False)
+    pending = sum(entry["status"] == "pending" for entry in PodFolder(config).requests.entries())
+    if pending:
+        console.print(f"  {pending} access request(s) pending: `fedpod access list --config {config}`", highlight=False)
     rejections = ", ".join(f"{reason} {count}" for reason, count in sorted(rejected.items())) or "none"
     console.print(f"  tasks served {served}, refused {refused} (audited); messages rejected: {rejections}",
                   highlight=False)
@@ -520,18 +518,35 @@ def _save_results(result: pd.DataFrame | SqlResults, out: Path, query: str) -> N
     frames = dict(result) if isinstance(result, dict) else {"aggregate": result}
     missing = result.missing if isinstance(result, dict) else result.attrs.get("missing", {})
     covered = list(result) if isinstance(result, dict) else result.attrs.get("datasets", [])
+    disclosure = result.disclosure if isinstance(result, dict) else result.attrs.get("disclosure", {})
     for identifier, frame in frames.items():
         file = _free_name(out, identifier.replace("/", "__"))
         frame.to_csv(file, index=False)
+        whole = identifier == "aggregate"
         file.with_suffix(".json").write_text(json.dumps(
-            {"query": query, "result": identifier, "datasets": covered if identifier == "aggregate" else [identifier],
-             "missing": missing, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+            {"query": query, "result": identifier, "datasets": covered if whole else [identifier],
+             "missing": missing, "disclosure": disclosure if whole else disclosure.get(identifier, {}),
+             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
         print_frame(frame, f"{identifier}  →  {file}")
     if not isinstance(result, dict):
         console.print(f"aggregated over {len(covered)} dataset(s): {escape(', '.join(covered))}", highlight=False,
                       soft_wrap=True)
+    for identifier, limits in sorted(disclosure.items()):
+        err.print(f"[yellow]disclosure control:[/yellow] {escape(identifier)} {escape(disclosure_note(limits))}",
+                  highlight=False, soft_wrap=True)
     for identifier, why in sorted(missing.items()):
         err.print(f"[yellow]missing:[/yellow] {escape(identifier)} — {escape(why)}", highlight=False, soft_wrap=True)
+
+
+def disclosure_note(limits: dict[str, int]) -> str:
+    """What a pod's disclosure limits did to its part of a result, in words."""
+    notes = []
+    if "suppressed_groups" in limits:
+        notes.append(f"suppressed {limits['suppressed_groups']} group(s) of fewer than {limits['min_group_size']} rows "
+                     "(their rows are left out of this result, which is therefore not exact)")
+    if "rows_capped_at" in limits:
+        notes.append(f"capped its rows at {limits['rows_capped_at']:,} (its policy's max_rows)")
+    return "; ".join(notes)
 
 
 def _free_name(folder: Path, stem: str) -> Path:
@@ -693,7 +708,7 @@ def _pod_storage(config: Path) -> Path:
 
 
 def _plans(config: Path) -> PlanRegistry:
-    return PlanRegistry(_pod_storage(config) / "plans")
+    return PodFolder(config).plans
 
 
 @plan_app.command("list")
@@ -716,16 +731,14 @@ def plan_show(sha: str, config: ConfigPath = Path("pod.yaml")) -> None:
 @plan_app.command("approve")
 def plan_approve(sha: str, config: ConfigPath = Path("pod.yaml")) -> None:
     """Allow this exact source (by hash) to run on this pod."""
-    meta = _plans(config).decide(sha, "approved")
-    AuditLog(_pod_storage(config) / "audit.jsonl").append("plan-approved", sha256=meta["sha256"], plan=meta["class"])
+    meta = PodFolder(config).decide_plan(sha, approved=True)
     console.print(f"approved {meta['class']} ({meta['sha256'][:16]})")
 
 
 @plan_app.command("reject")
 def plan_reject(sha: str, config: ConfigPath = Path("pod.yaml")) -> None:
     """Refuse this source; tasks using it fail with a clear error."""
-    meta = _plans(config).decide(sha, "rejected")
-    AuditLog(_pod_storage(config) / "audit.jsonl").append("plan-rejected", sha256=meta["sha256"], plan=meta["class"])
+    meta = PodFolder(config).decide_plan(sha, approved=False)
     console.print(f"rejected {meta['class']} ({meta['sha256'][:16]})")
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fedpod.channel import SecureChannel
 from fedpod.errors import (
     AccessDenied,
+    DatasetNotFound,
     EnvelopeRejected,
     FedpodError,
     PodLost,
@@ -36,6 +37,9 @@ from fedpod.transport import subjects
 from fedpod.transport.bus import Ack, BrokerOptions, Bus, Payload
 from fedpod.wire.codec import DecodeError, table_from_bytes, unpack
 from fedpod.wire.messages import (
+    AccessStatus,
+    AccessStatusQuery,
+    DatasetAdvert,
     Discover,
     Heartbeat,
     PodAdvert,
@@ -258,7 +262,9 @@ class AsyncModeller:
         if opened.header.type == TaskFailure.TYPE:
             failure = unpack(opened.payload, TaskFailure)
             if failure.kind == "AccessDenied":  # a refusal is a refusal, whether at discovery or at the task
-                raise AccessDenied(failure.message, where=f"pod {target.pod.name}", hint=failure.hint)
+                denied = AccessDenied(failure.message, where=target.identifier, hint=failure.hint)
+                denied.rule, denied.request_id = failure.rule, failure.request_id
+                raise denied
             raise TaskFailed(failure.message, pod=target.pod.name, kind=failure.kind, hint=failure.hint)
         if opened.header.type != reply_type.TYPE:
             raise TaskFailed(f"unexpected reply type {opened.header.type!r}", pod=target.pod.name, kind="ProtocolError")
@@ -306,11 +312,28 @@ class AsyncModeller:
                               f"{interval:g}s expected) while it held this task: declared lost",
                               where=target.identifier, hint="is the pod running? its custodian can see its log")
 
-    async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> Any:
+    async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> tuple[Any, dict[str, int]]:
         def build(task_id: str) -> TaskRequest:
             return TaskRequest(task_id=task_id, dataset=target.dataset.name, algorithm=algorithm)
 
-        return table_from_bytes((await self.exchange(target, build, TaskResult)).table)
+        result = await self.exchange(target, build, TaskResult)
+        return table_from_bytes(result.table), dict(result.disclosure)
+
+    async def access_status(self, pods: list[str] | None = None) -> list[AccessStatus]:
+        """What each pod (or the named ones) says about this modeller's access requests and
+        grants: pods answer anyone about their own requests, and no one about others'."""
+        adverts = await self.discover(identifiers=pods) if pods else await self.discover()
+        chosen = [(pod, advert) for name, (pod, advert) in sorted(adverts.items()) if not pods or name in pods]
+        missing = sorted(set(pods or []) - {advert.pod for _, advert in chosen})
+        if missing:
+            raise DatasetNotFound(f"pod(s) {', '.join(missing)} did not answer discovery",
+                                  hint="are they running on this broker?")
+
+        async def ask(pod: PublicIdentity, advert: PodAdvert) -> AccessStatus:
+            target = Target(pod, DatasetAdvert(identifier=f"{advert.pod}/", name=""))
+            return await self.exchange(target, lambda _: AccessStatusQuery(), AccessStatus)
+
+        return list(await asyncio.gather(*(ask(pod, advert) for pod, advert in chosen)))
 
     async def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
                   aggregate: bool = False, min_datasets: int | None = None) -> pd.DataFrame | SqlResults:
@@ -324,13 +347,14 @@ class AsyncModeller:
 
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
-        first = targets[0].dataset
-        names = output_names(query, first.name, first.columns) if plan else []
+        # Pods that do not know this modeller advertise no schema; their refusals say what to ask for.
+        described = next((t.dataset for t in targets if t.dataset.columns), None)
+        names = output_names(query, described.name, described.columns) if plan and described else []
         algorithm = SqlQueryAlgorithm(query=plan.partial_sql if plan else query,
                                       mode=plan.mode if plan else "rows")
         outcomes = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets), return_exceptions=True)
         answered = Targets(missing=targets.missing)
-        tables = []
+        tables, disclosure = [], {}
         for target, outcome in zip(targets, outcomes, strict=True):
             if isinstance(outcome, FedpodError):
                 answered.missing[target.identifier] = outcome
@@ -338,13 +362,21 @@ class AsyncModeller:
                 raise outcome
             else:
                 answered.append(target)
-                tables.append(outcome)
+                tables.append(outcome[0])
+                if outcome[1]:
+                    disclosure[target.identifier] = outcome[1]
         require(answered, min_datasets)
         if plan is None:
-            return SqlResults({t.identifier: table.to_pandas() for t, table in zip(answered, tables, strict=True)},
-                              answered.reasons())
+            frames = {t.identifier: table.to_pandas() for t, table in zip(answered, tables, strict=True)}
+            for identifier, limits in disclosure.items():
+                frames[identifier].attrs["disclosure"] = limits
+            return SqlResults(frames, answered.reasons(), disclosure)
+        if plan.mode == "partials" and not names:
+            raise FedpodError("the pods accepted this modeller while the query ran, before it had their schema",
+                              hint="run the query again")
         merged = merge(plan, tables, names)
-        merged.attrs.update(datasets=[t.identifier for t in answered], missing=answered.reasons())
+        merged.attrs.update(datasets=[t.identifier for t in answered], missing=answered.reasons(),
+                            disclosure=disclosure)
         return merged
 
 
@@ -358,11 +390,14 @@ def broker_options(broker: str | BrokerOptions | None) -> BrokerOptions:
 
 class SqlResults(dict[str, "pd.DataFrame"]):
     """One DataFrame per dataset identifier; `missing` names the datasets asked for that did not
-    answer (only ever non-empty when the caller accepted a quorum) and why."""
+    answer (only ever non-empty when the caller accepted a quorum) and why; `disclosure`, what
+    each pod's disclosure limits changed (rows capped, small groups suppressed)."""
 
-    def __init__(self, frames: dict[str, pd.DataFrame], missing: dict[str, str]) -> None:
+    def __init__(self, frames: dict[str, pd.DataFrame], missing: dict[str, str],
+                 disclosure: dict[str, dict[str, int]] | None = None) -> None:
         super().__init__(frames)
         self.missing = dict(missing)
+        self.disclosure = dict(disclosure or {})
 
 
 class Modeller:
@@ -429,6 +464,10 @@ class Modeller:
             aggregate: bool = False, min_datasets: int | None = None) -> pd.DataFrame | SqlResults:
         return self._call(self._core.sql(query, datasets=datasets, tags=tags, aggregate=aggregate,
                                          min_datasets=min_datasets))
+
+    def access_status(self, pods: list[str] | None = None) -> list[AccessStatus]:
+        """This modeller's access requests and grants, as each pod (or the named ones) tells them."""
+        return self._call(self._core.access_status(pods))
 
     def close(self) -> None:
         if self._loop.is_running():

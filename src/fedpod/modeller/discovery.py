@@ -58,7 +58,9 @@ def select_by_identifiers(adverts: dict[str, tuple[PublicIdentity, PodAdvert]], 
             continue
         pod, advert = adverts[owner]
         if advert.notice:
-            selected.missing[identifier] = _refused(owner, advert.notice)
+            # The pod does not know this modeller: the task still goes (without a schema), so
+            # that the pod opens an access request and its refusal names it.
+            selected.append(Target(pod, DatasetAdvert(identifier=identifier, name=name)))
             continue
         dataset = next((d for d in advert.datasets if d.name == name), None)
         if dataset is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import FedpodError
-from fedpod.governance.access import TrustedModeller
+from fedpod.governance.policy import EVERY_DATASET, TASK_KINDS, Policy
 from fedpod.lifecycle import die_with_parent
 from fedpod.modeller.client import Modeller
 from fedpod.pod.config import BrokerSettings, PodConfig
@@ -24,9 +24,9 @@ from fedpod.transport.broker import EmbeddedBroker
 
 def write_pod(folder: Path, name: str, broker: EmbeddedBroker | str, datasets: list[DatasetSpec],
               accept: list[Identity], **settings: Any) -> Path:
-    """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, accepting
-    tasks from the `accept` modellers. Given the local broker itself (not only its URL), the
-    pod and those modellers are let in to it."""
+    """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, granting
+    every kind of task on every dataset to the `accept` modellers (unless `policies` is given).
+    Given the local broker itself (not only its URL), the pod and those modellers are let in."""
     folder.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(name, folder / "keys")
     if isinstance(broker, EmbeddedBroker):
@@ -34,9 +34,12 @@ def write_pod(folder: Path, name: str, broker: EmbeddedBroker | str, datasets: l
         for modeller in accept:
             broker.allow("modeller", modeller.public)
     broker_url = broker.url if isinstance(broker, EmbeddedBroker) else broker
+    policies = Policy()
+    for modeller in accept:
+        policies = policies.grant(modeller.name, modeller.fingerprint, EVERY_DATASET, list(TASK_KINDS))
+    settings.setdefault("policies", policies)
     config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker_url),
                        datasets=datasets, **settings)
-    config.access.modellers.extend(TrustedModeller(name=m.name, fingerprint=m.fingerprint) for m in accept)
     path = folder / "pod.yaml"
     config.save(path)
     return path

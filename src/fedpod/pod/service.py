@@ -1,10 +1,12 @@
 """The pod service: connects out to the broker, answers discovery, runs tasks, keeps the audit log.
 
 Every inbound message is verified before anything else looks at it; every task goes through
-`governance.access.decide` and is written to the audit log with its decision and what was
-returned. What strangers send (bad envelopes, tasks from keys nobody accepted) is counted and
-summarised in the audit log once per window (`governance.rejections`), never written one
-entry per message and never raised: the pod keeps serving. Audit writes happen in a writer
+`governance.policy.decide` and is written to the audit log with its decision and what was
+returned. A task the policy does not cover opens an access request (`governance.requests`)
+whose id the refusal names, so the custodian can grant exactly that. What strangers send
+(bad envelopes, tasks from keys nobody knows) is counted and summarised in the audit log once
+per window (`governance.rejections`), never written one entry per message and never raised:
+the pod keeps serving. Audit writes happen in a writer
 thread, so a burst of them never stalls the event loop. Tasks run in worker threads (bounded
 by `max_concurrent_tasks`) so heartbeats never wait on a query.
 """
@@ -13,23 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpod import __version__
+from fedpod.algorithms.sql.disclosure import QueryShape, shape, suppress_small_groups, with_group_size
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import round_count
 from fedpod.errors import EnvelopeRejected, FedpodError, PlanNotApproved, ResultTooLarge
-from fedpod.governance.access import AccessRequest, decide
 from fedpod.governance.audit import AuditLog, AuditWriter
 from fedpod.governance.plans import PlanRegistry
+from fedpod.governance.policy import CUSTOM_PLAN, DatasetPolicy, Decision, Request, decide
+from fedpod.governance.policy_log import record_policy
 from fedpod.governance.rejections import RejectionTally, truncated
+from fedpod.governance.requests import AccessRequests
 from fedpod.pod.config import PodConfig
 from fedpod.pod.status import PID_FILE, mark_running
 from fedpod.security.envelope import Opened
@@ -39,6 +46,9 @@ from fedpod.transport import subjects
 from fedpod.transport.bus import Bus
 from fedpod.wire.codec import DecodeError, table_to_bytes, unpack
 from fedpod.wire.messages import (
+    AccessRequestState,
+    AccessStatus,
+    AccessStatusQuery,
     DatasetAdvert,
     Discover,
     Heartbeat,
@@ -88,6 +98,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MIN_BEAT_GAP_S = 0.25
+RATE_WINDOW_S = 3600.0
+REQUESTABLE_RULES = ("modeller", "grants", "expires")  # refusals a custodian can lift by granting
 
 
 class Pod:
@@ -105,6 +117,8 @@ class Pod:
         self._trainer: TrainingRunner | None = None
         self._trainer_lock = threading.Lock()
         self.plans = PlanRegistry(storage / "plans")
+        self.requests = AccessRequests(storage / "access-requests.json")
+        self._recent: dict[tuple[str, str], deque[float]] = {}  # (modeller, dataset) -> its allowed tasks' times
         self.channel: SecureChannel | None = None
         self.started = time.monotonic()
         self.running_tasks = 0
@@ -155,6 +169,7 @@ class Pod:
         pid_file = self._resolve(self.config.storage) / PID_FILE
         await self.journal.record_durably("pod-started", pod=self.config.name, fingerprint=self.fingerprint,
                                           datasets=[d.name for d in self.config.datasets])
+        self._record_policy()
         self.journal.checkpoint()
         try:
             await self.channel.listen_inbox(self._on_message, self._on_rejected)
@@ -195,6 +210,7 @@ class Pod:
                 await self.channel.announce(subjects.heartbeat(self.fingerprint), beat,
                                             [k for fp, k in self._modeller_keys.items() if self._accepts(fp)])
             self._reload_if_changed()
+            await asyncio.to_thread(self.requests.flush)
             self._summarise_rejections()
             self._pinged.clear()
             stopped = asyncio.ensure_future(stop.wait())
@@ -229,13 +245,14 @@ class Pod:
         except FedpodError as exc:
             log.warning("pod config %s changed but does not load (%s): the running settings stay", self.config_path,
                         exc)
+            self._journal.record("config-invalid", error=str(exc)[:2000], kept="the running settings")
             return
-        live = ("access", "discovery", "max_result_rows", "max_result_bytes")
+        live = ("policies", "discovery", "max_result_rows", "max_result_bytes")
         changed = [field for field in live if getattr(fresh, field) != getattr(self.config, field)]
         if changed:
             self.config = self.config.model_copy(update={field: getattr(fresh, field) for field in live})
-            self._journal.record("config-reloaded", changed=changed,
-                                 accepted=[m.fingerprint for m in self.config.access.modellers])
+            self._journal.record("config-reloaded", changed=changed)
+            self._record_policy()
             log.info("pod config reloaded: %s now apply", ", ".join(changed))
         if [d.name for d in fresh.datasets] != [d.name for d in self.config.datasets]:
             log.warning("the datasets in %s changed: restart the pod to serve them", self.config_path)
@@ -250,8 +267,13 @@ class Pod:
         if summary is not None:
             self._journal.record("rejections", **summary)
 
+    def _record_policy(self) -> None:
+        """Audit a policy change (with old and new values) unless its tool did already — edits
+        made while the pod ran, and those made while it was stopped."""
+        record_policy(self._resolve(self.config.storage), self.config.policies, self.audit, "pod config file")
+
     def _accepts(self, fingerprint: str) -> bool:
-        return any(m.fingerprint == fingerprint for m in self.config.access.modellers)
+        return self.config.policies.knows(fingerprint)
 
     def _refused(self, reason: str, detail: str) -> None:
         """Count a refusal; only the first of each reason in a window reaches the log."""
@@ -270,6 +292,22 @@ class Pod:
         with contextlib.suppress(FedpodError):
             await self.channel.send(sender, self.advert(sender), timeout_s=5.0)
 
+    async def _on_access_status(self, opened: Opened, trusted: bool) -> None:
+        """Tell a modeller (known or not: strangers are who have requests) its own requests and
+        grants — never anyone else's."""
+        assert self.channel is not None
+        sender = opened.sender
+        await opened.acknowledge()
+        if not trusted and not self.tally.denial(sender.fingerprint, "access-status", auditable=False)[1]:
+            return
+        today = dt.datetime.now(dt.UTC).date()
+        states = [AccessRequestState.model_validate(entry) for entry in self.requests.of(sender.fingerprint)]
+        granted = {d.name: sorted(kinds) for d in self.config.datasets
+                   if (kinds := self.config.policies.kinds_for(sender.fingerprint, d.name, today))}
+        with contextlib.suppress(FedpodError):
+            await self.channel.send(sender, AccessStatus(pod=self.config.name, requests=states[-50:],
+                                                         granted=granted), task_id=opened.header.task, timeout_s=5.0)
+
     async def _on_message(self, opened: Opened) -> None:
         request_type = REQUESTS.get(opened.header.type)
         trusted = self._accepts(opened.sender.fingerprint)
@@ -277,6 +315,9 @@ class Pod:
             self._modeller_keys[opened.sender.fingerprint] = opened.sender
         if opened.header.type == Discover.TYPE:
             await self._on_discover(opened, trusted)
+            return
+        if opened.header.type == AccessStatusQuery.TYPE:
+            await self._on_access_status(opened, trusted)
             return
         if request_type is None:
             if trusted:
@@ -296,39 +337,88 @@ class Pod:
             return
         await self._handle_task(opened, request)
 
-    async def _handle_task(self, opened: Opened, request: TaskRequest | TrainRequest) -> None:
+    def _shape(self, query: str, columns: list[str]) -> QueryShape:
+        try:
+            return shape(query, columns)
+        except FedpodError:  # unreadable SQL: judged as the most revealing kind; the engine says why later
+            return QueryShape("sql_rows", frozenset(), "it does not parse")
+
+    def _measure(self, request: TaskRequest | TrainRequest, sender: PublicIdentity) -> Request:
+        """What `decide` needs to know about a task, judged by the pod from the task itself (a
+        query's kind from its SQL, never from the mode its sender claims)."""
         assert self.engine is not None
+        served = request.dataset in self.engine.datasets
+        columns = list(self.engine.schemas[request.dataset][0]) if served else []
+        times = self._recent.get((sender.fingerprint, request.dataset), deque())
+        now = time.monotonic()
+        while times and now - times[0] > RATE_WINDOW_S:
+            times.popleft()
+        common: dict[str, Any] = {"pod": self.config.name, "requester": sender.name[:64],
+                                  "fingerprint": sender.fingerprint, "dataset": request.dataset[:128],
+                                  "at": dt.datetime.now(dt.UTC), "served": served, "recent_tasks": len(times)}
+        if isinstance(request, TaskRequest):
+            query = self._shape(request.algorithm.query, columns)
+            return Request(kind=query.kind, columns=query.columns, **common)
+        plan = request.plan
+        return Request(kind="evaluate" if request.evaluate_only else "train",
+                       model=plan.name if plan.kind == "builtin" else CUSTOM_PLAN, **common)
+
+    async def _handle_task(self, opened: Opened, request: TaskRequest | TrainRequest) -> None:
         sender = opened.sender
-        kind = "sql" if isinstance(request, TaskRequest) else "train"
-        decision = decide(self.config.access, AccessRequest(sender.name, sender.fingerprint, request.dataset, kind),
-                          set(self.engine.datasets))
+        self._reload_if_changed()  # a stat: an approval given a moment ago applies to this very task
+        measured = self._measure(request, sender)
+        decision = decide(self.config.policies, measured)
         received = {"task": request.task_id, "requester": sender.name[:64], "requester_fingerprint": sender.fingerprint,
-                    "dataset": request.dataset[:128], "kind": kind, "reasons": decision.reasons}
+                    "dataset": request.dataset[:128], "kind": measured.kind, "rule": decision.rule,
+                    "reasons": [v.reason for v in decision.violations]}
         who = f"{sender.name[:64]} ({sender.fingerprint})"
         if not decision.allowed:
-            audit, answer = self.tally.denial(sender.fingerprint, decision.rule or "")
-            if audit:  # as bounded as the audit log: a flood of refusals is summarised, not printed
-                log.warning("REFUSED %s task %s from %s on %s: %s [rule: %s]", kind, request.task_id[:8], who,
-                            request.dataset[:128], "; ".join(decision.reasons), decision.rule)
-                await self._journal.record_durably("task-received", **received,
-                                                   **describe_request(request, denied=True), decision="deny")
-            if answer:
-                await self._reply(opened, TaskFailure(
-                    task_id=request.task_id, dataset=request.dataset, kind="AccessDenied",
-                    message=f"{'; '.join(decision.reasons)} [rule: {decision.rule}]",
-                    hint=f"ask the custodian of pod {self.config.name} to accept fingerprint {sender.fingerprint}"),
-                    attempts=1)
+            await self._refuse(opened, request, measured, decision, received, who)
             return
-        await self._journal.record_durably("task-received", **received, **describe_request(request), decision="allow")
-        log.info("%s task %s from %s on %s: allowed", kind, request.task_id[:8], who, request.dataset)
+        self._recent.setdefault((sender.fingerprint, request.dataset), deque()).append(time.monotonic())
+        limits = decision.limits
+        await self._journal.record_durably("task-received", **received, **describe_request(request), decision="allow",
+                                           principal=decision.principal, min_group_size=limits.min_group_size,
+                                           max_rows=limits.max_rows)
+        log.info("%s task %s from %s on %s: allowed", measured.kind, request.task_id[:8], who, request.dataset)
         started = time.perf_counter()
         await opened.acknowledge()  # only now does the modeller hear that the task arrived
         self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
         self._set_phase(request.task_id, "queued")
         try:
-            await self._run_task(opened, request, kind, who, started)
+            await self._run_task(opened, request, measured, limits, who, started)
         finally:
             self._phases.pop(request.task_id, None)
+
+    async def _refuse(self, opened: Opened, request: TaskRequest | TrainRequest, measured: Request,
+                      decision: Decision, received: dict[str, Any], who: str) -> None:
+        """Answer a refusal at once, naming the rule and what to ask the custodian for. A refusal
+        a grant would lift opens (or counts against) an access request, whose id it names."""
+        sender = opened.sender
+        remedy, request_id = decision.remedy, None
+        if decision.rule in REQUESTABLE_RULES:
+            entry = self.requests.note(sender.name, sender.fingerprint, measured.dataset, measured.kind)
+            if entry is None:
+                self._refused("access-requests-full", f"{sender.fingerprint} on {measured.dataset}")
+                remedy += f"; pod {self.config.name}'s queue of access requests is full: contact its custodian"
+            elif entry["status"] == "denied":
+                remedy = (f"access request {entry['id']} was denied by the custodian of pod {self.config.name} on "
+                          f"{entry['decided']}: contact them")
+            else:
+                request_id = entry["id"]
+                remedy = (f"access request {request_id} is pending at pod {self.config.name}: its custodian runs "
+                          f"`fedpod access approve {request_id} --kinds {measured.kind}` or approves it on the pod's "
+                          f"page — {remedy}")
+        audit, answer = self.tally.denial(sender.fingerprint, decision.rule or "")
+        if audit:  # as bounded as the audit log: a flood of refusals is summarised, not printed
+            log.warning("REFUSED %s task %s from %s on %s: %s [rule: %s]", measured.kind, request.task_id[:8], who,
+                        measured.dataset, decision.reason, decision.rule)
+            await self._journal.record_durably("task-received", **received, **describe_request(request, denied=True),
+                                               decision="deny", request_id=request_id)
+        if answer:
+            await self._reply(opened, TaskFailure(
+                task_id=request.task_id, dataset=request.dataset, kind="AccessDenied", rule=decision.rule,
+                message=f"{decision.reason} [rule: {decision.rule}]", hint=remedy, request_id=request_id), attempts=1)
 
     def _set_phase(self, task_id: str, phase: str) -> None:
         """Called from worker threads too: the next heartbeat, brought forward, tells the modeller."""
@@ -336,14 +426,14 @@ class Pod:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._pinged.set)
 
-    async def _run_task(self, opened: Opened, request: TaskRequest | TrainRequest, kind: str, who: str,
-                        started: float) -> None:
-        sender = opened.sender
+    async def _run_task(self, opened: Opened, request: TaskRequest | TrainRequest, measured: Request,
+                        limits: DatasetPolicy, who: str, started: float) -> None:
+        sender, kind = opened.sender, measured.kind
         async with self._slots:
             self.running_tasks += 1
             self._set_phase(request.task_id, "running")
             try:
-                outcome = await asyncio.to_thread(self._execute, request, sender.fingerprint)
+                outcome = await asyncio.to_thread(self._execute, request, sender.fingerprint, measured, limits)
             except Exception as exc:  # a task never kills the pod, and its requester always hears back
                 if not isinstance(exc, FedpodError):
                     log.exception("task %s failed unexpectedly", request.task_id)
@@ -369,18 +459,31 @@ class Pod:
                  what_left(returned))
         await self._reply(opened, result.model_copy(update={"audit_checkpoint": self._journal.latest_checkpoint}))
 
-    def _execute(self, request: TaskRequest | TrainRequest,
-                 requester: str) -> tuple[TaskResult | TrainResult, dict[str, Any]]:
-        """Run a task in a worker thread; returns the reply to send and what the audit log
-        records about it (described from the result in hand, never decoded again)."""
+    def _execute(self, request: TaskRequest | TrainRequest, requester: str, measured: Request,
+                 limits: DatasetPolicy) -> tuple[TaskResult | TrainResult, dict[str, Any]]:
+        """Run a task in a worker thread, within the dataset's disclosure limits; returns the
+        reply to send and what the audit log records about it (described from the result in
+        hand, never decoded again)."""
         assert self.engine is not None
         if isinstance(request, TrainRequest):
             self._set_phase(request.task_id, "preparing")
-            trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase))
+            released = [c for c in self.engine.schemas[request.dataset][0] if limits.columns.permits(c)]
+            trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase),
+                                         released)
             return trained, describe_training(trained)
         started = time.perf_counter()
-        table = self.engine.run(request.algorithm.query, request.dataset, timeout_s=self.config.sql_timeout_s,
-                                max_rows=self.config.max_result_rows)
+        aggregate = measured.kind == "sql_aggregate"
+        query = with_group_size(request.algorithm.query) if aggregate else request.algorithm.query
+        table = self.engine.run(query, request.dataset, timeout_s=self.config.sql_timeout_s,
+                                max_rows=self.config.max_result_rows, cap_rows=None if aggregate else limits.max_rows)
+        disclosure: dict[str, int] = {}
+        if aggregate:
+            table, suppressed = suppress_small_groups(table, limits.min_group_size)
+            if suppressed:
+                disclosure = {"suppressed_groups": suppressed, "min_group_size": limits.min_group_size}
+        elif limits.max_rows is not None and table.num_rows > limits.max_rows:
+            table = table.slice(0, limits.max_rows)
+            disclosure = {"rows_capped_at": limits.max_rows}
         payload = table_to_bytes(table)
         if len(payload) > self.config.max_result_bytes:
             raise ResultTooLarge(f"the result is {len(payload):,} bytes, over this pod's max_result_bytes "
@@ -388,8 +491,9 @@ class Pod:
                                  hint="select fewer columns or rows, or aggregate")
         seconds = time.perf_counter() - started
         returned = {"returned_rows": table.num_rows, "returned_columns": table.column_names,
-                    "result_sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(seconds, 4)}
-        return TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload, seconds=seconds), returned
+                    "result_sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(seconds, 4), **disclosure}
+        return TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload, seconds=seconds,
+                          disclosure=disclosure), returned
 
     def trainer(self) -> TrainingRunner:
         """Built on the first training task: PyTorch and scikit-learn take seconds to import,

@@ -20,7 +20,7 @@ from typing import Any
 from fedpod.aggregation.base import Params
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.local import run_local_round
+from fedpod.algorithms.training.local import run_evaluation, run_local_round
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
 from fedpod.data.datasets import DatasetSpec, quote_identifier
 from fedpod.errors import FedpodError, PlanNotApproved
@@ -97,25 +97,29 @@ class TrainingRunner:
             raise FedpodError(f"approved source defines no TrainingPlan named {spec.name}")
         return plan_class, sha
 
-    def dataset_handle(self, name: str) -> DatasetHandle:
-        columns, _ = self.engine.schemas[name]
+    def dataset_handle(self, name: str, released: list[str] | None = None) -> DatasetHandle:
+        """The dataset as a plan sees it: only the `released` columns (the policy's column
+        rules), when given."""
+        schema, _ = self.engine.schemas[name]
+        columns = {c: t for c, t in schema.items() if released is None or c in released}
+        selected = ", ".join(quote_identifier(c) for c in columns) or "*"
 
         def load() -> Any:
-            return self.engine.run(f"SELECT * FROM {quote_identifier(name)}", name).to_pandas()
+            return self.engine.run(f"SELECT {selected} FROM {quote_identifier(name)}", name).to_pandas()
 
         return DatasetHandle(name, columns, load)
 
-    def run(self, request: TrainRequest, requester: str,
-            phase: Callable[[str], None] = lambda _: None) -> TrainResult:
+    def run(self, request: TrainRequest, requester: str, phase: Callable[[str], None] = lambda _: None,
+            released: list[str] | None = None) -> TrainResult:
         """`phase` hears "preparing" (imports, plan and data: the first round pays PyTorch's
-        import) and then "training"."""
+        import) and then "training". `released`: the columns the policy lets the plan read."""
         started = time.perf_counter()
         phase("preparing")
         plan_class, _ = self.plan_class(request, requester)
         args = TrainingArgs.parse(request.training_args)
         plan = plan_class()
         spec = self.datasets[request.dataset]
-        plan.dataset = self.dataset_handle(request.dataset)
+        plan.dataset = self.dataset_handle(request.dataset, released)
         plan.dataset_path = spec.resolved_path(self.base) if spec.path else None
         plan.post_init(dict(request.model_args), args)
         groups = decode_groups(request.tensors)
@@ -129,9 +133,12 @@ class TrainingRunner:
             if state is None:
                 state = self._state[key] = self._load_state(key)
         device = resolve_device(self.device_setting, plan)
-        phase("training")
-        result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state)
-        if state:
+        phase("evaluating" if request.evaluate_only else "training")
+        if request.evaluate_only:
+            result = run_evaluation(plan, groups.get("params", {}), args)
+        else:
+            result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state)
+        if state and not request.evaluate_only:
             self._save_state(key, state)
         tensors = encode_parts({"params": result.params,
                                  **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})

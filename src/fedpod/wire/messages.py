@@ -105,7 +105,9 @@ EXTRA_PREFIX = "extra."  # tensor groups of a TrainResult beside `params` (Scaff
 
 class TrainRequest(WireMessage):
     """One round of training on one dataset. The bulk part holds safetensors with the group
-    `params` (global parameters) and any array-valued round instructions (`config.<key>`)."""
+    `params` (global parameters) and any array-valued round instructions (`config.<key>`).
+    With `evaluate_only`, the pod only validates the given parameters on its data (task kind
+    `evaluate` in its policy) and sends them back unchanged with the metrics."""
 
     TYPE: ClassVar[str] = "train"
     BULK: ClassVar[str | None] = "tensors"
@@ -117,6 +119,7 @@ class TrainRequest(WireMessage):
     model_args: dict[str, Any] = {}
     training_args: dict[str, Any] = {}
     round_config: dict[str, Any] = {}
+    evaluate_only: bool = False
     tensors: BulkParts
 
 
@@ -144,10 +147,13 @@ class TaskResult(WireMessage):
     table: BulkBytes
     seconds: float
     audit_checkpoint: dict[str, Any] | None = None  # the pod's latest signed audit checkpoint, for the modeller to keep
+    disclosure: dict[str, int] = {}  # what the pod's disclosure limits changed: suppressed_groups, rows_capped_at
 
 
 class TaskFailure(WireMessage):
-    """A refusal or error, sent back instead of a result; `kind` is the pod's error class."""
+    """A refusal or error, sent back instead of a result; `kind` is the pod's error class. A
+    refusal names the policy `rule` and, where the custodian can grant it, the `request_id`
+    of the access request it opened."""
 
     TYPE: ClassVar[str] = "failure"
     task_id: str
@@ -155,3 +161,30 @@ class TaskFailure(WireMessage):
     kind: str
     message: str
     hint: str | None = None
+    rule: str | None = None
+    request_id: int | None = None
+
+
+class AccessStatusQuery(WireMessage):
+    """A modeller asking a pod about its own access requests (answered even to unknown keys:
+    that is who has requests)."""
+
+    TYPE: ClassVar[str] = "access-status-query"
+
+
+class AccessRequestState(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    id: int
+    dataset: str
+    kinds: list[str]
+    status: str
+    first_seen: str
+    count: int
+    decided: str | None = None
+
+
+class AccessStatus(WireMessage):
+    TYPE: ClassVar[str] = "access-status"
+    pod: str
+    requests: list[AccessRequestState]
+    granted: dict[str, list[str]] = {}  # dataset -> task kinds this modeller holds now

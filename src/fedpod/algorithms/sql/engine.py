@@ -41,11 +41,13 @@ class SqlEngine:
     def close(self) -> None:
         self._connection.close()
 
-    def run(self, query: str, dataset: str, *, timeout_s: float = 60.0, max_rows: int | None = None) -> pa.Table:
+    def run(self, query: str, dataset: str, *, timeout_s: float = 60.0, max_rows: int | None = None,
+            cap_rows: int | None = None) -> pa.Table:
         """Run a read-only query that may reference only `dataset`; returns an Arrow table.
         With `max_rows`, at most that many rows are ever materialised: a bigger answer is
         refused (ResultTooLarge) rather than cut, because a silently truncated result would
-        be taken for the whole one."""
+        be taken for the whole one. `cap_rows` (a disclosure limit, which the caller reports)
+        returns at most one row more than the cap, so that the caller can tell it was hit."""
         if dataset not in self.datasets:
             raise SqlRejected(f"unknown dataset {dataset!r}")
         check_read_only(query, {dataset})
@@ -63,6 +65,8 @@ class SqlEngine:
             timer.start()
             try:
                 relation = cursor.sql(duckdb_sql)
+                if cap_rows is not None and (max_rows is None or cap_rows < max_rows):
+                    return relation.limit(cap_rows + 1).to_arrow_table()
                 if max_rows is None:
                     return relation.to_arrow_table()
                 table = relation.limit(max_rows + 1).to_arrow_table()

@@ -91,3 +91,18 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
             raise ConfigError(f"local training produced non-finite values in {name}", hint="lower the learning rate")
     result.metrics |= metrics
     return result
+
+
+def run_evaluation(plan: TrainingPlan, global_params: Params, args: TrainingArgs) -> LocalResult:
+    """Validate the given parameters on this pod's test split (all rows when `test_ratio` is 0),
+    training nothing: task kind `evaluate`, which a custodian may grant without `train`."""
+    seed_everything(args.random_seed)
+    plan.set_params(global_params)
+    data = plan.training_data()
+    features, target = data.arrays()
+    if target is None:
+        raise ConfigError("training_data() returned no target")
+    train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed)
+    rows = test_rows if len(test_rows) else train_rows
+    metrics = _validate(plan, features[rows], target[rows], with_plan_loader_args(args, data.loader_kwargs), "global")
+    return LocalResult(params=dict(global_params), num_samples=len(rows), metrics=metrics, extra={})

@@ -1,0 +1,110 @@
+"""What a query discloses, judged by the pod from the query itself (never from what the sender
+says it is), and the rewrite that lets the pod suppress small cells.
+
+A query is an *aggregate* (task kind `sql_aggregate`) when it is one SELECT over the dataset
+whose every output row is a group: GROUP BY keys and the aggregates below, nothing else — no
+subquery, CTE, set operation, window, DISTINCT or other aggregate (LIST, STRING_AGG, FIRST,
+ARG_MAX, MEDIAN... return members' own values). Anything else is a *row* query (`sql_rows`).
+
+For an aggregate the pod adds one hidden column: the number of rows behind the cell computed
+from the fewest, `LEAST(COUNT(*), COUNT(arg) [FILTER ...] for every aggregate)` — so an AVG
+over the one non-null value of a group, or a COUNT(*) FILTER that picks one person, counts as
+a group of one. Rows whose count is from 1 to below the policy's `min_group_size` are dropped before
+anything leaves the pod; how many is reported, never which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from sqlglot import exp
+
+from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+GROUP_SIZE = "__fedpod_group_size"
+RELEASED_AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max, exp.Variance, exp.VariancePop, exp.Stddev,
+                       exp.StddevSamp, exp.StddevPop)
+_NOT_AGGREGATE_SHAPES = ((exp.Subquery, "a subquery"), (exp.With, "a CTE"), (exp.Window, "a window function"),
+                         (exp.Join, "a JOIN"), (exp.Lateral, "LATERAL"), (exp.Unnest, "UNNEST"))
+
+
+@dataclass(frozen=True)
+class QueryShape:
+    kind: Literal["sql_aggregate", "sql_rows"]
+    columns: frozenset[str]  # dataset columns the query reads
+    why_rows: str = ""  # for a row query: what made it one
+
+
+def _row_reason(tree: exp.Expr) -> str:
+    if not isinstance(tree, exp.Select):
+        return f"it is a {tree.key.upper()}, not a single SELECT"
+    for kind, words in _NOT_AGGREGATE_SHAPES:
+        if tree.find(kind) is not None:
+            return f"it uses {words}"
+    if tree.args.get("distinct") is not None:
+        return "it uses SELECT DISTINCT"
+    aggregates = [node for node in tree.find_all(exp.AggFunc)]
+    other = next((a for a in aggregates if not isinstance(a, RELEASED_AGGREGATES)), None)
+    if other is not None:
+        return f"{to_duckdb(other)} returns members' own values"
+    if tree.args.get("group") is None and not any(p.find(exp.AggFunc) for p in tree.expressions):
+        return "it selects rows, not aggregates"
+    return ""
+
+
+def read_columns(tree: exp.Expr, dataset_columns: list[str]) -> frozenset[str]:
+    """The dataset's columns a query reads: each column named (matched case-insensitively), and
+    all of them for a `*` that is not COUNT(*)'s. A select alias that shadows a column name
+    counts as that column — a stricter reading, never a looser one."""
+    by_lower = {c.lower(): c for c in dataset_columns}
+    read = {by_lower[c.name.lower()] for c in tree.find_all(exp.Column) if c.name.lower() in by_lower}
+    for star in tree.find_all(exp.Star):
+        if not isinstance(star.parent, exp.Count):
+            read.update(dataset_columns)
+    return frozenset(read)
+
+
+def shape(query: str, dataset_columns: list[str]) -> QueryShape:
+    tree = parse_statement(query)
+    why = _row_reason(tree)
+    return QueryShape("sql_rows" if why else "sql_aggregate", read_columns(tree, dataset_columns), why)
+
+
+def _contributing_rows(node: exp.AggFunc) -> exp.Expr:
+    """COUNT over the rows one aggregate used: its argument's non-null values, under its FILTER."""
+    argument = node.this
+    if isinstance(argument, exp.Distinct):
+        argument = argument.expressions[0] if argument.expressions else None
+    counted: exp.Expr = exp.Count(this=exp.Star() if argument is None or isinstance(argument, exp.Star)
+                                  else argument.copy())
+    parent = node.parent
+    if isinstance(parent, exp.Filter):
+        counted = exp.Filter(this=counted, expression=parent.expression.copy())
+    return counted
+
+
+def with_group_size(query: str) -> str:
+    """The aggregate query with GROUP_SIZE appended to its outputs (see the module docstring)."""
+    tree = parse_statement(query)
+    assert isinstance(tree, exp.Select), "only aggregate queries get a group size"
+    counts: list[exp.Expr] = [exp.Count(this=exp.Star())]
+    for projection in tree.expressions:
+        counts.extend(_contributing_rows(node) for node in projection.find_all(exp.AggFunc))
+    size = counts[0] if len(counts) == 1 else exp.func("LEAST", *counts)
+    tree.set("expressions", [*tree.expressions, exp.alias_(size, GROUP_SIZE)])
+    return to_duckdb(tree)
+
+
+def suppress_small_groups(table: pa.Table, min_group_size: int) -> tuple[pa.Table, int]:
+    """Drop the rows computed from 1 to `min_group_size - 1` rows, and the hidden column. A cell
+    from no rows at all (a COUNT of 0, a SUM of nothing) describes nobody and stays."""
+    import pyarrow.compute as pc
+
+    sizes = table.column(GROUP_SIZE)
+    keep = pc.fill_null(pc.or_(pc.equal(sizes, 0), pc.greater_equal(sizes, min_group_size)), False)
+    kept = table.filter(keep).drop_columns([GROUP_SIZE])
+    return kept, table.num_rows - kept.num_rows

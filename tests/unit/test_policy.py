@@ -1,0 +1,182 @@
+"""The custodian's policy: `decide` over a table of cases, validation, migration, access requests
+and the disclosure rewrite (small groups suppressed, counted, never named)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from pydantic import ValidationError
+
+from fedpod.algorithms.sql.disclosure import shape, suppress_small_groups, with_group_size
+from fedpod.algorithms.sql.federated import plan_merge
+from fedpod.errors import ConfigError
+from fedpod.governance.policy import Policy, Request, decide, migrate_access, policy_changes
+from fedpod.governance.requests import MAX_PENDING, AccessRequests
+from fedpod.pod.config import PodConfig
+
+LAB, OTHER, STRANGER = "AAAA-BBBB-CCCC-DDDD", "EEEE-FFFF-GGGG-HHHH", "ZZZZ-ZZZZ-ZZZZ-ZZZZ"
+NOW = dt.datetime(2026, 11, 24, 12, tzinfo=dt.UTC)
+
+
+def policy(**ehr: Any) -> Policy:
+    grants = ehr.pop("grants", [{"to": ["researchers"], "kinds": ["sql_aggregate", "train"]}])
+    return Policy.model_validate({"modellers": {"lab": LAB, "other": OTHER}, "groups": {"researchers": ["lab"]},
+                                  "datasets": {"ehr": {"grants": grants, **ehr}}})
+
+
+def request(**fields: Any) -> Request:
+    base: dict[str, Any] = {"pod": "alice", "requester": "lab", "fingerprint": LAB, "dataset": "ehr",
+                            "kind": "sql_aggregate", "at": NOW}
+    return Request(**{**base, **fields})
+
+
+CASES: list[tuple[str, Policy, Request, str | None]] = [
+    ("a grant through a group allows", policy(), request(), None),
+    ("no grant for the kind", policy(), request(kind="sql_rows"), "grants"),
+    ("an unknown key", policy(), request(fingerprint=STRANGER, requester="mallory"), "modeller"),
+    ("a known modeller without any grant", policy(), request(fingerprint=OTHER, requester="other"), "grants"),
+    ("a dataset the pod does not serve", policy(), request(served=False, dataset="nope"), "dataset"),
+    ("no policy for the dataset: default deny", Policy.model_validate({"modellers": {"lab": LAB}}), request(),
+     "grants"),
+    ("the * policy covers datasets without their own",
+     Policy.model_validate({"modellers": {"lab": LAB}, "datasets": {"*": {"grants": [
+         {"to": ["lab"], "kinds": ["sql_rows"]}]}}}), request(kind="sql_rows", dataset="other"), None),
+    ("an expired grant", policy(grants=[{"to": ["lab"], "kinds": ["sql_aggregate"], "expires": "2026-11-23"}]),
+     request(), "expires"),
+    ("a grant is good through its last day",
+     policy(grants=[{"to": ["lab"], "kinds": ["sql_aggregate"], "expires": "2026-11-24"}]), request(), None),
+    ("a denied column", policy(columns={"deny": ["SSN"]}), request(columns=frozenset({"age", "ssn"})), "columns"),
+    ("outside the allow list", policy(columns={"allow": ["age"]}), request(columns=frozenset({"sex"})), "columns"),
+    ("inside the allow list", policy(columns={"allow": ["age"]}), request(columns=frozenset({"age"})), None),
+    ("a model not allowed", policy(models=["logistic_regression"]), request(kind="train", model="mlp"), "models"),
+    ("an allowed model", policy(models=["mlp"]), request(kind="train", model="mlp"), None),
+    ("models do not bind SQL", policy(models=["mlp"]), request(), None),
+    ("secure aggregation required", policy(require_secure_aggregation=True), request(kind="train"),
+     "require_secure_aggregation"),
+    ("secure aggregation given", policy(require_secure_aggregation=True),
+     request(kind="train", secure_aggregation=True), None),
+    ("rate limit reached", policy(tasks_per_hour=5), request(recent_tasks=5), "tasks_per_hour"),
+    ("under the rate limit", policy(tasks_per_hour=5), request(recent_tasks=4), None),
+    ("evaluate needs its own grant", policy(), request(kind="evaluate", model="mlp"), "grants"),
+]
+
+
+@pytest.mark.parametrize(("policy_", "request_", "rule"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_decide_over_a_table_of_cases(policy_: Policy, request_: Request, rule: str | None) -> None:
+    decision = decide(policy_, request_)
+    assert decision.allowed is (rule is None) and decision.rule == rule
+    if rule is not None:
+        assert decision.reason and decision.remedy
+
+
+def test_every_violation_is_collected_and_the_remedy_names_what_to_ask_for() -> None:
+    decision = decide(policy(columns={"deny": ["ssn"]}, tasks_per_hour=1),
+                      request(kind="sql_rows", columns=frozenset({"ssn"}), recent_tasks=3))
+    assert [v.rule for v in decision.violations] == ["grants", "columns", "tasks_per_hour"]
+    assert "grant sql_rows on alice/ehr to lab" in decision.remedy
+    unknown = decide(policy(), request(fingerprint=STRANGER, requester="mallory", kind="sql_rows"))
+    assert f"grant sql_rows on alice/ehr to mallory ({STRANGER})" in unknown.remedy
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ({"datasets": {"ehr": {"grants": [{"to": ["nobody"], "kinds": ["train"]}]}}}, "datasets.ehr.grants.0.to"),
+    ({"datasets": {"ehr": {"grants": [{"to": ["lab"], "kinds": ["drop_tables"]}]}}}, "kinds"),
+    ({"datasets": {"ehr": {"min_group_size": 0}}}, "min_group_size"),
+    ({"datasets": {"ehr": {"min_grup_size": 5}}}, "min_grup_size"),
+    ({"groups": {"g": ["ghost"]}}, "groups.g"),
+    ({"modellers": {"twin": LAB}}, "more than one name"),
+    ({"modellers": {"bad": "not-a-fingerprint"}}, "modellers.bad"),
+])
+def test_an_invalid_policy_is_refused_naming_the_field(raw: dict[str, Any], field: str) -> None:
+    modellers = {"lab": LAB, **raw.get("modellers", {})}
+    with pytest.raises(ValidationError) as info:
+        Policy.model_validate({**raw, "modellers": modellers})
+    assert field in str(info.value).replace("\n  ", " ").replace("\n", " ") or field.split(".")[-1] in str(info.value)
+
+
+def test_a_policy_naming_a_dataset_the_pod_does_not_serve_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "pod.yaml"
+    config.write_text("name: alice\nidentity: keys/alice.key\npolicies:\n  datasets:\n    nope: {}\n")
+    with pytest.raises(ConfigError, match=r"policies.*names \['nope'\], which this pod does not serve"):
+        PodConfig.load(config)
+
+
+def test_an_old_access_list_migrates_to_grants_of_everything() -> None:
+    raw = migrate_access({"name": "alice", "access": {"modellers": [{"name": "lab", "fingerprint": LAB}]}})
+    migrated = Policy.model_validate(raw["policies"])
+    for kind in ("sql_aggregate", "sql_rows", "train", "evaluate"):
+        assert decide(migrated, request(kind=kind, dataset="any")).allowed
+
+
+def test_grant_and_revoke_round_trip_and_changes_name_old_and_new_values() -> None:
+    start = policy()
+    granted = start.grant("newbie", STRANGER, "ehr", ["sql_rows"], dt.date(2027, 1, 1))
+    assert decide(granted, request(fingerprint=STRANGER, kind="sql_rows")).allowed
+    changes = policy_changes(start, granted)
+    assert changes["modellers.newbie"] == [None, STRANGER]
+    revoked = granted.revoke(STRANGER)
+    assert revoked == start
+    tightened = start.model_copy(update={"datasets": {"ehr": start.datasets["ehr"].model_copy(
+        update={"min_group_size": 10})}})
+    assert policy_changes(start, tightened) == {"datasets.ehr.min_group_size": [3, 10]}
+
+
+def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path) -> None:
+    queue = AccessRequests(tmp_path / "requests.json")
+    first = queue.note("mallory", STRANGER, "ehr", "sql_rows")
+    assert first is not None and first["id"] == 1
+    for _ in range(100):
+        assert queue.note("mallory", STRANGER, "ehr", "train")["id"] == 1  # type: ignore[index]
+    queue.flush()
+    [entry] = queue.entries()
+    assert entry["count"] == 101 and entry["kinds"] == ["sql_rows", "train"]
+    for index in range(MAX_PENDING + 50):  # a flood of fresh keys
+        queue.note(f"k{index}", f"KEY{index}", "ehr", "sql_rows")
+    assert sum(e["status"] == "pending" for e in queue.entries()) == MAX_PENDING
+    queue.decide(1, "denied")
+    assert queue.note("mallory", STRANGER, "ehr", "sql_rows")["status"] == "denied"  # type: ignore[index]
+    with pytest.raises(ConfigError, match="no access request 9999"):
+        queue.decide(9999, "approved")
+    with pytest.raises(ConfigError, match="denied already"):
+        queue.decide(1, "approved")
+
+
+@pytest.mark.parametrize(("query", "kind"), [
+    ("SELECT sex, AVG(age) FROM ehr GROUP BY sex", "sql_aggregate"),
+    ("SELECT COUNT(*) FROM ehr", "sql_aggregate"),
+    ("SELECT * FROM ehr", "sql_rows"),
+    ("SELECT age FROM ehr WHERE age > 3", "sql_rows"),
+    ("SELECT LIST(age) FROM ehr", "sql_rows"),  # an aggregate that returns members' values
+    ("SELECT sex, STRING_AGG(ssn, ',') FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT DISTINCT age FROM ehr", "sql_rows"),
+    ("SELECT a FROM (SELECT age AS a FROM ehr) GROUP BY a", "sql_rows"),
+    ("SELECT age, ROW_NUMBER() OVER () FROM ehr", "sql_rows"),
+])
+def test_the_pod_judges_a_querys_kind_from_the_sql_itself(query: str, kind: str) -> None:
+    assert shape(query, ["age", "sex", "ssn"]).kind == kind
+
+
+def test_the_columns_a_query_reads_include_those_behind_a_star() -> None:
+    assert shape("SELECT COUNT(*) FROM ehr", ["age", "ssn"]).columns == frozenset()
+    assert shape("SELECT * FROM ehr", ["age", "ssn"]).columns == {"age", "ssn"}
+    assert shape("SELECT AVG(AGE) FROM ehr WHERE Ssn > 0", ["age", "ssn"]).columns == {"age", "ssn"}
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT sex, COUNT(*) AS n, AVG(age) FROM ehr GROUP BY sex",
+    "SELECT COUNT(*) FILTER (WHERE age > 90) FROM ehr",
+    "SELECT sex, AVG(rare) FROM ehr GROUP BY sex",
+])
+def test_small_cells_are_suppressed_and_counted_at_the_pod(query: str) -> None:
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES ('F', 30, 1.0), ('F', 40, NULL), ('F', 50, NULL),"
+                       " ('M', 95, NULL), ('M', 60, NULL)) t(sex, age, rare)")
+    for sql in (query, plan_merge(query).partial_sql):
+        table, suppressed = suppress_small_groups(connection.sql(with_group_size(sql)).to_arrow_table(), 3)
+        assert "__fedpod_group_size" not in table.column_names
+        assert suppressed >= 1  # M (2 rows), the single age > 90, the single non-null `rare`
+        assert table.num_rows <= 1
