@@ -80,7 +80,7 @@ def test_unknown_modeller_is_refused_with_a_clear_error(three_pods: list[Running
     stranger = Identity.generate("stranger")
     broker.allow("modeller", stranger.public)  # on the broker, but no pod accepts it
     with Modeller(stranger, broker=broker.url, keystore=tmp_path / "stranger", timeout_s=20) as client:
-        with pytest.raises(AccessDenied, match=r"not in pod alice's accepted modellers.*rule: modellers"):
+        with pytest.raises(AccessDenied, match=r"unknown to pod alice \[rule: modeller\].*access request 1 is pending"):
             client.sql(f"SELECT COUNT(*) FROM `{DATASET}`", datasets=[f"alice/{DATASET}"])
         assert client.datasets() == []  # no identifiers, tags, columns or row counts for strangers
     assert modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", datasets=[f"alice/{DATASET}"])

@@ -406,9 +406,9 @@ class Pod:
                           f"{entry['decided']}: contact them")
             else:
                 request_id = entry["id"]
-                remedy = (f"access request {request_id} is pending at pod {self.config.name}: its custodian runs "
-                          f"`fedpod access approve {request_id} --kinds {measured.kind}` or approves it on the pod's "
-                          f"page — {remedy}")
+                remedy = (f"access request {request_id} is pending at pod {self.config.name}: ask its custodian to "
+                          f"approve it (`fedpod access approve {request_id} --kinds {measured.kind}`, or on the "
+                          "pod's page)")
         audit, answer = self.tally.denial(sender.fingerprint, decision.rule or "")
         if audit:  # as bounded as the audit log: a flood of refusals is summarised, not printed
             log.warning("REFUSED %s task %s from %s on %s: %s [rule: %s]", measured.kind, request.task_id[:8], who,

@@ -1,0 +1,117 @@
+"""The custodian's policy at work, over a real NATS server with pods as processes: refusals that
+name the rule and the request to approve, approve-then-succeed without a restart, live policy
+edits audited with old and new values, and disclosure limits that say what they changed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedpod.data.datasets import DatasetSpec
+from fedpod.data.synth import generate, write
+from fedpod.errors import AccessDenied, ConfigError
+from fedpod.governance.policy import Policy
+from fedpod.modeller.client import Modeller
+from fedpod.pod.custodian import PodFolder
+from fedpod.security.identity import Identity
+from fedpod.transport.broker import EmbeddedBroker
+from tests.conftest import PodFactory, RunningPod
+
+pytestmark = pytest.mark.integration
+DATASET = "ehr"
+
+
+@pytest.fixture
+def alice(pod_factory: PodFactory, tmp_path: Path, modeller_identity: Identity) -> RunningPod:
+    [csv] = [folder / "patients.csv" for folder in write(generate(1, 400, seed=5), tmp_path / "data")]
+    policies = Policy().grant(modeller_identity.name, modeller_identity.fingerprint, DATASET, ["sql_aggregate"])
+    return pod_factory("alice", [DatasetSpec(name=DATASET, type="csv", path=str(csv))], [modeller_identity],
+                       policies=policies)
+
+
+@pytest.fixture
+def modeller(broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path) -> Modeller:
+    with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=20) as client:
+        yield client  # type: ignore[misc]
+
+
+def audit_events(pod: RunningPod, event: str) -> list[dict[str, object]]:
+    lines = pod.audit_path.read_text().splitlines()
+    return [entry for entry in map(json.loads, lines) if entry["event"] == event]
+
+
+def test_a_stranger_is_refused_at_once_then_approved_without_a_restart(alice: RunningPod, broker: EmbeddedBroker,
+                                                                       tmp_path: Path) -> None:
+    stranger = Identity.generate("newlab")
+    broker.allow("modeller", stranger.public)
+    query = f"SELECT sex, COUNT(*) AS n FROM {DATASET} GROUP BY sex ORDER BY sex"
+    with Modeller(stranger, broker=broker.url, keystore=tmp_path / "stranger", timeout_s=20) as client:
+        started = time.monotonic()
+        with pytest.raises(AccessDenied) as refused:
+            client.sql(query, datasets=[f"alice/{DATASET}"])
+        assert time.monotonic() - started < 5  # a refusal, not a timeout (discovery included)
+        assert refused.value.rule == "modeller" and refused.value.request_id == 1
+        assert f"alice/{DATASET}" in str(refused.value) and "access request 1 is pending at pod alice" in str(
+            refused.value)
+        [status] = client.access_status(["alice"])
+        assert [(r.id, r.status, r.kinds) for r in status.requests] == [(1, "pending", ["sql_aggregate"])]
+
+        folder = PodFolder(alice.config_path)
+        [pending] = folder.requests.entries()
+        assert (pending["name"], pending["fingerprint"], pending["dataset"]) == ("newlab", stranger.fingerprint,
+                                                                                 DATASET)
+        folder.approve(1, ["sql_aggregate"])
+        result = client.sql(query, datasets=[f"alice/{DATASET}"])  # the very next task: no restart
+        assert isinstance(result, dict) and int(result[f"alice/{DATASET}"]["n"].sum()) == 400
+        assert client.access_status(["alice"])[0].granted == {DATASET: ["sql_aggregate"]}
+        with pytest.raises(AccessDenied, match=r"holds no grant of sql_rows on alice/ehr \[rule: grants\]"):
+            client.sql(f"SELECT age FROM {DATASET}", datasets=[f"alice/{DATASET}"])
+    decisions = [(e["decision"], e["rule"]) for e in audit_events(alice, "task-received")]
+    assert decisions[:3] == [("deny", "modeller"), ("allow", None), ("deny", "grants")]
+    assert audit_events(alice, "access-approved")[0]["request"] == 1
+
+
+def test_small_groups_are_suppressed_and_the_result_says_so(alice: RunningPod, modeller: Modeller) -> None:
+    query = f"SELECT age, COUNT(*) AS n FROM {DATASET} GROUP BY age"
+    result = modeller.sql(query, datasets=[f"alice/{DATASET}"], aggregate=True)
+    assert isinstance(result, pd.DataFrame) and (result["n"] >= 3).all()
+    [(identifier, limits)] = result.attrs["disclosure"].items()
+    assert identifier == f"alice/{DATASET}" and limits["suppressed_groups"] > 0 and limits["min_group_size"] == 3
+    with pytest.raises(AccessDenied, match=r"no grant of sql_rows on alice/ehr \[rule: grants\]"):
+        # a subquery makes a row query, whatever its outer shape: refused without sql_rows
+        modeller.sql(f"SELECT COUNT(*) AS n FROM {DATASET} WHERE age = (SELECT MIN(age) FROM {DATASET})",
+                     datasets=[f"alice/{DATASET}"])
+
+
+def test_live_policy_edits_apply_to_the_next_task_and_are_audited(alice: RunningPod, modeller: Modeller) -> None:
+    folder = PodFolder(alice.config_path)
+    target = [f"alice/{DATASET}"]
+    before = modeller.sql(f"SELECT sex, COUNT(*) AS n FROM {DATASET} GROUP BY sex", datasets=target)
+    assert isinstance(before, dict) and len(before[target[0]]) == 2
+    folder.set_limit(DATASET, "min_group_size", "1000")
+    after = modeller.sql(f"SELECT sex, COUNT(*) AS n FROM {DATASET} GROUP BY sex", datasets=target)
+    assert isinstance(after, dict) and after[target[0]].empty
+    assert after.disclosure[target[0]] == {"suppressed_groups": 2, "min_group_size": 1000}
+    changes = [e["changes"] for e in audit_events(alice, "policy-changed")]
+    assert {"datasets.ehr.min_group_size": [3, 1000]} in changes
+    with pytest.raises(ConfigError, match="min_group_size"):
+        folder.set_limit(DATASET, "min_group_size", "-1")
+    with pytest.raises(ConfigError, match="unknown modeller or group"):
+        folder.replace_policy("datasets: {ehr: {grants: [{to: [ghost], kinds: [train]}]}}", "test")
+    assert folder.config.policies.datasets[DATASET].min_group_size == 1000  # the running policy is untouched
+    folder.set_limit(DATASET, "columns.deny", "sex")
+    with pytest.raises(AccessDenied, match=r"column\(s\) \['sex'\] of alice/ehr are not released"):
+        modeller.sql(f"SELECT sex, COUNT(*) AS n FROM {DATASET} GROUP BY sex", datasets=target)
+
+
+def test_row_queries_are_capped_at_max_rows_and_say_so(alice: RunningPod, modeller: Modeller) -> None:
+    folder = PodFolder(alice.config_path)
+    folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["sql_rows"]), "test")
+    folder.set_limit(DATASET, "max_rows", "25")
+    result = modeller.sql(f"SELECT age, sex FROM {DATASET}", datasets=[f"alice/{DATASET}"])
+    assert isinstance(result, dict) and len(result[f"alice/{DATASET}"]) == 25
+    assert result.disclosure == {f"alice/{DATASET}": {"rows_capped_at": 25}}
