@@ -680,13 +680,8 @@ def audit_verify(
 ) -> None:
     """Check the pod's audit log: its hash chain, and that it still holds what every signed
     checkpoint (the pod's own, and any a modeller kept) vouches for. Exit 1 if not."""
-    from fedpod.governance.audit import checkpoints_path, read_checkpoints
-
-    settings = PodConfig.load(config)
     path = _pod_storage(config) / "audit.jsonl"
-    signer = Identity.load(_resolve_beside(config, settings.identity)).public
-    anchors = read_checkpoints(checkpoints_path(path)) + [c for f in witness or [] for c in read_checkpoints(f)]
-    result = AuditLog.verify(path, anchors, signer)
+    result = PodFolder(config).verify_audit(witness)
     if result.ok:
         console.print(f"audit log intact: {result.entries} entries, consistent with {result.checkpoints} signed "
                       f"checkpoint(s) ({path})", highlight=False)

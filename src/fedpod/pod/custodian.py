@@ -17,12 +17,13 @@ import yaml
 from pydantic import ValidationError
 
 from fedpod.errors import ConfigError, invalid_fields, yaml_syntax
-from fedpod.governance.audit import AuditLog
+from fedpod.governance.audit import AuditLog, VerifyResult, checkpoints_path, read_checkpoints
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.policy import TASK_KINDS, DatasetPolicy, Policy, TaskKind
 from fedpod.governance.policy_log import record_policy
 from fedpod.governance.requests import AccessRequests
 from fedpod.pod.config import PodConfig, edit_policies
+from fedpod.security.identity import Identity
 
 LIMIT_FIELDS = ("min_group_size", "max_rows", "columns.allow", "columns.deny", "models", "require_secure_aggregation",
                 "epsilon_budget", "tasks_per_hour")
@@ -148,6 +149,13 @@ class PodFolder:
         except ValidationError as exc:
             raise invalid_fields(exc, "policy", "policies") from exc
         return self.change_policy(lambda _: replacement, source)
+
+    def verify_audit(self, witness: list[Path] | None = None) -> VerifyResult:
+        """The hash chain, against the pod's own signed checkpoints and any a modeller kept."""
+        path = self.storage / "audit.jsonl"
+        signer = Identity.load(self.resolve(self.config.identity)).public
+        anchors = read_checkpoints(checkpoints_path(path)) + [c for f in witness or [] for c in read_checkpoints(f)]
+        return AuditLog.verify(path, anchors, signer)
 
     def decide_plan(self, sha: str, approved: bool) -> dict[str, Any]:
         meta = self.plans.decide(sha, "approved" if approved else "rejected")
