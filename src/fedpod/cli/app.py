@@ -38,6 +38,7 @@ from fedpod.governance.policy import EVERY_DATASET, TASK_KINDS
 from fedpod.names import check_name
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.pod.custodian import PodFolder, parse_kinds
+from fedpod.pod.ui.server import PageAddress, open_page, serve_page
 from fedpod.security.identity import Identity, PublicIdentity, check_fingerprint, default_keystore, fedpod_home
 
 if TYPE_CHECKING:  # the modeller's libraries stay out of `fedpod pod start`
@@ -354,34 +355,74 @@ def pod_status(
                   highlight=False)
 
 
+UiHost = Annotated[str, typer.Option("--ui-host", help="address the page listens on (keep it local)")]
+UiPort = Annotated[int, typer.Option("--ui-port", help="port of the page (0: any free one)")]
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _announce_page(address: PageAddress) -> None:
+    console.print(f"custodian's page: {address.url}  access token: {address.token}", highlight=False, soft_wrap=True)
+
+
 @pod_app.command("start")
 def pod_start(
     config: ConfigPath = Path("pod.yaml"),
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    ui: Annotated[bool, typer.Option("--ui", help="also serve the custodian's page")] = False,
+    ui_host: UiHost = "127.0.0.1", ui_port: UiPort = 8765,
 ) -> None:
-    """Run the pod until Ctrl-C / SIGTERM. It connects out to the broker; it opens no port. One
-    line per task (who, dataset, kind, decision; then duration and what left the pod) on the
-    console and in <storage>/pod.log (rotated)."""
+    """Run the pod until Ctrl-C / SIGTERM. It connects out to the broker; it opens no port
+    (unless --ui: the custodian's page, on 127.0.0.1). One line per task (who, dataset, kind,
+    decision; then duration and what left the pod) on the console and in <storage>/pod.log."""
     from fedpod.pod import logs
     from fedpod.pod.service import Pod
 
     settings = PodConfig.load(config)
     logs.configure(_pod_storage(config), log_level)
     pod = Pod(settings, config)
+    page = open_page(PodFolder(config), ui_host, ui_port) if ui else None
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         ready = asyncio.Event()
         runner = asyncio.create_task(pod.run(stop, ready))
         waiter = asyncio.create_task(ready.wait())
+        server = asyncio.create_task(serve_page(PodFolder(config), *page, stop)) if page else None
         await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
             console.print(f"pod {settings.name} ({pod.fingerprint}) ready on {settings.broker.url} "
                           f"serving {', '.join(d.name for d in settings.datasets) or 'no datasets'}", highlight=False)
-        await runner
+            if page:
+                _announce_page(page[1])
+        try:
+            await runner
+        finally:
+            stop.set()
+            if server is not None:
+                await server
+
+    asyncio.run(main())
+
+
+@pod_app.command("ui")
+def pod_ui(config: ConfigPath = Path("pod.yaml"),
+           host: Annotated[str, typer.Option(help="address the page listens on (keep it local)")] = "127.0.0.1",
+           port: Annotated[int, typer.Option(help="port of the page (0: any free one)")] = 8765) -> None:
+    """Serve the custodian's page for a pod (running or not): datasets, policies, approvals,
+    audit log, live activity. Prints its URL and a fresh access token; Ctrl-C stops it."""
+    folder = PodFolder(config)
+    sock, address = open_page(folder, host, port)  # a config that does not load fails here
+    _announce_page(address)
+
+    async def main() -> None:
+        await serve_page(folder, sock, address, _stop_on_signals())
 
     asyncio.run(main())
 

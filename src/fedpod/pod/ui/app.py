@@ -199,11 +199,12 @@ def create_app(folder: PodFolder, token: str) -> FastAPI:
     @app.get("/approvals", response_class=HTMLResponse)
     async def approvals(request: Request, done: str | None = None) -> HTMLResponse:
         pending = [e for e in folder.requests.entries() if e["status"] == "pending"]
+        policies = folder.config.policies
         plans = []
         for meta in folder.plans.entries():
             if meta["status"] == "pending":
-                plans.append({**meta, "html": highlight(folder.plans.source(meta["sha256"]), PythonLexer(),
-                                                        FORMATTER)})
+                plans.append({**meta, "html": highlight(folder.plans.source(meta["sha256"]), PythonLexer(), FORMATTER),
+                              "from": policies.name_of(meta["requester"]) or meta["requester"]})
         return page(request, "approvals", requests=pending, plans=plans, kinds=TASK_KINDS, done=done)
 
     @app.post("/approvals/{request_id}/approve")

@@ -1,0 +1,1 @@
+"""The custodian's web page (`fedpod pod ui`, `fedpod pod start --ui`)."""
