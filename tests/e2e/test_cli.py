@@ -314,6 +314,18 @@ def test_demo_runs_and_agrees_with_pooled_data(cli: Cli, home: Path) -> None:
         assert (home / "demo" / "results" / f"{name}__{DATASET}.csv").exists()
 
 
+def test_the_governance_demo_shows_what_custodians_control(cli: Cli, home: Path) -> None:
+    said = " ".join(cli("demo", "--governance", "--out", "governance", timeout=300).stdout.split())
+    assert "unknown to pod charlie [rule: modeller]" in said and "access request 1 is pending at pod charlie" in said
+    assert "fedpod access approve 1 --kinds sql_aggregate" in said
+    assert "[rule: grants]" in said and "suppressed" in said and "audit log intact" in said
+    facts = json.loads((home / "governance" / "governance.json").read_text())
+    assert facts["refused_rule"] == "modeller" and facts["approved_then_answered"] is True
+    assert facts["rows_refused_rule"] == "grants" and facts["audit_verified"] is True
+    assert sum(facts["suppressed_groups"].values()) > 0
+    assert facts["page"].startswith("http://127.0.0.1:") and f"open {facts['page']} and log in with the token" in said
+
+
 def test_names_are_never_paths(cli: Cli, home: Path) -> None:
     """Finding 10 of the hardening issue: `identity create "../../escaped"` wrote a key outside
     the keystore, and `pod init --name ../../x` one outside the pod folder."""

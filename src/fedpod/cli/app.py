@@ -783,11 +783,24 @@ def demo(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("fedpod-demo"),
     patients: Annotated[int, typer.Option(help="synthetic patients over the three centres")] = 6000,
     seed: int = 7,
+    governance: Annotated[bool, typer.Option(
+        help="the custodian's side instead: a refusal, an approval, suppression, the audit log, a pod's page")] = False,
+    keep_open: Annotated[bool, typer.Option(help="with --governance: keep the pods up until Ctrl-C")] = False,
 ) -> None:
-    """The whole story on one machine: broker, three pods, federated SQL checked against pooled data."""
+    """The whole story on one machine: broker, three pods, federated SQL checked against pooled
+    data, federated training against centralised; or, with --governance, what custodians control."""
+    interrupt_on_signals()
+    if governance:
+        import shutil
+
+        from fedpod.cli.demo_governance import run_governance_demo
+
+        if out.exists():
+            shutil.rmtree(out)
+        run_governance_demo(out, seed=seed, keep_open=keep_open, console=console)
+        return
     from fedpod.cli.demo import run_demo
 
-    interrupt_on_signals()
     run_demo(out, patients=patients, seed=seed, console=console)
 
 

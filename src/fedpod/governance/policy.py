@@ -287,7 +287,7 @@ def policy_changes(old: Policy, new: Policy) -> dict[str, list[Any]]:
     appears or disappears): what the audit log records for a reviewer."""
 
     def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty mapping has no fields to name
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): value}
 

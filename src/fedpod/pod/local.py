@@ -46,15 +46,18 @@ def write_pod(folder: Path, name: str, broker: EmbeddedBroker | str, datasets: l
 
 
 @contextmanager
-def pod_processes(configs: list[Path], logs: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start one `fedpod pod start` process per config; always stop them all."""
+def pod_processes(configs: list[Path], logs: Path,
+                  options: dict[Path, list[str]] | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start one `fedpod pod start` process per config (with its `options`, e.g. `--ui`); always
+    stop them all."""
     logs.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for config in configs:
             log = (logs / f"{config.parent.name}.log").open("wb")
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config)],
+                [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config),
+                 *(options or {}).get(config, [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent))
         yield processes
