@@ -16,6 +16,7 @@ from fedpod.data.synth import generate, write
 from fedpod.errors import AccessDenied, ConfigError
 from fedpod.governance.policy import Policy
 from fedpod.modeller.client import Modeller
+from fedpod.modeller.experiment import Experiment, RoundFailed
 from fedpod.pod.custodian import PodFolder
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
@@ -115,3 +116,55 @@ def test_row_queries_are_capped_at_max_rows_and_say_so(alice: RunningPod, modell
     result = modeller.sql(f"SELECT age, sex FROM {DATASET}", datasets=[f"alice/{DATASET}"])
     assert isinstance(result, dict) and len(result[f"alice/{DATASET}"]) == 25
     assert result.disclosure == {f"alice/{DATASET}": {"rows_capped_at": 25}}
+
+
+def training(modeller: Modeller, tmp_path: Path) -> Experiment:
+    return Experiment(datasets=[f"alice/{DATASET}"], training_plan_class="logistic_regression",
+                      model_args={"target": "outcome", "features": ["age", "bmi", "smoker"]},
+                      training_args={"num_updates": 5, "loader_args": {"batch_size": 32},
+                                     "optimizer_args": {"lr": 0.05}, "test_ratio": 0.25, "test_metric": "auc"},
+                      round_limit=1, modeller=modeller, experiments_root=tmp_path / "experiments")
+
+
+def test_training_refusals_name_their_rule_and_evaluate_is_its_own_grant(alice: RunningPod, modeller: Modeller,
+                                                                          tmp_path: Path) -> None:
+    folder = PodFolder(alice.config_path)
+    experiment = training(modeller, tmp_path)
+    with pytest.raises(RoundFailed, match=r"no grant of train on alice/ehr \[rule: grants\]"):
+        experiment.run_once()
+    folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["evaluate"]), "test")
+    scored = experiment.evaluate()["alice"]  # validation only: granted without train
+    assert scored["num_samples"] == 100 and 0.0 <= scored["global_auc"] <= 1.0
+    folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["train"]), "test")
+    folder.set_limit(DATASET, "models", "[mlp]")
+    with pytest.raises(RoundFailed, match=r"model 'logistic_regression' is not among .*\[rule: models\]"):
+        experiment.run_once()
+    folder.set_limit(DATASET, "models", "null")
+    folder.set_limit(DATASET, "require_secure_aggregation", "true")
+    with pytest.raises(RoundFailed, match=r"only under secure aggregation \[rule: require_secure_aggregation\]"):
+        experiment.run_once()
+    folder.set_limit(DATASET, "require_secure_aggregation", "false")
+    assert experiment.run_once() == 1
+    experiment.close()
+
+
+def test_rate_limits_and_expired_grants_are_refused_naming_the_rule(alice: RunningPod, modeller: Modeller) -> None:
+    folder = PodFolder(alice.config_path)
+    target = [f"alice/{DATASET}"]
+    folder.set_limit(DATASET, "tasks_per_hour", "2")
+    query = f"SELECT COUNT(*) AS n FROM {DATASET}"
+    modeller.sql(query, datasets=target)
+    modeller.sql(query, datasets=target)
+    with pytest.raises(AccessDenied, match=r"ran 2 task\(s\) on alice/ehr in the last hour.*\[rule: tasks_per_hour\]"):
+        modeller.sql(query, datasets=target)
+    folder.set_limit(DATASET, "tasks_per_hour", "null")
+
+    def expired(policy: Policy) -> Policy:
+        data = policy.model_dump(mode="json")
+        for grant in data["datasets"][DATASET]["grants"]:
+            grant["expires"] = "2020-01-01"
+        return Policy.model_validate(data)
+
+    folder.change_policy(expired, "test")
+    with pytest.raises(AccessDenied, match=r"expired on 2020-01-01 \[rule: expires\]"):
+        modeller.sql(query, datasets=target)

@@ -301,6 +301,21 @@ class Experiment:
         finally:
             self._plot()
 
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """Validate the current global model at every pod of the experiment without training:
+        task kind `evaluate`, which a custodian may grant without `train`. Each pod scores it on
+        its test split (all its rows when `test_ratio` is 0) with the experiment's `test_metric`;
+        returns pod -> {"dataset", "num_samples", metrics...}, or {"error"} for a pod that did not."""
+        targets = list(self._targets())
+        tensors = encode_parts({"params": self._global})
+        progress = RoundProgress(self._round, [t.pod.name for t in targets], self._console)
+        with progress.shown():
+            outcomes = self._modeller._call(self._train_all(targets, self._round, {}, tensors, progress,
+                                                            evaluate_only=True))
+        return {target.pod.name: {"dataset": target.identifier, "num_samples": outcome.num_samples, **outcome.metrics}
+                if isinstance(outcome, TrainResult) else {"dataset": target.identifier, "error": str(outcome)}
+                for target, outcome in zip(targets, outcomes, strict=True)}
+
     def _plot(self) -> None:
         """Drawn once per `run`/`run_once` call: matplotlib costs more than a small model's round."""
         if self._replies:
@@ -369,7 +384,8 @@ class Experiment:
         return 1
 
     async def _train_all(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
-                         tensors: list[Buffer], progress: RoundProgress) -> list[TrainResult | BaseException]:
+                         tensors: list[Buffer], progress: RoundProgress,
+                         evaluate_only: bool = False) -> list[TrainResult | BaseException]:
         core = self._modeller._core
 
         async def train(target: Target) -> TrainResult:
@@ -388,7 +404,7 @@ class Experiment:
                 return TrainRequest(task_id=task_id, experiment_id=self._experiment_id, round=round_number,
                                     dataset=target.dataset.name, plan=self._plan_spec, model_args=self._model_args,
                                     training_args=self._training_args.model_dump(exclude_none=True),
-                                    round_config=scalars, tensors=tensors)
+                                    round_config=scalars, tensors=tensors, evaluate_only=evaluate_only)
             return message
 
         return await asyncio.gather(*(train(t) for t in selected), return_exceptions=True)
