@@ -177,6 +177,18 @@ def test_custodian_commands_and_a_revocation_that_applies_without_a_restart(cli:
         assert "min_group_size: 100000" in cli("policy", "show", "--config", config).stdout
         invalid = cli("policy", "set", DATASET, "min_group_size", "0", "--config", config, ok=False)
         assert invalid.returncode == 1 and "min_group_size" in invalid.stderr
+        unknown = cli("access", "approve", "99", "--config", config, ok=False)
+        assert unknown.returncode == 1 and "no access request 99" in unknown.stderr
+        cli.env["EDITOR"] = "sed -i s/min_group_size:.100000/min_group_size:\\x204/"  # `policy edit`, scripted
+        try:
+            assert "policy saved" in cli("policy", "edit", "--config", config).stdout
+            assert "min_group_size: 4" in cli("policy", "show", "--config", config).stdout
+            cli.env["EDITOR"] = "sed -i s/min_group_size:.4/min_group_size:\\x20-4/"
+            refused = cli("policy", "edit", "--config", config, ok=False)
+            assert refused.returncode == 1 and "min_group_size" in refused.stderr
+            assert "min_group_size: 4" in cli("policy", "show", "--config", config).stdout  # untouched
+        finally:
+            del cli.env["EDITOR"]
         denials = cli("audit", "show", "--config", config, "--decision", "deny").stdout
         assert "task-received" in denials and "deny" in denials
         assert "policy-changed" in cli("audit", "show", "--config", config).stdout

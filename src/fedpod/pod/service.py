@@ -410,6 +410,7 @@ class Pod:
                           f"approve it (`fedpod access approve {request_id} --kinds {measured.kind}`, or on the "
                           "pod's page)")
         audit, answer = self.tally.denial(sender.fingerprint, decision.rule or "")
+        answer = answer or self._accepts(sender.fingerprint)  # a known key is always told why, never left to time out
         if audit:  # as bounded as the audit log: a flood of refusals is summarised, not printed
             log.warning("REFUSED %s task %s from %s on %s: %s [rule: %s]", measured.kind, request.task_id[:8], who,
                         measured.dataset, decision.reason, decision.rule)
