@@ -37,9 +37,9 @@ def test_the_pod_says_what_it_received_decided_and_returned(pod_factory: PodFact
     who = f"modeller ({modeller_identity.fingerprint})"
     wait_until(lambda: log.exists() and "left the pod" in log.read_text(), 10, "the task's last line")
     text = log.read_text()
-    assert "sql task" in text and f"from {who} on t: allowed" in text
+    assert "sql_rows task" in text and f"from {who} on t: allowed" in text
     assert "done in" in text and "3 row(s) of a, b left the pod" in text
     wait_until(lambda: "REFUSED" in pod.output(), 10, "the refusal on the console")
     refused = next(line for line in pod.output().splitlines() if "REFUSED" in line)
-    assert "WARNING" in refused and f"stranger ({stranger.fingerprint})" in refused and "[rule: modellers]" in refused
+    assert "WARNING" in refused and f"stranger ({stranger.fingerprint})" in refused and "[rule: modeller]" in refused
     assert f"from {who} on t: allowed" in pod.output()
