@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-bash scripts/install-postgres.sh
-bash scripts/install-chromium.sh
+bash scripts/install-debian.sh postgresql '/usr/lib/postgresql/*/bin/initdb' "the PostgreSQL dataset tests"
+bash scripts/install-debian.sh chromium /usr/bin/chromium "the browser test of the pod's page"
 .venv/bin/ruff check src tests
 .venv/bin/mypy src
 exec .venv/bin/python -m pytest -q "$@"

@@ -163,13 +163,13 @@ class PostgresServer:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    """A throw-away PostgreSQL server on 127.0.0.1 (scripts/install-postgres.sh installs it).
+    """A throw-away PostgreSQL server on 127.0.0.1 (scripts/test.sh installs it).
     In CI a missing server is a failure, not a skip."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         if os.environ.get("CI"):
-            pytest.fail("PostgreSQL server binaries are missing; scripts/install-postgres.sh installs them")
-        pytest.skip("PostgreSQL server binaries not installed (run scripts/install-postgres.sh)")
+            pytest.fail("PostgreSQL server binaries are missing; scripts/test.sh installs them")
+        pytest.skip("PostgreSQL server binaries not installed (scripts/test.sh installs them)")
     root = Path(tempfile.mkdtemp(prefix="fedpod-pg-"))
     data, sockets = root / "data", root / "sockets"
     sockets.mkdir()

@@ -15,12 +15,13 @@ import pytest
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import DatasetSpec
 from fedpod.modeller.client import Modeller
-from fedpod.security.envelope import Opened
+from fedpod.security.envelope import Opened, seal
 from fedpod.security.identity import Identity
 from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
 from fedpod.transport.bus import BrokerOptions, Bus
-from fedpod.wire.messages import Discover, Heartbeat, PodAdvert
+from fedpod.wire.codec import pack
+from fedpod.wire.messages import Discover, Heartbeat, PodAdvert, SqlQueryAlgorithm, TaskRequest
 from tests.conftest import PodFactory, RunningPod
 
 
@@ -99,3 +100,10 @@ def rogue_pod(identity: Identity, advert: PodAdvert, on_task: TaskHandler | None
         await channel.listen_inbox(on_message, ignore)
 
     return subscribe
+
+
+def sealed_task(sender: Identity, pod: RunningPod, task_id: str, dataset: str, query: str) -> bytes:
+    """A signed, sealed SQL task from `sender` to `pod`, as a raw client would publish it."""
+    request = TaskRequest(task_id=task_id, dataset=dataset, algorithm=SqlQueryAlgorithm(query=query))
+    frame = seal(sender, TaskRequest.TYPE, pack(request), recipients=[pod.identity.public], task_id=task_id)
+    return b"".join(bytes(part) for part in frame)

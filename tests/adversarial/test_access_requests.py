@@ -14,12 +14,10 @@ import pytest
 from fedpod.errors import AccessDenied
 from fedpod.governance.requests import MAX_PENDING
 from fedpod.modeller.client import Modeller
-from fedpod.security.envelope import seal
 from fedpod.security.identity import Identity
 from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
-from fedpod.wire.codec import pack
-from fedpod.wire.messages import SqlQueryAlgorithm, TaskRequest
+from tests.adversarial.conftest import sealed_task
 from tests.conftest import RunningPod, wait_until
 
 pytestmark = pytest.mark.integration
@@ -49,10 +47,7 @@ async def test_fresh_keys_cannot_grow_the_request_queue_past_its_bound(
     try:
         for index in range(2 * (MAX_PENDING + 100)):
             sender = repeater if index % 2 else Identity.generate(f"fresh{index}")
-            request = TaskRequest(task_id=f"r{index}", dataset="t", algorithm=SqlQueryAlgorithm(query="SELECT 1"))
-            frame = seal(sender, TaskRequest.TYPE, pack(request), recipients=[exposed_pod.identity.public],
-                         task_id=f"r{index}")
-            await raw.publish(inbox, b"".join(bytes(p) for p in frame))
+            await raw.publish(inbox, sealed_task(sender, exposed_pod, f"r{index}", "t", "SELECT 1"))
         await raw.flush()
     finally:
         await raw.close()

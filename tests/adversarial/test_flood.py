@@ -15,12 +15,10 @@ import nats
 import pytest
 
 from fedpod.modeller.client import Modeller
-from fedpod.security.envelope import seal
 from fedpod.security.identity import Identity
 from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
-from fedpod.wire.codec import pack
-from fedpod.wire.messages import SqlQueryAlgorithm, TaskRequest
+from tests.adversarial.conftest import sealed_task
 from tests.conftest import RunningPod
 
 pytestmark = pytest.mark.integration
@@ -93,10 +91,7 @@ async def test_denied_tasks_from_strangers_are_audited_sparingly_and_truncated(
         for index in range(300):
             if fresh_keys:
                 stranger = Identity.generate(f"stranger{index}")
-            request = TaskRequest(task_id=f"d{index}", dataset="t", algorithm=SqlQueryAlgorithm(query=query))
-            frame = seal(stranger, TaskRequest.TYPE, pack(request), recipients=[exposed_pod.identity.public],
-                         task_id=f"d{index}")
-            await raw.publish(inbox, b"".join(bytes(p) for p in frame))
+            await raw.publish(inbox, sealed_task(stranger, exposed_pod, f"d{index}", "t", query))
         await raw.flush()
     finally:
         await raw.close()

@@ -66,11 +66,9 @@ def with_plan_loader_args(args: TrainingArgs, plan_kwargs: dict[str, Any]) -> Tr
     return args.model_copy(update={"loader_args": loader})
 
 
-def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
-                    *, device: str = "cpu", state: dict[str, Params] | None = None) -> LocalResult:
-    if args.dp_args is not None:
-        raise ConfigError("dp_args were accepted, but differential privacy (DP-SGD) is not available yet",
-                          hint="remove dp_args for now")
+def _prepare(plan: TrainingPlan, global_params: Params,
+             args: TrainingArgs) -> tuple[np.ndarray, np.ndarray, TrainingArgs, np.ndarray, np.ndarray]:
+    """Seed, load the global parameters and the plan's data, and split it (the same way every round)."""
     seed_everything(args.random_seed)
     plan.set_params(global_params)
     data = plan.training_data()
@@ -79,6 +77,15 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
         raise ConfigError("training_data() returned no target")
     args = with_plan_loader_args(args, data.loader_kwargs)
     train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed)
+    return features, target, args, train_rows, test_rows
+
+
+def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
+                    *, device: str = "cpu", state: dict[str, Params] | None = None) -> LocalResult:
+    if args.dp_args is not None:
+        raise ConfigError("dp_args were accepted, but differential privacy (DP-SGD) is not available yet",
+                          hint="remove dp_args for now")
+    features, target, args, train_rows, test_rows = _prepare(plan, global_params, args)
     metrics: dict[str, float] = {}
     if len(test_rows) and args.test_on_global_updates:
         metrics |= _validate(plan, features[test_rows], target[test_rows], args, "global")
@@ -96,13 +103,7 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
 def run_evaluation(plan: TrainingPlan, global_params: Params, args: TrainingArgs) -> LocalResult:
     """Validate the given parameters on this pod's test split (all rows when `test_ratio` is 0),
     training nothing: task kind `evaluate`, which a custodian may grant without `train`."""
-    seed_everything(args.random_seed)
-    plan.set_params(global_params)
-    data = plan.training_data()
-    features, target = data.arrays()
-    if target is None:
-        raise ConfigError("training_data() returned no target")
-    train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed)
+    features, target, args, train_rows, test_rows = _prepare(plan, global_params, args)
     rows = test_rows if len(test_rows) else train_rows
-    metrics = _validate(plan, features[rows], target[rows], with_plan_loader_args(args, data.loader_kwargs), "global")
+    metrics = _validate(plan, features[rows], target[rows], args, "global")
     return LocalResult(params=dict(global_params), num_samples=len(rows), metrics=metrics, extra={})
