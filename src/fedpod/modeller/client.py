@@ -58,6 +58,7 @@ T = TypeVar("T")
 LOST_AFTER_BEATS = 3  # a pod silent for this many heartbeat intervals is declared lost...
 LOST_AFTER_AT_LEAST_S = 5.0  # ...but never sooner than this (a loaded machine delays beats)
 MAX_DISCOVERY_REQUESTS = 1000
+ADVERT_REUSE_S = 60.0  # an advert is reused this long while its pod keeps beating (see `discover`)
 R = TypeVar("R", bound=WireMessage)
 Adverts = dict[str, tuple[PublicIdentity, PodAdvert]]
 
@@ -81,6 +82,7 @@ class AsyncModeller:
         self._pending: dict[str, tuple[str, asyncio.Future[Opened]]] = {}  # task id -> (pod fingerprint, reply)
         self.ignored_replies = 0
         self._adverts: Adverts = {}
+        self._advert_cache: dict[str, tuple[float, PublicIdentity, PodAdvert]] = {}  # pod -> (when, key, advert)
         self._advert_arrived = asyncio.Event()
         self._asked: set[str] | None = None  # pods sent a discovery request in the discovery under way
         self._requests: set[asyncio.Task[None]] = set()
@@ -164,6 +166,8 @@ class AsyncModeller:
                                           f"({', '.join(sorted(claims))}); pin the right one first")
             return
         self._adverts[name] = (sender, advert)
+        if not advert.notice:
+            self._advert_cache[name] = (asyncio.get_running_loop().time(), sender, advert)
         self._heartbeat_s[fingerprint] = advert.heartbeat_s
         self._advert_arrived.set()
 
@@ -177,7 +181,13 @@ class AsyncModeller:
         """Ask every pod for its advert. With identifiers, stop as soon as all owners answered —
         at once if they are all pinned; on first contact only after `discovery_window_s` more,
         so that a second key claiming the same name (an impostor racing the real pod) is seen
-        rather than whichever answered first being pinned."""
+        rather than whichever answered first being pinned. Named pods whose adverts are recent
+        (ADVERT_REUSE_S), pinned, and whose sealed heartbeats still arrive are not asked again:
+        a discovery costs a heartbeat's round trip, which would dominate back-to-back queries."""
+        reused = self._reusable_adverts({i.partition("/")[0] for i in identifiers or []})
+        if reused is not None:
+            self.ignored_adverts = {}
+            return reused
         self._adverts, self._claims, self.ignored_adverts = {}, {}, {}
         self._asked = set()
         try:
@@ -188,6 +198,24 @@ class AsyncModeller:
         for pod, reason in self.ignored_adverts.items():
             log.warning("ignored the advert of pod %s: it %s", pod, reason)
         return dict(self._adverts)
+
+    def _reusable_adverts(self, owners: set[str]) -> Adverts | None:
+        """The cached adverts of `owners`, if every one is fresh, pinned and still beating."""
+        if not owners:
+            return None
+        now, reused = asyncio.get_running_loop().time(), {}
+        for owner in owners:
+            cached = self._advert_cache.get(owner)
+            if cached is None:
+                return None
+            when, pod, advert = cached
+            interval = self._heartbeat_s.get(pod.fingerprint, 2.0)
+            beat = self._last_beat.get(pod.fingerprint)
+            if (now - when > ADVERT_REUSE_S or self.known_pods.pinned(owner) != pod.fingerprint or beat is None
+                    or now - beat > max(3 * interval, 1.0)):
+                return None
+            reused[owner] = (pod, advert)
+        return reused
 
     async def _collect_adverts(self, identifiers: list[str] | None, window_s: float | None) -> None:
         wanted = {i.partition("/")[0] for i in identifiers or []}
