@@ -180,3 +180,11 @@ def test_small_cells_are_suppressed_and_counted_at_the_pod(query: str) -> None:
         assert "__fedpod_group_size" not in table.column_names
         assert suppressed >= 1  # M (2 rows), the single age > 90, the single non-null `rare`
         assert table.num_rows <= 1
+
+
+def test_a_grant_never_moves_a_name_to_another_key_nor_renames_a_key() -> None:
+    with pytest.raises(ConfigError, match="'lab' is another key"):
+        policy().grant("lab", STRANGER, "ehr", ["sql_rows"])
+    with pytest.raises(ConfigError, match="known as 'lab' already"):
+        policy().grant("alias", LAB, "ehr", ["sql_rows"])
+    assert decide(policy().grant("lab", LAB, "ehr", ["sql_rows"]), request(kind="sql_rows")).allowed

@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from fedpod.errors import ConfigError
 from fedpod.names import NAME_PATTERN
 from fedpod.security.identity import FINGERPRINT_PATTERN
 
@@ -141,7 +142,15 @@ class Policy(BaseModel):
 
     def grant(self, name: str, fingerprint: str, dataset: str, kinds: list[TaskKind],
               expires: dt.date | None = None) -> Policy:
-        """A copy in which `name` (added with `fingerprint` if new) holds `kinds` on `dataset`."""
+        """A copy in which `name` (added with `fingerprint` if new) holds `kinds` on `dataset`.
+        A name is never moved to another key, nor a key given a second name: either would hand
+        one party's grants to another."""
+        if self.modellers.get(name, fingerprint) != fingerprint:
+            raise ConfigError(f"modeller {name!r} is another key ({self.modellers[name]}), not {fingerprint}",
+                              hint="choose another name, or revoke the old key first")
+        known_as = self.name_of(fingerprint)
+        if known_as not in (None, name):
+            raise ConfigError(f"key {fingerprint} is known as {known_as!r} already", hint=f"grant to {known_as}")
         data = self.model_dump(mode="json")
         data["modellers"][name] = fingerprint
         entry = data["datasets"].setdefault(dataset, DatasetPolicy().model_dump(mode="json"))

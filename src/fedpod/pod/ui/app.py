@@ -211,7 +211,10 @@ def create_app(folder: PodFolder, token: str) -> FastAPI:
     async def approve(request: Request, request_id: int) -> Response:
         form = await checked_form(request)
         kinds = [k for k in TASK_KINDS if form.get(f"kind_{k}")]
-        expires = dt.date.fromisoformat(form["expires"]) if form.get("expires") else None
+        try:
+            expires = dt.date.fromisoformat(form["expires"]) if form.get("expires") else None
+        except ValueError:
+            raise HTTPException(400, f"expires {form['expires'][:40]!r} is not a date (YYYY-MM-DD)") from None
         try:
             folder.approve(request_id, parse_kinds(",".join(kinds)) if kinds else None, expires,
                            form.get("name") or None, source="web page")
