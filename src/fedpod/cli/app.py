@@ -654,8 +654,22 @@ def data_synth(
     centres: Annotated[int, typer.Option(help="number of centres")] = 3,
     patients: Annotated[int, typer.Option(help="patients over all centres")] = 3000,
     seed: int = 0,
+    journeys: Annotated[bool, typer.Option(
+        help="years of encounters per patient (static table + long event table, a few hundred codes)")] = False,
+    file_format: Annotated[str, typer.Option("--format", help="with --journeys: csv or parquet")] = "csv",
 ) -> None:
     """Write synthetic patients + observation events per centre (deterministic for a seed)."""
+    if journeys:
+        from fedpod.data.journeys import generate_journeys, write_journeys
+
+        if file_format not in ("csv", "parquet"):
+            raise ConfigError(f"--format {file_format!r}: choose csv or parquet")
+        generated = generate_journeys(centres, patients, seed)
+        written = write_journeys(generated, out, "parquet" if file_format == "parquet" else "csv")
+        for centre, folder in zip(generated, written, strict=True):
+            console.print(f"{folder}: {len(centre.patients)} patients, {len(centre.events):,} events, "
+                          f"{centre.events['code'].nunique()} codes", highlight=False)
+        return
     from fedpod.data.synth import generate, write
 
     for folder in write(generate(centres, patients, seed), out):

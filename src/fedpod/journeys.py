@@ -1,0 +1,135 @@
+"""Patient journeys as tensors: patients x time bins x codes, as TanaT's `to_tensor` builds them.
+
+    tensor, patient_ids, features = to_tensor(events, static, codes=vocabulary, bin_size="360D",
+                                              max_bins=5, anchor="index_date")
+
+Vectorised throughout (one pass of numpy over all events; no Python loop over patients).
+
+Binning, exactly:
+- Every timestamp is converted to UTC (naive timestamps are taken as UTC), so centres in
+  different time zones bin alike; anchors given as dates mean midnight UTC.
+- `anchor="first_event"`: bins run forward from each patient's first event; bin b holds
+  [first + b*size, first + (b+1)*size), so an event exactly on an edge starts the next bin.
+  `max_bins` keeps the *earliest* bins.
+- `anchor=<date>` or `anchor=<static column>` (a per-patient date, e.g. the prediction time):
+  only events strictly before the anchor count, and bins run backwards from it: the last bin
+  holds [anchor - size, anchor), the one before [anchor - 2*size, anchor - size), and so on.
+  `max_bins` keeps the *latest* bins (those nearest the anchor). Either way the time axis of
+  the tensor runs from oldest to newest.
+- Patients: the static table's, in its order (those without events get empty rows), or else
+  every patient of the events, sorted. Events of patients not in the static table, and of codes
+  not in `codes`, are left out. Unsorted input and duplicate timestamps change nothing.
+- `aggregate="count"` (one-hot, summed over the bin's events), `"presence"` (0/1) or `"mean"`
+  (the mean of the events' values). A cell with no event of its code holds `fill_value`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+Aggregate = Literal["count", "presence", "mean"]
+
+
+class TemporalTensor(NamedTuple):
+    tensor: np.ndarray  # float32, patients x bins x codes
+    patient_ids: np.ndarray
+    feature_names: list[str]
+
+
+def _utc_ns(values: pd.Series | pd.Index | np.ndarray) -> np.ndarray:
+    stamps = pd.to_datetime(pd.Series(values), utc=True, format="mixed") if not isinstance(
+        getattr(values, "dtype", None), pd.DatetimeTZDtype) else pd.Series(values).dt.tz_convert("UTC")
+    return stamps.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+
+
+def top_codes(events: pd.DataFrame, k: int, code_column: str = "code") -> list[str]:
+    """The `k` most frequent codes of one table, most frequent first (ties by code). A federation
+    must not use this per pod: feature j would mean different codes at different pods."""
+    counts = events[code_column].astype(str).value_counts()
+    ranked = sorted(zip(counts.to_numpy().tolist(), counts.index.astype(str), strict=True),
+                    key=lambda pair: (-pair[0], pair[1]))
+    return [code for _, code in ranked[:k]]
+
+
+def to_tensor(events: pd.DataFrame, static: pd.DataFrame | None = None, *, codes: Sequence[str] | None = None,
+              top_k: int = 30, bin_size: str | pd.Timedelta = "360D", max_bins: int | None = None,
+              anchor: str | pd.Timestamp = "first_event", aggregate: Aggregate = "count", fill_value: float = 0.0,
+              id_column: str = "patient_id", time_column: str = "timestamp", code_column: str = "code",
+              value_column: str = "value") -> TemporalTensor:
+    """See the module docstring. `codes`: the vocabulary, in feature order (by default this
+    table's `top_k` most frequent codes)."""
+    size = pd.Timedelta(bin_size).value
+    if size <= 0:
+        raise ValueError(f"bin_size {bin_size!r} must be positive")
+    if max_bins is not None and max_bins < 1:
+        raise ValueError("max_bins must be at least 1")
+    vocabulary = list(codes) if codes is not None else top_codes(events, top_k, code_column)
+    ids = (static[id_column].astype(str).to_numpy() if static is not None
+           else np.sort(events[id_column].astype(str).unique()))
+    patient = pd.Index(ids).get_indexer(pd.Index(events[id_column].astype(str)))
+    feature = pd.Index(vocabulary).get_indexer(pd.Index(events[code_column].astype(str)))
+    keep = (patient >= 0) & (feature >= 0)
+    time = _utc_ns(events[time_column])
+    patient, feature, time = patient[keep], feature[keep], time[keep]
+    values = (pd.to_numeric(events[value_column], errors="coerce").to_numpy(dtype=float)[keep]
+              if aggregate == "mean" else None)
+    n, k = len(ids), len(vocabulary)
+
+    if isinstance(anchor, str) and anchor == "first_event":
+        first = np.full(n, np.iinfo(np.int64).max)
+        np.minimum.at(first, patient, time)
+        step = (time - first[patient]) // size  # 0 = the first bin
+        bins = int(step.max()) + 1 if len(step) else 1
+        bins = min(bins, max_bins) if max_bins else bins
+        inside = step < bins
+        position = step
+    else:
+        if isinstance(anchor, str) and static is not None and anchor in static.columns:
+            anchors = _utc_ns(static[anchor])
+        else:
+            anchors = np.full(n, _utc_ns(pd.Index([pd.Timestamp(anchor)]))[0])
+        before = anchors[patient] - time  # > 0 strictly before the anchor
+        back = np.where(before > 0, -((-before) // size) - 1, -1)  # 0 = [anchor - size, anchor)
+        bins = int(back.max()) + 1 if (back >= 0).any() else 1
+        bins = min(bins, max_bins) if max_bins else bins
+        inside = (back >= 0) & (back < bins)
+        position = bins - 1 - back
+    cell = (patient[inside] * bins + position[inside]) * k + feature[inside]
+    counts = np.bincount(cell, minlength=n * bins * k).astype(np.float64)
+    if aggregate == "count":
+        flat = counts
+    elif aggregate == "presence":
+        flat = (counts > 0).astype(np.float64)
+    else:
+        assert values is not None
+        observed = values[inside]
+        valid = ~np.isnan(observed)
+        sums = np.bincount(cell[valid], weights=observed[valid], minlength=n * bins * k)
+        numbers = np.bincount(cell[valid], minlength=n * bins * k)
+        counts = numbers.astype(np.float64)
+        flat = np.divide(sums, numbers, out=np.zeros_like(sums), where=numbers > 0)
+    flat = np.where(counts > 0, flat, fill_value)
+    return TemporalTensor(flat.reshape(n, bins, k).astype(np.float32), ids, vocabulary)
+
+
+def target(static: pd.DataFrame, expression: str) -> np.ndarray:
+    """A target computed from the static table by a SQL expression over its columns (DuckDB),
+    e.g. `"diabetes_next_year"` or `"gender = 'F'"`, in the static table's row order."""
+    import duckdb
+
+    connection = duckdb.connect(":memory:")
+    try:
+        connection.register("static_rows", static)
+        for setting in ("python_enable_replacements = false", "enable_external_access = false",
+                        "lock_configuration = true"):  # the expression reads the table and nothing else
+            connection.execute(f"SET {setting}")
+        result = connection.sql(f"SELECT ({expression}) AS target FROM static_rows").fetchnumpy()["target"]
+    finally:
+        connection.close()
+    return np.asarray(result)

@@ -1,0 +1,123 @@
+"""Temporal tensors (binning and one-hot layout at the edges) and the synthetic journeys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedpod.data.journeys import generate_journeys, write_journeys
+from fedpod.journeys import target, to_tensor, top_codes
+
+
+def frame(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["patient_id", "timestamp", "code", "value"])
+
+
+EVENTS = frame([
+    ("p1", "2024-01-01T00:00:00+00:00", "A", 1.0),
+    ("p1", "2024-01-11T00:00:00+00:00", "A", 3.0),  # exactly on the edge of bin 1 (10-day bins)
+    ("p1", "2024-01-05T00:00:00+00:00", "B", 5.0),
+    ("p2", "2024-01-03T00:00:00+00:00", "B", 7.0),
+    ("p2", "2024-01-03T00:00:00+00:00", "B", 9.0),  # a duplicate timestamp
+])
+STATIC = pd.DataFrame({"patient_id": ["p1", "p2", "p3"], "index_date": ["2024-01-21", "2024-01-13", "2024-01-01"],
+                       "gender": ["F", "M", "F"]})
+
+
+def test_forward_bins_start_at_each_patients_first_event_and_an_edge_starts_the_next_bin() -> None:
+    tensor, ids, names = to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="10D")
+    assert list(ids) == ["p1", "p2", "p3"] and names == ["A", "B"] and tensor.shape == (3, 2, 2)
+    assert tensor[0].tolist() == [[1, 1], [1, 0]]  # p1: A and B in bin 0, the edge event in bin 1
+    assert tensor[1].tolist() == [[0, 2], [0, 0]]  # p2's first event is its own origin; duplicates both count
+    assert not tensor[2].any()  # a patient without events: an empty row
+
+
+def test_unsorted_input_and_time_zones_give_the_same_tensor() -> None:
+    shuffled = EVENTS.sample(frac=1, random_state=3)
+    paris = EVENTS.assign(timestamp=pd.to_datetime(EVENTS["timestamp"], utc=True).dt.tz_convert("Europe/Paris"))
+    reference = to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="10D").tensor
+    assert np.array_equal(to_tensor(shuffled, STATIC, codes=["A", "B"], bin_size="10D").tensor, reference)
+    assert np.array_equal(to_tensor(paris, STATIC, codes=["A", "B"], bin_size="10D").tensor, reference)
+    local = EVENTS.assign(timestamp=["2024-01-01T01:00:00+01:00", "2024-01-11T01:00:00+01:00",
+                                     "2024-01-05T01:00:00+01:00", "2024-01-03T01:00:00+01:00",
+                                     "2024-01-03T01:00:00+01:00"])  # the same instants, written in +01:00
+    assert np.array_equal(to_tensor(local, STATIC, codes=["A", "B"], bin_size="10D").tensor, reference)
+
+
+def test_backward_bins_end_at_the_anchor_and_max_bins_keeps_the_latest() -> None:
+    tensor = to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="10D", anchor="index_date").tensor
+    # p1's anchor 2024-01-21: [01-11, 01-21) is the last bin (holds the edge event), [01-01, 01-11) the one before.
+    assert tensor.shape == (3, 2, 2) and tensor[0].tolist() == [[1, 1], [1, 0]]
+    # p2's anchor 2024-01-13: both B events lie in [01-03, 01-13), the last bin — the start is inclusive.
+    assert tensor[1].tolist() == [[0, 0], [0, 2]]
+    latest = to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="10D", anchor="index_date", max_bins=1).tensor
+    assert latest.shape == (3, 1, 2) and latest[0].tolist() == [[1, 0]]
+    fixed = to_tensor(EVENTS, STATIC, codes=["A"], bin_size="10D", anchor=pd.Timestamp("2024-01-11")).tensor
+    assert fixed[0].tolist() == [[1]]  # an event at the anchor itself is the future: left out
+
+
+def test_max_bins_keeps_the_earliest_bins_when_counting_forward() -> None:
+    tensor = to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="10D", max_bins=1).tensor
+    assert tensor.shape == (3, 1, 2) and tensor[0].tolist() == [[1, 1]]
+
+
+def test_presence_mean_and_fill_values() -> None:
+    presence = to_tensor(EVENTS, STATIC, codes=["B"], bin_size="30D", aggregate="presence").tensor
+    assert presence[:, 0, 0].tolist() == [1, 1, 0]
+    mean = to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="30D", aggregate="mean", fill_value=-1).tensor
+    assert mean[0, 0].tolist() == [2.0, 5.0] and mean[1, 0].tolist() == [-1.0, 8.0] and mean[2, 0].tolist() == [-1, -1]
+
+
+def test_codes_outside_the_vocabulary_and_unknown_patients_are_left_out() -> None:
+    extra = pd.concat([EVENTS, frame([("p9", "2024-01-01T00:00:00Z", "A", 1.0), ("p1", "2024-01-02T00:00:00Z", "Z",
+                                                                                   0.0)])])
+    assert np.array_equal(to_tensor(extra, STATIC, codes=["A", "B"], bin_size="10D").tensor,
+                          to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="10D").tensor)
+    assert top_codes(EVENTS, 1) == ["B"] and top_codes(EVENTS, 5) == ["B", "A"]
+    with pytest.raises(ValueError, match="bin_size"):
+        to_tensor(EVENTS, STATIC, bin_size="0D")
+
+
+def test_targets_come_from_an_expression_over_the_static_table() -> None:
+    assert target(STATIC, "gender = 'F'").tolist() == [True, False, True]
+    with pytest.raises(Exception, match=r"(?i)external|disabled|permission"):
+        target(STATIC, "(SELECT COUNT(*) FROM read_csv('/etc/passwd'))")
+
+
+def test_synthetic_journeys_are_deterministic_realistic_and_differ_by_centre(tmp_path: object) -> None:
+    first, second = generate_journeys(3, 900, seed=4), generate_journeys(3, 900, seed=4)
+    for a, b in zip(first, second, strict=True):
+        pd.testing.assert_frame_equal(a.events, b.events)
+        pd.testing.assert_frame_equal(a.patients, b.patients)
+    ages = [(c.patients["index_date"].astype("datetime64[ns]") - c.patients["birth_date"].astype("datetime64[ns]"))
+            .dt.days.div(365.25) for c in first]
+    assert ages[0].min() >= 19.9 and ages[1].min() >= 39.9 and ages[2].max() < 61.5  # 20-80, 40-85, 20-60
+    assert [str(c.events["timestamp"].dt.tz) for c in first] == ["America/New_York", "Europe/Paris", "Europe/London"]
+    for centre in first:
+        counts = centre.events["code"].value_counts()
+        assert 200 <= len(counts) <= 400 and counts.iloc[0] > 20 * counts.iloc[-1]  # a long tail
+        assert 0.02 < centre.patients["diabetes_next_year"].mean() < 0.3
+    units = [set(c.events.loc[c.events["description"].str.startswith("Glucose"), "units"]) for c in first]
+    assert units == [{"mg/dL"}, {"mmol/L"}, {"mmol/L"}]
+    assert "GLY" in set(first[1].events["code"]) and "GLY" not in set(first[0].events["code"])
+    written = write_journeys(first, tmp_path / "out")  # type: ignore[operator]
+    back = pd.read_csv(written[1] / "events.csv")
+    assert back["timestamp"].iloc[0].endswith(("+01:00", "+02:00"))
+
+
+def test_the_target_is_learnable_from_the_temporal_pattern() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    centre = generate_journeys(1, 3000, seed=2)[0]
+    codes = ["2345-7", "4548-4", "39156-5", "44054006"]  # glucose, HbA1c, BMI, a diabetes diagnosis
+    counts = to_tensor(centre.events, centre.patients, codes=codes, bin_size="180D", max_bins=4,
+                       anchor="index_date").tensor
+    means = to_tensor(centre.events, centre.patients, codes=codes, bin_size="180D", max_bins=4,
+                      anchor="index_date", aggregate="mean").tensor
+    features = np.concatenate([counts.reshape(len(counts), -1), means.reshape(len(means), -1)], axis=1)
+    labels = centre.patients["diabetes_next_year"].to_numpy()
+    half = len(labels) // 2
+    model = LogisticRegression(max_iter=2000).fit(features[:half], labels[:half])
+    assert roc_auc_score(labels[half:], model.predict_proba(features[half:])[:, 1]) > 0.8
