@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -85,7 +87,7 @@ def test_targets_come_from_an_expression_over_the_static_table() -> None:
         target(STATIC, "(SELECT COUNT(*) FROM read_csv('/etc/passwd'))")
 
 
-def test_synthetic_journeys_are_deterministic_realistic_and_differ_by_centre(tmp_path: object) -> None:
+def test_synthetic_journeys_are_deterministic_realistic_and_differ_by_centre(tmp_path: Path) -> None:
     first, second = generate_journeys(3, 900, seed=4), generate_journeys(3, 900, seed=4)
     for a, b in zip(first, second, strict=True):
         pd.testing.assert_frame_equal(a.events, b.events)
@@ -101,7 +103,7 @@ def test_synthetic_journeys_are_deterministic_realistic_and_differ_by_centre(tmp
     units = [set(c.events.loc[c.events["description"].str.startswith("Glucose"), "units"]) for c in first]
     assert units == [{"mg/dL"}, {"mmol/L"}, {"mmol/L"}]
     assert "GLY" in set(first[1].events["code"]) and "GLY" not in set(first[0].events["code"])
-    written = write_journeys(first, tmp_path / "out")  # type: ignore[operator]
+    written = write_journeys(first, tmp_path / "out")
     back = pd.read_csv(written[1] / "events.csv")
     assert back["timestamp"].iloc[0].endswith(("+01:00", "+02:00"))
 
@@ -121,3 +123,30 @@ def test_the_target_is_learnable_from_the_temporal_pattern() -> None:
     half = len(labels) // 2
     model = LogisticRegression(max_iter=2000).fit(features[:half], labels[:half])
     assert roc_auc_score(labels[half:], model.predict_proba(features[half:])[:, 1]) > 0.8
+
+
+def test_an_events_dataset_is_two_tables_that_sql_reads_by_their_names(tmp_path: Path) -> None:
+    from fedpod.algorithms.sql.engine import SqlEngine
+    from fedpod.data.datasets import DatasetSpec, inspect
+    from fedpod.errors import ConfigError, SqlRejected
+
+    [folder] = write_journeys(generate_journeys(1, 200, seed=3), tmp_path)
+    spec = inspect(DatasetSpec(name="ehr", type="events", path=str(folder / "events.csv"),
+                               static=str(folder / "patients.csv")), tmp_path)
+    assert spec.tables == ["ehr", "ehr_static"] and spec.static_rows == 200 and "gender" in spec.static_columns
+    assert "WITH TIME ZONE" in spec.columns["timestamp"]  # the offsets written in the CSV are kept
+    engine = SqlEngine([spec], tmp_path)
+    try:
+        genders = engine.run("SELECT gender, COUNT(*) AS n FROM ehr_static GROUP BY gender ORDER BY gender", "ehr")
+        assert sum(genders.column("n").to_pylist()) == 200
+        joined = engine.run("SELECT s.gender, COUNT(*) AS n FROM ehr e JOIN ehr_static s USING (patient_id) "
+                            "GROUP BY s.gender", "ehr")
+        assert sum(joined.column("n").to_pylist()) == spec.rows
+        assert set(engine.columns_of("ehr")) >= {"code", "timestamp", "gender", "birth_date"}
+        with pytest.raises(SqlRejected, match="not a dataset of this task"):
+            engine.run("SELECT * FROM other_static", "ehr")
+    finally:
+        engine.close()
+    with pytest.raises(ConfigError, match=r"no column\(s\) \['when'\]"):
+        inspect(DatasetSpec(name="ehr", type="events", path=str(folder / "events.csv"), time_column="when"),
+                tmp_path)

@@ -430,29 +430,39 @@ def pod_ui(config: ConfigPath = Path("pod.yaml"),
 @dataset_app.command("add")
 def dataset_add(
     name: Annotated[str, typer.Option(help="dataset name (the table name in SQL)")],
-    kind: Annotated[str, typer.Option("--type", help="csv | parquet | sqlite | postgres")],
+    kind: Annotated[str, typer.Option("--type", help="csv | parquet | sqlite | postgres | events")],
     config: ConfigPath = Path("pod.yaml"),
     tags: Annotated[str, typer.Option(help="comma-separated tags")] = "",
-    path: Annotated[str | None, typer.Option(help="file (csv, parquet, sqlite)")] = None,
+    path: Annotated[str | None, typer.Option(help="file (csv, parquet, sqlite; for events the event table)")] = None,
     dsn: Annotated[str | None, typer.Option(help="PostgreSQL connection string")] = None,
     table: Annotated[str | None, typer.Option(help="table in the SQLite/PostgreSQL database")] = None,
     description: str = "",
+    static: Annotated[str | None, typer.Option(help="events: the static table (one row per patient), csv or "
+                                                    "parquet; SQL names it DATASET_static")] = None,
+    id_column: Annotated[str, typer.Option(help="events: the patient id column (in both tables)")] = "patient_id",
+    time_column: Annotated[str, typer.Option(help="events: the timestamp column")] = "timestamp",
+    code_column: Annotated[str, typer.Option(help="events: the code column")] = "code",
+    value_column: Annotated[str | None, typer.Option(help="events: the value column, if any")] = "value",
 ) -> None:
     """Register a dataset; its schema and row count are inferred and stored."""
     settings = PodConfig.load(config)
     if settings.dataset(name):
         raise ConfigError(f"pod {settings.name} already has a dataset {name!r}", where=str(config))
-    if path and not Path(path).is_absolute():
-        path = str(Path(path).resolve())
+    path, static = (str(Path(p).resolve()) if p and not Path(p).is_absolute() else p for p in (path, static))
+    event_fields = {"static": static, "id_column": id_column, "time_column": time_column, "code_column": code_column,
+                    "value_column": value_column} if kind == "events" else {}
     try:
         spec = DatasetSpec.model_validate({"name": name, "type": kind, "tags": [t for t in tags.split(",") if t],
-                                           "path": path, "dsn": dsn, "table": table, "description": description})
+                                           "path": path, "dsn": dsn, "table": table, "description": description,
+                                           **event_fields})
     except ValueError as exc:
         raise ConfigError(str(exc), where="fedpod dataset add") from exc
     spec = inspect(spec, config.parent.resolve())
     settings.datasets.append(spec)
     settings.save(config)
-    console.print(f"added {settings.name}/{name}: {spec.rows} rows, columns {', '.join(spec.columns)}; "
+    static_part = (f"; table {spec.static_table}: {spec.static_rows} rows, columns {', '.join(spec.static_columns)}"
+                   if spec.static_table else "")
+    console.print(f"added {settings.name}/{name}: {spec.rows} rows, columns {', '.join(spec.columns)}{static_part}; "
                   f"{_applies(config, live=False)}", highlight=False)
 
 

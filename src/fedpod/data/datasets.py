@@ -21,12 +21,17 @@ from fedpod.names import NAME_PATTERN
 if TYPE_CHECKING:
     import pandas as pd
 
-DatasetKind = Literal["csv", "parquet", "sqlite", "postgres"]
+DatasetKind = Literal["csv", "parquet", "sqlite", "postgres", "events"]
+STATIC_SUFFIX = "_static"
 
 
 class DatasetSpec(BaseModel):
     """One dataset as written in the pod config. `columns` and `rows` are inferred by
-    `fedpod dataset add` and refreshed whenever the pod starts."""
+    `fedpod dataset add` and refreshed whenever the pod starts.
+
+    An `events` dataset is a long event table (`path`: CSV or Parquet; one row per patient,
+    time and code) and optionally a static table of one row per patient (`static`). SQL sees
+    them as two tables: the dataset's name, and that name + `_static`."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field(pattern=NAME_PATTERN)
@@ -38,10 +43,17 @@ class DatasetSpec(BaseModel):
     description: str = ""
     columns: dict[str, str] = {}
     rows: int = 0
+    static: str | None = None
+    id_column: str = "patient_id"
+    time_column: str = "timestamp"
+    code_column: str = "code"
+    value_column: str | None = "value"
+    static_columns: dict[str, str] = {}
+    static_rows: int = 0
 
     @model_validator(mode="after")
     def _source_is_complete(self) -> DatasetSpec:
-        if self.kind in ("csv", "parquet", "sqlite") and not self.path:
+        if self.kind in ("csv", "parquet", "sqlite", "events") and not self.path:
             raise ValueError(f"dataset {self.name!r} of type {self.kind} needs a path")
         if self.kind == "postgres" and not self.dsn:
             raise ValueError(f"dataset {self.name!r} of type postgres needs a dsn")
@@ -49,10 +61,20 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"dataset {self.name!r} of type {self.kind} needs a table")
         return self
 
-    def resolved_path(self, base: Path) -> Path:
-        assert self.path is not None
-        path = Path(self.path)
+    def resolved_path(self, base: Path, value: str | None = None) -> Path:
+        chosen = value or self.path
+        assert chosen is not None
+        path = Path(chosen)
         return path if path.is_absolute() else base / path
+
+    @property
+    def static_table(self) -> str | None:
+        return f"{self.name}{STATIC_SUFFIX}" if self.kind == "events" and self.static else None
+
+    @property
+    def tables(self) -> list[str]:
+        """The SQL tables of this dataset: its own, and an events dataset's static table."""
+        return [self.name] + ([self.static_table] if self.static_table else [])
 
 
 def quote_identifier(name: str) -> str:
@@ -82,9 +104,31 @@ def _read_external_table(spec: DatasetSpec, base: Path) -> pd.DataFrame:
                           where=f"dataset {spec.name}") from exc
 
 
+def _load_file(connection: duckdb.DuckDBPyConnection, table: str, path: Path, dataset: str,
+               required: list[str]) -> None:
+    if not path.exists():
+        raise ConfigError(f"file {path} does not exist", where=f"dataset {dataset}")
+    reader = "read_parquet" if path.suffix.lower() in (".parquet", ".pq") else "read_csv"
+    connection.execute(f"CREATE OR REPLACE TABLE {quote_identifier(table)} AS SELECT * FROM {reader}(?)", [str(path)])
+    present = {row[0] for row in connection.execute(f"DESCRIBE {quote_identifier(table)}").fetchall()}
+    missing = [c for c in required if c not in present]
+    if missing:
+        raise ConfigError(f"{path.name} has no column(s) {missing} (it has {sorted(present)})",
+                          where=f"dataset {dataset}", hint="name the columns with --id-column, --time-column, "
+                          "--code-column and --value-column")
+
+
 def load_dataset(connection: duckdb.DuckDBPyConnection, spec: DatasetSpec, base: Path) -> None:
-    """Create table `spec.name` in `connection` holding the dataset's rows."""
+    """Create table `spec.name` (and an events dataset's static table) in `connection`."""
     target = quote_identifier(spec.name)
+    if spec.kind == "events":
+        required = [spec.id_column, spec.time_column, spec.code_column, *([spec.value_column] if spec.value_column
+                                                                           else [])]
+        _load_file(connection, spec.name, spec.resolved_path(base), spec.name, required)
+        if spec.static_table:
+            _load_file(connection, spec.static_table, spec.resolved_path(base, spec.static), spec.name,
+                       [spec.id_column])
+        return
     if spec.kind in ("csv", "parquet"):
         path = spec.resolved_path(base)
         if not path.exists():
@@ -115,11 +159,13 @@ def inspect(spec: DatasetSpec, base: Path) -> DatasetSpec:
     try:
         load_dataset(connection, spec, base)
         columns, rows = describe(connection, spec.name)
+        static_columns, static_rows = describe(connection, spec.static_table) if spec.static_table else ({}, 0)
     except duckdb.Error as exc:
         raise ConfigError(f"cannot read dataset: {exc}", where=f"dataset {spec.name}") from exc
     finally:
         connection.close()
-    return spec.model_copy(update={"columns": columns, "rows": rows})
+    return spec.model_copy(update={"columns": columns, "rows": rows, "static_columns": static_columns,
+                                   "static_rows": static_rows})
 
 
 def round_count(rows: int) -> int:

@@ -377,7 +377,7 @@ class AsyncModeller:
         targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
         # Pods that do not know this modeller advertise no schema; their refusals say what to ask for.
         described = next((t.dataset for t in targets if t.dataset.columns), None)
-        names = output_names(query, described.name, described.columns) if plan and described else []
+        names = output_names(query, described.name, described.columns, described.tables) if plan and described else []
         algorithm = SqlQueryAlgorithm(query=plan.partial_sql if plan else query,
                                       mode=plan.mode if plan else "rows")
         outcomes = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets), return_exceptions=True)

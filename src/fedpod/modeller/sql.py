@@ -38,11 +38,14 @@ def _cursor() -> duckdb.DuckDBPyConnection:
         return _database.cursor()
 
 
-def output_names(query: str, table: str, columns: dict[str, str]) -> list[str]:
+def output_names(query: str, table: str, columns: dict[str, str],
+                 other_tables: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """`other_tables`: the dataset's further tables (an events dataset's static table)."""
     cursor = _cursor()
     try:
-        definition = ", ".join(f"{quote_identifier(n)} {t}" for n, t in columns.items())
-        cursor.execute(f"CREATE TEMP TABLE {quote_identifier(table)} ({definition})")
+        for name, schema in {table: columns, **(other_tables or {})}.items():
+            definition = ", ".join(f"{quote_identifier(n)} {t}" for n, t in schema.items())
+            cursor.execute(f"CREATE TEMP TABLE {quote_identifier(name)} ({definition})")
         return list(cursor.sql(to_duckdb(parse_statement(query))).columns)
     except duckdb.Error as exc:
         raise SqlExecutionError(f"query does not bind against {table}'s schema: {str(exc).splitlines()[0]}") from exc

@@ -150,7 +150,8 @@ class Pod:
                 columns, rows = self.engine.schemas[spec.name]
                 datasets.append(DatasetAdvert(identifier=identifier, name=spec.name, tags=spec.tags, kind=spec.kind,
                                               columns=columns, rows_rounded=round_count(rows),
-                                              description=spec.description))
+                                              description=spec.description,
+                                              tables={t: self.engine.schemas[t][0] for t in spec.tables[1:]}))
             elif self.config.discovery == "names":
                 datasets.append(DatasetAdvert(identifier=identifier, name=spec.name))
         notice = None if full else (f"modeller {requester.name!r} ({requester.fingerprint}) is not in pod "
@@ -348,7 +349,7 @@ class Pod:
         query's kind from its SQL, never from the mode its sender claims)."""
         assert self.engine is not None
         served = request.dataset in self.engine.datasets
-        columns = list(self.engine.schemas[request.dataset][0]) if served else []
+        columns = self.engine.columns_of(request.dataset) if served else []
         times = self._recent.get((sender.fingerprint, request.dataset), deque())
         now = time.monotonic()
         while times and now - times[0] > RATE_WINDOW_S:

@@ -38,6 +38,7 @@ class DatasetAdvert(BaseModel):
     columns: dict[str, str] = {}
     rows_rounded: int = 0
     description: str = ""
+    tables: dict[str, dict[str, str]] = {}  # the dataset's other tables (an events dataset's static one): schemas
 
 
 class PodAdvert(WireMessage):

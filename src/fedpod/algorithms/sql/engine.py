@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
+from sqlglot import exp
 
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.guard import check_read_only
@@ -24,19 +25,38 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
+def _without_using(tree: exp.Expr) -> str:
+    """The query for DuckDB's own table check, with `JOIN ... USING (...)` as `ON TRUE`: that
+    check binds no catalog and fails on USING, and which tables a query reads does not depend
+    on its join condition."""
+    copy = tree.copy()
+    for join in copy.find_all(exp.Join):
+        if join.args.get("using"):
+            join.set("using", None)
+            join.set("on", exp.true())
+    return to_duckdb(copy)
+
+
 class SqlEngine:
     def __init__(self, datasets: list[DatasetSpec], base: Path, *, memory_limit: str | None = None) -> None:
         self._connection = duckdb.connect(":memory:")
         self.datasets = {spec.name: spec for spec in datasets}
-        self.schemas: dict[str, tuple[dict[str, str], int]] = {}
+        self.schemas: dict[str, tuple[dict[str, str], int]] = {}  # table -> (columns, rows)
+        self.tables: dict[str, list[str]] = {}  # dataset -> the tables its queries may read
         for spec in datasets:
             load_dataset(self._connection, spec, base)
-            self.schemas[spec.name] = describe(self._connection, spec.name)
+            self.tables[spec.name] = spec.tables
+            for table in spec.tables:
+                self.schemas[table] = describe(self._connection, table)
         self._connection.execute("SET python_enable_replacements = false")
         if memory_limit:
             self._connection.execute(f"SET memory_limit = '{memory_limit}'")
         self._connection.execute("SET enable_external_access = false")
         self._connection.execute("SET lock_configuration = true")
+
+    def columns_of(self, dataset: str) -> list[str]:
+        """Every column a query on `dataset` may read, over all of its tables."""
+        return list(dict.fromkeys(c for table in self.tables[dataset] for c in self.schemas[table][0]))
 
     def close(self) -> None:
         self._connection.close()
@@ -50,15 +70,17 @@ class SqlEngine:
         returns at most one row more than the cap, so that the caller can tell it was hit."""
         if dataset not in self.datasets:
             raise SqlRejected(f"unknown dataset {dataset!r}")
-        check_read_only(query, {dataset})
-        duckdb_sql = to_duckdb(parse_statement(query))
+        allowed = set(self.tables[dataset])
+        check_read_only(query, allowed)
+        tree = parse_statement(query)
+        duckdb_sql = to_duckdb(tree)
         cursor = self._connection.cursor()
         try:
             try:
-                referenced = cursor.get_table_names(duckdb_sql)
+                referenced = cursor.get_table_names(_without_using(tree))
             except duckdb.Error as exc:
                 raise SqlExecutionError(f"DuckDB cannot read the query: {exc}") from exc
-            stray = {name for name in referenced if name.lower() != dataset.lower()}
+            stray = {name for name in referenced if name.lower() not in {t.lower() for t in allowed}}
             if stray:
                 raise SqlRejected(f"query references {sorted(stray)}, which are not this task's dataset")
             timer = threading.Timer(timeout_s, cursor.interrupt)
