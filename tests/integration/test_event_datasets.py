@@ -42,3 +42,30 @@ def test_events_and_static_tables_answer_federated_sql_exactly(pod_factory: PodF
             assert isinstance(merged, pd.DataFrame)
             expected = pooled.sql(query).df()
             pd.testing.assert_frame_equal(merged.reset_index(drop=True), expected, check_dtype=False, rtol=1e-9)
+
+
+def test_the_vocabulary_is_agreed_across_pods_and_local_codes_are_mapped_first(
+        pod_factory: PodFactory, broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path,
+        tmp_path: Path) -> None:
+    from fedpod.data.journeys import LABS, LOCALLY_CODED
+    from fedpod.journeys import top_codes
+    from fedpod.modeller.vocabulary import federated_vocabulary
+
+    centres = generate_journeys(2, 600, seed=9)  # alice codes labs in LOINC; bob some under local codes
+    folders = write_journeys(centres, tmp_path / "data", "parquet")
+    local_to_loinc = {LABS[i].local_code: LABS[i].code for i in LOCALLY_CODED}
+    for folder, mapping in zip(folders, ({}, local_to_loinc), strict=True):
+        pod_factory(folder.name, [DatasetSpec(name="ehr", type="events", path=str(folder / "events.parquet"),
+                                              static=str(folder / "patients.parquet"), code_map=mapping)],
+                    [modeller_identity])
+    per_pod = [top_codes(c.events, 30) for c in centres]
+    assert per_pod[0] != per_pod[1]  # the tutorial's way: feature j means different codes at each pod
+    with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=30) as modeller:
+        vocabulary = federated_vocabulary(modeller, 30, table="ehr", datasets=["alice/ehr", "bob/ehr"])
+    assert len(vocabulary.codes) == 30 and vocabulary.datasets == ["alice/ehr", "bob/ehr"]
+    pooled = pd.concat([c.events for c in centres])
+    pooled["code"] = pooled["code"].replace(local_to_loinc)
+    expected = top_codes(pooled, 30)
+    assert vocabulary.codes == expected  # exactly the pooled ranking (every top code is frequent at both pods)
+    assert vocabulary.counts[vocabulary.codes.index("2345-7")] == int((pooled["code"] == "2345-7").sum())
+    assert not set(local_to_loinc) & set(vocabulary.codes)  # mapped before counting

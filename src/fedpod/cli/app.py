@@ -427,6 +427,21 @@ def pod_ui(config: ConfigPath = Path("pod.yaml"),
     asyncio.run(main())
 
 
+def _code_map(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    import csv
+
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
+    if rows and rows[0][:2] == ["local", "shared"]:
+        rows = rows[1:]
+    bad = [i + 1 for i, row in enumerate(rows) if len(row) != 2 or not all(cell.strip() for cell in row)]
+    if bad:
+        raise ConfigError(f"{path}: line(s) {bad} are not 'local,shared' pairs")
+    return {local.strip(): shared.strip() for local, shared in rows}
+
+
 @dataset_app.command("add")
 def dataset_add(
     name: Annotated[str, typer.Option(help="dataset name (the table name in SQL)")],
@@ -443,6 +458,8 @@ def dataset_add(
     time_column: Annotated[str, typer.Option(help="events: the timestamp column")] = "timestamp",
     code_column: Annotated[str, typer.Option(help="events: the code column")] = "code",
     value_column: Annotated[str | None, typer.Option(help="events: the value column, if any")] = "value",
+    code_map: Annotated[Path | None, typer.Option(help="events: a CSV of local,shared code pairs, applied on "
+                                                       "load so that counts and tensors use the shared codes")] = None,
 ) -> None:
     """Register a dataset; its schema and row count are inferred and stored."""
     settings = PodConfig.load(config)
@@ -450,7 +467,7 @@ def dataset_add(
         raise ConfigError(f"pod {settings.name} already has a dataset {name!r}", where=str(config))
     path, static = (str(Path(p).resolve()) if p and not Path(p).is_absolute() else p for p in (path, static))
     event_fields = {"static": static, "id_column": id_column, "time_column": time_column, "code_column": code_column,
-                    "value_column": value_column} if kind == "events" else {}
+                    "value_column": value_column, "code_map": _code_map(code_map)} if kind == "events" else {}
     try:
         spec = DatasetSpec.model_validate({"name": name, "type": kind, "tags": [t for t in tags.split(",") if t],
                                            "path": path, "dsn": dsn, "table": table, "description": description,

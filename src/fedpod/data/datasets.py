@@ -48,6 +48,7 @@ class DatasetSpec(BaseModel):
     time_column: str = "timestamp"
     code_column: str = "code"
     value_column: str | None = "value"
+    code_map: dict[str, str] = {}  # events: local code -> shared code, applied on load (before any count)
     static_columns: dict[str, str] = {}
     static_rows: int = 0
 
@@ -125,6 +126,13 @@ def load_dataset(connection: duckdb.DuckDBPyConnection, spec: DatasetSpec, base:
         required = [spec.id_column, spec.time_column, spec.code_column, *([spec.value_column] if spec.value_column
                                                                            else [])]
         _load_file(connection, spec.name, spec.resolved_path(base), spec.name, required)
+        if spec.code_map:
+            code = quote_identifier(spec.code_column)
+            connection.execute("CREATE TEMP TABLE __fedpod_code_map (local VARCHAR, shared VARCHAR)")
+            connection.executemany("INSERT INTO __fedpod_code_map VALUES (?, ?)", list(spec.code_map.items()))
+            connection.execute(f"UPDATE {target} SET {code} = m.shared FROM __fedpod_code_map m "
+                               f"WHERE CAST({target}.{code} AS VARCHAR) = m.local")
+            connection.execute("DROP TABLE __fedpod_code_map")
         if spec.static_table:
             _load_file(connection, spec.static_table, spec.resolved_path(base, spec.static), spec.name,
                        [spec.id_column])
