@@ -69,3 +69,32 @@ def test_the_vocabulary_is_agreed_across_pods_and_local_codes_are_mapped_first(
     assert vocabulary.codes == expected  # exactly the pooled ranking (every top code is frequent at both pods)
     assert vocabulary.counts[vocabulary.codes.index("2345-7")] == int((pooled["code"] == "2345-7").sum())
     assert not set(local_to_loinc) & set(vocabulary.codes)  # mapped before counting
+
+
+@pytest.mark.parametrize("model", ["journey_mlp", "journey_gru"])
+def test_journey_models_train_federatedly_on_an_agreed_vocabulary(
+        pod_factory: PodFactory, broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path,
+        tmp_path: Path, model: str) -> None:
+    from fedpod.modeller.experiment import Experiment
+    from fedpod.modeller.vocabulary import federated_vocabulary
+
+    folders = write_journeys(generate_journeys(3, 1500, seed=10), tmp_path / "data", "parquet")
+    for folder in folders:
+        pod_factory(folder.name, [DatasetSpec(name="ehr", type="events", path=str(folder / "events.parquet"),
+                                              static=str(folder / "patients.parquet"), tags=["journeys"])],
+                    [modeller_identity])
+    with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=60) as modeller:
+        experiment = Experiment(
+            tags=["journeys"], training_plan_class=model, modeller=modeller, round_limit=4,
+            model_args={"target": "diabetes_next_year", "bin_size": "180D", "max_bins": 8, "anchor": "index_date",
+                        "top_k": 40},
+            training_args={"num_updates": 40, "loader_args": {"batch_size": 64}, "optimizer_args": {"lr": 0.01},
+                           "test_ratio": 0.3, "test_metric": "auc", "test_on_global_updates": True, "random_seed": 3},
+            experiments_root=tmp_path / "experiments")
+        experiment.run()
+        agreed = federated_vocabulary(modeller, 40, table="ehr", tags=["journeys"])
+        assert experiment.model_args()["codes"] == agreed.codes  # every pod built the same features
+        last = experiment.training_replies()[3]
+        assert set(last) == {"alice", "bob", "charlie"}
+        assert all(0.0 <= reply["global_auc"] <= 1.0 for reply in last.values()), last
+        experiment.close()

@@ -422,7 +422,11 @@ class Experiment:
         """A built-in tabular model learns on features scaled by their global means and standard
         deviations (federated SQL, exact), unless the model_args carry their own or
         `standardize=False`: raw features of different scales made the README's example stall."""
+        if self._plan_spec.kind == "builtin" and self._round == 0 and not self._model_args.get("codes") and \
+                getattr(self._plan, "time_averaged", None) is not None:  # a journey model: agree the vocabulary
+            self._agree_vocabulary(targets)
         if not (self._standardize and self._plan_spec.kind == "builtin" and self._round == 0
+                and getattr(self._plan, "standardisable", False)
                 and "feature_means" not in self._model_args and "target" in self._model_args):
             return
         from fedpod.modeller.standardise import global_standardisation, numeric_features
@@ -430,6 +434,18 @@ class Experiment:
         features = numeric_features(targets[0], self._model_args)
         self._model_args |= global_standardisation(self._modeller, list(targets), features)
         self._plan.model_args = dict(self._model_args)  # the model's shape is unchanged: no rebuild
+
+    def _agree_vocabulary(self, targets: Targets) -> None:
+        """A journey model's `codes`: the `top_k` (30) most frequent codes over every dataset of
+        the experiment, counted once through federated SQL — never each pod's own top codes."""
+        from fedpod.modeller.vocabulary import federated_vocabulary
+
+        vocabulary = federated_vocabulary(self._modeller, int(self._model_args.get("top_k", 30)),
+                                          table=targets[0].dataset.name, datasets=[t.identifier for t in targets],
+                                          code_column=self._model_args.get("code_column", "code"))
+        self._model_args["codes"] = vocabulary.codes
+        self._rebuild_plan()  # the model's input width is the vocabulary's size
+        log.info("vocabulary agreed over %d dataset(s): %d codes", len(vocabulary.datasets), len(vocabulary.codes))
 
     def _resolve_targets(self) -> Targets:
         """Every dataset asked for must take part (each missing one is named), unless `min_pods`

@@ -469,7 +469,7 @@ class Pod:
         assert self.engine is not None
         if isinstance(request, TrainRequest):
             self._set_phase(request.task_id, "preparing")
-            released = [c for c in self.engine.schemas[request.dataset][0] if limits.columns.permits(c)]
+            released = [c for c in self.engine.columns_of(request.dataset) if limits.columns.permits(c)]
             trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase),
                                          released)
             return trained, describe_training(trained)

@@ -100,14 +100,16 @@ class TrainingRunner:
     def dataset_handle(self, name: str, released: list[str] | None = None) -> DatasetHandle:
         """The dataset as a plan sees it: only the `released` columns (the policy's column
         rules), when given."""
-        schema, _ = self.engine.schemas[name]
-        columns = {c: t for c, t in schema.items() if released is None or c in released}
-        selected = ", ".join(quote_identifier(c) for c in columns) or "*"
+        def loader(table: str) -> tuple[dict[str, str], Callable[[], Any]]:
+            schema, _ = self.engine.schemas[table]
+            columns = {c: t for c, t in schema.items() if released is None or c in released}
+            selected = ", ".join(quote_identifier(c) for c in columns) or "*"
+            return columns, lambda: self.engine.run(f"SELECT {selected} FROM {quote_identifier(table)}",
+                                                    name).to_pandas()
 
-        def load() -> Any:
-            return self.engine.run(f"SELECT {selected} FROM {quote_identifier(name)}", name).to_pandas()
-
-        return DatasetHandle(name, columns, load)
+        columns, load = loader(name)
+        static = self.datasets[name].static_table
+        return DatasetHandle(name, columns, load, loader(static)[1] if static else None)
 
     def run(self, request: TrainRequest, requester: str, phase: Callable[[str], None] = lambda _: None,
             released: list[str] | None = None) -> TrainResult:

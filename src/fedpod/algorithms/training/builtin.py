@@ -33,12 +33,15 @@ def tabular_features(frame: pd.DataFrame, model_args: dict[str, Any]) -> list[st
 
 
 class TabularData:
-    """`training_data()` for the built-ins: the configured features and target of the pod's
+    """Standardised by `Experiment` with global statistics (`standardisable`).
+
+    `training_data()` for the built-ins: the configured features and target of the pod's
     dataset. A classifier's target must be class indices 0..n_classes-1 — anything else (a 10-class
     target given to a 2-class model, a continuous one) is refused before training, never learnt
     silently as something else."""
 
     model_args: dict[str, Any]
+    standardisable = True
 
     def training_data(self) -> DataManager:
         handle = getattr(self, "dataset", None)
@@ -151,6 +154,12 @@ BUILTIN_PLANS: dict[str, type[TrainingPlan]] = {
     "sgd_regressor": TabularSGDRegressor,
     "perceptron": TabularPerceptron,
 }
+
+
+# The journey models build on the classes above (and so are imported after them).
+from fedpod.algorithms.training.journey_plans import JourneyGRU, JourneyMLP  # noqa: E402
+
+BUILTIN_PLANS.update({"journey_mlp": JourneyMLP, "journey_gru": JourneyGRU})
 
 
 def builtin_plan(name: str) -> type[TrainingPlan]:

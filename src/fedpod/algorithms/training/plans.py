@@ -27,14 +27,22 @@ if TYPE_CHECKING:  # pandas loads with the first DataFrame: array-only plans nev
 
 @dataclass(frozen=True)
 class DatasetHandle:
-    """What a pod hands a plan: the dataset's name and schema, and its rows on request."""
+    """What a pod hands a plan: the dataset's name and schema, and its rows on request; for an
+    events dataset also its static table (one row per patient)."""
 
     name: str
     columns: dict[str, str]
     load: Callable[[], pd.DataFrame]
+    load_static: Callable[[], pd.DataFrame] | None = None
 
     def to_pandas(self) -> pd.DataFrame:
         return self.load()
+
+    def static(self) -> pd.DataFrame:
+        if self.load_static is None:
+            raise ConfigError(f"dataset {self.name} has no static table", hint="journey models need an events "
+                              "dataset with --static")
+        return self.load_static()
 
 
 class DataManager:
