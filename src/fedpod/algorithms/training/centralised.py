@@ -17,11 +17,13 @@ from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
 
 
 def train_centrally(model: str, pooled: pd.DataFrame, model_args: dict[str, Any], training_args: dict[str, Any],
-                    num_updates: int) -> TrainingPlan:
+                    num_updates: int, pooled_static: pd.DataFrame | None = None) -> TrainingPlan:
+    """`pooled_static`: for journey models, the pooled static table beside the pooled events."""
     args = TrainingArgs.parse({**training_args, "num_updates": num_updates, "test_ratio": 0.0,
                                "test_on_global_updates": False})
     plan = builtin_plan(model)()
-    plan.dataset = DatasetHandle("pooled", {}, lambda: pooled)
+    plan.dataset = DatasetHandle("pooled", {}, lambda: pooled,
+                                 None if pooled_static is None else lambda: pooled_static)
     plan.post_init(model_args, args)
     plan.set_params(run_local_round(plan, plan.get_params(), args, {}).params)
     return plan
