@@ -822,15 +822,23 @@ def plan_reject(sha: str, config: ConfigPath = Path("pod.yaml")) -> None:
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("fedpod-demo"),
-    patients: Annotated[int, typer.Option(help="synthetic patients over the three centres")] = 6000,
+    patients: Annotated[int | None, typer.Option(
+        help="synthetic patients over the three centres (default 6,000; 3,000 with --journeys)")] = None,
     seed: int = 7,
     governance: Annotated[bool, typer.Option(
         help="the custodian's side instead: a refusal, an approval, suppression, the audit log, a pod's page")] = False,
     keep_open: Annotated[bool, typer.Option(help="with --governance: keep the pods up until Ctrl-C")] = False,
+    journeys: Annotated[bool, typer.Option(
+        help="Fed-BioMed's TanaT tutorial instead: patient journeys, tensors, an agreed vocabulary, a GRU")] = False,
 ) -> None:
     """The whole story on one machine: broker, three pods, federated SQL checked against pooled
     data, federated training against centralised; or, with --governance, what custodians control."""
     interrupt_on_signals()
+    if journeys:
+        from fedpod.cli.demo_journeys import run_journeys_demo
+
+        run_journeys_demo(out, patients=patients or 3000, seed=seed)
+        return
     if governance:
         import shutil
 
@@ -842,7 +850,7 @@ def demo(
         return
     from fedpod.cli.demo import run_demo
 
-    run_demo(out, patients=patients, seed=seed, console=console)
+    run_demo(out, patients=patients or 6000, seed=seed, console=console)
 
 
 def main() -> None:
