@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedpod.algorithms.training.plans import DataManager, TrainingPlan
+from fedpod.algorithms.training.plans import DataManager, DatasetHandle, TrainingPlan
 from fedpod.algorithms.training.sklearn_plan import PerceptronPlan, SGDClassifierPlan, SGDRegressorPlan
 from fedpod.algorithms.training.torch_plan import TorchTrainingPlan
 from fedpod.errors import ConfigError
@@ -44,13 +44,29 @@ class TabularData:
     standardisable = True
 
     def training_data(self) -> DataManager:
-        handle = getattr(self, "dataset", None)
-        if handle is None:
-            raise ConfigError("no dataset was given to the plan")
+        handle = given_dataset(self)
         features, target = tabular_arrays(handle.to_pandas(), self.model_args, handle.name)
         if getattr(self, "classifies", False):  # set by the classifier bases
             check_classes(target, n_classes(self.model_args), str(self.model_args["target"]), handle.name)
         return DataManager(features, target)
+
+
+def given_dataset(plan: object) -> DatasetHandle:
+    """The dataset the pod injected into a built-in plan (`plan.dataset`)."""
+    handle = getattr(plan, "dataset", None)
+    if handle is None:
+        raise ConfigError("no dataset was given to the plan")
+    return handle  # type: ignore[no-any-return]
+
+
+def mlp(inputs: int, hidden: list[int], outputs: int) -> torch.nn.Sequential:
+    """Linear layers of the given widths with ReLU between them."""
+    sizes = [inputs, *hidden]
+    layers: list[torch.nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    layers.append(torch.nn.Linear(sizes[-1], outputs))
+    return torch.nn.Sequential(*layers)
 
 
 def n_classes(model_args: dict[str, Any]) -> int:
@@ -127,12 +143,7 @@ class LogisticRegression(TabularData, ClassLogits):
 
 class MLP(TabularData, ClassLogits):
     def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
-        sizes = [_n_features(model_args), *model_args.get("hidden", [32])]
-        layers: list[torch.nn.Module] = []
-        for a, b in itertools.pairwise(sizes):
-            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-        layers.append(torch.nn.Linear(sizes[-1], self.outputs(model_args)))
-        return torch.nn.Sequential(*layers)
+        return mlp(_n_features(model_args), model_args.get("hidden", [32]), self.outputs(model_args))
 
 
 class TabularSGDClassifier(TabularData, SGDClassifierPlan):

@@ -18,13 +18,12 @@ so a gap of a year and no gap read alike.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedpod.algorithms.training.builtin import ClassLogits, check_classes, n_classes
+from fedpod.algorithms.training.builtin import ClassLogits, check_classes, given_dataset, mlp, n_classes
 from fedpod.algorithms.training.plans import DataManager
 from fedpod.errors import ConfigError
 from fedpod.journeys import target, to_tensor
@@ -61,9 +60,7 @@ class JourneyData:
     time_averaged = False
 
     def training_data(self) -> DataManager:
-        handle = getattr(self, "dataset", None)
-        if handle is None:
-            raise ConfigError("no dataset was given to the plan")
+        handle = given_dataset(self)
         tensor, labels = journey_tensor(handle.to_pandas(), handle.static(), self.model_args)
         check_classes(labels, n_classes(self.model_args), str(self.model_args["target"]), handle.name)
         features = tensor.mean(axis=1) if self.time_averaged else tensor
@@ -74,12 +71,7 @@ class JourneyMLP(JourneyData, ClassLogits):
     time_averaged = True
 
     def init_model(self, model_args: dict[str, Any]) -> torch.nn.Module:
-        sizes = [vocabulary_size(model_args), *model_args.get("hidden", [32])]
-        layers: list[torch.nn.Module] = []
-        for a, b in itertools.pairwise(sizes):
-            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-        layers.append(torch.nn.Linear(sizes[-1], self.outputs(model_args)))
-        return torch.nn.Sequential(*layers)
+        return mlp(vocabulary_size(model_args), model_args.get("hidden", [32]), self.outputs(model_args))
 
 
 class MaskedGRU(torch.nn.Module):
