@@ -35,9 +35,9 @@ from sklearn.datasets import load_breast_cancer
 from benchmarks.flower.deployment import FlowerFederation
 from benchmarks.report import machine, publish
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.builtin import builtin_plan
 from fedpod.algorithms.training.centralised import holdout_scores, train_centrally
 from fedpod.algorithms.training.plans import TrainingPlan
+from fedpod.algorithms.training.registry import builtin_plan
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate
 from fedpod.modeller.client import Modeller

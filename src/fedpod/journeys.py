@@ -31,6 +31,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
+from fedpod.algorithms.training.layout import report_features
+
 Aggregate = Literal["count", "presence", "mean"]
 
 
@@ -76,6 +78,7 @@ def to_tensor(events: pd.DataFrame, static: pd.DataFrame | None = None, *, codes
     if max_bins is not None and max_bins < 1:
         raise ValueError("max_bins must be at least 1")
     vocabulary = list(codes) if codes is not None else top_codes(events, top_k, code_column)
+    report_features(vocabulary)  # at a pod, lets the modeller refuse to average mismatched layouts
     ids = (static[id_column].astype(str).to_numpy() if static is not None
            else np.sort(events[id_column].astype(str).unique()))
     patient = _positions(events[id_column], ids)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpod.algorithms.training.builtin import builtin_plan
+from fedpod.algorithms.training.registry import builtin_plan
 from fedpod.pod.training import resolve_device
 from fedpod.training import TrainingPlan
 

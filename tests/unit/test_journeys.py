@@ -81,6 +81,25 @@ def test_codes_outside_the_vocabulary_and_unknown_patients_are_left_out() -> Non
         to_tensor(EVENTS, STATIC, bin_size="0D")
 
 
+def test_a_pod_reports_the_feature_order_and_the_modeller_sees_only_whether_pods_agree() -> None:
+    from fedpod.algorithms.training.layout import disagreement, layout_digest, recording
+
+    to_tensor(EVENTS, STATIC, codes=["A", "B"])  # outside a pod's training data: nothing recorded, no error
+    with recording() as reported:
+        to_tensor(EVENTS, STATIC, codes=["A", "B"])
+    with recording() as reordered:
+        to_tensor(EVENTS, STATIC, codes=["B", "A"])
+    with recording() as own:
+        to_tensor(EVENTS, STATIC, top_k=2)  # this table's own top codes: B, A
+    assert reported == [("A", "B")] and layout_digest(reported) != layout_digest(reordered) == layout_digest(own)
+    assert layout_digest([]) is None and "A" not in (layout_digest(reported) or "A")
+    layouts = {"alice": layout_digest(reported), "bob": layout_digest(reordered), "carol": layout_digest(own),
+               "dave": None}  # dave's plan built no tensor: it takes no side
+    assert disagreement({"alice": layouts["alice"], "dave": None}) is None
+    said = disagreement(layouts)
+    assert said == f"bob, carol built features {layouts['bob']}; alice built features {layouts['alice']}"
+
+
 def test_targets_come_from_an_expression_over_the_static_table() -> None:
     assert target(STATIC, "gender = 'F'").tolist() == [True, False, True]
     with pytest.raises(Exception, match=r"(?i)external|disabled|permission"):

@@ -12,10 +12,10 @@ from safetensors.numpy import load_file
 from fedpod.aggregation import FedAverage, Reply, Scaffold
 from fedpod.aggregation.scaffold import CONTROL_DELTA
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.builtin import builtin_plan
 from fedpod.algorithms.training.local import run_local_round
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import DataManager, DatasetHandle, TrainingPlan
+from fedpod.algorithms.training.registry import builtin_plan
 from fedpod.algorithms.training.torch_plan import TorchTrainingPlan
 from fedpod.data.synth import generate
 from fedpod.errors import ConfigError

@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.builtin import builtin_plan
 from fedpod.algorithms.training.centralised import train_centrally
 from fedpod.algorithms.training.journey_plans import journey_tensor
 from fedpod.algorithms.training.local import run_local_round
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import DatasetHandle
+from fedpod.algorithms.training.registry import builtin_plan
 from fedpod.data.datasets import DatasetSpec, inspect
 from fedpod.data.journeys import Journeys, generate_journeys, write_journeys
 from fedpod.journeys import to_tensor, top_codes
@@ -37,7 +37,7 @@ from fedpod.pod.local import pod_processes, wait_for_pods, write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
-ROUNDS = 6
+ROUNDS = 10
 UPDATES = 40
 TRAINING_ARGS: dict[str, Any] = {"num_updates": UPDATES, "loader_args": {"batch_size": 64},
                                  "optimizer_args": {"lr": 0.01}, "random_seed": 3, "test_ratio": 0.3,

@@ -32,6 +32,7 @@ from rich.table import Table
 from fedpod.aggregation import Aggregator, FedAverage, Reply, aggregator_from_config
 from fedpod.aggregation.screening import DEFAULT_NORM_LIMIT, screen_updates
 from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.layout import disagreement
 from fedpod.algorithms.training.local import seed_everything
 from fedpod.algorithms.training.plans import TrainingPlan
 from fedpod.errors import ConfigError, FedpodError, TaskFailed
@@ -366,6 +367,15 @@ class Experiment:
                     "the global model of the previous round is kept; fix the pods or lower min_pods")
             raise RoundFailed(f"round {round_number}: {len(successes)} of {len(selected)} pods replied, "
                               f"{needed} needed (min_pods) — {details}", hint=hint)
+        mismatch = disagreement({target.pod.name: result.feature_layout for target, result in successes})
+        if mismatch:
+            raise RoundFailed(
+                f"round {round_number}: the pods built their inputs from different feature lists ({mismatch}); "
+                "averaging their models would add up weights of different codes",
+                hint="give every pod the same vocabulary, in the same order: leave model_args['codes'] out and "
+                     "Experiment agrees it by federated count, or compute it with "
+                     "fedpod.modeller.vocabulary.federated_vocabulary(...) and pass codes= to to_tensor in "
+                     "your plan; never pick top codes per pod")
         try:
             self._global = self._aggregator.aggregate(round_number, self._global, replies)
         except ValueError as exc:
@@ -423,7 +433,7 @@ class Experiment:
         deviations (federated SQL, exact), unless the model_args carry their own or
         `standardize=False`: raw features of different scales made the README's example stall."""
         if self._plan_spec.kind == "builtin" and self._round == 0 and not self._model_args.get("codes") and \
-                getattr(self._plan, "time_averaged", None) is not None:  # a journey model: agree the vocabulary
+                getattr(self._plan, "needs_vocabulary", False):
             self._agree_vocabulary(targets)
         if not (self._standardize and self._plan_spec.kind == "builtin" and self._round == 0
                 and getattr(self._plan, "standardisable", False)

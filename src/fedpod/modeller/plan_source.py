@@ -27,7 +27,7 @@ def plan_spec(plan_class: type[TrainingPlan] | str,
               plan_path: Path | None = None) -> tuple[PlanSpec, type[TrainingPlan]]:
     # The built-ins need PyTorch and scikit-learn: import them only when a built-in is asked for.
     if isinstance(plan_class, str) and plan_path is None:
-        from fedpod.algorithms.training.builtin import builtin_plan
+        from fedpod.algorithms.training.registry import builtin_plan
 
         return PlanSpec(kind="builtin", name=plan_class.lower()), builtin_plan(plan_class)
     if isinstance(plan_class, str):
@@ -36,7 +36,7 @@ def plan_spec(plan_class: type[TrainingPlan] | str,
             raise ConfigError(f"training_plan_path {plan_path} does not exist")
         return PlanSpec(kind="custom", name=plan_class, source=source), load_plan_class(source, plan_class)
     if plan_class.__module__ == "fedpod.algorithms.training.builtin":
-        from fedpod.algorithms.training.builtin import BUILTIN_PLANS
+        from fedpod.algorithms.training.registry import BUILTIN_PLANS
 
         name = next((name for name, cls in BUILTIN_PLANS.items() if cls is plan_class), None)
         if name is not None:

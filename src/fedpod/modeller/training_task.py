@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedpod.aggregation import aggregator_from_config
-from fedpod.algorithms.training.builtin import BUILTIN_PLANS
+from fedpod.algorithms.training.registry import BUILTIN_PLANS
 from fedpod.errors import ConfigError
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target
@@ -40,13 +40,24 @@ def check_schemas(targets: list[Target], requirement: str, target_column: str) -
                               f"{sorted(set(columns) ^ set(reference))} that {targets[0].identifier} lacks or adds")
 
 
+def check_journeys(targets: list[Target]) -> None:
+    for t in targets:
+        if t.dataset.kind != "events":
+            raise ConfigError(f"{t.identifier} is a {t.dataset.kind} dataset; journey models read events datasets",
+                              hint="`fedpod dataset add --type events ...` at the pod, or choose a tabular model")
+
+
 def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console: Console,
                       min_datasets: int | None = None) -> Experiment:
     targets = modeller.resolve(task.targets.identifiers or None, task.targets.tags or None,
                                min_datasets=min_datasets)
-    check_schemas(targets, task.schema_requirements, task.model_args["target"])
+    builtin = BUILTIN_PLANS.get(task.plan) if task.plan_path is None else None
+    if builtin is not None and getattr(builtin, "needs_vocabulary", False):
+        check_journeys(targets)  # the target is an expression over each pod's static table
+    else:
+        check_schemas(targets, task.schema_requirements, task.model_args["target"])
     model_args = dict(task.model_args)
-    if task.plan_path is None and task.plan in BUILTIN_PLANS and task.standardize:
+    if builtin is not None and getattr(builtin, "standardisable", False) and task.standardize:
         # here, not in the Experiment: a task file may leave `features` to the datasets' numeric
         # columns, and the plan's shape depends on them
         model_args |= global_standardisation(modeller, targets, numeric_features(targets[0], model_args))

@@ -79,7 +79,7 @@ class TrainingRunner:
     def plan_class(self, request: TrainRequest, requester: str) -> tuple[type[TrainingPlan], str | None]:
         spec = request.plan
         if spec.kind == "builtin":
-            from fedpod.algorithms.training.builtin import builtin_plan  # torch and sklearn load only for them
+            from fedpod.algorithms.training.registry import builtin_plan  # torch and sklearn load only for them
 
             return builtin_plan(spec.name), None
         if not spec.source:
@@ -146,4 +146,5 @@ class TrainingRunner:
                                  **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
         return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
                            num_samples=result.num_samples, metrics=result.metrics,
-                           seconds=time.perf_counter() - started, device=device, tensors=tensors)
+                           seconds=time.perf_counter() - started, device=device, tensors=tensors,
+                           feature_layout=result.feature_layout)

@@ -15,11 +15,15 @@ from fedpod.errors import ConfigError
 
 Schema = dict[str, "Schema | None"]  # None: a value (of any shape) whose keys are not ours to check
 FREE = None
+# The built-in models' own arguments a task file may give under `model:` — the tabular models'
+# shape, and the journey models' tensor (`fedpod.algorithms.training.journey_plans`).
+MODEL_ARGUMENTS = ("n_classes", "hidden", "hidden_size", "codes", "top_k", "bin_size", "max_bins", "anchor",
+                   "aggregate", "log_counts")
 
 ALGORITHM: Schema = {
     "name": FREE,
     "arguments": {"query": FREE},
-    "model": {"name": FREE, "n_classes": FREE, "hidden": FREE,
+    "model": {"name": FREE, **dict.fromkeys(MODEL_ARGUMENTS, FREE),
               "bitfount_model": {"model_ref": FREE, "model_version": FREE, "username": FREE}},
     "hyperparameters": {"steps": FREE, "epochs": FREE, "batch_size": FREE, "learning_rate": FREE,
                         "random_seed": FREE},

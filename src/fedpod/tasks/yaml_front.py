@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from fedpod.aggregation.base import aggregator_from_config
 from fedpod.errors import ConfigError, invalid_fields, yaml_syntax
 from fedpod.tasks.model import SqlTask, Targets, TrainingTask
-from fedpod.tasks.strict import check_keys
+from fedpod.tasks.strict import MODEL_ARGUMENTS, check_keys
 
 PROTOCOLS = {"ResultsOnly", "FederatedAveraging"}
 ALGORITHMS = {"SqlQuery", "FederatedModelTraining"}
@@ -163,9 +163,7 @@ def compile_training(spec: TaskFile, *, where: str, base: Path) -> TrainingTask:
     if select.get("exclude"):
         model_args["exclude"] = list(select["exclude"])
     model = (algorithm.model_extra or {}).get("model") or {}
-    for key in ("n_classes", "hidden"):  # the built-ins' shape: classes to predict, MLP layer sizes
-        if key in model:
-            model_args[key] = model[key]
+    model_args |= {key: model[key] for key in MODEL_ARGUMENTS if key in model}
     plan, plan_path = _model_reference(algorithm, where, base)
     return TrainingTask(targets=spec.pods, plan=plan, plan_path=plan_path, model_args=model_args,
                         training_args=training_args, rounds=total // between,

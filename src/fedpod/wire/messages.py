@@ -137,6 +137,7 @@ class TrainResult(WireMessage):
     seconds: float
     device: str
     tensors: BulkParts
+    feature_layout: str | None = None  # a digest of the input features' names, compared across pods
     audit_checkpoint: dict[str, Any] | None = None  # the pod's latest signed audit checkpoint, for the modeller to keep
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.builtin import builtin_plan
 from fedpod.algorithms.training.local import seed_everything
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
+from fedpod.algorithms.training.registry import builtin_plan
 
 
 def arguments(run_config: dict[str, Any]) -> tuple[dict[str, Any], TrainingArgs]:

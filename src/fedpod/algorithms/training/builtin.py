@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedpod.algorithms.training.plans import DataManager, DatasetHandle, TrainingPlan
+from fedpod.algorithms.training.plans import DataManager, DatasetHandle
 from fedpod.algorithms.training.sklearn_plan import PerceptronPlan, SGDClassifierPlan, SGDRegressorPlan
 from fedpod.algorithms.training.torch_plan import TorchTrainingPlan
 from fedpod.errors import ConfigError
@@ -156,26 +156,3 @@ class TabularSGDRegressor(TabularData, SGDRegressorPlan):
 
 class TabularPerceptron(TabularData, PerceptronPlan):
     classifies = True
-
-
-BUILTIN_PLANS: dict[str, type[TrainingPlan]] = {
-    "logistic_regression": LogisticRegression,
-    "mlp": MLP,
-    "sgd_classifier": TabularSGDClassifier,
-    "sgd_regressor": TabularSGDRegressor,
-    "perceptron": TabularPerceptron,
-}
-
-
-# The journey models build on the classes above (and so are imported after them).
-from fedpod.algorithms.training.journey_plans import JourneyGRU, JourneyMLP  # noqa: E402
-
-BUILTIN_PLANS.update({"journey_mlp": JourneyMLP, "journey_gru": JourneyGRU})
-
-
-def builtin_plan(name: str) -> type[TrainingPlan]:
-    try:
-        return BUILTIN_PLANS[name.lower()]
-    except KeyError:
-        known = ", ".join(BUILTIN_PLANS)
-        raise ConfigError(f"unknown built-in model {name!r}", hint=f"choose one of {known}") from None

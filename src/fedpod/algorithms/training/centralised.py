@@ -10,10 +10,11 @@ from typing import Any
 import pandas as pd
 
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.builtin import builtin_plan, tabular_arrays
+from fedpod.algorithms.training.builtin import tabular_arrays
 from fedpod.algorithms.training.local import run_local_round
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
+from fedpod.algorithms.training.registry import builtin_plan
 
 
 def train_centrally(model: str, pooled: pd.DataFrame, model_args: dict[str, Any], training_args: dict[str, Any],

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from fedpod.aggregation.base import Params
 from fedpod.algorithms.training.args import LoaderArgs, TrainingArgs
+from fedpod.algorithms.training.layout import layout_digest, recording
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
 from fedpod.errors import ConfigError, invalid_fields
@@ -67,17 +68,19 @@ def with_plan_loader_args(args: TrainingArgs, plan_kwargs: dict[str, Any]) -> Tr
 
 
 def _prepare(plan: TrainingPlan, global_params: Params,
-             args: TrainingArgs) -> tuple[np.ndarray, np.ndarray, TrainingArgs, np.ndarray, np.ndarray]:
-    """Seed, load the global parameters and the plan's data, and split it (the same way every round)."""
+             args: TrainingArgs) -> tuple[np.ndarray, np.ndarray, TrainingArgs, np.ndarray, np.ndarray, str | None]:
+    """Seed, load the global parameters and the plan's data, and split it (the same way every round);
+    the last item is the digest of the feature names the data was built with, where known."""
     seed_everything(args.random_seed)
     plan.set_params(global_params)
-    data = plan.training_data()
+    with recording() as reported:
+        data = plan.training_data()
     features, target = data.arrays()
     if target is None:
         raise ConfigError("training_data() returned no target")
     args = with_plan_loader_args(args, data.loader_kwargs)
     train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed)
-    return features, target, args, train_rows, test_rows
+    return features, target, args, train_rows, test_rows, layout_digest(reported)
 
 
 def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
@@ -85,7 +88,7 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
     if args.dp_args is not None:
         raise ConfigError("dp_args were accepted, but differential privacy (DP-SGD) is not available yet",
                           hint="remove dp_args for now")
-    features, target, args, train_rows, test_rows = _prepare(plan, global_params, args)
+    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args)
     metrics: dict[str, float] = {}
     if len(test_rows) and args.test_on_global_updates:
         metrics |= _validate(plan, features[test_rows], target[test_rows], args, "global")
@@ -97,13 +100,15 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
         if not np.all(np.isfinite(values)):
             raise ConfigError(f"local training produced non-finite values in {name}", hint="lower the learning rate")
     result.metrics |= metrics
+    result.feature_layout = layout
     return result
 
 
 def run_evaluation(plan: TrainingPlan, global_params: Params, args: TrainingArgs) -> LocalResult:
     """Validate the given parameters on this pod's test split (all rows when `test_ratio` is 0),
     training nothing: task kind `evaluate`, which a custodian may grant without `train`."""
-    features, target, args, train_rows, test_rows = _prepare(plan, global_params, args)
+    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args)
     rows = test_rows if len(test_rows) else train_rows
     metrics = _validate(plan, features[rows], target[rows], args, "global")
-    return LocalResult(params=dict(global_params), num_samples=len(rows), metrics=metrics, extra={})
+    return LocalResult(params=dict(global_params), num_samples=len(rows), metrics=metrics, extra={},
+                       feature_layout=layout)

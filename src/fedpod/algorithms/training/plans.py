@@ -81,6 +81,7 @@ class LocalResult:
     num_samples: int
     metrics: dict[str, float]
     extra: dict[str, Params]
+    feature_layout: str | None = None  # digest of the input features' names (fedpod.algorithms.training.layout)
 
 
 class TrainingPlan:
