@@ -21,12 +21,20 @@ Binning, exactly:
   not in `codes`, are left out. Unsorted input and duplicate timestamps change nothing.
 - `aggregate="count"` (one-hot, summed over the bin's events), `"presence"` (0/1) or `"mean"`
   (the mean of the events' values). A cell with no event of its code holds `fill_value`.
+
+`events` may also be a TanaT event pool (`tanat.build_events(...)`, where the optional `tanat`
+package is installed): its temporal data, static data and id/time columns are taken from the
+pool, so a tutorial's pool feeds fedpod unchanged; a `static` table given beside the pool wins
+over the pool's. fedpod never imports `tanat` itself. Measured with TanaT 0.10.4: a pool's
+static data now and then pairs patients with another patient's static values (seen in 1 of 8
+builds where the static table held a patient without events), so pass your own static table
+where a static column is the anchor or the target.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -65,13 +73,30 @@ def top_codes(events: pd.DataFrame, k: int, code_column: str = "code") -> list[s
     return [code for _, code in ranked[:k]]
 
 
-def to_tensor(events: pd.DataFrame, static: pd.DataFrame | None = None, *, codes: Sequence[str] | None = None,
+def is_tanat_pool(value: object) -> bool:
+    """A TanaT sequence pool, recognised by its interface (fedpod does not import tanat)."""
+    settings = getattr(value, "settings", None)
+    return callable(getattr(value, "temporal_data", None)) and hasattr(settings, "id_column") \
+        and hasattr(settings, "time_column")
+
+
+def from_tanat_pool(pool: Any) -> tuple[pd.DataFrame, pd.DataFrame | None, str, str]:
+    """A TanaT pool's events and static table as DataFrames, with its id and time columns."""
+    events = pool.temporal_data(fmt="pandas")
+    static = pool.static_data(fmt="pandas") if callable(getattr(pool, "static_data", None)) else None
+    return events, static, str(pool.settings.id_column), str(pool.settings.time_column)
+
+
+def to_tensor(events: pd.DataFrame | Any, static: pd.DataFrame | None = None, *, codes: Sequence[str] | None = None,
               top_k: int = 30, bin_size: str | pd.Timedelta = "360D", max_bins: int | None = None,
               anchor: str | pd.Timestamp = "first_event", aggregate: Aggregate = "count", fill_value: float = 0.0,
               id_column: str = "patient_id", time_column: str = "timestamp", code_column: str = "code",
               value_column: str = "value") -> TemporalTensor:
     """See the module docstring. `codes`: the vocabulary, in feature order (by default this
     table's `top_k` most frequent codes)."""
+    if is_tanat_pool(events):
+        events, pool_static, id_column, time_column = from_tanat_pool(events)
+        static = pool_static if static is None else static
     size = pd.Timedelta(bin_size).value
     if size <= 0:
         raise ValueError(f"bin_size {bin_size!r} must be positive")

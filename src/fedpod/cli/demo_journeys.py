@@ -24,7 +24,7 @@ import pandas as pd
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.centralised import train_centrally
 from fedpod.algorithms.training.journey_plans import journey_tensor
-from fedpod.algorithms.training.local import run_local_round
+from fedpod.algorithms.training.local import run_local_round, split
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import DatasetHandle
 from fedpod.algorithms.training.registry import builtin_plan
@@ -73,6 +73,18 @@ def stage_a(centre: Journeys, model: str, target: str) -> dict[str, Any]:
     return {"tensor_shape": list(tensor.shape), "sparsity": sparsity, "local_losses": losses}
 
 
+def pooled_training_rows(centres: list[Journeys]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The patients the pods trained on, pooled: each pod holds `test_ratio` of its patients out
+    (the same split every round), so the centralised yardstick must not learn from them either."""
+    events, static = [], []
+    for centre in centres:
+        train_rows, _ = split(len(centre.patients), TRAINING_ARGS["test_ratio"], TRAINING_ARGS["random_seed"])
+        patients = centre.patients.iloc[train_rows]
+        static.append(patients)
+        events.append(centre.events[centre.events["patient_id"].isin(patients["patient_id"])])
+    return pd.concat(events, ignore_index=True), pd.concat(static, ignore_index=True)
+
+
 def stage_b(centres: list[Journeys], folders: list[Path], out: Path, model: str, target: str) -> dict[str, Any]:
     print("== stage B: three pods, an agreed vocabulary, FedAverage")
     keystore = out / "keys"
@@ -105,8 +117,7 @@ def stage_b(centres: list[Journeys], folders: list[Path], out: Path, model: str,
                          if "global_auc" in reply}
             federated_plan = experiment.training_plan()
             experiment.close()
-    pooled_events = pd.concat([c.events for c in centres], ignore_index=True)
-    pooled_static = pd.concat([c.patients for c in centres], ignore_index=True)
+    pooled_events, pooled_static = pooled_training_rows(centres)
     holdout = generate_journeys(len(centres), sum(len(c.patients) for c in centres), seed=99)
     central = train_centrally(model, pooled_events, arguments, TRAINING_ARGS, UPDATES * ROUNDS * len(centres),
                               pooled_static)
