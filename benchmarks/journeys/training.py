@@ -40,7 +40,7 @@ def main() -> None:
         f"`fedpod data synth --journeys`, target `diabetes_next_year`, 8 bins of 180 days back from the index "
         f"date, 30 codes agreed by federated count; {ROUNDS} FedAverage rounds of {UPDATES} updates per pod vs the "
         f"same model trained on the pooled tensors with as many updates; AUC on new patients of all three centres; "
-        f"medians over {args.seeds} seeds. Machine: {machine()}.",
+        f"medians over {args.seeds} seeds (the ratio: the median of each seed's ratio). Machine: {machine()}.",
         "",
         "| model | federated AUC | centralised AUC | federated / centralised |",
         "|---|---:|---:|---:|",
