@@ -365,3 +365,25 @@ def test_each_round_reports_what_every_pod_is_doing(pods: list[RunningPod], mode
             times = [at for _, at in progress[round_number][pod]]
             assert times == sorted(times)
     assert any("preparing" in [phase for phase, _ in progress[0][pod]] for pod in PODS), progress[0]
+
+
+def test_pods_whose_columns_come_in_another_order_are_refused_not_averaged(
+        pod_factory: PodFactory, modeller: Modeller, data: list[Path], tmp_path: Path) -> None:
+    """Without `features` (and without the standardisation that names them), a built-in model
+    reads each pod's numeric columns in that pod's order; the digests differ and the round stops."""
+    frame = pd.read_csv(data[1])
+    reordered = tmp_path / "reordered.csv"
+    frame[list(reversed(frame.columns))].to_csv(reordered, index=False)
+    for name, csv in (("alice", data[0]), ("bob", reordered)):
+        pod_factory(name, [DatasetSpec(name=DATASET, kind="csv", path=str(csv), tags=["ehr"])],
+                    [modeller.identity])
+    exp = experiment(modeller, tmp_path, model_args={"target": "outcome", "n_features": len(FEATURES)},
+                     standardize=False, round_limit=1)
+    with pytest.raises(RoundFailed, match=r"different feature lists \((alice|bob) built features"):
+        exp.run_once()
+    assert exp.round_current() == 0
+    exp.close()
+    named = experiment(modeller, tmp_path, model_args={"target": "outcome", "features": FEATURES},
+                       standardize=False, round_limit=1)
+    assert named.run_once() == 1  # named features are read by name, in one order, everywhere
+    named.close()

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedpod.algorithms.training.layout import report_features
 from fedpod.algorithms.training.plans import DataManager, DatasetHandle
 from fedpod.algorithms.training.sklearn_plan import PerceptronPlan, SGDClassifierPlan, SGDRegressorPlan
 from fedpod.algorithms.training.torch_plan import TorchTrainingPlan
@@ -27,9 +28,12 @@ def tabular_features(frame: pd.DataFrame, model_args: dict[str, Any]) -> list[st
     if not target:
         raise ConfigError("built-in tabular models need model_args['target']")
     if model_args.get("features"):
-        return list(model_args["features"])
-    excluded = {target, *model_args.get("exclude", [])}
-    return [c for c in frame.columns if c not in excluded and pd.api.types.is_numeric_dtype(frame[c])]
+        features = list(model_args["features"])
+    else:  # the dataset's own column order, which may differ between pods: reported below
+        excluded = {target, *model_args.get("exclude", [])}
+        features = [c for c in frame.columns if c not in excluded and pd.api.types.is_numeric_dtype(frame[c])]
+    report_features(features)
+    return features
 
 
 class TabularData:
