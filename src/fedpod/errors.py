@@ -169,6 +169,10 @@ class PlanNotApproved(FedpodError, PermissionError):
     pass
 
 
+class SecAggError(FedpodError):
+    """A secure-aggregation round that cannot complete securely; the message says who and what."""
+
+
 class TaskFailed(FedpodError):
     """A pod answered with a failure; `kind` is the pod-side error class name."""
 

@@ -188,3 +188,16 @@ def test_a_grant_never_moves_a_name_to_another_key_nor_renames_a_key() -> None:
     with pytest.raises(ConfigError, match="known as 'lab' already"):
         policy().grant("alias", LAB, "ehr", ["sql_rows"])
     assert decide(policy().grant("lab", LAB, "ehr", ["sql_rows"]), request(kind="sql_rows")).allowed
+
+
+def test_a_grant_on_one_dataset_keeps_what_star_gave_it() -> None:
+    """Editing one dataset makes its own entry as a copy of `*`: its inherited grants and limits
+    (a column deny among them) stay. `fedpod policy set` goes through the same `own_entry`; the
+    secure-aggregation integration test sets a limit on one dataset and trains on it."""
+    star = Policy.model_validate({"modellers": {"lab": LAB},
+                                  "datasets": {"*": {"grants": [{"to": ["lab"], "kinds": ["train"]}],
+                                                     "min_group_size": 10, "columns": {"deny": ["ssn"]}}}})
+    granted = star.grant("other", OTHER, "ehr", ["sql_aggregate"]).for_dataset("ehr")
+    assert granted.columns.deny == ["ssn"] and granted.min_group_size == 10
+    assert [g.to for g in granted.grants] == [["lab"], ["other"]]
+    assert star.for_dataset("ehr").grants[0].to == ["lab"] and "ehr" not in star.datasets  # the original unchanged

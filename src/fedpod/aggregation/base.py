@@ -70,6 +70,9 @@ class Aggregator:
     than the global parameters), calling `super()` for what they do not change."""
 
     name: ClassVar[str] = ""
+    # True where the aggregator must see each pod's update (a median, Scaffold's extras), which
+    # secure aggregation hides: such an aggregator cannot run under it.
+    sees_each_update: ClassVar[bool] = False
 
     def configure_round(self, round_number: int, global_params: Params) -> dict[str, Any]:
         """Extra training instructions for this round (sent to every pod)."""

@@ -36,6 +36,8 @@ def _stacked(replies: Sequence[Reply], key: str) -> Array:
 
 @register("median")
 class CoordinateMedian(Aggregator):
+    sees_each_update = True
+
     def aggregate(self, round_number: int, global_params: Params, replies: Sequence[Reply]) -> Params:
         check_replies(replies, global_params)
         return {k: coordinate_median(_stacked(replies, k)).astype(v.dtype) for k, v in global_params.items()}
@@ -46,6 +48,8 @@ class TrimmedMean(Aggregator):
     """Refuses to run as a plain mean: when ⌊beta·n⌋ is 0 for the round's n replies (beta 0.1 with
     fewer than 10 pods), nothing would be trimmed, and a user who asked for robustness would
     silently get none."""
+
+    sees_each_update = True
 
     def __init__(self, beta: float = 0.1) -> None:
         if not 0 < beta < 0.5:

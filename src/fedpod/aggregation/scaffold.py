@@ -36,6 +36,7 @@ def control_step(control: Params, deltas: Sequence[Params], participation: float
 @register("scaffold")
 class Scaffold(Aggregator):
     requires_num_updates = True
+    sees_each_update = True
 
     def __init__(self, server_lr: float = 1.0, total_pods: int | None = None) -> None:
         if server_lr <= 0:

@@ -30,6 +30,7 @@ each accepted modeller is granted every task kind on every dataset, which is wha
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -153,7 +154,7 @@ class Policy(BaseModel):
             raise ConfigError(f"key {fingerprint} is known as {known_as!r} already", hint=f"grant to {known_as}")
         data = self.model_dump(mode="json")
         data["modellers"][name] = fingerprint
-        entry = data["datasets"].setdefault(dataset, DatasetPolicy().model_dump(mode="json"))
+        entry = own_entry(data, dataset)
         entry["grants"].append({"to": [name], "kinds": list(dict.fromkeys(kinds)),
                                 "expires": expires.isoformat() if expires else None})
         return Policy.model_validate(data)
@@ -190,6 +191,17 @@ def migrate_access(raw: dict[str, Any]) -> dict[str, Any]:
     every = policies.setdefault("datasets", {}).setdefault(EVERY_DATASET, {})
     every.setdefault("grants", []).append({"to": names, "kinds": list(TASK_KINDS)})
     return raw
+
+
+def own_entry(data: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The dataset's own entry in a dumped policy, made on first edit as a copy of the `*` entry
+    it inherited until then: a grant or a limit set on one dataset must not drop the limits and
+    grants that `*` gave it (a `columns.deny` among them)."""
+    datasets = data["datasets"]
+    if dataset not in datasets:
+        datasets[dataset] = copy.deepcopy(datasets.get(EVERY_DATASET) or DatasetPolicy().model_dump(mode="json"))
+    entry: dict[str, Any] = datasets[dataset]
+    return entry
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ modeller process died.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -31,11 +32,13 @@ from rich.table import Table
 
 from fedpod.aggregation import Aggregator, FedAverage, Reply, aggregator_from_config
 from fedpod.aggregation.screening import DEFAULT_NORM_LIMIT, screen_updates
+from fedpod.aggregation.secure.fixedpoint import apply_update
+from fedpod.aggregation.secure.protocol import Settings
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.layout import disagreement
 from fedpod.algorithms.training.local import seed_everything
 from fedpod.algorithms.training.plans import TrainingPlan
-from fedpod.errors import ConfigError, FedpodError, TaskFailed
+from fedpod.errors import ConfigError, FedpodError, SecAggError, TaskFailed
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target, Targets
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
@@ -52,13 +55,34 @@ from fedpod.modeller.results import (
     save_breakpoint,
     write_metrics,
 )
+from fedpod.modeller.secure_round import secure_round
 from fedpod.modeller.selection import AllNodes, NodeSelectionStrategy
 from fedpod.transport.bus import BrokerOptions
 from fedpod.wire.codec import Buffer
-from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, PlanSpec, TrainRequest, TrainResult
+from fedpod.wire.messages import (
+    CONFIG_PREFIX,
+    EXTRA_PREFIX,
+    PlanSpec,
+    SecAggMasking,
+    SecAggReply,
+    TrainRequest,
+    TrainResult,
+)
 from fedpod.wire.tensors import decode_groups, encode_parts
 
 log = logging.getLogger(__name__)
+
+
+def secagg_settings(secagg: bool | dict[str, Any]) -> Settings | None:
+    """`secagg=True` (defaults) or a dict of Flower's SecAgg+ names; False: plain aggregation."""
+    if secagg is False:
+        return None
+    values = {} if secagg is True else dict(secagg)
+    try:
+        return Settings(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid secure aggregation settings: {exc}",
+                          hint="num_shares, reconstruction_threshold, clipping_range, quantization_range") from exc
 
 
 class RoundFailed(FedpodError):
@@ -85,6 +109,7 @@ class Experiment:
         min_pods: int | None = None,
         update_norm_limit: float | None = DEFAULT_NORM_LIMIT,
         standardize: bool = True,
+        secagg: bool | dict[str, Any] = False,
         broker: str | BrokerOptions | None = None,
         identity: str | None = None,
         keystore: Path | None = None,
@@ -107,6 +132,7 @@ class Experiment:
         self._round_limit = round_limit
         self._round = 0
         self._aggregator = aggregator or FedAverage()
+        self._secagg = secagg_settings(secagg)
         self._check_aggregator_fits(self._training_args)
         self._strategy = node_selection_strategy or AllNodes()
         self._save_breakpoints = save_breakpoints
@@ -342,21 +368,24 @@ class Experiment:
         tensors = encode_parts({"params": self._global, **arrays})
         progress = RoundProgress(round_number, [t.pod.name for t in selected], self._console)
         self._progress[round_number] = progress.transitions
-        with progress.shown():
-            outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors, progress))
-        successes = [(t, o) for t, o in zip(selected, outcomes, strict=True) if isinstance(o, TrainResult)]
         failures: dict[str, object] = {identifier.partition("/")[0]: f"did not take part: {why}"
                                        for identifier, why in targets.reasons().items()}
-        failures.update({t.pod.name: o for t, o in zip(selected, outcomes, strict=True)
-                         if not isinstance(o, TrainResult)})
-        replies = []
-        for target, result in successes:
-            groups = decode_groups(result.tensors)
-            extra = {k[len(EXTRA_PREFIX):]: v for k, v in groups.items() if k.startswith(EXTRA_PREFIX)}
-            replies.append(Reply(target.pod.name, groups["params"], result.num_samples, result.metrics, extra))
-        replies, set_aside = screen_updates(replies, self._global, self._update_norm_limit)
-        failures.update({pod: f"update set aside: {reason}" for pod, reason in set_aside.items()})
-        successes = [(t, r) for t, r in successes if t.pod.name not in set_aside]
+        if self._secagg is not None:
+            successes, replies = self._secure_replies(selected, round_number, scalars, tensors, progress, failures)
+        else:
+            with progress.shown():
+                outcomes = self._modeller._call(self._train_all(selected, round_number, scalars, tensors, progress))
+            successes = [(t, o) for t, o in zip(selected, outcomes, strict=True) if isinstance(o, TrainResult)]
+            failures.update({t.pod.name: o for t, o in zip(selected, outcomes, strict=True)
+                             if not isinstance(o, TrainResult)})
+            replies = []
+            for target, result in successes:
+                groups = decode_groups(result.tensors)
+                extra = {k[len(EXTRA_PREFIX):]: v for k, v in groups.items() if k.startswith(EXTRA_PREFIX)}
+                replies.append(Reply(target.pod.name, groups["params"], result.num_samples, result.metrics, extra))
+            replies, set_aside = screen_updates(replies, self._global, self._update_norm_limit)
+            failures.update({pod: f"update set aside: {reason}" for pod, reason in set_aside.items()})
+            successes = [(t, r) for t, r in successes if t.pod.name not in set_aside]
         needed = self._min_pods if self._min_pods is not None else len(selected)
         if len(successes) < needed:
             details = "; ".join(f"{pod}: {error}" for pod, error in failures.items())
@@ -393,31 +422,58 @@ class Experiment:
         self._record(round_number)
         return 1
 
+    def _secure_replies(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
+                        tensors: list[Buffer], progress: RoundProgress,
+                        failures: dict[str, object]) -> tuple[list[tuple[Target, TrainResult]], list[Reply]]:
+        """The round under secure aggregation: one reply, the survivors' weighted mean update
+        (no update is screened: none is seen; clipping bounds each value instead)."""
+        core = self._modeller._core
+
+        async def train(target: Target, masking: SecAggMasking) -> TrainResult:
+            return await self._train_one(target, round_number, scalars, tensors, progress, secagg=masking)
+
+        with progress.shown():
+            try:
+                outcome = self._modeller._call(secure_round(
+                    selected, self._secagg or Settings(),
+                    lambda target, build: core.exchange(target, build, SecAggReply), train))
+            except SecAggError as exc:
+                raise RoundFailed(f"round {round_number}: secure aggregation failed: {exc.message}",
+                                  hint="the global model of the previous round is kept") from exc
+        for identifier, why in outcome.dropped.items():
+            if identifier in outcome.results:  # its masked update is in the sum; only its unmasking answer was lost
+                log.info("round %d: %s did not answer the unmasking (%s); its share group made up for it",
+                         round_number, identifier, why)
+            else:
+                failures[identifier.partition("/")[0]] = f"dropped out: {why}"
+        successes = [(t, outcome.results[t.identifier]) for t in selected if t.identifier in outcome.results]
+        mean = apply_update(self._global, outcome.mean_update)
+        return successes, [Reply("secure-sum", mean, outcome.total_samples, {})]
+
+    async def _train_one(self, target: Target, round_number: int, scalars: dict[str, Any], tensors: list[Buffer],
+                         progress: RoundProgress, evaluate_only: bool = False,
+                         secagg: SecAggMasking | None = None) -> TrainResult:
+        name = target.pod.name
+
+        def message(task_id: str) -> TrainRequest:
+            return TrainRequest(task_id=task_id, experiment_id=self._experiment_id, round=round_number,
+                                dataset=target.dataset.name, plan=self._plan_spec, model_args=self._model_args,
+                                training_args=self._training_args.model_dump(exclude_none=True),
+                                round_config=scalars, tensors=tensors, evaluate_only=evaluate_only, secagg=secagg)
+        try:
+            result = await self._modeller._core.exchange(target, message, TrainResult,
+                                                         on_phase=lambda phase: progress.update(name, phase))
+        except BaseException:
+            progress.update(name, "failed")
+            raise
+        progress.update(name, "done")
+        return result
+
     async def _train_all(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
                          tensors: list[Buffer], progress: RoundProgress,
                          evaluate_only: bool = False) -> list[TrainResult | BaseException]:
-        core = self._modeller._core
-
-        async def train(target: Target) -> TrainResult:
-            name = target.pod.name
-            try:
-                result = await core.exchange(target, build(target), TrainResult,
-                                             on_phase=lambda phase: progress.update(name, phase))
-            except BaseException:
-                progress.update(name, "failed")
-                raise
-            progress.update(name, "done")
-            return result
-
-        def build(target: Target) -> Any:
-            def message(task_id: str) -> TrainRequest:
-                return TrainRequest(task_id=task_id, experiment_id=self._experiment_id, round=round_number,
-                                    dataset=target.dataset.name, plan=self._plan_spec, model_args=self._model_args,
-                                    training_args=self._training_args.model_dump(exclude_none=True),
-                                    round_config=scalars, tensors=tensors, evaluate_only=evaluate_only)
-            return message
-
-        return await asyncio.gather(*(train(t) for t in selected), return_exceptions=True)
+        return await asyncio.gather(*(self._train_one(t, round_number, scalars, tensors, progress, evaluate_only)
+                                      for t in selected), return_exceptions=True)
 
     def _targets(self) -> Targets:
         """The experiment's datasets, found once (as Fed-BioMed fixes its federated dataset) and
@@ -508,6 +564,7 @@ class Experiment:
                 "model_args": self._model_args, "training_args": self.training_args(),
                 "aggregator": self._aggregator.get_config(), "min_pods": self._min_pods,
                 "update_norm_limit": self._update_norm_limit,
+                "secagg": None if self._secagg is None else dataclasses.asdict(self._secagg),
                 "replies": {str(k): v for k, v in self._replies.items()}}
 
     @classmethod
@@ -535,7 +592,8 @@ class Experiment:
                          training_args=state["training_args"], round_limit=state["round_limit"],
                          aggregator=aggregator, save_breakpoints=True, experimentation_folder=folder.name,
                          experiments_root=folder.parent, min_pods=state["min_pods"],
-                         update_norm_limit=state.get("update_norm_limit", DEFAULT_NORM_LIMIT), **connection)
+                         update_norm_limit=state.get("update_norm_limit", DEFAULT_NORM_LIMIT),
+                         secagg=state.get("secagg") or False, **connection)
         experiment._experiment_id = state["experiment_id"]
         experiment._round = state["round"]
         experiment._global = params
@@ -561,6 +619,9 @@ class Experiment:
     def _check_aggregator_fits(self, args: TrainingArgs) -> None:
         if getattr(self._aggregator, "requires_num_updates", False) and not args.uses_updates:
             raise ConfigError(f"{type(self._aggregator).__name__} needs `num_updates` in training_args")
+        if self._secagg is not None and self._aggregator.sees_each_update:
+            raise ConfigError(f"{type(self._aggregator).__name__} needs each pod's update, which secure aggregation "
+                              "hides", hint="use fedavg, fedprox, fedadam, fedyogi or fedadagrad with secagg")
 
     def close(self) -> None:
         if self._board is not None:

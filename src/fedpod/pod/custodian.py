@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from fedpod.errors import ConfigError, invalid_fields, yaml_syntax
 from fedpod.governance.audit import AuditLog, VerifyResult, checkpoints_path, read_checkpoints
 from fedpod.governance.plans import PlanRegistry
-from fedpod.governance.policy import TASK_KINDS, DatasetPolicy, Policy, TaskKind
+from fedpod.governance.policy import TASK_KINDS, Policy, TaskKind, own_entry
 from fedpod.governance.policy_log import record_policy
 from fedpod.governance.requests import AccessRequests
 from fedpod.pod.config import PodConfig, edit_policies
@@ -128,7 +128,7 @@ class PodFolder:
 
         def change(policy: Policy) -> Policy:
             data = policy.model_dump(mode="json")
-            entry = data["datasets"].setdefault(dataset, DatasetPolicy().model_dump(mode="json"))
+            entry = own_entry(data, dataset)
             target, _, leaf = field.rpartition(".")
             holder = entry[target] if target else entry
             before[0] = holder.get(leaf)

@@ -38,6 +38,7 @@ from fedpod.governance.policy_log import record_policy
 from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.governance.requests import AccessRequests
 from fedpod.pod.config import PodConfig
+from fedpod.pod.secure_aggregation import SecAggSessions
 from fedpod.pod.status import PID_FILE, mark_running
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
@@ -53,6 +54,8 @@ from fedpod.wire.messages import (
     Discover,
     Heartbeat,
     PodAdvert,
+    SecAggReply,
+    SecAggRequest,
     TaskFailure,
     TaskRequest,
     TaskResult,
@@ -118,6 +121,7 @@ class Pod:
         self._trainer_lock = threading.Lock()
         self.plans = PlanRegistry(storage / "plans")
         self.requests = AccessRequests(storage / "access-requests.json")
+        self.secagg = SecAggSessions(config.name)
         self._recent: dict[tuple[str, str], deque[float]] = {}  # (modeller, dataset) -> its allowed tasks' times
         self.channel: SecureChannel | None = None
         self.started = time.monotonic()
@@ -320,6 +324,9 @@ class Pod:
         if opened.header.type == AccessStatusQuery.TYPE:
             await self._on_access_status(opened, trusted)
             return
+        if opened.header.type == SecAggRequest.TYPE:
+            await self._on_secagg(opened, trusted)
+            return
         if request_type is None:
             if trusted:
                 self._journal.record("message-ignored", sender=opened.sender.fingerprint, type=opened.header.type[:64])
@@ -337,6 +344,41 @@ class Pod:
                                                   message=str(exc)))
             return
         await self._handle_task(opened, request)
+
+    async def _on_secagg(self, opened: Opened, trusted: bool) -> None:
+        """Steps 1, 2 and 4 of secure aggregation, for a modeller the policy lets train on the
+        dataset (step 3 rides on its TrainRequest); the unmasking is audited, once per round."""
+        sender = opened.sender
+        if not trusted:
+            self._refused("secagg-stranger", f"from {sender.fingerprint}")
+            return
+        await opened.acknowledge()
+        try:
+            request = unpack(opened.payload, SecAggRequest)
+        except DecodeError as exc:
+            await self._reply(opened, TaskFailure(task_id=opened.header.task or "?", kind="DecodeError",
+                                                  message=str(exc)), attempts=1)
+            return
+        today = dt.datetime.now(dt.UTC).date()
+        served = self.engine is not None and request.dataset in self.engine.datasets
+        if not served or "train" not in self.config.policies.kinds_for(sender.fingerprint, request.dataset, today):
+            await self._reply(opened, TaskFailure(
+                task_id=request.task_id, dataset=request.dataset[:128], kind="AccessDenied", rule="grant",
+                message=f"secure aggregation on {request.dataset[:128]!r} needs the `train` kind at pod "
+                        f"{self.config.name}"), attempts=1)
+            return
+        try:
+            reply = await asyncio.to_thread(self.secagg.answer, request, sender.fingerprint)
+        except FedpodError as exc:
+            await self._reply(opened, TaskFailure(task_id=request.task_id, dataset=request.dataset,
+                                                  kind=type(exc).__name__, message=exc.message, hint=exc.hint))
+            return
+        if request.step == "unmask":
+            revealed = [kind for kind, _, _ in reply.shares.values()]
+            self._journal.record("secagg-unmasked", session=request.session, dataset=request.dataset,
+                                 requester=sender.name[:64], self_mask_shares=revealed.count("self"),
+                                 mask_key_shares=revealed.count("key"), dropped=sorted(request.dropped)[:64])
+        await self._reply(opened, reply)
 
     def _shape(self, query: str, columns: list[str]) -> QueryShape:
         try:
@@ -362,7 +404,8 @@ class Pod:
             return Request(kind=query.kind, columns=query.columns, **common)
         plan = request.plan
         return Request(kind="evaluate" if request.evaluate_only else "train",
-                       model=plan.name if plan.kind == "builtin" else CUSTOM_PLAN, **common)
+                       model=plan.name if plan.kind == "builtin" else CUSTOM_PLAN,
+                       secure_aggregation=request.secagg is not None, **common)
 
     async def _handle_task(self, opened: Opened, request: TaskRequest | TrainRequest) -> None:
         sender = opened.sender
@@ -470,8 +513,11 @@ class Pod:
         if isinstance(request, TrainRequest):
             self._set_phase(request.task_id, "preparing")
             released = [c for c in self.engine.columns_of(request.dataset) if limits.columns.permits(c)]
+            masking = request.secagg
+            masker = None if masking is None else (
+                lambda update, samples: self.secagg.mask(masking, requester, request.dataset, update, samples))
             trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase),
-                                         released)
+                                         released, masker)
             return trained, describe_training(trained)
         started = time.perf_counter()
         aggregate = measured.kind == "sql_aggregate"
@@ -511,7 +557,7 @@ class Pod:
                                                self.config_path)
             return self._trainer
 
-    async def _reply(self, opened: Opened, message: TaskResult | TrainResult | TaskFailure,
+    async def _reply(self, opened: Opened, message: TaskResult | TrainResult | SecAggReply | TaskFailure,
                      attempts: int = 3) -> None:
         """Deliver a reply, retrying with backoff: a modeller that was briefly disconnected
         (broker restart, slow-consumer cut) still gets a result that took long to compute.

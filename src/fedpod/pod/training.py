@@ -17,16 +17,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedpod.aggregation.base import Params
+from fedpod.aggregation.secure.fixedpoint import flat_update
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.local import run_evaluation, run_local_round
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
 from fedpod.data.datasets import DatasetSpec, quote_identifier
-from fedpod.errors import FedpodError, PlanNotApproved
+from fedpod.errors import ConfigError, FedpodError, PlanNotApproved
 from fedpod.governance.plans import PlanRegistry
-from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, TrainRequest, TrainResult
+from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, MASKED, TrainRequest, TrainResult
 from fedpod.wire.tensors import decode_groups, encode_groups, encode_parts
+
+Masker = Callable[[np.ndarray, int], tuple[np.ndarray, int]]  # (flat update, samples) -> (masked, clipped)
 
 
 def resolve_device(setting: str, plan: TrainingPlan) -> str:
@@ -112,9 +117,11 @@ class TrainingRunner:
         return DatasetHandle(name, columns, load, loader(static)[1] if static else None)
 
     def run(self, request: TrainRequest, requester: str, phase: Callable[[str], None] = lambda _: None,
-            released: list[str] | None = None) -> TrainResult:
+            released: list[str] | None = None, masker: Masker | None = None) -> TrainResult:
         """`phase` hears "preparing" (imports, plan and data: the first round pays PyTorch's
-        import) and then "training". `released`: the columns the policy lets the plan read."""
+        import) and then "training". `released`: the columns the policy lets the plan read.
+        `masker`: under secure aggregation, turns the flat update (new minus global parameters,
+        in name order) and the sample count into the masked vector, the only thing sent."""
         started = time.perf_counter()
         phase("preparing")
         plan_class, _ = self.plan_class(request, requester)
@@ -142,6 +149,16 @@ class TrainingRunner:
             result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state)
         if state and not request.evaluate_only:
             self._save_state(key, state)
+        if request.secagg is not None and not request.evaluate_only:
+            if masker is None or result.extra:
+                raise ConfigError("secure aggregation carries the model update only (no aggregator extras)")
+            update = flat_update(result.params, groups.get("params", {}))
+            masked, clipped = masker(update, result.num_samples)
+            tensors = encode_parts({MASKED: {"y": masked}})
+            return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset, num_samples=0,
+                               metrics=result.metrics | {"secagg_clipped": float(clipped)},
+                               seconds=time.perf_counter() - started, device=device, tensors=tensors,
+                               feature_layout=result.feature_layout)
         tensors = encode_parts({"params": result.params,
                                  **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
         return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,

@@ -102,6 +102,46 @@ class PlanSpec(BaseModel):
 
 CONFIG_PREFIX = "config."  # tensor groups of a TrainRequest that are array-valued round instructions
 EXTRA_PREFIX = "extra."  # tensor groups of a TrainResult beside `params` (Scaffold's control variate)
+MASKED = "masked"  # the tensor group of a TrainResult under secure aggregation: `y`, uint64, instead of `params`
+
+
+class SecAggMasking(BaseModel):
+    """Step 3 of secure aggregation, riding on a TrainRequest: the session, and the sealed
+    shares the other pods sent for this one (owner -> sealed bytes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    session: str = Field(pattern="^[0-9a-f]{32}$")
+    sealed: dict[str, bytes] = Field(default_factory=dict, max_length=1024)
+
+
+class SecAggRequest(WireMessage):
+    """Steps 1, 2 and 4 of secure aggregation (`fedpod.aggregation.secure.protocol`) for one
+    round on one dataset: `keys` (with the participants and settings), `shares` (with every
+    pod's public keys: pod -> [seal key, mask key, commitment]) and `unmask` (who survived and
+    who dropped)."""
+
+    TYPE: ClassVar[str] = "secagg"
+    task_id: str
+    session: str = Field(pattern="^[0-9a-f]{32}$")
+    dataset: str
+    step: Literal["keys", "shares", "unmask"]
+    participants: list[str] = Field(default_factory=list, max_length=1024)
+    settings: dict[str, float | int | None] = {}
+    keys: dict[str, list[bytes]] = Field(default_factory=dict, max_length=1024)
+    survivors: list[str] = Field(default_factory=list, max_length=1024)
+    dropped: list[str] = Field(default_factory=list, max_length=1024)
+
+
+class SecAggReply(WireMessage):
+    """A pod's answer to a SecAggRequest: its public keys, its sealed shares (holder -> bytes),
+    or its unmasking shares (owner -> [kind, x, y as bytes])."""
+
+    TYPE: ClassVar[str] = "secagg-reply"
+    task_id: str
+    step: Literal["keys", "shares", "unmask"]
+    keys: list[bytes] = []
+    sealed: dict[str, bytes] = {}
+    shares: dict[str, tuple[str, int, bytes]] = {}
 
 
 class TrainRequest(WireMessage):
@@ -121,6 +161,7 @@ class TrainRequest(WireMessage):
     training_args: dict[str, Any] = {}
     round_config: dict[str, Any] = {}
     evaluate_only: bool = False
+    secagg: SecAggMasking | None = None  # set: send the update masked (group `masked`), never in the clear
     tensors: BulkParts
 
 

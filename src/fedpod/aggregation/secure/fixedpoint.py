@@ -72,3 +72,25 @@ def decode(total: np.ndarray, quantisation: Quantisation) -> tuple[np.ndarray, i
     c, q_range = quantisation.clipping_range, quantisation.quantization_range
     mean = sums.astype(np.float64) / samples
     return mean * (2 * c / q_range) - c, samples
+
+
+def flat_update(params: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> np.ndarray:
+    """`params - reference` as one float64 vector, parameters in name order (what a pod masks)."""
+    if set(params) != set(reference):
+        raise ValueError(f"the update's parameters {sorted(set(params) ^ set(reference))} differ from the global "
+                         "model's")
+    return np.concatenate([(np.asarray(params[name], np.float64) - np.asarray(reference[name], np.float64)).ravel()
+                           for name in sorted(reference)]) if reference else np.zeros(0)
+
+
+def apply_update(reference: dict[str, np.ndarray], update: np.ndarray) -> dict[str, np.ndarray]:
+    """`reference + update`, the flat update cut back into the reference's names and shapes."""
+    sizes = [int(np.asarray(reference[name]).size) for name in sorted(reference)]
+    if sum(sizes) != len(update):
+        raise ValueError(f"the aggregated update has {len(update)} values, the model {sum(sizes)}")
+    result, start = {}, 0
+    for name, size in zip(sorted(reference), sizes, strict=True):
+        base = np.asarray(reference[name])
+        result[name] = (base + update[start:start + size].reshape(base.shape)).astype(base.dtype)
+        start += size
+    return result

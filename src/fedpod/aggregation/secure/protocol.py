@@ -34,13 +34,10 @@ import numpy as np
 
 from fedpod.aggregation.secure import masks, shamir
 from fedpod.aggregation.secure.fixedpoint import Quantisation, decode
+from fedpod.errors import SecAggError
 
 FULL_GRAPH_UP_TO = 20  # pods; beyond, each pod masks with about 3 log2(n) neighbours (Bell et al.)
 Y_BYTES = 66  # a field element of 2^521 - 1
-
-
-class SecAggError(Exception):
-    """A round that cannot complete securely; the message says who and what."""
 
 
 @dataclass(frozen=True)
