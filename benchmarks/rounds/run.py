@@ -52,9 +52,9 @@ PLAN = HERE / "add_one_plan.py"
 OPEN_BROKER = "FEDPOD_BENCH_OPEN_BROKER"  # set for the open-broker comparison run
 
 
-def time_rounds(pods: int, parameters: int, rounds: int, work: Path) -> list[float]:
+def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: bool = False) -> list[float]:
     """fedpod's side, run as its own process (the modeller) by `measure_fedpod`: seconds of each
-    round after the first."""
+    round after the first. `secagg`: under secure aggregation (benchmarks/secagg)."""
     identity = Identity.generate("modeller")
     identity.save(work / "keys")
     names = [f"pod{i + 1:02d}" for i in range(pods)]
@@ -76,7 +76,7 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path) -> list[flo
             experiment = Experiment(tags=["bench"], training_plan_class="AddOne", training_plan_path=PLAN,
                                     model_args={"parameters": parameters}, training_args={"num_updates": 1},
                                     round_limit=rounds, modeller=modeller, experiments_root=work / "experiments",
-                                    console=Console(quiet=True))
+                                    console=Console(quiet=True), secagg=secagg)
             experiment.run()
             final = load_params(experiment.experimentation_path() / "model.safetensors")["w"]
             assert np.all(final == rounds), "FedAvg of w + 1 must add exactly one per round"

@@ -115,9 +115,13 @@ def test_epochs_between_updates_give_rounds_of_epochs(tmp_path: Path) -> None:
     assert task.rounds == 3 and task.training_args["epochs"] == 1  # type: ignore[union-attr]
 
 
-def test_secure_training_aggregation_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="secure aggregation"):
-        load_task(write(tmp_path, TRAINING_EXAMPLE.replace("secure: False", "secure: True")))
+def test_secure_training_aggregation_carries_its_settings_and_refuses_them_alone(tmp_path: Path) -> None:
+    task = load_task(write(tmp_path, TRAINING_EXAMPLE.replace("secure: False", "secure: True\n    num_shares: 5")))
+    assert task.secagg == {"num_shares": 5} and task.aggregator == {"name": "fedavg"}  # type: ignore[union-attr]
+    plain = load_task(write(tmp_path, TRAINING_EXAMPLE))
+    assert plain.secagg is None  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="num_shares set without `secure: true`"):
+        load_task(write(tmp_path, TRAINING_EXAMPLE.replace("secure: False", "secure: False\n    num_shares: 5")))
 
 
 def test_custom_plan_reference_resolves_relative_to_the_task_file(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ def run_training_task(task: TrainingTask, modeller: Modeller, out: Path, console
                             training_args=task.training_args, round_limit=task.rounds,
                             aggregator=aggregator_from_config(task.aggregator), modeller=modeller,
                             min_pods=min_datasets, standardize=task.standardize,
+                            secagg=task.secagg if task.secagg is not None else False,
                             experiments_root=out, console=console)
     experiment.run()
     return experiment

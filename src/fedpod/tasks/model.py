@@ -43,5 +43,6 @@ class TrainingTask(BaseModel):
     training_args: dict[str, Any] = {}
     rounds: int
     aggregator: dict[str, Any] = {"name": "fedavg"}
+    secagg: dict[str, Any] | None = None  # `aggregator: {secure: true, num_shares: ...}`: the SecAgg+ settings
     schema_requirements: Literal["full", "partial", "empty"] = "partial"
     standardize: bool = True

@@ -18,6 +18,8 @@ from fedpod.errors import ConfigError, invalid_fields, yaml_syntax
 from fedpod.tasks.model import SqlTask, Targets, TrainingTask
 from fedpod.tasks.strict import MODEL_ARGUMENTS, check_keys
 
+SECAGG_SETTINGS = ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range")
+
 PROTOCOLS = {"ResultsOnly", "FederatedAveraging"}
 ALGORITHMS = {"SqlQuery", "FederatedModelTraining"}
 
@@ -145,9 +147,11 @@ def compile_training(spec: TaskFile, *, where: str, base: Path) -> TrainingTask:
     if "random_seed" in hyper:
         training_args["random_seed"] = int(hyper["random_seed"])
     aggregator = dict(spec.task.aggregator or {})
-    if aggregator.pop("secure", False):
-        raise ConfigError("secure aggregation (aggregator.secure: true) is not available yet", where=where,
-                          hint="set aggregator.secure to false; it is never silently ignored")
+    secure = aggregator.pop("secure", False)
+    secagg = {key: aggregator.pop(key) for key in SECAGG_SETTINGS if key in aggregator}
+    if secagg and not secure:
+        raise ConfigError(f"{', '.join(secagg)} set without `secure: true`", where=f"{where}: task.aggregator",
+                          hint="add `secure: true`, or remove the secure aggregation settings")
     try:
         aggregator_from_config({"name": "fedavg", **aggregator})  # its arguments are checked now, not at round 1
     except ConfigError as exc:
@@ -167,5 +171,5 @@ def compile_training(spec: TaskFile, *, where: str, base: Path) -> TrainingTask:
     plan, plan_path = _model_reference(algorithm, where, base)
     return TrainingTask(targets=spec.pods, plan=plan, plan_path=plan_path, model_args=model_args,
                         training_args=training_args, rounds=total // between,
-                        aggregator={"name": "fedavg", **aggregator},
+                        aggregator={"name": "fedavg", **aggregator}, secagg=secagg if secure else None,
                         schema_requirements=structure.get("schema_requirements", "partial"))
