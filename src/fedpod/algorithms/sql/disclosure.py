@@ -7,10 +7,17 @@ subquery, CTE, set operation, window, DISTINCT or other aggregate (LIST, STRING_
 ARG_MAX, MEDIAN... return members' own values). Anything else is a *row* query (`sql_rows`).
 
 For an aggregate the pod adds one hidden column: the number of rows behind the cell computed
-from the fewest, `LEAST(COUNT(*), COUNT(arg) [FILTER ...] for every aggregate)` — so an AVG
-over the one non-null value of a group, or a COUNT(*) FILTER that picks one person, counts as
-a group of one. Rows whose count is from 1 to below the policy's `min_group_size` are dropped before
+from the fewest, `LEAST(COUNT(*), COUNT(arg) [FILTER ...] for every aggregate)` over the counts
+that are not zero — so an AVG over the one non-null value of a group, or a COUNT(*) FILTER that
+picks one person, counts as a group of one, and an aggregate over no rows beside a COUNT(*) of
+one does not hide it. Rows whose count is from 1 to below the policy's `min_group_size` are dropped before
 anything leaves the pod; how many is reported, never which.
+
+Against differencing, the pod also describes the *cohorts* an aggregate releases — each cell's
+rows, and within it the rows each aggregate used (its FILTER, its non-null argument) — by their
+size and two hashes of their row ids (`cohorts_query`), so that `governance.differencing` can
+refuse a cohort that differs from one already released to the same modeller by fewer than
+`min_group_size` rows.
 """
 
 from __future__ import annotations
@@ -87,6 +94,79 @@ def _contributing_rows(node: exp.AggFunc) -> exp.Expr:
     return counted
 
 
+@dataclass(frozen=True)
+class CohortPlan:
+    """`sql` returns, per cell, the key values then (n, xor, sum) for each condition in
+    `conditions` (the first is the whole cell); `rows_sql(j)` selects one cohort's row ids,
+    with the cell's key values as parameters."""
+
+    sql: str
+    keys: int
+    conditions: list[str]
+    source: str
+    where: str
+    key_sql: list[str]
+
+    def rows_sql(self, condition: int) -> str:
+        keys = "".join(f" AND ({key}) IS NOT DISTINCT FROM ?" for key in self.key_sql)
+        return (f"SELECT rowid FROM {self.source} WHERE ({self.where}){keys} AND ({self.conditions[condition]}) "
+                "ORDER BY rowid")
+
+
+def _group_keys(tree: exp.Select) -> list[exp.Expr]:
+    """The GROUP BY expressions, ordinals and select aliases resolved to what they stand for."""
+    group = tree.args.get("group")
+    if group is None:
+        return []
+    if any(group.args.get(kind) for kind in ("rollup", "cube", "grouping_sets")):
+        raise ValueError("ROLLUP, CUBE and GROUPING SETS")
+    aliases = {p.alias: p.this for p in tree.expressions if isinstance(p, exp.Alias)}
+    keys = []
+    for key in group.expressions:
+        if isinstance(key, exp.Literal) and key.is_int:
+            projection = tree.expressions[int(key.this) - 1]
+            keys.append(projection.this if isinstance(projection, exp.Alias) else projection)
+        elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
+            keys.append(aliases[key.name])
+        else:
+            keys.append(key)
+    return [k.copy() for k in keys]
+
+
+def cohorts_query(query: str) -> CohortPlan:
+    """The cohorts an aggregate query releases (see the module docstring). ValueError for a
+    shape whose cohorts it cannot describe."""
+    tree = parse_statement(query)
+    if not isinstance(tree, exp.Select) or tree.args.get("from_") is None and tree.args.get("from") is None:
+        raise ValueError("not a single SELECT over a table")
+    source_node = tree.args.get("from_") or tree.args.get("from")
+    source = to_duckdb(source_node.this)
+    where_node = tree.args.get("where")
+    where = to_duckdb(where_node.this) if where_node is not None else "TRUE"
+    keys = _group_keys(tree)
+    conditions = ["TRUE"]
+    for projection in tree.expressions:
+        for node in projection.find_all(exp.AggFunc):
+            parts = []
+            argument = node.this.expressions[0] if isinstance(node.this, exp.Distinct) else node.this
+            if argument is not None and not isinstance(argument, exp.Star):
+                parts.append(f"({to_duckdb(argument)}) IS NOT NULL")
+            if isinstance(node.parent, exp.Filter):
+                parts.append(f"COALESCE(({to_duckdb(node.parent.expression.this)}), FALSE)")
+            condition = " AND ".join(parts) or "TRUE"
+            if condition not in conditions:
+                conditions.append(condition)
+    key_sql = [to_duckdb(k) for k in keys]
+    outputs = [f"{k} AS k{i}" for i, k in enumerate(key_sql)]
+    for j, condition in enumerate(conditions):
+        outputs += [f"COUNT(*) FILTER (WHERE {condition}) AS n{j}",
+                    f"BIT_XOR(HASH(rowid)) FILTER (WHERE {condition}) AS x{j}",
+                    f"CAST(SUM(HASH(rowid)::HUGEINT) FILTER (WHERE {condition}) AS VARCHAR) AS s{j}"]
+    group = f" GROUP BY {', '.join(key_sql)}" if key_sql else ""
+    sql = f"SELECT {', '.join(outputs)} FROM {source} WHERE {where}{group}"
+    return CohortPlan(sql, len(key_sql), conditions, source, where, key_sql)
+
+
 def with_group_size(query: str) -> str:
     """The aggregate query with GROUP_SIZE appended to its outputs (see the module docstring)."""
     tree = parse_statement(query)
@@ -94,7 +174,11 @@ def with_group_size(query: str) -> str:
     counts: list[exp.Expr] = [exp.Count(this=exp.Star())]
     for projection in tree.expressions:
         counts.extend(_contributing_rows(node) for node in projection.find_all(exp.AggFunc))
-    size = counts[0] if len(counts) == 1 else exp.func("LEAST", *counts)
+    # the fewest rows any aggregate of the cell used, among those that used any: an aggregate
+    # over no rows describes nobody, and must not hide a COUNT(*) of one beside it
+    nonzero = [exp.func("NULLIF", count, exp.Literal.number(0)) for count in counts]
+    size = exp.func("COALESCE", nonzero[0] if len(nonzero) == 1 else exp.func("LEAST", *nonzero),
+                    exp.Literal.number(0))
     tree.set("expressions", [*tree.expressions, exp.alias_(size, GROUP_SIZE)])
     return to_duckdb(tree)
 
