@@ -20,7 +20,7 @@ from fedpod.modeller.experiment import Experiment, RoundFailed
 from fedpod.pod.custodian import PodFolder
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
-from tests.conftest import PodFactory, RunningPod
+from tests.conftest import PodFactory, RunningPod, wait_until
 
 pytestmark = pytest.mark.integration
 DATASET = "ehr"
@@ -168,3 +168,25 @@ def test_rate_limits_and_expired_grants_are_refused_naming_the_rule(alice: Runni
     folder.change_policy(expired, "test")
     with pytest.raises(AccessDenied, match=r"expired on 2020-01-01 \[rule: expires\]"):
         modeller.sql(query, datasets=target)
+
+
+def test_a_differencing_pair_is_refused_and_the_refusal_audited(alice: RunningPod, modeller: Modeller) -> None:
+    """The classic attack vantage6 documents it does not stop: an average over a cohort, then over
+    the same cohort but one patient — the difference would give that patient's age."""
+    target = [f"alice/{DATASET}"]
+    patients = pd.read_csv(PodFolder(alice.config_path).config.datasets[0].path)
+    someone = patients.loc[patients["sex"] == "F", "patient_id"].iloc[0]
+    first = modeller.sql(f"SELECT AVG(age) AS a FROM {DATASET} WHERE sex = 'F'", datasets=target)
+    assert isinstance(first, dict)
+    assert modeller.sql(f"SELECT AVG(age) AS a FROM {DATASET} WHERE sex = 'F'", datasets=target)  # the same again
+    with pytest.raises(AccessDenied, match=r"differs by 1 row\(s\) from one already released.*protect_differencing"):
+        modeller.sql(f"SELECT AVG(age) AS a FROM {DATASET} WHERE sex = 'F' AND patient_id <> '{someone}'",
+                     datasets=target)
+    with pytest.raises(AccessDenied, match="protect_differencing"):  # also hidden in a FILTER of one query
+        modeller.sql(f"SELECT AVG(age) AS a, AVG(age) FILTER (WHERE patient_id <> '{someone}') AS b FROM {DATASET}",
+                     datasets=target)
+    wait_until(lambda: len(audit_events(alice, "task-failed")) == 2, 10, "both refusals in the audit log")
+    assert all(e["error"] == "AccessDenied" for e in audit_events(alice, "task-failed"))
+    PodFolder(alice.config_path).set_limit(DATASET, "protect_differencing", "false")  # the custodian's choice
+    assert modeller.sql(f"SELECT AVG(age) AS a FROM {DATASET} WHERE sex = 'F' AND patient_id <> '{someone}'",
+                        datasets=target)

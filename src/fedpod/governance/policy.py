@@ -16,6 +16,7 @@ The `policies:` section of a pod config names who the pod knows and what each ma
           columns: {allow: null, deny: [ssn]}
           models: null                    # built-in model names (or "custom" for approved plans); null: any
           require_secure_aggregation: false
+          protect_differencing: true      # refuse aggregates differing from a released one by < min_group_size rows
           epsilon_budget: null            # stored now; spent by the privacy work
           tasks_per_hour: null            # per modeller on this dataset
 
@@ -81,6 +82,7 @@ class DatasetPolicy(BaseModel):
     columns: Columns = Columns()
     models: list[str] | None = None
     require_secure_aggregation: bool = False
+    protect_differencing: bool = True  # refuse an aggregate whose cohort is within min_group_size of one released
     epsilon_budget: float | None = Field(default=None, gt=0)
     tasks_per_hour: int | None = Field(default=None, ge=1)
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 GROUP_SIZE = "__fedpod_group_size"
+SKETCH = 32  # the smallest row-id hashes kept per cohort: see governance.differencing
 RELEASED_AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max, exp.Variance, exp.VariancePop, exp.Stddev,
                        exp.StddevSamp, exp.StddevPop)
 _NOT_AGGREGATE_SHAPES = ((exp.Subquery, "a subquery"), (exp.With, "a CTE"), (exp.Window, "a window function"),
@@ -96,7 +97,7 @@ def _contributing_rows(node: exp.AggFunc) -> exp.Expr:
 
 @dataclass(frozen=True)
 class CohortPlan:
-    """`sql` returns, per cell, the key values then (n, xor, sum) for each condition in
+    """`sql` returns, per cell, the key values then (n, xor, sum, sketch) for each condition in
     `conditions` (the first is the whole cell); `rows_sql(j)` selects one cohort's row ids,
     with the cell's key values as parameters."""
 
@@ -118,8 +119,9 @@ def _group_keys(tree: exp.Select) -> list[exp.Expr]:
     group = tree.args.get("group")
     if group is None:
         return []
-    if any(group.args.get(kind) for kind in ("rollup", "cube", "grouping_sets")):
-        raise ValueError("ROLLUP, CUBE and GROUPING SETS")
+    if any(group.args.get(kind) for kind in ("rollup", "cube", "grouping_sets")) or \
+            any(isinstance(key, exp.Rollup | exp.Cube | exp.GroupingSets) for key in group.expressions):
+        raise ValueError("ROLLUP, CUBE and GROUPING SETS make overlapping cells")
     aliases = {p.alias: p.this for p in tree.expressions if isinstance(p, exp.Alias)}
     keys = []
     for key in group.expressions:
@@ -137,9 +139,9 @@ def cohorts_query(query: str) -> CohortPlan:
     """The cohorts an aggregate query releases (see the module docstring). ValueError for a
     shape whose cohorts it cannot describe."""
     tree = parse_statement(query)
-    if not isinstance(tree, exp.Select) or tree.args.get("from_") is None and tree.args.get("from") is None:
+    source_node = tree.args.get("from_") or tree.args.get("from") if isinstance(tree, exp.Select) else None
+    if not isinstance(tree, exp.Select) or source_node is None:
         raise ValueError("not a single SELECT over a table")
-    source_node = tree.args.get("from_") or tree.args.get("from")
     source = to_duckdb(source_node.this)
     where_node = tree.args.get("where")
     where = to_duckdb(where_node.this) if where_node is not None else "TRUE"
@@ -161,7 +163,8 @@ def cohorts_query(query: str) -> CohortPlan:
     for j, condition in enumerate(conditions):
         outputs += [f"COUNT(*) FILTER (WHERE {condition}) AS n{j}",
                     f"BIT_XOR(HASH(rowid)) FILTER (WHERE {condition}) AS x{j}",
-                    f"CAST(SUM(HASH(rowid)::HUGEINT) FILTER (WHERE {condition}) AS VARCHAR) AS s{j}"]
+                    f"CAST(SUM(HASH(rowid)::HUGEINT) FILTER (WHERE {condition}) AS VARCHAR) AS s{j}",
+                    f"MIN(HASH(rowid), {SKETCH}) FILTER (WHERE {condition}) AS h{j}"]
     group = f" GROUP BY {', '.join(key_sql)}" if key_sql else ""
     sql = f"SELECT {', '.join(outputs)} FROM {source} WHERE {where}{group}"
     return CohortPlan(sql, len(key_sql), conditions, source, where, key_sql)

@@ -9,16 +9,18 @@ has no statement timeout of its own.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
+import numpy as np
 from sqlglot import exp
 
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.guard import check_read_only
-from fedpod.data.datasets import DatasetSpec, describe, load_dataset
+from fedpod.data.datasets import DatasetSpec, describe, load_dataset, quote_identifier
 from fedpod.errors import ResultTooLarge, SqlExecutionError, SqlRejected, TaskTimeout
 
 if TYPE_CHECKING:
@@ -48,11 +50,34 @@ class SqlEngine:
             self.tables[spec.name] = spec.tables
             for table in spec.tables:
                 self.schemas[table] = describe(self._connection, table)
+        # what a dataset's rows are, for ledgers keyed by row ids (governance.differencing)
+        self.versions = {spec.name: self._version(spec.tables) for spec in datasets}
         self._connection.execute("SET python_enable_replacements = false")
         if memory_limit:
             self._connection.execute(f"SET memory_limit = '{memory_limit}'")
         self._connection.execute("SET enable_external_access = false")
         self._connection.execute("SET lock_configuration = true")
+
+    def _version(self, tables: list[str]) -> str:
+        parts = [str(self._connection.execute(f"SELECT COUNT(*), BIT_XOR(HASH(t)) FROM {quote_identifier(table)} t")
+                     .fetchone()) for table in tables]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def row_ids(self, sql: str, params: list[object], dataset: str, *, timeout_s: float = 60.0) -> np.ndarray:
+        """The row ids an internal cohort query selects (`disclosure.CohortPlan.rows_sql`, built
+        from an aggregate this engine already accepted), as int64."""
+        cursor = self._connection.cursor()
+        timer = threading.Timer(timeout_s, cursor.interrupt)
+        timer.start()
+        try:
+            return np.asarray(cursor.execute(sql, params).fetchnumpy()["rowid"], dtype=np.int64)
+        except duckdb.InterruptException as exc:
+            raise TaskTimeout(f"a cohort query ran longer than {timeout_s}s", where=f"dataset {dataset}") from exc
+        except duckdb.Error as exc:
+            raise SqlExecutionError(str(exc).splitlines()[0], where=f"dataset {dataset}") from exc
+        finally:
+            timer.cancel()
+            cursor.close()
 
     def columns_of(self, dataset: str) -> list[str]:
         """Every column a query on `dataset` may read, over all of its tables."""

@@ -1,0 +1,130 @@
+"""Protection against differencing: a pod refuses an aggregate whose cohort differs from one it
+already released to the same modeller (on the same data) by 1 to `min_group_size - 1` rows.
+
+Two answers over cohorts that differ by one person give that person's value by subtraction
+(AVG over a ward, then over the ward but for one patient). Each released cohort — a cell of an
+aggregate, or the rows one of its aggregates used within the cell — is kept as its size and two
+64-bit hashes of its row ids (xor and sum), with the SQL and key values that select it again.
+A new cohort of the same size and hashes is the same cohort. Each cohort also keeps its
+`SKETCH` smallest row-id hashes: two cohorts that differ by d rows have sketches that differ by at
+most 2d hashes, so sketches differing by 2m or more prove a difference of at least m rows without
+looking at any row (disjoint cells of one GROUP BY always do). Only a cohort whose size is within
+the threshold of a kept one and whose sketch is close is compared exactly, by selecting both
+cohorts' row ids (the pod holds the rows) — and refused if it differs by fewer rows than the minimum.
+
+What it cannot catch: differences spread over three or more answers (A - B - C with each pair
+far apart), a value pulled out by the aggregate's own expression (SUM(CASE WHEN id = 42 ...)),
+answers given to two modellers who pool them, and anything before the pod's history began (the
+ledger is kept per dataset version: a changed dataset starts a new one). The ledger holds at
+most `MAX_COHORTS` cohorts per modeller and dataset; beyond, aggregates are refused until the
+custodian clears it (deleting the ledger file), never silently forgetting the oldest.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpod.algorithms.sql.disclosure import SKETCH
+
+MAX_COHORTS = 20_000
+MAX_EXACT_CHECKS = 200  # per query: each selects two cohorts' row ids
+
+
+@dataclass(frozen=True)
+class Cohort:
+    size: int
+    xor: int
+    total: str  # the HUGEINT sum of row-id hashes, as text
+    sql: str  # selects the cohort's row ids, ordered
+    params: list[Any]
+    sketch: list[int]  # its SKETCH smallest row-id hashes
+
+    @property
+    def fingerprint(self) -> tuple[int, int, str]:
+        return self.size, self.xor, self.total
+
+
+RowIds = Callable[[str, list[Any]], np.ndarray]
+
+
+def far_apart(a: Cohort, b: Cohort, min_size: int) -> bool:
+    """True when the two cohorts provably differ by at least `min_size` rows, from their sizes or
+    their sketches alone (see the module docstring)."""
+    if abs(a.size - b.size) >= min_size:
+        return True
+    return min_size <= SKETCH and len(set(a.sketch) ^ set(b.sketch)) >= 2 * min_size
+
+
+def symmetric_difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(len(a) + len(b) - 2 * len(np.intersect1d(a, b, assume_unique=True)))
+
+
+class CohortLedger:
+    """One file per pod (`storage/cohorts.jsonl`), read once and appended to; thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._kept: dict[tuple[str, str, str], list[Cohort]] | None = None
+
+    def _load(self) -> dict[tuple[str, str, str], list[Cohort]]:
+        if self._kept is None:
+            kept: dict[tuple[str, str, str], list[Cohort]] = {}
+            if self.path.exists():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        entry = json.loads(line)
+                        key = (entry["modeller"], entry["dataset"], entry["version"])
+                        kept.setdefault(key, []).append(Cohort(**entry["cohort"]))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line after a crash: the rest stands
+            self._kept = kept
+        return self._kept
+
+    def check_and_keep(self, modeller: str, dataset: str, version: str, cohorts: list[Cohort], min_size: int,
+                       row_ids: RowIds) -> str | None:
+        """None, having kept the new cohorts, if none differs from a kept one or from another
+        new one by 1 to `min_size - 1` rows; else why not (and nothing is kept)."""
+        with self._lock:
+            kept = self._load().setdefault((modeller, dataset, version), [])
+            known = {c.fingerprint for c in kept}
+            fresh = list({c.fingerprint: c for c in cohorts if c.fingerprint not in known}.values())
+            if len(kept) + len(fresh) > MAX_COHORTS:
+                return (f"this pod has released {len(kept):,} distinct cohorts of {dataset} to this modeller, its "
+                        f"limit for checking differences; ask the custodian to review and clear its ledger")
+            loaded: dict[tuple[str, str], np.ndarray] = {}
+
+            def rows(cohort: Cohort) -> np.ndarray:
+                key = (cohort.sql, json.dumps(cohort.params, default=str))
+                if key not in loaded:
+                    loaded[key] = row_ids(cohort.sql, cohort.params)
+                return loaded[key]
+
+            checks = 0
+            for index, new in enumerate(fresh):
+                for other in [*kept, *fresh[:index]]:
+                    if new.fingerprint == other.fingerprint or far_apart(new, other, min_size):
+                        continue
+                    checks += 1
+                    if checks > MAX_EXACT_CHECKS:
+                        return (f"it has more than {MAX_EXACT_CHECKS} cohorts of nearly the same size as ones already "
+                                "released to compare row by row; narrow it (fewer groups), or ask the custodian")
+                    difference = symmetric_difference(rows(new), rows(other))
+                    if 0 < difference < min_size:
+                        return (f"its cohort ({new.size} rows) differs by {difference} row(s) from one already "
+                                f"released ({other.size} rows); answering both would single out fewer than "
+                                f"{min_size} people")
+            if fresh:
+                kept.extend(fresh)
+                with self.path.open("a") as handle:
+                    for cohort in fresh:
+                        handle.write(json.dumps({"modeller": modeller, "dataset": dataset, "version": version,
+                                                 "cohort": cohort.__dict__}, default=str) + "\n")
+            return None
