@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fedpod.algorithms.sql.disclosure import cohorts_query
+from fedpod.algorithms.sql.disclosure import disclosed_query
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.data.datasets import DatasetSpec
-from fedpod.governance.differencing import Cohort, CohortLedger
+from fedpod.governance.differencing import Cohort, CohortLedger, released_cohorts
 
 MIN = 3
 
@@ -24,18 +24,10 @@ def engine(tmp_path: Path) -> SqlEngine:
 
 
 def released(engine: SqlEngine, query: str) -> list[Cohort]:
-    """What the pod does: the cohorts of every cell that is not suppressed."""
-    plan = cohorts_query(query)
-    cohorts = []
-    for row in engine.run(plan.sql, "ehr").to_pylist():
-        sizes = [int(row[f"n{j}"]) for j in range(len(plan.conditions))]
-        if min([n for n in sizes if n], default=MIN) < MIN:
-            continue
-        keys = [row[f"k{i}"] for i in range(plan.keys)]
-        cohorts += [Cohort(n, int(row[f"x{j}"]), str(row[f"s{j}"]), plan.rows_sql(j), keys,
-                              [int(h) for h in row[f"h{j}"]])
-                    for j, n in enumerate(sizes) if n]
-    return cohorts
+    """What the pod does: the answer with its hidden columns, read for the cells it releases."""
+    sql, plan = disclosed_query(query, engine.non_null["ehr"])
+    assert plan is not None
+    return released_cohorts(engine.run(sql, "ehr"), plan, MIN)
 
 
 def ask(ledger: CohortLedger, engine: SqlEngine, query: str, modeller: str = "LAB") -> str | None:
@@ -85,7 +77,7 @@ def test_the_ledger_survives_a_restart_and_is_per_dataset_version(engine: SqlEng
 
 def test_cohort_shapes_it_cannot_describe_are_named() -> None:
     with pytest.raises(ValueError, match="ROLLUP"):
-        cohorts_query("SELECT sex, COUNT(*) FROM ehr GROUP BY ROLLUP (sex)")
+        disclosed_query("SELECT sex, COUNT(*) FROM ehr GROUP BY ROLLUP (sex)")
 
 
 def test_disjoint_cells_of_the_same_size_need_no_row_by_row_check(engine: SqlEngine, tmp_path: Path) -> None:
@@ -103,3 +95,12 @@ def test_disjoint_cells_of_the_same_size_need_no_row_by_row_check(engine: SqlEng
         assert ledger.check_and_keep("LAB", "ehr", engine.versions["ehr"], released(engine, query), MIN,
                                      row_ids) is None  # type: ignore[arg-type]
     assert fetched == []
+
+
+def test_an_aggregate_over_a_column_with_nulls_is_its_own_cohort() -> None:
+    """A null pattern can single someone out (AVG over the non-null values of a cell); a column
+    the table holds no null in adds no cohort, and no work."""
+    query = "SELECT AVG(age), AVG(rare), COUNT(*) FILTER (WHERE age > 3) FROM ehr"
+    _, plan = disclosed_query(query, frozenset({"age"}))
+    assert plan is not None
+    assert plan.conditions == ["TRUE", "(rare) IS NOT NULL", "COALESCE((age > 3), FALSE)"]

@@ -3,9 +3,10 @@ already released to the same modeller (on the same data) by 1 to `min_group_size
 
 Two answers over cohorts that differ by one person give that person's value by subtraction
 (AVG over a ward, then over the ward but for one patient). Each released cohort — a cell of an
-aggregate, or the rows one of its aggregates used within the cell — is kept as its size and two
-64-bit hashes of its row ids (xor and sum), with the SQL and key values that select it again.
-A new cohort of the same size and hashes is the same cohort. Each cohort also keeps its
+aggregate, or the rows one of its aggregates used within the cell — is kept as its size, the xor
+of its row ids' 64-bit hashes and a sketch (below), with the SQL and key values that select it
+again — all computed in the answer's own scan. A new cohort of the same size, xor and sketch is
+the same cohort. Each cohort also keeps its
 `SKETCH` smallest row-id hashes: two cohorts that differ by d rows have sketches that differ by at
 most 2d hashes, so sketches differing by 2m or more prove a difference of at least m rows without
 looking at any row (disjoint cells of one GROUP BY always do). Only a cohort whose size is within
@@ -27,11 +28,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpod.algorithms.sql.disclosure import SKETCH
+from fedpod.algorithms.sql.disclosure import GROUP_SIZE, HIDDEN, SKETCH, CohortPlan
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 MAX_COHORTS = 20_000
 MAX_EXACT_CHECKS = 200  # per query: each selects two cohorts' row ids
@@ -40,15 +44,30 @@ MAX_EXACT_CHECKS = 200  # per query: each selects two cohorts' row ids
 @dataclass(frozen=True)
 class Cohort:
     size: int
-    xor: int
-    total: str  # the HUGEINT sum of row-id hashes, as text
+    xor: int  # of the row ids' 64-bit hashes
     sql: str  # selects the cohort's row ids, ordered
     params: list[Any]
     sketch: list[int]  # its SKETCH smallest row-id hashes
 
     @property
-    def fingerprint(self) -> tuple[int, int, str]:
-        return self.size, self.xor, self.total
+    def fingerprint(self) -> tuple[int, int, tuple[int, ...]]:
+        return self.size, self.xor, tuple(self.sketch)
+
+
+def released_cohorts(table: pa.Table, plan: CohortPlan, min_size: int) -> list[Cohort]:
+    """The cohorts of the cells of an answer (with `disclosure.disclosed_query`'s hidden columns)
+    that suppression will let out: a cell whose group size is 1 to `min_size - 1` releases nothing."""
+    cohorts = []
+    for row in table.to_pylist():
+        if 0 < int(row[GROUP_SIZE]) < min_size:
+            continue
+        keys = [row[f"{HIDDEN}k{i}"] for i in range(plan.keys)]
+        for j in range(len(plan.conditions)):
+            size = int(row[f"{HIDDEN}n{j}"])
+            if size:
+                cohorts.append(Cohort(size, int(row[f"{HIDDEN}x{j}"]), plan.rows_sql(j), keys,
+                                      [int(h) for h in row[f"{HIDDEN}h{j}"]]))
+    return cohorts
 
 
 RowIds = Callable[[str, list[Any]], np.ndarray]

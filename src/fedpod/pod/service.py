@@ -26,19 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpod import __version__
-from fedpod.algorithms.sql.disclosure import (
-    QueryShape,
-    cohorts_query,
-    shape,
-    suppress_small_groups,
-    with_group_size,
-)
+from fedpod.algorithms.sql.disclosure import CohortPlan, QueryShape, disclosed_query, shape, suppress_small_groups
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import round_count
 from fedpod.errors import AccessDenied, EnvelopeRejected, FedpodError, PlanNotApproved, ResultTooLarge
 from fedpod.governance.audit import AuditLog, AuditWriter
-from fedpod.governance.differencing import Cohort, CohortLedger
+from fedpod.governance.differencing import CohortLedger, released_cohorts
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.policy import CUSTOM_PLAN, DatasetPolicy, Decision, Request, decide
 from fedpod.governance.policy_log import record_policy
@@ -104,6 +98,8 @@ def describe_training(result: TrainResult) -> dict[str, Any]:
 
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from fedpod.pod.training import TrainingRunner
 
 log = logging.getLogger(__name__)
@@ -529,13 +525,21 @@ class Pod:
             return trained, describe_training(trained)
         started = time.perf_counter()
         aggregate = measured.kind == "sql_aggregate"
-        if aggregate and limits.protect_differencing:
-            self._check_differencing(request, requester, limits.min_group_size)
-        query = with_group_size(request.algorithm.query) if aggregate else request.algorithm.query
+        query, plan = request.algorithm.query, None
+        if aggregate:
+            try:
+                query, plan = disclosed_query(query, self.engine.non_null[request.dataset],
+                                              cohorts=limits.protect_differencing)
+            except ValueError as exc:
+                raise AccessDenied(f"the pod cannot check this aggregate against differencing ({exc}) "
+                                   "[rule: protect_differencing]", where=f"dataset {request.dataset}",
+                                   hint="use plain GROUP BY keys, or ask the custodian") from exc
         table = self.engine.run(query, request.dataset, timeout_s=self.config.sql_timeout_s,
                                 max_rows=self.config.max_result_rows, cap_rows=None if aggregate else limits.max_rows)
         disclosure: dict[str, int] = {}
         if aggregate:
+            if plan is not None:
+                self._check_differencing(table, plan, request, requester, limits.min_group_size)
             table, suppressed = suppress_small_groups(table, limits.min_group_size)
             if suppressed:
                 disclosure = {"suppressed_groups": suppressed, "min_group_size": limits.min_group_size}
@@ -553,34 +557,18 @@ class Pod:
         return TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload, seconds=seconds,
                           disclosure=disclosure), returned
 
-    def _check_differencing(self, request: TaskRequest, requester: str, min_size: int) -> None:
-        """Refuse an aggregate whose released cohorts differ from ones this modeller already got
-        by 1 to `min_size - 1` rows (`governance.differencing`); keep them otherwise."""
+    def _check_differencing(self, table: pa.Table, plan: CohortPlan, request: TaskRequest, requester: str,
+                            min_size: int) -> None:
+        """Refuse an answer whose released cohorts differ from ones this modeller already got by 1
+        to `min_size - 1` rows (`governance.differencing`); keep them otherwise."""
         engine = self.engine
         assert engine is not None
-        dataset, where = request.dataset, f"pod {self.config.name}, dataset {request.dataset}"
-        try:
-            plan = cohorts_query(request.algorithm.query)
-        except ValueError as exc:
-            raise AccessDenied(f"the pod cannot check this aggregate against differencing ({exc}) "
-                               "[rule: protect_differencing]", where=where,
-                               hint="use plain GROUP BY keys, or ask the custodian") from exc
-        table = engine.run(plan.sql, dataset, timeout_s=self.config.sql_timeout_s,
-                           max_rows=self.config.max_result_rows)
-        cohorts = []
-        for row in table.to_pylist():
-            keys = [row[f"k{i}"] for i in range(plan.keys)]
-            sizes = [int(row[f"n{j}"]) for j in range(len(plan.conditions))]
-            if min([n for n in sizes if n], default=min_size) < min_size:
-                continue  # a suppressed cell releases nothing
-            cohorts += [Cohort(n, int(row[f"x{j}"]), str(row[f"s{j}"]), plan.rows_sql(j), keys,
-                              [int(h) for h in row[f"h{j}"]])
-                        for j, n in enumerate(sizes) if n]
+        dataset = request.dataset
         why = self.cohorts.check_and_keep(
-            requester, dataset, engine.versions[dataset], cohorts, min_size,
+            requester, dataset, engine.versions[dataset], released_cohorts(table, plan, min_size), min_size,
             lambda sql, params: engine.row_ids(sql, params, dataset, timeout_s=self.config.sql_timeout_s))
         if why:
-            raise AccessDenied(f"{why} [rule: protect_differencing]", where=where,
+            raise AccessDenied(f"{why} [rule: protect_differencing]", where=f"dataset {dataset}",
                                hint="query cohorts that differ by at least min_group_size rows from those you "
                                     "already have")
 

@@ -15,9 +15,9 @@ anything leaves the pod; how many is reported, never which.
 
 Against differencing, the pod also describes the *cohorts* an aggregate releases — each cell's
 rows, and within it the rows each aggregate used (its FILTER, its non-null argument) — by their
-size and two hashes of their row ids (`cohorts_query`), so that `governance.differencing` can
-refuse a cohort that differs from one already released to the same modeller by fewer than
-`min_group_size` rows.
+size, a hash and a sketch of their row ids, in the same scan (`disclosed_query`), so that
+`governance.differencing` can refuse a cohort that differs from one already released to the same
+modeller by fewer than `min_group_size` rows.
 """
 
 from __future__ import annotations
@@ -95,13 +95,16 @@ def _contributing_rows(node: exp.AggFunc) -> exp.Expr:
     return counted
 
 
+HIDDEN = "__fedpod_"  # the prefix of the columns the pod adds and strips before anything leaves
+
+
 @dataclass(frozen=True)
 class CohortPlan:
-    """`sql` returns, per cell, the key values then (n, xor, sum, sketch) for each condition in
-    `conditions` (the first is the whole cell); `rows_sql(j)` selects one cohort's row ids,
-    with the cell's key values as parameters."""
+    """How to read the cohorts of an aggregate from the hidden columns `disclosed_query` adds —
+    per cell the key values `__fedpod_k{i}`, and per condition j (the first is the whole cell)
+    its size `n{j}`, row-id hash xor `x{j}` and sketch `h{j}` — and `rows_sql(j)`, which selects
+    one cohort's row ids again, with the cell's key values as parameters."""
 
-    sql: str
     keys: int
     conditions: list[str]
     source: str
@@ -135,43 +138,31 @@ def _group_keys(tree: exp.Select) -> list[exp.Expr]:
     return [k.copy() for k in keys]
 
 
-def cohorts_query(query: str) -> CohortPlan:
-    """The cohorts an aggregate query releases (see the module docstring). ValueError for a
-    shape whose cohorts it cannot describe."""
-    tree = parse_statement(query)
-    source_node = tree.args.get("from_") or tree.args.get("from") if isinstance(tree, exp.Select) else None
-    if not isinstance(tree, exp.Select) or source_node is None:
-        raise ValueError("not a single SELECT over a table")
-    source = to_duckdb(source_node.this)
-    where_node = tree.args.get("where")
-    where = to_duckdb(where_node.this) if where_node is not None else "TRUE"
-    keys = _group_keys(tree)
+def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
+    """The whole cell, then the rows each aggregate used: its FILTER, and its argument not null
+    (left out for a column the table holds no null in: the same rows as the cell)."""
     conditions = ["TRUE"]
     for projection in tree.expressions:
         for node in projection.find_all(exp.AggFunc):
             parts = []
             argument = node.this.expressions[0] if isinstance(node.this, exp.Distinct) else node.this
-            if argument is not None and not isinstance(argument, exp.Star):
+            if argument is not None and not isinstance(argument, exp.Star) and not (
+                    isinstance(argument, exp.Column) and argument.name.lower() in non_null):
                 parts.append(f"({to_duckdb(argument)}) IS NOT NULL")
             if isinstance(node.parent, exp.Filter):
                 parts.append(f"COALESCE(({to_duckdb(node.parent.expression.this)}), FALSE)")
             condition = " AND ".join(parts) or "TRUE"
             if condition not in conditions:
                 conditions.append(condition)
-    key_sql = [to_duckdb(k) for k in keys]
-    outputs = [f"{k} AS k{i}" for i, k in enumerate(key_sql)]
-    for j, condition in enumerate(conditions):
-        outputs += [f"COUNT(*) FILTER (WHERE {condition}) AS n{j}",
-                    f"BIT_XOR(HASH(rowid)) FILTER (WHERE {condition}) AS x{j}",
-                    f"CAST(SUM(HASH(rowid)::HUGEINT) FILTER (WHERE {condition}) AS VARCHAR) AS s{j}",
-                    f"MIN(HASH(rowid), {SKETCH}) FILTER (WHERE {condition}) AS h{j}"]
-    group = f" GROUP BY {', '.join(key_sql)}" if key_sql else ""
-    sql = f"SELECT {', '.join(outputs)} FROM {source} WHERE {where}{group}"
-    return CohortPlan(sql, len(key_sql), conditions, source, where, key_sql)
+    return conditions
 
 
-def with_group_size(query: str) -> str:
-    """The aggregate query with GROUP_SIZE appended to its outputs (see the module docstring)."""
+def disclosed_query(query: str, non_null: frozenset[str] = frozenset(),
+                    cohorts: bool = True) -> tuple[str, CohortPlan | None]:
+    """The aggregate query with its hidden columns: GROUP_SIZE (see the module docstring) and,
+    with `cohorts`, what describes the cohorts each cell releases — computed in the same scan.
+    `non_null`: lower-case names of columns without nulls. ValueError for a shape whose cohorts
+    it cannot describe."""
     tree = parse_statement(query)
     assert isinstance(tree, exp.Select), "only aggregate queries get a group size"
     counts: list[exp.Expr] = [exp.Count(this=exp.Star())]
@@ -182,8 +173,32 @@ def with_group_size(query: str) -> str:
     nonzero = [exp.func("NULLIF", count, exp.Literal.number(0)) for count in counts]
     size = exp.func("COALESCE", nonzero[0] if len(nonzero) == 1 else exp.func("LEAST", *nonzero),
                     exp.Literal.number(0))
-    tree.set("expressions", [*tree.expressions, exp.alias_(size, GROUP_SIZE)])
-    return to_duckdb(tree)
+    hidden: list[exp.Expr] = [exp.alias_(size, GROUP_SIZE)]
+    plan = None
+    if cohorts:
+        source_node = tree.args.get("from_") or tree.args.get("from")
+        if source_node is None:
+            raise ValueError("no table to describe")
+        where_node = tree.args.get("where")
+        keys = _group_keys(tree)
+        conditions = _conditions(tree, non_null)
+        where = to_duckdb(where_node.this) if where_node is not None else "TRUE"
+        plan = CohortPlan(len(keys), conditions, to_duckdb(source_node.this), where, [to_duckdb(k) for k in keys])
+        for i, key in enumerate(keys):
+            hidden.append(exp.alias_(key, f"{HIDDEN}k{i}"))
+        for j, condition in enumerate(conditions):
+            within = "" if condition == "TRUE" else f" FILTER (WHERE {condition})"
+            for name, aggregate in (("n", "COUNT(*)"), ("x", "BIT_XOR(HASH(rowid))"),
+                                    ("h", f"MIN(HASH(rowid), {SKETCH})")):
+                hidden.append(exp.alias_(parse_statement(f"SELECT {aggregate}{within}").expressions[0],
+                                         f"{HIDDEN}{name}{j}"))
+    tree.set("expressions", [*tree.expressions, *hidden])
+    return to_duckdb(tree), plan
+
+
+def with_group_size(query: str) -> str:
+    """The aggregate query with only GROUP_SIZE appended (see `disclosed_query`)."""
+    return disclosed_query(query, cohorts=False)[0]
 
 
 def suppress_small_groups(table: pa.Table, min_group_size: int) -> tuple[pa.Table, int]:
@@ -193,5 +208,6 @@ def suppress_small_groups(table: pa.Table, min_group_size: int) -> tuple[pa.Tabl
 
     sizes = table.column(GROUP_SIZE)
     keep = pc.fill_null(pc.or_(pc.equal(sizes, 0), pc.greater_equal(sizes, min_group_size)), False)
-    kept = table.filter(keep).drop_columns([GROUP_SIZE])
+    kept = table.filter(keep)
+    kept = kept.drop_columns([c for c in kept.column_names if c.startswith(HIDDEN)])
     return kept, table.num_rows - kept.num_rows

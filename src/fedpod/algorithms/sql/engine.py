@@ -52,6 +52,7 @@ class SqlEngine:
                 self.schemas[table] = describe(self._connection, table)
         # what a dataset's rows are, for ledgers keyed by row ids (governance.differencing)
         self.versions = {spec.name: self._version(spec.tables) for spec in datasets}
+        self.non_null = {spec.name: self._non_null(spec.tables) for spec in datasets}
         self._connection.execute("SET python_enable_replacements = false")
         if memory_limit:
             self._connection.execute(f"SET memory_limit = '{memory_limit}'")
@@ -62,6 +63,20 @@ class SqlEngine:
         parts = [str(self._connection.execute(f"SELECT COUNT(*), BIT_XOR(HASH(t)) FROM {quote_identifier(table)} t")
                      .fetchone()) for table in tables]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def _non_null(self, tables: list[str]) -> frozenset[str]:
+        """Lower-case names of the columns that hold no null in any of `tables`."""
+        nullable: set[str] = set()
+        names: set[str] = set()
+        for table in tables:
+            columns = list(self.schemas[table][0])
+            if not columns:
+                continue
+            counts = ", ".join(f"COUNT(*) - COUNT({quote_identifier(c)})" for c in columns)
+            row = self._connection.execute(f"SELECT {counts} FROM {quote_identifier(table)}").fetchone() or ()
+            names.update(c.lower() for c in columns)
+            nullable.update(c.lower() for c, nulls in zip(columns, row, strict=True) if nulls)
+        return frozenset(names - nullable)
 
     def row_ids(self, sql: str, params: list[object], dataset: str, *, timeout_s: float = 60.0) -> np.ndarray:
         """The row ids an internal cohort query selects (`disclosure.CohortPlan.rows_sql`, built
