@@ -50,33 +50,31 @@ class SqlEngine:
             self.tables[spec.name] = spec.tables
             for table in spec.tables:
                 self.schemas[table] = describe(self._connection, table)
-        # what a dataset's rows are, for ledgers keyed by row ids (governance.differencing)
-        self.versions = {spec.name: self._version(spec.tables) for spec in datasets}
-        self.non_null = {spec.name: self._non_null(spec.tables) for spec in datasets}
+        # per dataset, what its rows are (for ledgers keyed by row ids: governance.differencing)
+        # and the columns without a null (lower case), from one scan of each table
+        self.versions: dict[str, str] = {}
+        self.non_null: dict[str, frozenset[str]] = {}
+        for spec in datasets:
+            self.versions[spec.name], self.non_null[spec.name] = self._profile(spec.tables)
         self._connection.execute("SET python_enable_replacements = false")
         if memory_limit:
             self._connection.execute(f"SET memory_limit = '{memory_limit}'")
         self._connection.execute("SET enable_external_access = false")
         self._connection.execute("SET lock_configuration = true")
 
-    def _version(self, tables: list[str]) -> str:
-        parts = [str(self._connection.execute(f"SELECT COUNT(*), BIT_XOR(HASH(t)) FROM {quote_identifier(table)} t")
-                     .fetchone()) for table in tables]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-    def _non_null(self, tables: list[str]) -> frozenset[str]:
-        """Lower-case names of the columns that hold no null in any of `tables`."""
-        nullable: set[str] = set()
+    def _profile(self, tables: list[str]) -> tuple[str, frozenset[str]]:
+        digests: list[str] = []
         names: set[str] = set()
+        nullable: set[str] = set()
         for table in tables:
             columns = list(self.schemas[table][0])
-            if not columns:
-                continue
-            counts = ", ".join(f"COUNT(*) - COUNT({quote_identifier(c)})" for c in columns)
-            row = self._connection.execute(f"SELECT {counts} FROM {quote_identifier(table)}").fetchone() or ()
+            nulls = "".join(f", COUNT(*) - COUNT({quote_identifier(c)})" for c in columns)
+            row = self._connection.execute(f"SELECT COUNT(*), BIT_XOR(HASH(t)){nulls} FROM "
+                                           f"{quote_identifier(table)} t").fetchone() or ()
+            digests.append(f"{row[0]}:{row[1]}")
             names.update(c.lower() for c in columns)
-            nullable.update(c.lower() for c, nulls in zip(columns, row, strict=True) if nulls)
-        return frozenset(names - nullable)
+            nullable.update(c.lower() for c, count in zip(columns, row[2:], strict=True) if count)
+        return hashlib.sha256("|".join(digests).encode()).hexdigest()[:16], frozenset(names - nullable)
 
     def row_ids(self, sql: str, params: list[object], dataset: str, *, timeout_s: float = 60.0) -> np.ndarray:
         """The row ids an internal cohort query selects (`disclosure.CohortPlan.rows_sql`, built
