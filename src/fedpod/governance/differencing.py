@@ -85,23 +85,39 @@ def symmetric_difference(a: np.ndarray, b: np.ndarray) -> int:
     return int(len(a) + len(b) - 2 * len(np.intersect1d(a, b, assume_unique=True)))
 
 
+class _Kept:
+    """One modeller's released cohorts of one dataset version, indexed by size: a new cohort is
+    compared only with those whose size is within the threshold (at most 2m - 1 sizes)."""
+
+    def __init__(self) -> None:
+        self.by_size: dict[int, list[Cohort]] = {}
+        self.fingerprints: set[tuple[int, int, tuple[int, ...]]] = set()
+
+    def add(self, cohort: Cohort) -> None:
+        self.by_size.setdefault(cohort.size, []).append(cohort)
+        self.fingerprints.add(cohort.fingerprint)
+
+    def near(self, size: int, min_size: int) -> list[Cohort]:
+        return [c for s in range(size - min_size + 1, size + min_size) for c in self.by_size.get(s, ())]
+
+
 class CohortLedger:
     """One file per pod (`storage/cohorts.jsonl`), read once and appended to; thread-safe."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._kept: dict[tuple[str, str, str], list[Cohort]] | None = None
+        self._kept: dict[tuple[str, str, str], _Kept] | None = None
 
-    def _load(self) -> dict[tuple[str, str, str], list[Cohort]]:
+    def _load(self) -> dict[tuple[str, str, str], _Kept]:
         if self._kept is None:
-            kept: dict[tuple[str, str, str], list[Cohort]] = {}
+            kept: dict[tuple[str, str, str], _Kept] = {}
             if self.path.exists():
                 for line in self.path.read_text().splitlines():
                     try:
                         entry = json.loads(line)
                         key = (entry["modeller"], entry["dataset"], entry["version"])
-                        kept.setdefault(key, []).append(Cohort(**entry["cohort"]))
+                        kept.setdefault(key, _Kept()).add(Cohort(**entry["cohort"]))
                     except (ValueError, KeyError, TypeError):
                         continue  # a torn last line after a crash: the rest stands
             self._kept = kept
@@ -112,12 +128,12 @@ class CohortLedger:
         """None, having kept the new cohorts, if none differs from a kept one or from another
         new one by 1 to `min_size - 1` rows; else why not (and nothing is kept)."""
         with self._lock:
-            kept = self._load().setdefault((modeller, dataset, version), [])
-            known = {c.fingerprint for c in kept}
-            fresh = list({c.fingerprint: c for c in cohorts if c.fingerprint not in known}.values())
-            if len(kept) + len(fresh) > MAX_COHORTS:
-                return (f"this pod has released {len(kept):,} distinct cohorts of {dataset} to this modeller, its "
-                        f"limit for checking differences; ask the custodian to review and clear its ledger")
+            kept = self._load().setdefault((modeller, dataset, version), _Kept())
+            fresh = list({c.fingerprint: c for c in cohorts if c.fingerprint not in kept.fingerprints}.values())
+            if len(kept.fingerprints) + len(fresh) > MAX_COHORTS:
+                return (f"this pod has released {len(kept.fingerprints):,} distinct cohorts of {dataset} to this "
+                        "modeller, its limit for checking differences; ask the custodian to review and clear its "
+                        "ledger")
             loaded: dict[tuple[str, str], np.ndarray] = {}
 
             def rows(cohort: Cohort) -> np.ndarray:
@@ -126,9 +142,10 @@ class CohortLedger:
                     loaded[key] = row_ids(cohort.sql, cohort.params)
                 return loaded[key]
 
+            batch = _Kept()
             checks = 0
-            for index, new in enumerate(fresh):
-                for other in [*kept, *fresh[:index]]:
+            for new in fresh:
+                for other in [*kept.near(new.size, min_size), *batch.near(new.size, min_size)]:
                     if new.fingerprint == other.fingerprint or far_apart(new, other, min_size):
                         continue
                     checks += 1
@@ -140,8 +157,10 @@ class CohortLedger:
                         return (f"its cohort ({new.size} rows) differs by {difference} row(s) from one already "
                                 f"released ({other.size} rows); answering both would single out fewer than "
                                 f"{min_size} people")
+                batch.add(new)
             if fresh:
-                kept.extend(fresh)
+                for cohort in fresh:
+                    kept.add(cohort)
                 with self.path.open("a") as handle:
                     for cohort in fresh:
                         handle.write(json.dumps({"modeller": modeller, "dataset": dataset, "version": version,
