@@ -33,13 +33,19 @@ class _Session:
     masked: bool = False
 
 
+def _whole(value: float | int | None) -> int | None:
+    return None if value is None else int(value)
+
+
 def settings_from_wire(values: dict[str, float | int | None]) -> Settings:
     unknown = set(values) - set(SETTING_NAMES)
     if unknown:
         raise SecAggError(f"unknown secure aggregation settings: {', '.join(sorted(unknown))}")
     try:
-        return Settings(**{k: (int(v) if k != "clipping_range" and v is not None else v)  # type: ignore[arg-type]
-                           for k, v in values.items()})
+        return Settings(num_shares=_whole(values.get("num_shares")),
+                        reconstruction_threshold=_whole(values.get("reconstruction_threshold")),
+                        clipping_range=float(values.get("clipping_range") or Settings.clipping_range),
+                        quantization_range=_whole(values.get("quantization_range")) or Settings.quantization_range)
     except (TypeError, ValueError) as exc:
         raise SecAggError(f"invalid secure aggregation settings: {exc}") from exc
 

@@ -269,14 +269,11 @@ class ModellerSession:
             total += y
         liars: set[str] = set()
         for owner in sorted(survivors):
-            seed, wrong = self._rebuild(owner, "self", answers,
-                                        lambda s, o=owner: masks.commitment(s, self.plan.context) ==
-                                        self.keys[o].commitment)
+            seed, wrong = self._rebuild(owner, "self", answers)
             liars |= set(wrong)
             total -= masks.expand(seed, length)
         for owner in sorted(dropped):
-            private, wrong = self._rebuild(owner, "key", answers,
-                                           lambda s, o=owner: masks.public_key(s) == self.keys[o].mask_key)
+            private, wrong = self._rebuild(owner, "key", answers)
             liars |= set(wrong)
             for other in self.plan.neighbours[owner]:
                 if other in survivors:
@@ -291,8 +288,15 @@ class ModellerSession:
         except ValueError as exc:
             raise SecAggError(f"{exc}; the round's sum is not used") from exc
 
-    def _rebuild(self, owner: str, kind: str, answers: dict[str, dict[str, tuple[str, int, int]]],
-                 check: object) -> tuple[bytes, list[str]]:
+    def _rebuild(self, owner: str, kind: str,
+                 answers: dict[str, dict[str, tuple[str, int, int]]]) -> tuple[bytes, list[str]]:
+        """`owner`'s self-mask seed ("self", checked against its commitment) or mask key ("key",
+        checked against its public key), and the holders whose shares were wrong."""
+        def check(secret: bytes) -> bool:
+            if kind == "self":
+                return masks.commitment(secret, self.plan.context) == self.keys[owner].commitment
+            return masks.public_key(secret) == self.keys[owner].mask_key
+
         shares = {holder: (x, y) for holder, given in answers.items() if holder in self.plan.group(owner)
                   for o, (k, x, y) in given.items() if o == owner and k == kind}
         if len(shares) < self.plan.threshold:
@@ -301,11 +305,10 @@ class ModellerSession:
                               f"({lost} of {len(self.plan.group(owner))} lost), {self.plan.threshold} needed")
         try:
             secret = shamir.combine(list(shares.values()), self.plan.threshold)
-            if callable(check) and check(secret):
+            if check(secret):
                 return secret, []
         except ValueError:
             pass
-        assert callable(check)
         try:
             return shamir.recover(shares, self.plan.threshold, check)
         except ValueError as exc:
