@@ -144,14 +144,16 @@ def test_a_diverging_plan_is_a_clear_error_not_a_nan_update() -> None:
         run_local_round(plan, plan.get_params(), TrainingArgs.parse({"num_updates": 2}), {})
 
 
-def test_dp_args_are_validated_and_refused_until_dp_exists() -> None:
+def test_dp_args_are_validated_and_need_a_pods_ledger() -> None:
     args = TrainingArgs.parse({"dp_args": {"type": "local", "sigma": 1.0, "clip": 1.0}})
+    assert args.dp_args is not None and args.dp_args.delta == 1e-5
     plan = Diverging()
     plan.post_init({}, args)
-    with pytest.raises(ConfigError, match="differential privacy"):
+    with pytest.raises(ConfigError, match="privacy ledger"):
         run_local_round(plan, plan.get_params(), args, {})
-    with pytest.raises(ConfigError):
-        TrainingArgs.parse({"dp_args": {"sigma": -1, "clip": 1}})
+    for bad in ({"sigma": -1, "clip": 1}, {"sigma": 1, "clip": 1, "delta": 1.5}, {"sigma": 1, "clip": 1, "eps": 1}):
+        with pytest.raises(ConfigError):
+            TrainingArgs.parse({"dp_args": bad})
 
 
 def test_data_manager_takes_a_dataframe_with_a_target_column(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ The `policies:` section of a pod config names who the pod knows and what each ma
           models: null                    # built-in model names (or "custom" for approved plans); null: any
           require_secure_aggregation: false
           protect_differencing: true      # refuse aggregates differing from a released one by < min_group_size rows
-          epsilon_budget: null            # stored now; spent by the privacy work
+          epsilon_budget: null            # set: training must be DP, and DP tasks are charged to it
+          epsilon_budget_scope: per_modeller  # or total: one budget shared by every modeller
           tasks_per_hour: null            # per modeller on this dataset
 
 Everything not granted is denied. `decide` is pure: the pod supplies what it measured (the
@@ -83,7 +84,8 @@ class DatasetPolicy(BaseModel):
     models: list[str] | None = None
     require_secure_aggregation: bool = False
     protect_differencing: bool = True  # refuse an aggregate whose cohort is within min_group_size of one released
-    epsilon_budget: float | None = Field(default=None, gt=0)
+    epsilon_budget: float | None = Field(default=None, gt=0)  # set: training must be differentially private
+    epsilon_budget_scope: Literal["per_modeller", "total"] = "per_modeller"
     tasks_per_hour: int | None = Field(default=None, ge=1)
 
 
@@ -223,6 +225,7 @@ class Request:
     columns: frozenset[str] = frozenset()
     model: str | None = None
     secure_aggregation: bool = False
+    differentially_private: bool = False
     recent_tasks: int = 0
 
     @property
@@ -298,6 +301,9 @@ def decide(policy: Policy, request: Request) -> Decision:
     if request.kind == "train" and limits.require_secure_aggregation and not request.secure_aggregation:
         violations.append(Violation("require_secure_aggregation", f"{where} releases model updates only under "
                                     "secure aggregation", "run the experiment with secure aggregation"))
+    if request.kind == "train" and limits.epsilon_budget is not None and not request.differentially_private:
+        violations.append(Violation("epsilon_budget", f"{where} has an epsilon budget: it trains only with "
+                                    "differential privacy", "set training_args dp_args (local or central)"))
     if limits.tasks_per_hour is not None and request.recent_tasks >= limits.tasks_per_hour:
         violations.append(Violation("tasks_per_hour", f"{name} ran {request.recent_tasks} task(s) on {where} in the "
                                     f"last hour; the limit is {limits.tasks_per_hour}",

@@ -44,6 +44,7 @@ from fedpod.modeller.discovery import Target, Targets
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
 from fedpod.modeller.progress import RoundProgress
 from fedpod.modeller.results import (
+    EPSILON,
     TensorboardLog,
     aggregated_files,
     latest_experiment,
@@ -537,10 +538,12 @@ class Experiment:
         self._show(round_number)
 
     def _show(self, round_number: int) -> None:
-        """One compact table per round: samples, training loss, validation metrics, seconds."""
+        """One compact table per round: samples, training loss, validation metrics, the epsilon
+        each pod has spent on the experiment (under DP), seconds."""
         pods = self._replies[round_number]
         validation = sorted({k for reply in pods.values() for k in reply
                              if k.startswith(("global_", "local_")) and not k.endswith("_samples")})
+        validation += [EPSILON] if any(EPSILON in reply for reply in pods.values()) else []
         last = self._round_limit - 1 if self._round_limit else "?"
         title = f"round {round_number} [0..{last}] ({self._round_seconds[round_number]:.2f}s)"
         table = Table(title=escape(title), title_justify="left")
@@ -550,7 +553,7 @@ class Experiment:
             if "error" in reply:
                 table.add_row(pod, f"[red]{escape(str(reply['error']))}[/red]")
                 continue
-            cells = [str(reply["num_samples"]), f"{reply.get('loss', float('nan')):.4f}",
+            cells = [str(reply["num_samples"]), f"{reply['loss']:.4f}" if "loss" in reply else "",
                      *[f"{reply[k]:.4f}" if k in reply else "" for k in validation], f"{reply['seconds']:.2f}"]
             table.add_row(pod, *cells)
         self._console.print(table)

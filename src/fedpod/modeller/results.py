@@ -131,6 +131,9 @@ def plot_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) ->
     return path
 
 
+EPSILON = "dp_epsilon"  # what a pod reports under differential privacy (fedpod.algorithms.training.privacy)
+
+
 def metrics_figure(replies: dict[int, dict[str, dict[str, Any]]]) -> Any:
     """`metrics.png`'s figure: one panel per metric (training loss, validation metrics), one line per pod
     and a thicker one for all pods together — the mean weighted by each pod's rows, which is what
@@ -145,12 +148,20 @@ def metrics_figure(replies: dict[int, dict[str, dict[str, Any]]]) -> Any:
 
     frame = pd.DataFrame([{"round": r, "pod": pod, **reply} for r, pods in replies.items()
                           for pod, reply in pods.items() if "error" not in reply])
-    names = [c for c in frame.columns if c == "loss" or (c.startswith(("global_", "local_"))
-                                                            and not c.endswith("_samples"))]
+    names = [c for c in frame.columns if c in ("loss", EPSILON) or (c.startswith(("global_", "local_"))
+                                                                        and not c.endswith("_samples"))]
     figure, axes = plt.subplots(1, max(1, len(names)), figsize=(4.5 * max(1, len(names)), 3.4), squeeze=False)
     for axis, name in zip(axes[0], names, strict=False):
         for pod, rows in frame.groupby("pod"):
             axis.plot(rows["round"], rows[name], marker="o", alpha=0.6, label=str(pod))
+        axis.set_title(name)
+        axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        if name == EPSILON:  # each pod's own spend: a mean over pods would mean nothing
+            axis.set_ylabel("epsilon spent so far (this experiment)")
+            axis.set_ylim(bottom=0)
+            continue
         weights = frame.get(f"{name.partition('_')[0]}_samples", frame["num_samples"]) if name != "loss" \
             else frame["num_samples"]
         valid = frame[name].notna() & weights.notna()
@@ -158,17 +169,14 @@ def metrics_figure(replies: dict[int, dict[str, dict[str, Any]]]) -> Any:
             / weights[valid].groupby(frame["round"][valid]).sum()
         axis.plot(weighted.index, weighted.to_numpy(), color="black", linewidth=2.5, label="all pods (weighted)")
         metric = name.partition("_")[2] if name != "loss" else "loss"
-        axis.set_title(name)
-        axis.set_xlabel("round")
         axis.set_ylabel("training loss" if name == "loss" else f"{metric} ({name.partition('_')[0]} model, "
                         "validation rows)")
         if metric in BOUNDED:
             axis.set_ylim(0, 1.02)
         elif metric in ("loss", "mse", "mae"):
             axis.set_ylim(bottom=0)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
+    if names:
+        axes[0][0].legend(fontsize="small")
     figure.tight_layout()
     return figure
 

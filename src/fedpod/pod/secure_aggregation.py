@@ -90,6 +90,16 @@ class SecAggSessions:
         keys = protocol.advertise()
         return SecAggReply(task_id=request.task_id, step="keys", keys=[keys.seal_key, keys.mask_key, keys.commitment])
 
+    def noise_shares(self, masking: SecAggMasking, modeller: str) -> tuple[int, int]:
+        """(pods in the session, the fewest whose sum the modeller can unmask): how a central-DP
+        pod sizes its share of the noise, and what it counts on when accounting."""
+        with self._lock:
+            session = self._sessions.get((modeller, masking.session))
+            if session is None:
+                raise SecAggError(f"no open secure aggregation session {masking.session[:8]} to add noise in")
+            plan = session.protocol.plan
+            return len(plan.participants), plan.threshold
+
     def mask(self, masking: SecAggMasking, modeller: str, dataset: str, update: np.ndarray,
              samples: int) -> tuple[np.ndarray, int]:
         """Step 3: the encoded, sample-weighted update, masked; and how many values were clipped."""

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from fedpod import __version__
 from fedpod.algorithms.sql.disclosure import CohortPlan, QueryShape, disclosed_query, shape, suppress_small_groups
 from fedpod.algorithms.sql.engine import SqlEngine
+from fedpod.algorithms.training.args import TrainingArgs
+from fedpod.algorithms.training.privacy import Mechanism, PrivacyRound, Spent
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import round_count
 from fedpod.errors import AccessDenied, EnvelopeRejected, FedpodError, PlanNotApproved, ResultTooLarge
@@ -36,6 +38,7 @@ from fedpod.governance.differencing import CohortLedger, released_cohorts
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.policy import CUSTOM_PLAN, DatasetPolicy, Decision, Request, decide
 from fedpod.governance.policy_log import record_policy
+from fedpod.governance.privacy_budget import Budget, PrivacyLedger
 from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.governance.requests import AccessRequests
 from fedpod.pod.config import PodConfig
@@ -126,6 +129,8 @@ class Pod:
         self.requests = AccessRequests(storage / "access-requests.json")
         self.secagg = SecAggSessions(config.name)
         self.cohorts = CohortLedger(storage / "cohorts.jsonl")
+        self.privacy = PrivacyLedger(storage / "privacy-budget.jsonl",
+                                     lambda event, **details: self._journal.record(event, **details))
         self._recent: dict[tuple[str, str], deque[float]] = {}  # (modeller, dataset) -> its allowed tasks' times
         self.channel: SecureChannel | None = None
         self.started = time.monotonic()
@@ -409,7 +414,8 @@ class Pod:
         plan = request.plan
         return Request(kind="evaluate" if request.evaluate_only else "train",
                        model=plan.name if plan.kind == "builtin" else CUSTOM_PLAN,
-                       secure_aggregation=request.secagg is not None, **common)
+                       secure_aggregation=request.secagg is not None,
+                       differentially_private=request.training_args.get("dp_args") is not None, **common)
 
     async def _handle_task(self, opened: Opened, request: TaskRequest | TrainRequest) -> None:
         sender = opened.sender
@@ -521,7 +527,7 @@ class Pod:
             masker = None if masking is None else (
                 lambda update, samples: self.secagg.mask(masking, requester, request.dataset, update, samples))
             trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase),
-                                         released, masker)
+                                         released, masker, self._privacy_round(request, requester, limits))
             return trained, describe_training(trained)
         started = time.perf_counter()
         aggregate = measured.kind == "sql_aggregate"
@@ -556,6 +562,24 @@ class Pod:
                     "result_sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(seconds, 4), **disclosure}
         return TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload, seconds=seconds,
                           disclosure=disclosure), returned
+
+    def _privacy_round(self, request: TrainRequest, requester: str, limits: DatasetPolicy) -> PrivacyRound | None:
+        """How this pod privatises a round with `dp_args`, and the ledger it charges. Under secure
+        aggregation the pod adds its share of the aggregate's noise, and counts on no more than the
+        threshold's shares being summed; without it, all of the noise."""
+        dp = TrainingArgs.parse(request.training_args).dp_args
+        if dp is None or request.evaluate_only:
+            return None
+        shares, threshold = (1, 1) if request.secagg is None else self.secagg.noise_shares(request.secagg, requester)
+        budget = Budget(limits.epsilon_budget, limits.epsilon_budget_scope)
+        name = self.config.policies.name_of(requester) or requester
+
+        def charge(mechanism: Mechanism, delta: float) -> Spent:
+            return self.privacy.charge(dataset=request.dataset, modeller=requester, name=name,
+                                       experiment=request.experiment_id, budget=budget, delta=delta,
+                                       mechanism=mechanism)
+
+        return PrivacyRound(dp, shares, threshold, charge)
 
     def _check_differencing(self, table: pa.Table, plan: CohortPlan, request: TaskRequest, requester: str,
                             min_size: int) -> None:

@@ -25,6 +25,7 @@ from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.local import run_evaluation, run_local_round
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
+from fedpod.algorithms.training.privacy import PrivacyRound
 from fedpod.data.datasets import DatasetSpec, quote_identifier
 from fedpod.errors import ConfigError, FedpodError, PlanNotApproved
 from fedpod.governance.plans import PlanRegistry
@@ -117,11 +118,13 @@ class TrainingRunner:
         return DatasetHandle(name, columns, load, loader(static)[1] if static else None)
 
     def run(self, request: TrainRequest, requester: str, phase: Callable[[str], None] = lambda _: None,
-            released: list[str] | None = None, masker: Masker | None = None) -> TrainResult:
+            released: list[str] | None = None, masker: Masker | None = None,
+            privacy: PrivacyRound | None = None) -> TrainResult:
         """`phase` hears "preparing" (imports, plan and data: the first round pays PyTorch's
         import) and then "training". `released`: the columns the policy lets the plan read.
         `masker`: under secure aggregation, turns the flat update (new minus global parameters,
-        in name order) and the sample count into the masked vector, the only thing sent."""
+        in name order) and the sample count into the masked vector, the only thing sent.
+        `privacy`: how the pod privatises a round with `dp_args` (`algorithms.training.privacy`)."""
         started = time.perf_counter()
         phase("preparing")
         plan_class, _ = self.plan_class(request, requester)
@@ -146,7 +149,8 @@ class TrainingRunner:
         if request.evaluate_only:
             result = run_evaluation(plan, groups.get("params", {}), args)
         else:
-            result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state)
+            result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state,
+                                     privacy=privacy)
         if state and not request.evaluate_only:
             self._save_state(key, state)
         if request.secagg is not None and not request.evaluate_only:

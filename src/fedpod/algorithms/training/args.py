@@ -23,12 +23,15 @@ class LoaderArgs(BaseModel):
 
 
 class DPArgs(BaseModel):
-    """Accepted and validated now; DP-SGD itself arrives with the privacy work."""
+    """Differential privacy for training (`fedpod.algorithms.training.privacy`): `sigma` is the
+    noise multiplier (noise std over `clip`), `clip` the L2 bound of an example's gradient (local)
+    or of a pod's update (central), `delta` the probability the epsilon reported may not hold."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["local", "central"] = "local"
-    sigma: float = Field(gt=0)
-    clip: float = Field(gt=0)
+    sigma: float = Field(gt=0, le=1e4)
+    clip: float = Field(gt=0, le=1e6)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
 
 
 class TrainingArgs(BaseModel):

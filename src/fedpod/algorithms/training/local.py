@@ -20,6 +20,7 @@ from fedpod.algorithms.training.args import LoaderArgs, TrainingArgs
 from fedpod.algorithms.training.layout import layout_digest, recording
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
+from fedpod.algorithms.training.privacy import PrivacyRound, Spent, check_delta, clip_and_noise, recording_charges
 from fedpod.errors import ConfigError, invalid_fields
 
 
@@ -83,24 +84,49 @@ def _prepare(plan: TrainingPlan, global_params: Params,
     return features, target, args, train_rows, test_rows, layout_digest(reported)
 
 
+DP_KEPT_METRICS = ("steps", "train_seconds")  # under DP, the pod reports nothing else computed from its data
+
+
 def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
-                    *, device: str = "cpu", state: dict[str, Params] | None = None) -> LocalResult:
-    if args.dp_args is not None:
-        raise ConfigError("dp_args were accepted, but differential privacy (DP-SGD) is not available yet",
-                          hint="remove dp_args for now")
+                    *, device: str = "cpu", state: dict[str, Params] | None = None,
+                    privacy: PrivacyRound | None = None) -> LocalResult:
+    """One round; with `dp_args`, `privacy` (from the pod, never the modeller) privatises it: the
+    ledger is charged before anything trains, and the reply carries only what epsilon covers (the
+    parameters) plus epsilon itself — no loss, no validation scores."""
+    dp = args.dp_args
+    if dp is not None and privacy is None:
+        raise ConfigError("dp_args need the pod's privacy ledger", hint="run the round through a pod")
     features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args)
+    spent: list[Spent] = []
+    if dp is not None and privacy is not None:
+        check_delta(dp, len(train_rows))
+        privacy = recording_charges(privacy, spent)
+        if dp.type == "central":
+            if round_config.get("scaffold_control") is not None:
+                raise ConfigError("central DP cannot protect Scaffold's control variates",
+                                  hint="use FedAvg, FedProx or FedOpt aggregators with central DP")
+            privacy.charge(privacy.central_mechanism(), dp.delta)
     metrics: dict[str, float] = {}
-    if len(test_rows) and args.test_on_global_updates:
+    if len(test_rows) and args.test_on_global_updates and dp is None:
         metrics |= _validate(plan, features[test_rows], target[test_rows], args, "global")
     result = plan.train_round(features[train_rows], target[train_rows], args, round_config, device,
-                              state if state is not None else {})
-    if len(test_rows) and args.test_on_local_updates:
+                              state if state is not None else {},
+                              privacy=privacy if dp is not None and dp.type == "local" else None)
+    if len(test_rows) and args.test_on_local_updates and dp is None:
         metrics |= _validate(plan, features[test_rows], target[test_rows], args, "local")
     for name, values in result.params.items():
         if not np.all(np.isfinite(values)):
             raise ConfigError(f"local training produced non-finite values in {name}", hint="lower the learning rate")
     result.metrics |= metrics
     result.feature_layout = layout
+    if dp is None or privacy is None:
+        return result
+    if dp.type == "central":
+        result.params, _ = clip_and_noise(result.params, global_params, privacy)
+        result.num_samples = 1  # DP-FedAvg weighs pods equally: the count is data too
+    result.metrics = {k: v for k, v in result.metrics.items() if k in DP_KEPT_METRICS} | {
+        "dp_epsilon": spent[-1].experiment_epsilon, "dp_delta": dp.delta,
+        **({"dp_epsilon_remaining": spent[-1].remaining} if spent[-1].remaining is not None else {})}
     return result
 
 

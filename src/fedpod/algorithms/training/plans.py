@@ -24,6 +24,8 @@ from fedpod.errors import ConfigError
 if TYPE_CHECKING:  # pandas loads with the first DataFrame: array-only plans never need it
     import pandas as pd
 
+    from fedpod.algorithms.training.privacy import PrivacyRound
+
 
 @dataclass(frozen=True)
 class DatasetHandle:
@@ -117,7 +119,10 @@ class TrainingPlan:
         raise NotImplementedError
 
     def train_round(self, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
-                    round_config: dict[str, Any], device: str, state: dict[str, Params]) -> LocalResult:
+                    round_config: dict[str, Any], device: str, state: dict[str, Params],
+                    privacy: PrivacyRound | None = None) -> LocalResult:
+        """`privacy`: train with DP-SGD (local DP), charging its ledger first; plans that cannot
+        refuse it."""
         raise NotImplementedError
 
     def export_model(self, path: Path) -> None:

@@ -14,6 +14,7 @@ from sklearn.linear_model import Perceptron, SGDClassifier, SGDRegressor
 from fedpod.aggregation.base import Params
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
+from fedpod.algorithms.training.privacy import PrivacyRound
 from fedpod.errors import ConfigError
 
 _FRAMEWORK_ARGS = {"n_features", "n_classes", "target", "features", "exclude", "feature_means", "feature_stds"}
@@ -80,7 +81,11 @@ class SKLearnTrainingPlan(TrainingPlan):
         return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
 
     def train_round(self, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
-                    round_config: dict[str, Any], device: str, state: dict[str, Params]) -> LocalResult:
+                    round_config: dict[str, Any], device: str, state: dict[str, Params],
+                    privacy: PrivacyRound | None = None) -> LocalResult:
+        if privacy is not None:
+            raise ConfigError("local DP (DP-SGD, through Opacus) needs a PyTorch plan",
+                              hint="use dp_args.type: central with scikit-learn plans")
         if round_config.get("scaffold_control") is not None or round_config.get("fedprox_mu"):
             raise ConfigError("Scaffold and FedProx need a PyTorch plan",
                               hint="scikit-learn plans use FedAvg-style aggregators")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +16,7 @@ from fedpod.aggregation.base import Params
 from fedpod.aggregation.scaffold import CONTROL_DELTA
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
+from fedpod.algorithms.training.privacy import PrivacyRound
 from fedpod.errors import ConfigError
 
 
@@ -48,6 +51,10 @@ class TorchTrainingPlan(TrainingPlan):
             raise ConfigError("the plan's model is not initialised yet (post_init was not called)")
         return self._model
 
+    def use_model(self, model: torch.nn.Module) -> None:
+        """Swap the module `model()` returns (DP-SGD trains an Opacus-compatible copy)."""
+        self._model = model
+
     def get_params(self) -> Params:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model().state_dict().items()}
 
@@ -65,16 +72,19 @@ class TorchTrainingPlan(TrainingPlan):
         return np.asarray(scores.detach().cpu().numpy())
 
     def train_round(self, features: np.ndarray, target: np.ndarray, args: TrainingArgs,
-                    round_config: dict[str, Any], device: str, state: dict[str, Params]) -> LocalResult:
+                    round_config: dict[str, Any], device: str, state: dict[str, Params],
+                    privacy: PrivacyRound | None = None) -> LocalResult:
+        """`privacy`: DP-SGD for this round (local DP); the ledger is charged before the first step."""
         model = self.model().to(device)
         model.train()
-        optimizer = self.init_optimizer(args.optimizer_args)
         x = torch.as_tensor(features, dtype=torch.float32)
         y = torch.as_tensor(target)
         if y.is_floating_point():
             y = y.float()
         generator = torch.Generator()
-        if args.random_seed is not None:
+        if privacy is not None:  # Poisson sampling must be secret from the modeller, who chose the seed
+            generator.manual_seed(secrets.randbits(63))
+        elif args.random_seed is not None:
             generator.manual_seed(args.random_seed)
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(x, y), batch_size=args.loader_args.batch_size,
@@ -84,6 +94,9 @@ class TorchTrainingPlan(TrainingPlan):
         global_weights = [p.detach().clone() for p in model.parameters()]
         mu = float(round_config.get("fedprox_mu", 0.0))
         scaffold = round_config.get("scaffold_control")
+        if privacy is not None and (mu > 0 or scaffold is not None):
+            raise ConfigError("local DP (DP-SGD) cannot clip FedProx's or Scaffold's correction per example",
+                              hint="use FedAvg-style aggregators with local DP, or central DP")
         corrections: list[torch.Tensor] | None = None
         names = [n for n, _ in model.named_parameters()]
         if scaffold is not None:
@@ -94,39 +107,56 @@ class TorchTrainingPlan(TrainingPlan):
         losses: list[float] = []
         steps = 0
         started = time.perf_counter()
-        for data, labels in _batches(loader, args):
-            data, labels = data.to(device), labels.to(device)
-            optimizer.zero_grad()
-            loss = self.training_step(data, labels)
-            if mu > 0:
-                loss = loss + mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_weights,
-                                                                                 strict=True))
-            loss.backward()  # type: ignore[no-untyped-call]
-            if corrections is not None:
-                for parameter, correction in zip(model.parameters(), corrections, strict=True):
-                    if parameter.grad is not None:
-                        parameter.grad += correction
-            optimizer.step()
-            if not torch.isfinite(loss):
-                raise ConfigError(f"training diverged at step {steps + 1}: loss is {loss.item()}",
-                                  hint="lower the learning rate")
-            losses.append(float(loss.item()))
-            steps += 1
-            if args.dry_run:
-                break
+        with self._optimisation(loader, args, privacy, device) as (optimizer, batches):
+            model = self.model()
+            for data, labels in _batches(batches, args):
+                steps += 1
+                if len(labels) == 0:  # Poisson sampling drew no example: a step without data
+                    continue
+                data, labels = data.to(device), labels.to(device)
+                optimizer.zero_grad()
+                loss = self.training_step(data, labels)
+                if mu > 0:
+                    loss = loss + mu / 2 * sum(((p - g) ** 2).sum()
+                                               for p, g in zip(model.parameters(), global_weights, strict=True))
+                loss.backward()  # type: ignore[no-untyped-call]
+                if corrections is not None:
+                    for parameter, correction in zip(model.parameters(), corrections, strict=True):
+                        if parameter.grad is not None:
+                            parameter.grad += correction
+                optimizer.step()
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"training diverged at step {steps}: loss is {loss.item()}",
+                                      hint="lower the learning rate")
+                losses.append(float(loss.item()))
+                if args.dry_run:
+                    break
         extra: dict[str, Params] = {}
         if corrections is not None and scaffold is not None:
             lr = float(args.optimizer_args.get("lr", 1e-3))
             own = state["scaffold_ci"]
-            new_params = dict(model.named_parameters())
+            new_params = dict(self.model().named_parameters())
             updated = {n: own[n] - scaffold[n]
                        + (global_weights[i].cpu().numpy() - new_params[n].detach().cpu().numpy()) / (steps * lr)
                        for i, n in enumerate(names)}
             extra[CONTROL_DELTA] = {n: updated[n] - own[n] for n in names}
             state["scaffold_ci"] = updated
-        model.to("cpu")
-        return LocalResult(self.get_params(), len(x), {"loss": float(np.mean(losses)), "steps": float(steps),
+        self.model().to("cpu")
+        return LocalResult(self.get_params(), len(x), {"loss": float(np.mean(losses)) if losses else float("nan"),
+                                                       "steps": float(steps),
                                                        "train_seconds": time.perf_counter() - started}, extra)
+
+    @contextlib.contextmanager
+    def _optimisation(self, loader: torch.utils.data.DataLoader[Any], args: TrainingArgs,
+                      privacy: PrivacyRound | None, device: str) -> Iterator[tuple[torch.optim.Optimizer, Any]]:
+        """The round's optimizer and batches: the plan's own, or DP-SGD's under local DP."""
+        if privacy is None:
+            yield self.init_optimizer(args.optimizer_args), loader
+            return
+        from fedpod.algorithms.training.dp_sgd import dp_sgd  # Opacus loads only for DP rounds
+
+        with dp_sgd(self, loader, args, privacy, device) as private:
+            yield private
 
 
 def _batches(loader: torch.utils.data.DataLoader[Any], args: TrainingArgs) -> Iterator[Any]:
