@@ -12,9 +12,11 @@ Target: fedpod <= 1.5 x pooled + 100 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -44,42 +46,46 @@ def make_data(folder: Path, rows: int) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def federation(rows: int, name: str) -> Iterator[tuple[Modeller, list[str], duckdb.DuckDBPyConnection]]:
+    """3 pods as processes on a real NATS broker, each serving `rows` rows of `measurements`; the
+    modeller connected to them, their datasets' identifiers, and DuckDB holding the pooled rows."""
+    work = Path(tempfile.mkdtemp(prefix=f"fedpod-bench-{name}-"))
+    files = make_data(work, rows)
+    modeller_identity = Identity.generate("modeller")
+    modeller_identity.save(work / "keys")
+    pooled = duckdb.connect()
+    pooled.execute("CREATE TABLE measurements AS SELECT * FROM read_parquet(?)", [[str(f) for f in files]])
+    with EmbeddedBroker() as broker:
+        configs = [write_pod(work / pod, pod, broker, [DatasetSpec(name="measurements", kind="parquet",
+                                                                   path=str(file))], [modeller_identity])
+                   for pod, file in zip(PODS, files, strict=True)]
+        with pod_processes(configs, work / "logs") as processes, \
+                Modeller(modeller_identity, broker=broker.url, keystore=work / "keys") as modeller:
+            wait_for_pods(modeller, set(PODS), processes, deadline_s=120)
+            yield modeller, [f"{p}/measurements" for p in PODS], pooled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows per pod")
     parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fedpod-bench-sql-"))
-    files = make_data(work, args.rows)
-    modeller_identity = Identity.generate("modeller")
-    modeller_identity.save(work / "keys")
-    pooled = duckdb.connect()
-    pooled.execute("CREATE TABLE measurements AS SELECT * FROM read_parquet(?)", [[str(f) for f in files]])
-
-    with EmbeddedBroker() as broker:
-        configs = []
-        for pod, file in zip(PODS, files, strict=True):
-            configs.append(write_pod(work / pod, pod, broker,
-                                     [DatasetSpec(name="measurements", kind="parquet", path=str(file))],
-                                     [modeller_identity]))
-        with pod_processes(configs, work / "logs") as processes, \
-                Modeller(modeller_identity, broker=broker.url, keystore=work / "keys") as modeller:
-            wait_for_pods(modeller, set(PODS), processes, deadline_s=120)
-            identifiers = [f"{p}/measurements" for p in PODS]
-            federated_s, pooled_s = [], []
-            expected = pooled.sql(QUERY).df()
-            for run in range(args.runs + 1):
-                started = time.perf_counter()
-                merged = modeller.sql(QUERY, datasets=identifiers, aggregate=True)
-                federated = time.perf_counter() - started
-                started = time.perf_counter()
-                pooled.sql(QUERY).df()
-                central = time.perf_counter() - started
-                if run == 0:  # warm-up
-                    assert merged["n"].tolist() == expected["n"].tolist()  # type: ignore[index]
-                    continue
-                federated_s.append(federated)
-                pooled_s.append(central)
+    with federation(args.rows, "sql") as (modeller, identifiers, pooled):
+        federated_s, pooled_s = [], []
+        expected = pooled.sql(QUERY).df()
+        for run in range(args.runs + 1):
+            started = time.perf_counter()
+            merged = modeller.sql(QUERY, datasets=identifiers, aggregate=True)
+            federated = time.perf_counter() - started
+            started = time.perf_counter()
+            pooled.sql(QUERY).df()
+            central = time.perf_counter() - started
+            if run == 0:  # warm-up
+                assert merged["n"].tolist() == expected["n"].tolist()  # type: ignore[index]
+                continue
+            federated_s.append(federated)
+            pooled_s.append(central)
 
     fed, ref = statistics.median(federated_s), statistics.median(pooled_s)
     target = 1.5 * ref + 0.100

@@ -14,6 +14,7 @@ import pytest
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.errors import AccessDenied, DatasetNotFound, PodUnreachable, TaskFailed
+from fedpod.governance.audit import AuditLog
 from fedpod.modeller.client import Modeller
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
@@ -60,6 +61,22 @@ def test_aggregated_query_equals_the_pooled_query(three_pods: list[RunningPod], 
     assert isinstance(merged, pd.DataFrame)
     assert list(merged.columns) == list(expected.columns)
     pd.testing.assert_frame_equal(merged.reset_index(drop=True), expected, check_dtype=False, rtol=1e-9)
+
+
+def test_quantiles_equal_the_pooled_quantiles(three_pods: list[RunningPod], modeller: Modeller,
+                                              centres: list[Path]) -> None:
+    """Exact federated quantiles (issue 10, item 6), searched over counts the pods merge."""
+    query = (f"SELECT MEDIAN(age) AS median_age, QUANTILE_CONT(bmi, 0.9) AS bmi_p90, QUANTILE_DISC(hba1c, 0.25), "
+             f"PERCENTILE_CONT(0.75) WITHIN GROUP (ORDER BY systolic_bp) AS sbp_p75 FROM `{DATASET}` WHERE smoker = 1")
+    merged = modeller.sql(query, datasets=identifiers(three_pods), aggregate=True)
+    expected = pooled(query, centres)
+    assert isinstance(merged, pd.DataFrame) and list(merged.columns) == list(expected.columns)
+    for column in expected.columns:
+        assert float(merged[column][0]) == pytest.approx(float(expected[column][0]), rel=4e-16), column
+    assert merged.attrs["steps"] <= 10 and merged.attrs["datasets"] == identifiers(three_pods)
+    entries = [e for e in AuditLog(three_pods[0].audit_path).entries()
+               if e["event"] == "task-received" and e.get("mode") == "quantile-step"]
+    assert len(entries) == merged.attrs["steps"]  # each step audited at each pod, like any task
 
 
 def test_per_dataset_results_come_back_one_per_dataset(three_pods: list[RunningPod], modeller: Modeller,

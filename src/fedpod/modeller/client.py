@@ -43,6 +43,7 @@ from fedpod.wire.messages import (
     Discover,
     Heartbeat,
     PodAdvert,
+    QuantileCountsAlgorithm,
     SqlQueryAlgorithm,
     TaskFailure,
     TaskRequest,
@@ -340,7 +341,8 @@ class AsyncModeller:
                               f"{interval:g}s expected) while it held this task: declared lost",
                               where=target.identifier, hint="is the pod running? its custodian can see its log")
 
-    async def _sql_result(self, target: Target, algorithm: SqlQueryAlgorithm) -> tuple[Any, dict[str, int]]:
+    async def _sql_result(self, target: Target,
+                          algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm) -> tuple[Any, dict[str, int]]:
         def build(task_id: str) -> TaskRequest:
             return TaskRequest(task_id=task_id, dataset=target.dataset.name, algorithm=algorithm)
 
@@ -371,8 +373,11 @@ class AsyncModeller:
         that does not answer fails the query naming it — every one, with its reason — unless
         `min_datasets` answered."""
         from fedpod.algorithms.sql.federated import plan_merge
+        from fedpod.algorithms.sql.quantiles import is_quantile_query
         from fedpod.modeller.sql import merge, output_names
 
+        if aggregate and is_quantile_query(query):
+            return await self._quantiles(query, await self.resolve(datasets, tags, min_datasets=min_datasets))
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
         # Pods that do not know this modeller advertise no schema; their refusals say what to ask for.
@@ -406,6 +411,45 @@ class AsyncModeller:
         merged.attrs.update(datasets=[t.identifier for t in answered], missing=answered.reasons(),
                             disclosure=disclosure)
         return merged
+
+
+    async def _quantiles(self, query: str, targets: Targets) -> pd.DataFrame:
+        """An exact federated quantile query: steps of counts at thresholds, each merged across
+        every dataset, until each quantile is pinned (`fedpod.algorithms.sql.quantiles`). Every
+        dataset must answer every step: a quantile of fewer datasets than asked would be wrong."""
+        import pandas as pd
+
+        from fedpod.algorithms.sql.quantiles import QuantileSearch, merge_counts, plan_quantiles
+        from fedpod.modeller.sql import output_names
+
+        plan = plan_quantiles(query)
+        search = QuantileSearch(plan)
+        described = next((t.dataset for t in targets if t.dataset.columns), None)
+        names = output_names(query, described.name, described.columns, described.tables) if described else []
+        thresholds: list[list[float]] | None = search.first_thresholds()
+        withheld: dict[str, int] = {}
+        while thresholds is not None:
+            algorithm = QuantileCountsAlgorithm(query=query, thresholds=thresholds)
+            outcomes = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets),
+                                            return_exceptions=True)
+            failed = {t.identifier: o for t, o in zip(targets, outcomes, strict=True) if isinstance(o, BaseException)}
+            for error in failed.values():
+                if not isinstance(error, FedpodError):
+                    raise error
+            if failed:
+                reasons = "; ".join(f"{identifier}: {error}" for identifier, error in failed.items())
+                raise FedpodError(f"quantile step {search.steps + 1}: {reasons}",
+                                  hint="a quantile needs every dataset's counts at every step")
+            answers = [o for o in outcomes if not isinstance(o, BaseException)]
+            for target, (_, disclosure) in zip(targets, answers, strict=True):
+                if disclosure:
+                    withheld[target.identifier] = withheld.get(target.identifier, 0) + disclosure["withheld_counts"]
+            search.absorb(merge_counts([table for table, _ in answers]))
+            thresholds = search.next_thresholds()
+        frame = pd.DataFrame([search.results()], columns=names or None, dtype="float64")
+        frame.attrs.update(datasets=[t.identifier for t in targets], missing=targets.reasons(), steps=search.steps,
+                           disclosure={k: {"withheld_counts": v} for k, v in withheld.items()})
+        return frame
 
 
 def broker_options(broker: str | BrokerOptions | None) -> BrokerOptions:

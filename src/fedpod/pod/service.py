@@ -26,13 +26,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpod import __version__
-from fedpod.algorithms.sql.disclosure import CohortPlan, QueryShape, disclosed_query, shape, suppress_small_groups
+from fedpod.algorithms.sql.dialect import parse_statement
+from fedpod.algorithms.sql.disclosure import (
+    CohortPlan,
+    QueryShape,
+    disclosed_query,
+    read_columns,
+    shape,
+    suppress_small_groups,
+)
 from fedpod.algorithms.sql.engine import SqlEngine
+from fedpod.algorithms.sql.quantiles import check_thresholds, count_sql, plan_quantiles, pod_counts
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.privacy import Mechanism, PrivacyRound, Spent
 from fedpod.channel import SecureChannel
 from fedpod.data.datasets import round_count
-from fedpod.errors import AccessDenied, EnvelopeRejected, FedpodError, PlanNotApproved, ResultTooLarge
+from fedpod.errors import (
+    AccessDenied,
+    EnvelopeRejected,
+    FedpodError,
+    PlanNotApproved,
+    ResultTooLarge,
+    SqlRejected,
+)
 from fedpod.governance.audit import AuditLog, AuditWriter
 from fedpod.governance.differencing import CohortLedger, released_cohorts
 from fedpod.governance.plans import PlanRegistry
@@ -58,8 +74,10 @@ from fedpod.wire.messages import (
     Discover,
     Heartbeat,
     PodAdvert,
+    QuantileCountsAlgorithm,
     SecAggReply,
     SecAggRequest,
+    SqlQueryAlgorithm,
     TaskFailure,
     TaskRequest,
     TaskResult,
@@ -76,8 +94,11 @@ def describe_request(request: TaskRequest | TrainRequest, *, denied: bool = Fals
     """What the audit log records about a request. A denied request's text was chosen by
     someone the pod does not trust: only its hash and first characters are kept."""
     if isinstance(request, TaskRequest):
-        query = request.algorithm.query
-        return {"mode": request.algorithm.mode, "query": truncated(query) if denied else query,
+        algorithm = request.algorithm
+        query = algorithm.query
+        described = {"mode": algorithm.mode} if isinstance(algorithm, SqlQueryAlgorithm) else {
+            "mode": "quantile-step", "thresholds": sum(len(t) for t in algorithm.thresholds)}
+        return {**described, "query": truncated(query) if denied else query,
                 "query_sha256": hashlib.sha256(query.encode()).hexdigest()}
     plan = request.plan
     arguments = json.dumps(request.training_args, sort_keys=True, default=str)
@@ -389,11 +410,16 @@ class Pod:
                                  mask_key_shares=revealed.count("key"), dropped=sorted(request.dropped)[:64])
         await self._reply(opened, reply)
 
-    def _shape(self, query: str, columns: list[str]) -> QueryShape:
+    def _shape(self, algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm, columns: list[str]) -> QueryShape:
+        """A quantile step releases counts (its own disclosure rule applies: `_quantile_counts`),
+        so it is judged as an aggregate when its query is one the search accepts."""
         try:
-            return shape(query, columns)
+            if isinstance(algorithm, QuantileCountsAlgorithm):
+                return QueryShape("sql_aggregate", read_columns(parse_statement(algorithm.query), columns), "") \
+                    if plan_quantiles(algorithm.query) else QueryShape("sql_rows", frozenset(), "")
+            return shape(algorithm.query, columns)
         except FedpodError:  # unreadable SQL: judged as the most revealing kind; the engine says why later
-            return QueryShape("sql_rows", frozenset(), "it does not parse")
+            return QueryShape("sql_rows", frozenset(), "it does not parse or search")
 
     def _measure(self, request: TaskRequest | TrainRequest, sender: PublicIdentity) -> Request:
         """What `decide` needs to know about a task, judged by the pod from the task itself (a
@@ -409,7 +435,7 @@ class Pod:
                                   "fingerprint": sender.fingerprint, "dataset": request.dataset[:128],
                                   "at": dt.datetime.now(dt.UTC), "served": served, "recent_tasks": len(times)}
         if isinstance(request, TaskRequest):
-            query = self._shape(request.algorithm.query, columns)
+            query = self._shape(request.algorithm, columns)
             return Request(kind=query.kind, columns=query.columns, **common)
         plan = request.plan
         return Request(kind="evaluate" if request.evaluate_only else "train",
@@ -530,6 +556,8 @@ class Pod:
                                          released, masker, self._privacy_round(request, requester, limits))
             return trained, describe_training(trained)
         started = time.perf_counter()
+        if isinstance(request.algorithm, QuantileCountsAlgorithm):
+            return self._quantile_counts(request, request.algorithm, limits, started)
         aggregate = measured.kind == "sql_aggregate"
         query, plan = request.algorithm.query, None
         if aggregate:
@@ -552,6 +580,33 @@ class Pod:
         elif limits.max_rows is not None and table.num_rows > limits.max_rows:
             table = table.slice(0, limits.max_rows)
             disclosure = {"rows_capped_at": limits.max_rows}
+        return self._answer(request, table, disclosure, started)
+
+    def _quantile_counts(self, request: TaskRequest, algorithm: QuantileCountsAlgorithm, limits: DatasetPolicy,
+                         started: float) -> tuple[TaskResult, dict[str, Any]]:
+        """One step of a federated quantile search: the pod builds its own counting query from
+        the quantile query and releases counts only where both sides of a threshold hold at
+        least `min_group_size` of its values (`algorithms.sql.quantiles`). Exempt from the
+        differencing ledger, whose one-row differences a search is made of: see the README."""
+        assert self.engine is not None
+        try:
+            plan = plan_quantiles(algorithm.query)
+            thresholds = check_thresholds(plan, algorithm.thresholds)
+        except FedpodError as exc:
+            raise SqlRejected(exc.message, where=f"dataset {request.dataset}", hint=exc.hint) from exc
+        sql, params = count_sql(plan, thresholds)
+        table = self.engine.run(sql, request.dataset, timeout_s=self.config.sql_timeout_s, max_rows=1, params=params)
+        try:
+            counts, withheld = pod_counts(table.to_pylist()[0], plan, thresholds, limits.min_group_size)
+        except PermissionError as exc:
+            raise AccessDenied(f"{exc} [rule: min_group_size]", where=f"dataset {request.dataset}",
+                               hint="widen the WHERE selection") from exc
+        disclosure = {"withheld_counts": withheld, "min_group_size": limits.min_group_size} if withheld else {}
+        return self._answer(request, counts, disclosure, started)
+
+    def _answer(self, request: TaskRequest, table: pa.Table, disclosure: dict[str, int],
+                started: float) -> tuple[TaskResult, dict[str, Any]]:
+        """The reply to a SQL task, within `max_result_bytes`, and what the audit log records."""
         payload = table_to_bytes(table)
         if len(payload) > self.config.max_result_bytes:
             raise ResultTooLarge(f"the result is {len(payload):,} bytes, over this pod's max_result_bytes "

@@ -78,7 +78,18 @@ class SqlQueryAlgorithm(BaseModel):
     mode: Literal["rows", "partials"] = "rows"
 
 
-Algorithm = Annotated[SqlQueryAlgorithm, Field(discriminator="kind")]
+class QuantileCountsAlgorithm(BaseModel):
+    """One step of an exact federated quantile search (`fedpod.algorithms.sql.quantiles`): the
+    pod counts, per argument of the quantile `query`, its values at or below each threshold.
+    The pod builds the counting SQL itself from `query`; it never runs SQL the step carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["quantile_counts"] = "quantile_counts"
+    query: str = Field(max_length=20_000)
+    thresholds: list[Annotated[list[float], Field(max_length=4096)]] = Field(max_length=16)
+
+
+Algorithm = Annotated[SqlQueryAlgorithm | QuantileCountsAlgorithm, Field(discriminator="kind")]
 
 
 class TaskRequest(WireMessage):

@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 
 
 def _without_using(tree: exp.Expr) -> str:
-    """The query for DuckDB's own table check, with `JOIN ... USING (...)` as `ON TRUE`: that
-    check binds no catalog and fails on USING, and which tables a query reads does not depend
-    on its join condition."""
+    """The query for DuckDB's own table check, with `JOIN ... USING (...)` as `ON TRUE` and
+    parameters as NULL: that check binds no catalog and fails on USING and on parameters, and
+    which tables a query reads depends on neither."""
     copy = tree.copy()
+    for placeholder in list(copy.find_all(exp.Placeholder)):  # that check prepares nothing
+        placeholder.replace(exp.Null())
     for join in copy.find_all(exp.Join):
         if join.args.get("using"):
             join.set("using", None)
@@ -100,12 +102,13 @@ class SqlEngine:
         self._connection.close()
 
     def run(self, query: str, dataset: str, *, timeout_s: float = 60.0, max_rows: int | None = None,
-            cap_rows: int | None = None) -> pa.Table:
+            cap_rows: int | None = None, params: list[object] | None = None) -> pa.Table:
         """Run a read-only query that may reference only `dataset`; returns an Arrow table.
         With `max_rows`, at most that many rows are ever materialised: a bigger answer is
         refused (ResultTooLarge) rather than cut, because a silently truncated result would
         be taken for the whole one. `cap_rows` (a disclosure limit, which the caller reports)
-        returns at most one row more than the cap, so that the caller can tell it was hit."""
+        returns at most one row more than the cap, so that the caller can tell it was hit.
+        `params` fill the query's `?` placeholders (long value lists the pod builds itself)."""
         if dataset not in self.datasets:
             raise SqlRejected(f"unknown dataset {dataset!r}")
         allowed = set(self.tables[dataset])
@@ -124,7 +127,7 @@ class SqlEngine:
             timer = threading.Timer(timeout_s, cursor.interrupt)
             timer.start()
             try:
-                relation = cursor.sql(duckdb_sql)
+                relation = cursor.sql(duckdb_sql, params=params)
                 if cap_rows is not None and (max_rows is None or cap_rows < max_rows):
                     return relation.limit(cap_rows + 1).to_arrow_table()
                 if max_rows is None:
