@@ -78,6 +78,9 @@ def test_a_stranger_is_refused_at_once_then_approved_without_a_restart(alice: Ru
 
 def test_small_groups_are_suppressed_and_the_result_says_so(alice: RunningPod, modeller: Modeller) -> None:
     query = f"SELECT age, COUNT(*) AS n FROM {DATASET} GROUP BY age"
+    with pytest.raises(AccessDenied, match=r"the answer has \d+ groups; ehr releases at most 40 .*rule: max_groups"):
+        modeller.sql(query, datasets=[f"alice/{DATASET}"], aggregate=True)  # DataSHIELD's levels.max by default
+    PodFolder(alice.config_path).set_limit(DATASET, "max_groups", "100")
     result = modeller.sql(query, datasets=[f"alice/{DATASET}"], aggregate=True)
     assert isinstance(result, pd.DataFrame) and (result["n"] >= 3).all()
     [(identifier, limits)] = result.attrs["disclosure"].items()

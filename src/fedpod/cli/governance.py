@@ -129,9 +129,9 @@ def policy_show(config: ConfigPath = Path("pod.yaml")) -> None:
 @policy_app.command("set")
 def policy_set(
     dataset: Annotated[str, typer.Argument(help="a dataset of the pod, or '*' for every dataset without its own")],
-    field: Annotated[str, typer.Argument(help="min_group_size, max_rows, columns.allow, columns.deny, models, "
-                                               "require_secure_aggregation, protect_differencing, epsilon_budget, "
-                                               "epsilon_budget_scope or tasks_per_hour")],
+    field: Annotated[str, typer.Argument(help="min_group_size, max_rows, max_groups, columns.allow, columns.deny, "
+                                               "models, require_secure_aggregation, protect_differencing, "
+                                               "epsilon_budget, epsilon_budget_scope or tasks_per_hour")],
     value: Annotated[str, typer.Argument(help="YAML: 5, null, true, [a, b] (or a,b for columns)")],
     config: ConfigPath = Path("pod.yaml"),
 ) -> None:

@@ -13,6 +13,7 @@ The `policies:` section of a pod config names who the pod knows and what each ma
               expires: 2027-06-30         # optional; the grant ends when this day is over (UTC)
           min_group_size: 3               # aggregate cells computed from fewer rows are suppressed
           max_rows: 1000                  # row queries are capped here (and say so)
+          max_groups: 40                  # an aggregate answer with more cells is refused; null: no cap
           columns: {allow: null, deny: [ssn]}
           models: null                    # built-in model names (or "custom" for approved plans); null: any
           require_secure_aggregation: false
@@ -48,6 +49,7 @@ TASK_KINDS: tuple[TaskKind, ...] = ("sql_aggregate", "sql_rows", "train", "evalu
 EVERY_DATASET = "*"
 CUSTOM_PLAN = "custom"
 DEFAULT_MIN_GROUP_SIZE = 3  # DataSHIELD's nfilter.tab
+DEFAULT_MAX_GROUPS = 40  # DataSHIELD's nfilter.levels.max
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Fingerprint = Annotated[str, StringConstraints(pattern=FINGERPRINT_PATTERN.pattern)]
@@ -80,6 +82,7 @@ class DatasetPolicy(BaseModel):
     grants: list[Grant] = []
     min_group_size: int = Field(default=DEFAULT_MIN_GROUP_SIZE, ge=1)
     max_rows: int | None = Field(default=None, ge=1)
+    max_groups: int | None = Field(default=DEFAULT_MAX_GROUPS, ge=1)  # cells per aggregate answer; null: no cap
     columns: Columns = Columns()
     models: list[str] | None = None
     require_secure_aggregation: bool = False
@@ -161,6 +164,12 @@ class Policy(BaseModel):
         entry = own_entry(data, dataset)
         entry["grants"].append({"to": [name], "kinds": list(dict.fromkeys(kinds)),
                                 "expires": expires.isoformat() if expires else None})
+        return Policy.model_validate(data)
+
+    def limit(self, dataset: str, **limits: Any) -> Policy:
+        """A copy in which `dataset`'s own policy (from `*`'s, if it had none) sets `limits`."""
+        data = self.model_dump(mode="json")
+        own_entry(data, dataset).update(limits)
         return Policy.model_validate(data)
 
     def revoke(self, who: str) -> Policy:

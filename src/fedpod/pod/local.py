@@ -21,11 +21,14 @@ from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
+EVENT_CODE_GROUPS = 1000  # the cells a local pod releases per aggregate of an events dataset (the vocabulary's)
+
 
 def write_pod(folder: Path, name: str, broker: EmbeddedBroker | str, datasets: list[DatasetSpec],
               accept: list[Identity], **settings: Any) -> Path:
     """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, granting
-    every kind of task on every dataset to the `accept` modellers (unless `policies` is given).
+    every kind of task on every dataset to the `accept` modellers (unless `policies` is given),
+    with `max_groups` raised for events datasets so that a federated vocabulary can count codes.
     Given the local broker itself (not only its URL), the pod and those modellers are let in."""
     folder.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(name, folder / "keys")
@@ -37,6 +40,9 @@ def write_pod(folder: Path, name: str, broker: EmbeddedBroker | str, datasets: l
     policies = Policy()
     for modeller in accept:
         policies = policies.grant(modeller.name, modeller.fingerprint, EVERY_DATASET, list(TASK_KINDS))
+    for spec in datasets:  # a federated vocabulary counts every code of an events dataset: hundreds of cells
+        if spec.kind == "events":
+            policies = policies.limit(spec.name, max_groups=EVENT_CODE_GROUPS)
     settings.setdefault("policies", policies)
     config = PodConfig(name=name, identity=f"keys/{name}.key", broker=BrokerSettings(url=broker_url),
                        datasets=datasets, **settings)

@@ -575,6 +575,12 @@ class Pod:
             if plan is not None:
                 self._check_differencing(table, plan, request, requester, limits.min_group_size)
             table, suppressed = suppress_small_groups(table, limits.min_group_size)
+            if limits.max_groups is not None and table.num_rows > limits.max_groups:
+                raise AccessDenied(f"the answer has {table.num_rows} groups; {request.dataset} releases at most "
+                                   f"{limits.max_groups} per aggregate", rule="max_groups",
+                                   where=f"dataset {request.dataset}",
+                                   hint="group by fewer or coarser keys, filter with WHERE, or ask the custodian to "
+                                        "raise max_groups")
             if suppressed:
                 disclosure = {"suppressed_groups": suppressed, "min_group_size": limits.min_group_size}
         elif limits.max_rows is not None and table.num_rows > limits.max_rows:
