@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -77,6 +78,27 @@ def test_quantiles_equal_the_pooled_quantiles(three_pods: list[RunningPod], mode
     entries = [e for e in AuditLog(three_pods[0].audit_path).entries()
                if e["event"] == "task-received" and e.get("mode") == "quantile-step"]
     assert len(entries) == merged.attrs["steps"]  # each step audited at each pod, like any task
+
+
+def test_a_histogram_over_the_global_range_equals_the_pooled_one(three_pods: list[RunningPod], modeller: Modeller,
+                                                                 centres: list[Path]) -> None:
+    from fedpod.modeller.histogram import federated_histogram
+
+    ages = pooled(f"SELECT CAST(age AS DOUBLE) AS age FROM `{DATASET}`", centres)["age"].to_numpy()
+    fixed = federated_histogram(modeller, "age", table=DATASET, bins=8, value_range=(20.0, 80.0),
+                                datasets=identifiers(three_pods))
+    expected, suppressed = np.zeros(8, dtype=int), 0
+    for csv in centres:  # each pod suppresses its own bins of 1 or 2 patients before anything leaves
+        own = pooled(f"SELECT CAST(age AS DOUBLE) AS age FROM `{DATASET}`", [csv])["age"].to_numpy()
+        counts, _ = np.histogram(own[(own >= 20) & (own <= 80)], bins=8, range=(20.0, 80.0))
+        expected += np.where((counts > 0) & (counts < 3), 0, counts)
+        suppressed += int(((counts > 0) & (counts < 3)).sum())
+    assert fixed.counts == expected.tolist()
+    assert sum(d["suppressed_groups"] for d in fixed.disclosure.values()) >= suppressed > 0
+    assert fixed.below <= int((ages < 20).sum()) and fixed.above <= int((ages > 80).sum())
+    default = federated_histogram(modeller, "age", table=DATASET, datasets=identifiers(three_pods))
+    assert (default.edges[0], default.edges[-1]) == (ages.min(), ages.max())
+    assert default.below == default.above == 0 and sum(default.counts) <= len(ages)  # less any suppressed bins
 
 
 def test_per_dataset_results_come_back_one_per_dataset(three_pods: list[RunningPod], modeller: Modeller,
