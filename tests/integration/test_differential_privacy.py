@@ -96,3 +96,26 @@ def test_central_dp_under_secure_aggregation_trains_a_useful_model(
         assert score["global_auc"] > reference[pod]["global_auc"] - 0.05, (scores, reference)
     private.close()
     plain.close()
+
+
+def test_noisy_sql_charges_the_same_budget_and_is_refused_once_it_is_spent(
+        pod_factory: PodFactory, modeller: Modeller, modeller_identity: Identity, tmp_path: Path) -> None:
+    csvs = [f / "patients.csv" for f in write(generate(2, 4000, seed=10), tmp_path / "data")]
+    pods = start_pods(pod_factory, modeller_identity, csvs, ["alice", "bob"])
+    for pod in pods:
+        PodFolder(pod.config_path).set_limit(DATASET, "epsilon_budget", "1.2")
+    query = f"SELECT COUNT(*) AS n, AVG(age) AS mean_age FROM {DATASET} WHERE smoker = 1"
+    exact = pd.concat([pd.read_csv(c) for c in csvs]).query("smoker == 1")
+    for _ in range(2):
+        noisy = modeller.sql(query, tags=["ehr"], aggregate=True, dp={"epsilon": 0.5, "bounds": {"age": [0, 110]}})
+        assert isinstance(noisy, pd.DataFrame)
+        assert abs(int(noisy["n"][0]) - len(exact)) < 60  # two pods' Laplace noise of scale 4 on the count
+        assert abs(float(noisy["mean_age"][0]) - exact["age"].mean()) < 5
+    assert all(d["dp_epsilon"] == 0.5 for d in noisy.attrs["disclosure"].values())
+    assert [d["dp_epsilon_remaining"] for d in noisy.attrs["disclosure"].values()] == pytest.approx([0.2, 0.2])
+    with pytest.raises(AccessDenied, match=r"only 0\.2 remains of modeller's budget of 1\.2 .*rule: epsilon_budget"):
+        modeller.sql(query, tags=["ehr"], aggregate=True, dp={"epsilon": 0.5, "bounds": {"age": [0, 110]}})
+    exact_answer = modeller.sql(query, tags=["ehr"], aggregate=True)  # exact aggregates stay under disclosure control
+    assert isinstance(exact_answer, pd.DataFrame) and int(exact_answer["n"][0]) == len(exact)
+    charges = [e for e in AuditLog(pods[0].audit_path).entries() if e["event"] == "privacy-charge"]
+    assert [c["epsilon"] for c in charges] == [0.5, 0.5]

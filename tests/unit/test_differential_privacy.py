@@ -214,3 +214,29 @@ def test_scikit_learn_plans_refuse_local_dp() -> None:
     assert args.dp_args is not None
     with pytest.raises(ConfigError, match="needs a PyTorch plan"):
         run_local_round(plan, plan.get_params(), args, {}, privacy=PrivacyRound(args.dp_args, 1, 1, record))
+
+
+def test_noisy_sql_bounds_counts_and_clamped_sums_and_refuses_the_rest() -> None:
+    import duckdb
+    import pyarrow as pa
+
+    from fedpod.algorithms.sql.noisy import add_noise, plan_noisy
+    from fedpod.errors import NotMergeable
+
+    plan = plan_noisy("SELECT COUNT(*) AS n, AVG(age) AS mean_age, SUM(bmi) FILTER (WHERE age > 50) FROM ehr",
+                      {"age": (0, 120), "BMI": (-10, 60)})
+    assert plan.sensitivities == [1.0, 120.0, 1.0, 60.0]  # COUNT, AVG's SUM and COUNT, the filtered SUM
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES (30, 500.0), (60, 20.0), (200, -99.0)) t(age, bmi)")
+    exact = connection.execute(plan.partial_sql).fetchone()
+    assert exact == (3, 210.0, 3, 20.0 - 10.0)  # age 200 clamped to 120; bmi -99 clamped to -10 (age > 50 rows)
+    for query, why in [("SELECT MIN(age) FROM ehr", "COUNT, and SUM or AVG"),
+                       ("SELECT SUM(age) FROM ehr", "declare bounds for age"),
+                       ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex", "GROUP BY"),
+                       ("SELECT age FROM ehr", "aggregates")]:
+        with pytest.raises(NotMergeable, match=why):
+            plan_noisy(query, {})
+    counts = plan_noisy("SELECT COUNT(*) AS n FROM ehr", {})
+    noisy = [add_noise(pa.table({"p0": [100]}), counts, epsilon=0.5).column("p0")[0].as_py() for _ in range(4000)]
+    assert np.std(noisy) == pytest.approx(math.sqrt(2) * 1 / 0.5, rel=0.08)  # Laplace of scale 1 / epsilon
+    assert np.mean(noisy) == pytest.approx(100, abs=0.2)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fedpod.channel import SecureChannel
 from fedpod.errors import (
     AccessDenied,
+    ConfigError,
     DatasetNotFound,
     EnvelopeRejected,
     FedpodError,
@@ -42,6 +43,7 @@ from fedpod.wire.messages import (
     DatasetAdvert,
     Discover,
     Heartbeat,
+    NoisyAggregateAlgorithm,
     PodAdvert,
     QuantileCountsAlgorithm,
     SqlQueryAlgorithm,
@@ -342,7 +344,8 @@ class AsyncModeller:
                               where=target.identifier, hint="is the pod running? its custodian can see its log")
 
     async def _sql_result(self, target: Target,
-                          algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm) -> tuple[Any, dict[str, int]]:
+                          algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm | NoisyAggregateAlgorithm
+                          ) -> tuple[Any, dict[str, int | float]]:
         def build(task_id: str) -> TaskRequest:
             return TaskRequest(task_id=task_id, dataset=target.dataset.name, algorithm=algorithm)
 
@@ -366,25 +369,39 @@ class AsyncModeller:
         return list(await asyncio.gather(*(ask(pod, advert) for pod, advert in chosen)))
 
     async def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
-                  aggregate: bool = False, min_datasets: int | None = None) -> pd.DataFrame | SqlResults:
+                  aggregate: bool = False, min_datasets: int | None = None,
+                  dp: dict[str, Any] | None = None) -> pd.DataFrame | SqlResults:
         """Run `query` on each dataset. With `aggregate=True`, one exact global result whose
         `attrs` name the datasets it covers (`datasets`) and any left out (`missing`);
         otherwise one DataFrame per dataset identifier (`.missing` on the mapping). A dataset
         that does not answer fails the query naming it — every one, with its reason — unless
-        `min_datasets` answered."""
+        `min_datasets` answered. `dp={"epsilon": 1.0, "bounds": {"age": [0, 120]}}` (with
+        `aggregate=True`): COUNT, SUM and AVG with Laplace noise added by each pod, which charges
+        epsilon to its budget (`fedpod.algorithms.sql.noisy`)."""
         from fedpod.algorithms.sql.federated import plan_merge
         from fedpod.algorithms.sql.quantiles import is_quantile_query
         from fedpod.modeller.sql import merge, output_names
 
         if aggregate and is_quantile_query(query):
             return await self._quantiles(query, await self.resolve(datasets, tags, min_datasets=min_datasets))
+        if dp is not None and not aggregate:
+            raise ConfigError("dp= needs aggregate=True: noise is added to the pods' partial aggregates")
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
         # Pods that do not know this modeller advertise no schema; their refusals say what to ask for.
         described = next((t.dataset for t in targets if t.dataset.columns), None)
         names = output_names(query, described.name, described.columns, described.tables) if plan and described else []
-        algorithm = SqlQueryAlgorithm(query=plan.partial_sql if plan else query,
-                                      mode=plan.mode if plan else "rows")
+        algorithm: SqlQueryAlgorithm | NoisyAggregateAlgorithm = SqlQueryAlgorithm(
+            query=plan.partial_sql if plan else query, mode=plan.mode if plan else "rows")
+        if dp is not None:
+            unknown = sorted(set(dp) - {"epsilon", "bounds"})
+            if unknown or "epsilon" not in dp:
+                raise ConfigError(f"dp= takes epsilon and bounds (got {sorted(dp)})",
+                                  hint='dp={"epsilon": 1.0, "bounds": {"age": [0, 120]}}')
+            from fedpod.algorithms.sql.noisy import plan_noisy
+
+            plan_noisy(query, {c: (lo, hi) for c, (lo, hi) in dp.get("bounds", {}).items()})  # fails here, not at pods
+            algorithm = NoisyAggregateAlgorithm(query=query, epsilon=dp["epsilon"], bounds=dp.get("bounds", {}))
         outcomes = await asyncio.gather(*(self._sql_result(t, algorithm) for t in targets), return_exceptions=True)
         answered = Targets(missing=targets.missing)
         tables, disclosure = [], {}
@@ -442,8 +459,9 @@ class AsyncModeller:
                                   hint="a quantile needs every dataset's counts at every step")
             answers = [o for o in outcomes if not isinstance(o, BaseException)]
             for target, (_, disclosure) in zip(targets, answers, strict=True):
-                if disclosure:
-                    withheld[target.identifier] = withheld.get(target.identifier, 0) + disclosure["withheld_counts"]
+                count = int(disclosure.get("withheld_counts", 0))
+                if count:
+                    withheld[target.identifier] = withheld.get(target.identifier, 0) + count
             search.absorb(merge_counts([table for table, _ in answers]))
             thresholds = search.next_thresholds()
         frame = pd.DataFrame([search.results()], columns=names or None, dtype="float64")
@@ -466,7 +484,7 @@ class SqlResults(dict[str, "pd.DataFrame"]):
     each pod's disclosure limits changed (rows capped, small groups suppressed)."""
 
     def __init__(self, frames: dict[str, pd.DataFrame], missing: dict[str, str],
-                 disclosure: dict[str, dict[str, int]] | None = None) -> None:
+                 disclosure: dict[str, dict[str, int | float]] | None = None) -> None:
         super().__init__(frames)
         self.missing = dict(missing)
         self.disclosure = dict(disclosure or {})
@@ -533,9 +551,10 @@ class Modeller:
         return self._call(self._core.resolve(datasets, tags, min_datasets=min_datasets))
 
     def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
-            aggregate: bool = False, min_datasets: int | None = None) -> pd.DataFrame | SqlResults:
+            aggregate: bool = False, min_datasets: int | None = None,
+            dp: dict[str, Any] | None = None) -> pd.DataFrame | SqlResults:
         return self._call(self._core.sql(query, datasets=datasets, tags=tags, aggregate=aggregate,
-                                         min_datasets=min_datasets))
+                                         min_datasets=min_datasets, dp=dp))
 
     def access_status(self, pods: list[str] | None = None) -> list[AccessStatus]:
         """This modeller's access requests and grants, as each pod (or the named ones) tells them."""

@@ -36,6 +36,7 @@ from fedpod.algorithms.sql.disclosure import (
     suppress_small_groups,
 )
 from fedpod.algorithms.sql.engine import SqlEngine
+from fedpod.algorithms.sql.noisy import add_noise, plan_noisy
 from fedpod.algorithms.sql.quantiles import check_thresholds, count_sql, plan_quantiles, pod_counts
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.privacy import Mechanism, PrivacyRound, Spent
@@ -73,6 +74,7 @@ from fedpod.wire.messages import (
     DatasetAdvert,
     Discover,
     Heartbeat,
+    NoisyAggregateAlgorithm,
     PodAdvert,
     QuantileCountsAlgorithm,
     SecAggReply,
@@ -96,8 +98,9 @@ def describe_request(request: TaskRequest | TrainRequest, *, denied: bool = Fals
     if isinstance(request, TaskRequest):
         algorithm = request.algorithm
         query = algorithm.query
-        described = {"mode": algorithm.mode} if isinstance(algorithm, SqlQueryAlgorithm) else {
-            "mode": "quantile-step", "thresholds": sum(len(t) for t in algorithm.thresholds)}
+        described: dict[str, Any] = {"mode": algorithm.mode} if isinstance(algorithm, SqlQueryAlgorithm) else {
+            "mode": "quantile-step", "thresholds": sum(len(t) for t in algorithm.thresholds)} \
+            if isinstance(algorithm, QuantileCountsAlgorithm) else {"mode": "noisy", "epsilon": algorithm.epsilon}
         return {**described, "query": truncated(query) if denied else query,
                 "query_sha256": hashlib.sha256(query.encode()).hexdigest()}
     plan = request.plan
@@ -410,7 +413,8 @@ class Pod:
                                  mask_key_shares=revealed.count("key"), dropped=sorted(request.dropped)[:64])
         await self._reply(opened, reply)
 
-    def _shape(self, algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm, columns: list[str]) -> QueryShape:
+    def _shape(self, algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm | NoisyAggregateAlgorithm,
+               columns: list[str]) -> QueryShape:
         """A quantile step releases counts (its own disclosure rule applies: `_quantile_counts`),
         so it is judged as an aggregate when its query is one the search accepts."""
         try:
@@ -558,6 +562,8 @@ class Pod:
         started = time.perf_counter()
         if isinstance(request.algorithm, QuantileCountsAlgorithm):
             return self._quantile_counts(request, request.algorithm, limits, started)
+        if isinstance(request.algorithm, NoisyAggregateAlgorithm):
+            return self._noisy_aggregate(request, request.algorithm, requester, limits, started)
         aggregate = measured.kind == "sql_aggregate"
         query, plan = request.algorithm.query, None
         if aggregate:
@@ -570,7 +576,7 @@ class Pod:
                                    hint="use plain GROUP BY keys, or ask the custodian") from exc
         table = self.engine.run(query, request.dataset, timeout_s=self.config.sql_timeout_s,
                                 max_rows=self.config.max_result_rows, cap_rows=None if aggregate else limits.max_rows)
-        disclosure: dict[str, int] = {}
+        disclosure: dict[str, int | float] = {}
         if aggregate:
             if plan is not None:
                 self._check_differencing(table, plan, request, requester, limits.min_group_size)
@@ -607,10 +613,29 @@ class Pod:
         except PermissionError as exc:
             raise AccessDenied(f"{exc} [rule: min_group_size]", where=f"dataset {request.dataset}",
                                hint="widen the WHERE selection") from exc
-        disclosure = {"withheld_counts": withheld, "min_group_size": limits.min_group_size} if withheld else {}
+        disclosure: dict[str, int | float] = {"withheld_counts": withheld,
+                                              "min_group_size": limits.min_group_size} if withheld else {}
         return self._answer(request, counts, disclosure, started)
 
-    def _answer(self, request: TaskRequest, table: pa.Table, disclosure: dict[str, int],
+    def _noisy_aggregate(self, request: TaskRequest, algorithm: NoisyAggregateAlgorithm, requester: str,
+                         limits: DatasetPolicy, started: float) -> tuple[TaskResult, dict[str, Any]]:
+        """An aggregate with Laplace noise (`algorithms.sql.noisy`), its epsilon charged to the
+        dataset's budget before the query runs; a charge beyond it is refused naming what remains."""
+        assert self.engine is not None
+        try:
+            plan = plan_noisy(algorithm.query, algorithm.bounds)
+        except FedpodError as exc:
+            raise SqlRejected(exc.message, where=f"dataset {request.dataset}", hint=exc.hint) from exc
+        spent = self.privacy.charge(dataset=request.dataset, modeller=requester,
+                                    name=self.config.policies.name_of(requester) or requester,
+                                    experiment=f"sql:{request.task_id}", delta=0.0, pure_epsilon=algorithm.epsilon,
+                                    budget=Budget(limits.epsilon_budget, limits.epsilon_budget_scope))
+        table = self.engine.run(plan.partial_sql, request.dataset, timeout_s=self.config.sql_timeout_s, max_rows=1)
+        disclosure: dict[str, int | float] = {"dp_epsilon": algorithm.epsilon,
+                      **({"dp_epsilon_remaining": spent.remaining} if spent.remaining is not None else {})}
+        return self._answer(request, add_noise(table, plan, algorithm.epsilon), disclosure, started)
+
+    def _answer(self, request: TaskRequest, table: pa.Table, disclosure: dict[str, int | float],
                 started: float) -> tuple[TaskResult, dict[str, Any]]:
         """The reply to a SQL task, within `max_result_bytes`, and what the audit log records."""
         payload = table_to_bytes(table)

@@ -89,7 +89,20 @@ class QuantileCountsAlgorithm(BaseModel):
     thresholds: list[Annotated[list[float], Field(max_length=4096)]] = Field(max_length=16)
 
 
-Algorithm = Annotated[SqlQueryAlgorithm | QuantileCountsAlgorithm, Field(discriminator="kind")]
+class NoisyAggregateAlgorithm(BaseModel):
+    """An aggregate query answered with Laplace noise (`fedpod.algorithms.sql.noisy`): `epsilon`
+    for the whole query, charged to the pod's ledger; `bounds` per summed column, to clamp to.
+    The pod plans and clamps the partials itself from `query`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["noisy_sql"] = "noisy_sql"
+    query: str = Field(max_length=20_000)
+    epsilon: float = Field(gt=0, le=100)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict, max_length=64)
+
+
+Algorithm = Annotated[SqlQueryAlgorithm | QuantileCountsAlgorithm | NoisyAggregateAlgorithm,
+                      Field(discriminator="kind")]
 
 
 class TaskRequest(WireMessage):
@@ -201,7 +214,8 @@ class TaskResult(WireMessage):
     table: BulkBytes
     seconds: float
     audit_checkpoint: dict[str, Any] | None = None  # the pod's latest signed audit checkpoint, for the modeller to keep
-    disclosure: dict[str, int] = {}  # what the pod's disclosure limits changed: suppressed_groups, rows_capped_at
+    # what the pod's limits changed or spent: suppressed_groups, rows_capped_at, withheld_counts, dp_epsilon...
+    disclosure: dict[str, int | float] = {}
 
 
 class TaskFailure(WireMessage):
