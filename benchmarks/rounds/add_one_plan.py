@@ -1,5 +1,9 @@
 """The benchmark's training plan: "training" is w + 1, so a round measures pure overhead
-(transport, encryption, serialisation, aggregation), as in FIELD-NOTES' Flower measurement."""
+(transport, encryption, serialisation, aggregation), as in FIELD-NOTES' Flower measurement.
+A pod whose data file has a `drop_out` column fails its training step: a dropout after the
+secure-aggregation key exchange (benchmarks/secagg)."""
+
+from pathlib import Path
 
 import numpy as np
 
@@ -29,4 +33,6 @@ class AddOne(TrainingPlan):
         return DataManager(np.zeros((1, 1), dtype=np.float32), np.zeros(1))
 
     def train_round(self, features, target, args, round_config, device, state):
+        if self.dataset_path is not None and "drop_out" in Path(self.dataset_path).read_text():
+            raise RuntimeError("this pod drops out, as the benchmark asked")
         return LocalResult({"w": self.params["w"] + 1}, 1, {"loss": 0.0}, {})

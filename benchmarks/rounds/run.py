@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,21 +51,30 @@ from fedpod.transport.broker import EmbeddedBroker
 HERE = Path(__file__).parent
 PLAN = HERE / "add_one_plan.py"
 OPEN_BROKER = "FEDPOD_BENCH_OPEN_BROKER"  # set for the open-broker comparison run
+DROP_OUT = "x,y,drop_out\n0.0,0,1\n"  # a pod holding this fails its training step (add_one_plan.py)
 
 
-def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: bool = False) -> list[float]:
-    """fedpod's side, run as its own process (the modeller) by `measure_fedpod`: seconds of each
-    round after the first. `secagg`: under secure aggregation (benchmarks/secagg)."""
+@dataclass(frozen=True)
+class RoundTimes:
+    seconds: list[float]  # each round after the first
+    wire_bytes: float  # per round, through the broker (received plus sent), all rounds averaged
+
+
+def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: bool = False,
+                dropouts: int = 0) -> RoundTimes:
+    """fedpod's side, run as its own process (the modeller) by `measure_fedpod`. `secagg`: under
+    secure aggregation; `dropouts`: that many pods fail every round after the key exchange (their
+    data says so to the plan), and the round completes without them (benchmarks/secagg)."""
     identity = Identity.generate("modeller")
     identity.save(work / "keys")
-    names = [f"pod{i + 1:02d}" for i in range(pods)]
+    names = [f"pod{i + 1:03d}" for i in range(pods)]
     source = PLAN.read_text()
-    with EmbeddedBroker(open=bool(os.environ.get(OPEN_BROKER))) as broker:
+    with EmbeddedBroker(open=bool(os.environ.get(OPEN_BROKER)), monitor=True) as broker:
         configs = []
-        for name in names:
+        for index, name in enumerate(names):
             folder = work / name
             folder.mkdir(parents=True)
-            (folder / "data.csv").write_text("x,y\n0.0,0\n")
+            (folder / "data.csv").write_text(DROP_OUT if index < dropouts else "x,y\n0.0,0\n")
             configs.append(write_pod(folder, name, broker, [DatasetSpec(
                 name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], [identity]))
             registry = PlanRegistry(folder / "storage" / "plans")
@@ -72,15 +82,18 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
             registry.decide(sha, "approved")
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=600) as modeller:
-            wait_for_pods(modeller, set(names), processes, deadline_s=180)
+            wait_for_pods(modeller, set(names), processes, deadline_s=max(180, 3 * pods))
             experiment = Experiment(tags=["bench"], training_plan_class="AddOne", training_plan_path=PLAN,
                                     model_args={"parameters": parameters}, training_args={"num_updates": 1},
                                     round_limit=rounds, modeller=modeller, experiments_root=work / "experiments",
-                                    console=Console(quiet=True), secagg=secagg)
+                                    console=Console(quiet=True), secagg=secagg, min_pods=pods - dropouts)
+            before = broker.traffic()
             experiment.run()
+            wire_bytes = (broker.traffic() - before) / rounds
             final = load_params(experiment.experimentation_path() / "model.safetensors")["w"]
             assert np.all(final == rounds), "FedAvg of w + 1 must add exactly one per round"
-            return [s for r, s in sorted(experiment.round_seconds().items()) if r > 0]
+            seconds = [s for r, s in sorted(experiment.round_seconds().items()) if r > 0]
+            return RoundTimes(seconds, wire_bytes)
 
 
 def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
@@ -114,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         pods, parameters, rounds, work = args.one
-        print(json.dumps(time_rounds(int(pods), int(parameters), int(rounds), Path(work))))
+        print(json.dumps(time_rounds(int(pods), int(parameters), int(rounds), Path(work)).seconds))
         return
     from benchmarks.transport.run import throughput
 

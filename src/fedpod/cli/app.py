@@ -606,7 +606,7 @@ def _save_results(result: pd.DataFrame | SqlResults, out: Path, query: str) -> N
         err.print(f"[yellow]missing:[/yellow] {escape(identifier)} — {escape(why)}", highlight=False, soft_wrap=True)
 
 
-def disclosure_note(limits: dict[str, int]) -> str:
+def disclosure_note(limits: dict[str, int | float]) -> str:
     """What a pod's disclosure limits did to its part of a result, in words."""
     notes = []
     if "suppressed_groups" in limits:
@@ -614,6 +614,13 @@ def disclosure_note(limits: dict[str, int]) -> str:
                      "(their rows are left out of this result, which is therefore not exact)")
     if "rows_capped_at" in limits:
         notes.append(f"capped its rows at {limits['rows_capped_at']:,} (its policy's max_rows)")
+    if "withheld_counts" in limits:
+        notes.append(f"withheld {limits['withheld_counts']} count(s) near its smallest or largest values (the "
+                     "quantile search went around them; the answer is exact)")
+    if "dp_epsilon" in limits:
+        remaining = limits.get("dp_epsilon_remaining")
+        notes.append(f"added noise for epsilon {limits['dp_epsilon']:g}"
+                     + (f" ({remaining:.4g} of its budget remains)" if remaining is not None else ""))
     return "; ".join(notes)
 
 

@@ -28,6 +28,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -151,7 +152,7 @@ class EmbeddedBroker:
     def __init__(self, *, port: int | None = None, store: Path | None = None,
                  max_payload: int | None = None, max_pending: int = 256 * 1024 * 1024,
                  ready_timeout_s: float = 10.0, folder: Path | None = None, open: bool = False,
-                 parties: list[Party] | None = None, accounts: str | None = None) -> None:
+                 parties: list[Party] | None = None, accounts: str | None = None, monitor: bool = False) -> None:
         self.requested_port = port
         self.max_payload = max_payload
         self.max_pending = max_pending
@@ -164,6 +165,8 @@ class EmbeddedBroker:
         self._process: subprocess.Popen[bytes] | None = None
         self._initial_parties = list(parties or [])
         self.accounts = accounts
+        self.monitor = monitor  # NATS's HTTP monitoring on loopback, for `traffic()` (benchmarks)
+        self.monitoring_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -207,6 +210,8 @@ class EmbeddedBroker:
                  f"jetstream {{ store_dir: {json.dumps(str(self.store))} }}"]
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")
+        if self.monitor:
+            lines.append('http: "127.0.0.1:-1"')
         (self.folder / PID_FILE).unlink(missing_ok=True)
         if self.accounts is not None:
             (self.folder / ACCOUNTS_FILE).write_text(self.accounts)
@@ -231,8 +236,9 @@ class EmbeddedBroker:
                 raise BrokerUnavailable(f"nats-server exited with code {self._process.returncode}: {detail}")
             if ports_file.exists():
                 try:
-                    url = json.loads(ports_file.read_text())["nats"][0]
-                    self.port = int(url.rsplit(":", 1)[1])
+                    ports = json.loads(ports_file.read_text())
+                    self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+                    self.monitoring_url = ports["monitoring"][0] if self.monitor else None
                     with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                         (self.folder / PID_FILE).write_text(str(self._process.pid))
                         return self
@@ -241,6 +247,14 @@ class EmbeddedBroker:
             time.sleep(0.005)
         self.stop()
         raise BrokerUnavailable(f"nats-server not ready after {self.ready_timeout_s}s")
+
+    def traffic(self) -> int:
+        """Bytes the server has received plus sent since it started (NATS's /varz), with `monitor`."""
+        if self.monitoring_url is None:
+            raise BrokerUnavailable("this broker was started without monitor=True")
+        with urllib.request.urlopen(f"{self.monitoring_url}/varz", timeout=5) as answer:
+            varz = json.loads(answer.read())
+        return int(varz["in_bytes"]) + int(varz["out_bytes"])
 
     def stop(self) -> None:
         (self.folder / PID_FILE).unlink(missing_ok=True)

@@ -109,9 +109,9 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
     metrics: dict[str, float] = {}
     if len(test_rows) and args.test_on_global_updates and dp is None:
         metrics |= _validate(plan, features[test_rows], target[test_rows], args, "global")
+    dp_sgd = {"privacy": privacy} if dp is not None and dp.type == "local" else {}  # plans predating DP take none
     result = plan.train_round(features[train_rows], target[train_rows], args, round_config, device,
-                              state if state is not None else {},
-                              privacy=privacy if dp is not None and dp.type == "local" else None)
+                              state if state is not None else {}, **dp_sgd)
     if len(test_rows) and args.test_on_local_updates and dp is None:
         metrics |= _validate(plan, features[test_rows], target[test_rows], args, "local")
     for name, values in result.params.items():
