@@ -47,7 +47,8 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
            "COLUMNS": "200"}
     env.pop("FEDPOD_KEYSTORE", None)
     snippets = python_snippets()
-    assert len(snippets) == 4  # the Experiment, Modeller, secure aggregation and patient-journeys examples
+    # the Experiment, Modeller, secure aggregation, differential privacy, quantiles and patient-journeys examples
+    assert len(snippets) == 6
     script += "".join(f"\npython - <<'PY'\n{snippet}PY\n" for snippet in snippets)
     wrapper = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + script
     done = subprocess.run(["bash", "-c", wrapper], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -116,8 +116,11 @@ def require(targets: Targets, min_datasets: int | None) -> Targets:
         raise errors[0]
     reasons = targets.reasons()
     if min_datasets is None and all(isinstance(e, AccessDenied) for e in errors):
+        rules = {e.rule for e in errors if isinstance(e, AccessDenied)}
+        rule = rules.pop() if len(rules) == 1 else None  # one rule refused them all: name it, and its remedy
+        hint = "send each custodian your fingerprint, compared out of band" if rule == "modellers" else \
+            errors[0].hint if rule is not None else "each refusal above names its rule"
         raise AccessDenied(f"{len(errors)} datasets refused this modeller — " + "; ".join(
-            f"{identifier}: {why}" for identifier, why in reasons.items()), rule="modellers",
-            hint="send each custodian your fingerprint, compared out of band")
+            f"{identifier}: {why}" for identifier, why in reasons.items()), rule=rule, hint=hint)
     needed = "all of them" if min_datasets is None else f"at least {min_datasets}"
     raise MissingDatasets(reasons, len(targets), needed)
