@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +122,10 @@ def test_noisy_sql_charges_the_same_budget_and_is_refused_once_it_is_spent(
     assert isinstance(exact_answer, pd.DataFrame) and int(exact_answer["n"][0]) == len(exact)
     charges = [e for e in AuditLog(pods[0].audit_path).entries() if e["event"] == "privacy-charge"]
     assert [c["epsilon"] for c in charges] == [0.5, 0.5]
+    [spend] = PodFolder(pods[0].config_path).privacy_spend()  # the custodian's view
+    assert spend == {"dataset": DATASET, "modeller": "modeller", "spent": 1.0, "budget": 1.2,
+                     "scope": "per_modeller", "remaining": pytest.approx(0.2)}
+    shown = subprocess.run([sys.executable, "-m", "fedpod.cli.app", "policy", "budget", "--config",
+                            str(pods[0].config_path)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "modeller" in shown and "1.2" in shown and "0.2" in shown

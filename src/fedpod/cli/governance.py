@@ -126,6 +126,21 @@ def policy_show(config: ConfigPath = Path("pod.yaml")) -> None:
     console.print(policy_yaml(PodFolder(config).config.policies), highlight=False, markup=False)
 
 
+@policy_app.command("budget")
+def policy_budget(config: ConfigPath = Path("pod.yaml")) -> None:
+    """Epsilon spent by differential privacy per dataset and modeller, against each budget."""
+    rows = PodFolder(config).privacy_spend()
+    if not rows:
+        console.print("no differentially private task has run on this pod")
+        return
+    table = Table("dataset", "modeller", "spent", "budget", "remaining", "scope")
+    for row in rows:
+        table.add_row(escape(row["dataset"]), escape(row["modeller"]), f"{row['spent']:.4g}",
+                      "none" if row["budget"] is None else f"{row['budget']:g}",
+                      "" if row["remaining"] is None else f"{max(row['remaining'], 0):.4g}", row["scope"])
+    console.print(table)
+
+
 @policy_app.command("set")
 def policy_set(
     dataset: Annotated[str, typer.Argument(help="a dataset of the pod, or '*' for every dataset without its own")],

@@ -82,6 +82,11 @@ class PrivacyLedger:
         else:
             experiment.pure += float(entry["epsilon"])
 
+    def totals(self) -> dict[tuple[str, str], float]:
+        """Epsilon spent per (dataset, modeller fingerprint): what the custodian's view lists."""
+        with self._lock:
+            return dict(self._load())
+
     def spent(self, dataset: str, modeller: str | None = None) -> float:
         """Epsilon spent on `dataset`, by `modeller` or (None) by everyone."""
         with self._lock:

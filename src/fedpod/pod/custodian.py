@@ -114,6 +114,23 @@ class PodFolder:
 
         self.change_policy(without, source)
 
+    def privacy_spend(self) -> list[dict[str, Any]]:
+        """Per dataset and modeller: the epsilon spent (from the pod's ledger), its budget and scope
+        as the policy now states them, and what remains (a total budget counts every modeller)."""
+        from fedpod.governance.privacy_budget import PrivacyLedger
+
+        policies = self.config.policies
+        totals = PrivacyLedger(self.storage / "privacy-budget.jsonl", lambda *_, **__: None).totals()
+        rows = []
+        for (dataset, fingerprint), spent in sorted(totals.items()):
+            limits = policies.for_dataset(dataset)
+            used = sum(v for (d, _), v in totals.items() if d == dataset) if limits.epsilon_budget_scope == "total" \
+                else spent
+            rows.append({"dataset": dataset, "modeller": policies.name_of(fingerprint) or fingerprint,
+                         "spent": spent, "budget": limits.epsilon_budget, "scope": limits.epsilon_budget_scope,
+                         "remaining": None if limits.epsilon_budget is None else limits.epsilon_budget - used})
+        return rows
+
     def set_limit(self, dataset: str, field: str, value: str, source: str = "fedpod policy set") -> tuple[Any, Any]:
         """Set one limit of a dataset's policy from its text (YAML: `5`, `null`, `[a, b]`, `true`)."""
         if field not in LIMIT_FIELDS:
