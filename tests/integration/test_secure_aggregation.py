@@ -142,3 +142,28 @@ def test_two_of_ten_pods_killed_after_masking_and_the_round_still_completes(
     assert all(f"pod{i}" in replies and "error" not in replies[f"pod{i}"] for i in range(10)), replies
     assert pods[2].process.poll() is None
     secure.close()
+
+
+def test_secure_sql_sums_equal_the_plain_ones_and_a_pod_lost_after_the_keys_is_named(
+        pod_factory: PodFactory, modeller: Modeller, modeller_identity: Identity, tmp_path: Path) -> None:
+    """Issue 10, item 1 for SQL: COUNT, SUM and AVG summed under secure aggregation."""
+    from fedpod.errors import NotMergeable
+
+    csvs = [f / "patients.csv" for f in write(generate(3, 1500, seed=11), tmp_path / "data")]
+    few = tmp_path / "few-smokers.csv"  # a fourth pod whose cell holds 2 smokers: it refuses after the key exchange
+    frame = pd.read_csv(csvs[0])
+    pd.concat([frame[frame.smoker == 1].head(2), frame[frame.smoker == 0].head(50)]).to_csv(few, index=False)
+    start_pods(pod_factory, modeller_identity, [*csvs, few], ["alice", "bob", "charlie", "dave"])
+    query = f"SELECT COUNT(*) AS n, AVG(age) AS mean_age, SUM(bmi) AS total_bmi FROM {DATASET} WHERE smoker = 1"
+    three = [f"{name}/{DATASET}" for name in ("alice", "bob", "charlie")]
+    plain = modeller.sql(query, datasets=three, aggregate=True)
+    secure = modeller.sql(query, datasets=three, aggregate=True, secure=True)
+    assert isinstance(plain, pd.DataFrame) and isinstance(secure, pd.DataFrame) and secure.attrs["secure"]
+    assert int(secure["n"][0]) == int(plain["n"][0])  # counts are exact
+    assert abs(float(secure["total_bmi"][0]) - float(plain["total_bmi"][0])) <= 3 * 2**-21
+    assert float(secure["mean_age"][0]) == pytest.approx(float(plain["mean_age"][0]), rel=1e-12)
+    everyone = modeller.sql(query, tags=["ehr"], aggregate=True, secure=True, min_datasets=3)
+    assert isinstance(everyone, pd.DataFrame) and int(everyone["n"][0]) == int(plain["n"][0])
+    assert "min_group_size" in everyone.attrs["missing"][f"dave/{DATASET}"]
+    with pytest.raises(NotMergeable, match="GROUP BY"):
+        modeller.sql(f"SELECT sex, COUNT(*) FROM {DATASET} GROUP BY sex", tags=["ehr"], aggregate=True, secure=True)

@@ -29,9 +29,13 @@ def test_aggregator_section_asks_for_one_global_result(tmp_path: Path) -> None:
     assert load_task(write(tmp_path, text)).aggregate
 
 
-def test_secure_aggregation_is_a_clear_error_not_ignored(tmp_path: Path) -> None:
-    text = BITFOUNT_EXAMPLE.replace("  data_structure:", "  aggregator: {secure: true}\n  data_structure:")
-    with pytest.raises(ConfigError, match="secure aggregation"):
+def test_secure_aggregation_of_sql_carries_its_settings(tmp_path: Path) -> None:
+    secure = "  aggregator: {secure: true, num_shares: 3}\n  data_structure:"
+    text = BITFOUNT_EXAMPLE.replace("  data_structure:", secure)
+    task = load_task(write(tmp_path, text))
+    assert task.aggregate and task.secagg == {"num_shares": 3}
+    text = BITFOUNT_EXAMPLE.replace("  data_structure:", "  aggregator: {num_shares: 3}\n  data_structure:")
+    with pytest.raises(ConfigError, match="without `secure: true`"):
         load_task(write(tmp_path, text))
 
 

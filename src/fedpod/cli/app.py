@@ -651,7 +651,8 @@ def run_task(
     with _modeller(identity, keystore, broker, tls_ca, tls_cert, tls_key, creds, timeout, require_pinned) as modeller:
         if isinstance(task, SqlTask):
             result = modeller.sql(task.query, datasets=task.targets.identifiers or None,
-                                  tags=task.targets.tags or None, aggregate=task.aggregate, min_datasets=min_datasets)
+                                  tags=task.targets.tags or None, aggregate=task.aggregate, min_datasets=min_datasets,
+                                  secure=task.secagg if task.secagg is not None else False)
             _save_results(result, out, task.query)
             return
         from fedpod.modeller.training_task import run_training_task

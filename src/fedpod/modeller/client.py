@@ -46,6 +46,8 @@ from fedpod.wire.messages import (
     NoisyAggregateAlgorithm,
     PodAdvert,
     QuantileCountsAlgorithm,
+    SecAggMasking,
+    SecAggReply,
     SqlQueryAlgorithm,
     TaskFailure,
     TaskRequest,
@@ -370,22 +372,29 @@ class AsyncModeller:
 
     async def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
                   aggregate: bool = False, min_datasets: int | None = None,
-                  dp: dict[str, Any] | None = None) -> pd.DataFrame | SqlResults:
+                  dp: dict[str, Any] | None = None, secure: bool | dict[str, Any] = False) -> pd.DataFrame | SqlResults:
         """Run `query` on each dataset. With `aggregate=True`, one exact global result whose
         `attrs` name the datasets it covers (`datasets`) and any left out (`missing`);
         otherwise one DataFrame per dataset identifier (`.missing` on the mapping). A dataset
         that does not answer fails the query naming it — every one, with its reason — unless
         `min_datasets` answered. `dp={"epsilon": 1.0, "bounds": {"age": [0, 120]}}` (with
         `aggregate=True`): COUNT, SUM and AVG with Laplace noise added by each pod, which charges
-        epsilon to its budget (`fedpod.algorithms.sql.noisy`)."""
+        epsilon to its budget (`fedpod.algorithms.sql.noisy`). `secure=True` (or SecAgg+ settings):
+        COUNT, SUM and AVG summed under secure aggregation, so that no pod's partials are seen
+        (`fedpod.algorithms.sql.secure`); pods that drop out are named in `attrs["missing"]`."""
         from fedpod.algorithms.sql.federated import plan_merge
         from fedpod.algorithms.sql.quantiles import is_quantile_query
         from fedpod.modeller.sql import merge, output_names
 
         if aggregate and is_quantile_query(query):
             return await self._quantiles(query, await self.resolve(datasets, tags, min_datasets=min_datasets))
-        if dp is not None and not aggregate:
-            raise ConfigError("dp= needs aggregate=True: noise is added to the pods' partial aggregates")
+        if (dp is not None or secure is not False) and not aggregate:
+            raise ConfigError("dp= and secure= need aggregate=True: they apply to the pods' partial aggregates")
+        if secure is not False:
+            if dp is not None:
+                raise ConfigError("choose dp= or secure= for one query")
+            return await self._secure_sql(query, await self.resolve(datasets, tags, min_datasets=min_datasets),
+                                          {} if secure is True else dict(secure), min_datasets)
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
         # Pods that do not know this modeller advertise no schema; their refusals say what to ask for.
@@ -429,6 +438,43 @@ class AsyncModeller:
                             disclosure=disclosure)
         return merged
 
+
+    async def _secure_sql(self, query: str, targets: Targets, settings: dict[str, Any],
+                          min_datasets: int | None) -> pd.DataFrame:
+        """An aggregate summed under secure aggregation: the steps of `modeller.secure_round`'s
+        `secure_sum`, the pods' partials masked in their TaskResults."""
+        import numpy as np
+
+        from fedpod.algorithms.sql.secure import decode_sums, secure_partials
+        from fedpod.modeller.secure_round import secagg_settings, secure_sum
+        from fedpod.modeller.sql import merge, output_names
+
+        plan, kinds = secure_partials(query)
+        chosen = secagg_settings(settings or True)
+        assert chosen is not None
+        described = next((t.dataset for t in targets if t.dataset.columns), None)
+        names = output_names(query, described.name, described.columns, described.tables) if described else []
+        algorithm = SqlQueryAlgorithm(query=plan.partial_sql, mode="partials")
+
+        async def contribute(target: Target, masking: SecAggMasking) -> tuple[TaskResult, np.ndarray | None]:
+            result = await self.exchange(target, lambda task_id: TaskRequest(
+                task_id=task_id, dataset=target.dataset.name, algorithm=algorithm, secagg=masking), TaskResult)
+            table = table_from_bytes(result.table)
+            masked = table.column("masked").to_numpy() if "masked" in table.column_names else None
+            return result, None if masked is None else np.asarray(masked, dtype=np.uint64)
+
+        summed = await secure_sum(list(targets), chosen, lambda t, build: self.exchange(t, build, SecAggReply),
+                                  contribute, "sql_aggregate")
+        answered = Targets(missing=dict(targets.missing))
+        for target in targets:
+            if target.identifier in summed.results:
+                answered.append(target)
+            else:
+                answered.missing[target.identifier] = FedpodError(summed.dropped.get(target.identifier, "dropped"))
+        require(answered, min_datasets)
+        frame = merge(plan, [decode_sums(summed.total, kinds)], names)
+        frame.attrs.update(datasets=[t.identifier for t in answered], missing=answered.reasons(), secure=True)
+        return frame
 
     async def _quantiles(self, query: str, targets: Targets) -> pd.DataFrame:
         """An exact federated quantile query: steps of counts at thresholds, each merged across
@@ -552,9 +598,9 @@ class Modeller:
 
     def sql(self, query: str, *, datasets: list[str] | None = None, tags: list[str] | None = None,
             aggregate: bool = False, min_datasets: int | None = None,
-            dp: dict[str, Any] | None = None) -> pd.DataFrame | SqlResults:
+            dp: dict[str, Any] | None = None, secure: bool | dict[str, Any] = False) -> pd.DataFrame | SqlResults:
         return self._call(self._core.sql(query, datasets=datasets, tags=tags, aggregate=aggregate,
-                                         min_datasets=min_datasets, dp=dp))
+                                         min_datasets=min_datasets, dp=dp, secure=secure))
 
     def access_status(self, pods: list[str] | None = None) -> list[AccessStatus]:
         """This modeller's access requests and grants, as each pod (or the named ones) tells them."""

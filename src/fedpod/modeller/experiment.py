@@ -56,7 +56,7 @@ from fedpod.modeller.results import (
     save_breakpoint,
     write_metrics,
 )
-from fedpod.modeller.secure_round import secure_round
+from fedpod.modeller.secure_round import secagg_settings, secure_round
 from fedpod.modeller.selection import AllNodes, NodeSelectionStrategy
 from fedpod.transport.bus import BrokerOptions
 from fedpod.wire.codec import Buffer
@@ -72,18 +72,6 @@ from fedpod.wire.messages import (
 from fedpod.wire.tensors import decode_groups, encode_parts
 
 log = logging.getLogger(__name__)
-
-
-def secagg_settings(secagg: bool | dict[str, Any]) -> Settings | None:
-    """`secagg=True` (defaults) or a dict of Flower's SecAgg+ names; False: plain aggregation."""
-    if secagg is False:
-        return None
-    values = {} if secagg is True else dict(secagg)
-    try:
-        return Settings(**values)
-    except TypeError as exc:
-        raise ConfigError(f"invalid secure aggregation settings: {exc}",
-                          hint="num_shares, reconstruction_threshold, clipping_range, quantization_range") from exc
 
 
 class RoundFailed(FedpodError):

@@ -18,7 +18,7 @@ import numpy as np
 from fedpod.aggregation.secure.fixedpoint import encode
 from fedpod.aggregation.secure.protocol import Y_BYTES, PodSession, PublicKeys, Settings, make_plan
 from fedpod.errors import SecAggError
-from fedpod.wire.messages import SecAggMasking, SecAggReply, SecAggRequest
+from fedpod.wire.messages import Purpose, SecAggMasking, SecAggReply, SecAggRequest
 
 MAX_SESSIONS = 4  # per modeller: a round needs one per dataset it trains on here
 SESSION_TTL_S = 900.0
@@ -29,6 +29,7 @@ SETTING_NAMES = ("num_shares", "reconstruction_threshold", "clipping_range", "qu
 class _Session:
     protocol: PodSession
     dataset: str
+    purpose: Purpose
     opened: float
     masked: bool = False
 
@@ -86,7 +87,7 @@ class SecAggSessions:
                               hint="finish or abandon a round first; sessions expire after 15 minutes")
         plan = make_plan(request.participants, bytes.fromhex(request.session), settings_from_wire(request.settings))
         protocol = PodSession(plan, f"{self.pod}/{request.dataset}")  # participants are dataset identifiers
-        self._sessions[key] = _Session(protocol, request.dataset, time.monotonic())
+        self._sessions[key] = _Session(protocol, request.dataset, request.purpose, time.monotonic())
         keys = protocol.advertise()
         return SecAggReply(task_id=request.task_id, step="keys", keys=[keys.seal_key, keys.mask_key, keys.commitment])
 
@@ -102,14 +103,27 @@ class SecAggSessions:
 
     def mask(self, masking: SecAggMasking, modeller: str, dataset: str, update: np.ndarray,
              samples: int) -> tuple[np.ndarray, int]:
-        """Step 3: the encoded, sample-weighted update, masked; and how many values were clipped."""
-        with self._lock:
-            session = self._sessions.get((modeller, masking.session))
-            if session is None or session.dataset != dataset or session.masked:
-                raise SecAggError(f"no open secure aggregation session {masking.session[:8]} on {dataset} to mask in")
-            session.masked = True
+        """Step 3 of a training round: the encoded, sample-weighted update, masked; and how many
+        values were clipped."""
+        session = self._take(masking, modeller, dataset, "train")
         encoded, clipped = encode(update, samples, session.protocol.plan.quantisation)
         return session.protocol.mask(encoded, {owner: bytes(box) for owner, box in masking.sealed.items()}), clipped
+
+    def mask_encoded(self, masking: SecAggMasking, modeller: str, dataset: str, encoded: np.ndarray,
+                     purpose: Purpose) -> np.ndarray:
+        """Step 3 for a vector already in the ring (SQL partials), masked."""
+        session = self._take(masking, modeller, dataset, purpose)
+        return session.protocol.mask(encoded, {owner: bytes(box) for owner, box in masking.sealed.items()})
+
+    def _take(self, masking: SecAggMasking, modeller: str, dataset: str, purpose: Purpose) -> _Session:
+        """The open session to mask in, once: for this modeller, dataset and purpose."""
+        with self._lock:
+            session = self._sessions.get((modeller, masking.session))
+            if session is None or session.dataset != dataset or session.purpose != purpose or session.masked:
+                raise SecAggError(f"no open secure aggregation session {masking.session[:8]} for {purpose} on "
+                                  f"{dataset} to mask in")
+            session.masked = True
+            return session
 
     def _forget_expired(self) -> None:
         now = time.monotonic()

@@ -38,6 +38,7 @@ from fedpod.algorithms.sql.disclosure import (
 from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.algorithms.sql.noisy import add_noise, plan_noisy
 from fedpod.algorithms.sql.quantiles import check_thresholds, count_sql, plan_quantiles, pod_counts
+from fedpod.algorithms.sql.secure import encode_partials, secure_partials
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.privacy import Mechanism, PrivacyRound, Spent
 from fedpod.channel import SecureChannel
@@ -77,6 +78,7 @@ from fedpod.wire.messages import (
     NoisyAggregateAlgorithm,
     PodAdvert,
     QuantileCountsAlgorithm,
+    SecAggMasking,
     SecAggReply,
     SecAggRequest,
     SqlQueryAlgorithm,
@@ -101,6 +103,8 @@ def describe_request(request: TaskRequest | TrainRequest, *, denied: bool = Fals
         described: dict[str, Any] = {"mode": algorithm.mode} if isinstance(algorithm, SqlQueryAlgorithm) else {
             "mode": "quantile-step", "thresholds": sum(len(t) for t in algorithm.thresholds)} \
             if isinstance(algorithm, QuantileCountsAlgorithm) else {"mode": "noisy", "epsilon": algorithm.epsilon}
+        if request.secagg is not None:
+            described["secure_aggregation"] = True
         return {**described, "query": truncated(query) if denied else query,
                 "query_sha256": hashlib.sha256(query.encode()).hexdigest()}
     plan = request.plan
@@ -379,8 +383,9 @@ class Pod:
         await self._handle_task(opened, request)
 
     async def _on_secagg(self, opened: Opened, trusted: bool) -> None:
-        """Steps 1, 2 and 4 of secure aggregation, for a modeller the policy lets train on the
-        dataset (step 3 rides on its TrainRequest); the unmasking is audited, once per round."""
+        """Steps 1, 2 and 4 of secure aggregation, for a modeller the policy grants the session's
+        purpose on the dataset (`train`, or `sql_aggregate` for secure SQL sums; step 3 rides on
+        the TrainRequest or TaskRequest); the unmasking is audited, once per round."""
         sender = opened.sender
         if not trusted:
             self._refused("secagg-stranger", f"from {sender.fingerprint}")
@@ -394,10 +399,11 @@ class Pod:
             return
         today = dt.datetime.now(dt.UTC).date()
         served = self.engine is not None and request.dataset in self.engine.datasets
-        if not served or "train" not in self.config.policies.kinds_for(sender.fingerprint, request.dataset, today):
+        kind = request.purpose
+        if not served or kind not in self.config.policies.kinds_for(sender.fingerprint, request.dataset, today):
             await self._reply(opened, TaskFailure(
                 task_id=request.task_id, dataset=request.dataset[:128], kind="AccessDenied", rule="grant",
-                message=f"secure aggregation on {request.dataset[:128]!r} needs the `train` kind at pod "
+                message=f"secure aggregation on {request.dataset[:128]!r} needs the `{kind}` kind at pod "
                         f"{self.config.name}"), attempts=1)
             return
         try:
@@ -581,6 +587,8 @@ class Pod:
             if plan is not None:
                 self._check_differencing(table, plan, request, requester, limits.min_group_size)
             table, suppressed = suppress_small_groups(table, limits.min_group_size)
+            if request.secagg is not None:
+                return self._masked_partials(request, request.secagg, requester, table, suppressed, limits, started)
             if limits.max_groups is not None and table.num_rows > limits.max_groups:
                 raise AccessDenied(f"the answer has {table.num_rows} groups; {request.dataset} releases at most "
                                    f"{limits.max_groups} per aggregate", rule="max_groups",
@@ -593,6 +601,27 @@ class Pod:
             table = table.slice(0, limits.max_rows)
             disclosure = {"rows_capped_at": limits.max_rows}
         return self._answer(request, table, disclosure, started)
+
+    def _masked_partials(self, request: TaskRequest, masking: SecAggMasking, requester: str, table: pa.Table,
+                         suppressed: int, limits: DatasetPolicy, started: float) -> tuple[TaskResult, dict[str, Any]]:
+        """An aggregate's partials, masked for a secure sum (`algorithms.sql.secure`): the pod's
+        cell passed its disclosure rules first; only the masked vector leaves."""
+        import pyarrow as pa
+
+        try:
+            _, kinds = secure_partials(request.algorithm.query)
+        except FedpodError as exc:
+            raise SqlRejected(exc.message, where=f"dataset {request.dataset}", hint=exc.hint) from exc
+        if suppressed or table.num_rows != 1:
+            raise AccessDenied(f"its cell holds fewer than {limits.min_group_size} rows here, too few to add "
+                               "to a secure sum [rule: min_group_size]", where=f"dataset {request.dataset}",
+                               hint="widen the WHERE selection")
+        try:
+            encoded = encode_partials(table.to_pylist()[0], kinds)
+        except ValueError as exc:
+            raise SqlRejected(str(exc), where=f"dataset {request.dataset}") from exc
+        masked = self.secagg.mask_encoded(masking, requester, request.dataset, encoded, "sql_aggregate")
+        return self._answer(request, pa.table({"masked": pa.array(masked, pa.uint64())}), {}, started)
 
     def _quantile_counts(self, request: TaskRequest, algorithm: QuantileCountsAlgorithm, limits: DatasetPolicy,
                          started: float) -> tuple[TaskResult, dict[str, Any]]:

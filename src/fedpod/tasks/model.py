@@ -28,6 +28,7 @@ class SqlTask(BaseModel):
     query: str
     aggregate: bool = False
     table: str | None = None
+    secagg: dict[str, Any] | None = None  # `aggregator: {secure: true, ...}`: summed under secure aggregation
 
 
 class TrainingTask(BaseModel):

@@ -95,12 +95,15 @@ def compile_task(spec: TaskFile, *, where: str, base: Path = Path()) -> SqlTask 
     query = algorithms[0].arguments.get("query")
     if not isinstance(query, str) or not query.strip():
         raise ConfigError("SqlQuery needs arguments.query", where=where)
-    aggregator = spec.task.aggregator
-    if aggregator is not None and aggregator.get("secure"):
-        raise ConfigError("secure aggregation of SQL results is not available yet", where=where,
-                          hint="remove `aggregator.secure` or set it to false")
+    aggregator = dict(spec.task.aggregator or {}) if spec.task.aggregator is not None else None
+    secure = bool(aggregator.pop("secure", False)) if aggregator is not None else False
+    secagg = {key: aggregator.pop(key) for key in SECAGG_SETTINGS if key in aggregator} if aggregator else {}
+    if secagg and not secure:
+        raise ConfigError(f"{', '.join(secagg)} set without `secure: true`", where=f"{where}: task.aggregator",
+                          hint="add `secure: true`, or remove the secure aggregation settings")
     table = ((spec.task.data_structure or {}).get("table_config") or {}).get("table")
-    return SqlTask(targets=spec.pods, query=query, aggregate=aggregator is not None, table=table)
+    return SqlTask(targets=spec.pods, query=query, aggregate=aggregator is not None, table=table,
+                   secagg=secagg if secure else None)
 
 
 def _model_reference(algorithm: Named, where: str, base: Path) -> tuple[str, str | None]:

@@ -105,11 +105,24 @@ Algorithm = Annotated[SqlQueryAlgorithm | QuantileCountsAlgorithm | NoisyAggrega
                       Field(discriminator="kind")]
 
 
+class SecAggMasking(BaseModel):
+    """Step 3 of secure aggregation, riding on a TrainRequest (or an aggregate TaskRequest): the session, the sealed
+    shares the other pods sent for this one (owner -> sealed bytes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    session: str = Field(pattern="^[0-9a-f]{32}$")
+    sealed: dict[str, bytes] = Field(default_factory=dict, max_length=1024)
+
+
 class TaskRequest(WireMessage):
+    """`secagg`: an aggregate whose partials (COUNT and SUM) the pod sends masked, for a
+    secure sum across pods (`fedpod.algorithms.sql.secure`), never in the clear."""
+
     TYPE: ClassVar[str] = "task"
     task_id: str
     dataset: str
     algorithm: Algorithm
+    secagg: SecAggMasking | None = None
 
 
 class PlanSpec(BaseModel):
@@ -129,25 +142,20 @@ EXTRA_PREFIX = "extra."  # tensor groups of a TrainResult beside `params` (Scaff
 MASKED = "masked"  # the tensor group of a TrainResult under secure aggregation: `y`, uint64, instead of `params`
 
 
-class SecAggMasking(BaseModel):
-    """Step 3 of secure aggregation, riding on a TrainRequest: the session, and the sealed
-    shares the other pods sent for this one (owner -> sealed bytes)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    session: str = Field(pattern="^[0-9a-f]{32}$")
-    sealed: dict[str, bytes] = Field(default_factory=dict, max_length=1024)
+Purpose = Literal["train", "sql_aggregate"]  # what a secure aggregation session sums: a model update, SQL partials
 
 
 class SecAggRequest(WireMessage):
     """Steps 1, 2 and 4 of secure aggregation (`fedpod.aggregation.secure.protocol`) for one
     round on one dataset: `keys` (with the participants and settings), `shares` (with every
     pod's public keys: pod -> [seal key, mask key, commitment]) and `unmask` (who survived and
-    who dropped)."""
+    who dropped). `purpose` is the task kind the session serves, which the modeller must hold."""
 
     TYPE: ClassVar[str] = "secagg"
     task_id: str
     session: str = Field(pattern="^[0-9a-f]{32}$")
     dataset: str
+    purpose: Purpose = "train"
     step: Literal["keys", "shares", "unmask"]
     participants: list[str] = Field(default_factory=list, max_length=1024)
     settings: dict[str, float | int | None] = {}

@@ -262,6 +262,14 @@ class ModellerSession:
     def finish(self, answers: dict[str, dict[str, tuple[str, int, int]]]) -> tuple[np.ndarray, int]:
         """The sample-weighted mean of the survivors' updates and the total samples, from the
         survivors' unmasking answers; SecAggError naming what was lost or who lied."""
+        total = self.unmasked_sum(answers)
+        try:
+            return decode(total, self.plan.quantisation)
+        except ValueError as exc:
+            raise SecAggError(f"{exc}; the round's sum is not used") from exc
+
+    def unmasked_sum(self, answers: dict[str, dict[str, tuple[str, int, int]]]) -> np.ndarray:
+        """The survivors' encoded vectors summed in the ring of 2^64, every mask removed."""
         survivors, dropped = set(self.masked), self.sharers - set(self.masked)
         length = len(next(iter(self.masked.values())))
         total = np.zeros(length, dtype=np.uint64)
@@ -283,10 +291,7 @@ class ModellerSession:
         if liars:
             raise SecAggError(f"pods {', '.join(sorted(liars))} sent shares that do not match the secrets their "
                               "owners committed to; the round's sum is not used")
-        try:
-            return decode(total, self.plan.quantisation)
-        except ValueError as exc:
-            raise SecAggError(f"{exc}; the round's sum is not used") from exc
+        return total
 
     def _rebuild(self, owner: str, kind: str,
                  answers: dict[str, dict[str, tuple[str, int, int]]]) -> tuple[bytes, list[str]]:
