@@ -230,7 +230,7 @@ def test_noisy_sql_bounds_counts_and_clamped_sums_and_refuses_the_rest() -> None
     connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES (30, 500.0), (60, 20.0), (200, -99.0)) t(age, bmi)")
     exact = connection.execute(plan.partial_sql).fetchone()
     assert exact == (3, 210.0, 3, 20.0 - 10.0)  # age 200 clamped to 120; bmi -99 clamped to -10 (age > 50 rows)
-    for query, why in [("SELECT MIN(age) FROM ehr", "COUNT, and SUM or AVG"),
+    for query, why in [("SELECT MIN(age) FROM ehr", "COUNT, SUM and AVG only"),
                        ("SELECT SUM(age) FROM ehr", "declare bounds for age"),
                        ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex", "GROUP BY"),
                        ("SELECT age FROM ehr", "aggregates")]:

@@ -304,3 +304,25 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
     if offset is not None:
         merge = merge.offset(offset.copy())
     return MergePlan(to_duckdb(partial), to_duckdb(merge), "partials", len(outputs))
+
+
+def additive_partials(query: str, purpose: str) -> tuple[MergePlan, exp.Select, list[exp.Count | exp.Sum]]:
+    """The merge plan of an ungrouped aggregate whose partials all add up (COUNT, SUM; AVG
+    travels as both), its partial SELECT as a tree, and each partial's aggregate node in that
+    tree (to rewrite in place). What does not add up raises NotMergeable naming `purpose`."""
+    merge = plan_merge(query)
+    if merge.mode != "partials":
+        raise NotMergeable("a row query", f"{purpose} applies to aggregates (COUNT, SUM, AVG) only")
+    partial = parse_statement(merge.partial_sql)
+    assert isinstance(partial, exp.Select)
+    if partial.args.get("group") is not None:
+        raise NotMergeable(f"GROUP BY with {purpose}", "which groups a pod has is data, and they differ between "
+                                                       "pods; run one query per group with WHERE")
+    nodes: list[exp.Count | exp.Sum] = []
+    for projection in partial.expressions:
+        node = projection.this if isinstance(projection, exp.Alias) else projection
+        aggregate = node.this if isinstance(node, exp.Filter) else node
+        if not isinstance(aggregate, exp.Count | exp.Sum):
+            raise NotMergeable(to_duckdb(aggregate), f"{purpose} applies to COUNT, SUM and AVG only")
+        nodes.append(aggregate)
+    return merge, partial, nodes

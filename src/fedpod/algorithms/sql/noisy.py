@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
-from fedpod.algorithms.sql.federated import plan_merge
+from fedpod.algorithms.sql.dialect import to_duckdb
+from fedpod.algorithms.sql.federated import additive_partials
 from fedpod.errors import NotMergeable
 
 if TYPE_CHECKING:
@@ -38,34 +38,25 @@ class NoisyPlan:
 def plan_noisy(query: str, bounds: dict[str, tuple[float, float]]) -> NoisyPlan:
     """The clamped partial query of an aggregate `query` and each partial's sensitivity; what
     cannot be bounded raises NotMergeable naming it."""
-    merge = plan_merge(query)
-    if merge.mode != "partials":
-        raise NotMergeable("a row query", "noise is added to aggregates (COUNT, SUM, AVG) only")
-    partial = parse_statement(merge.partial_sql)
-    assert isinstance(partial, exp.Select)
-    if partial.args.get("group") is not None:
-        raise NotMergeable("GROUP BY with noise", "which groups a pod has is data the noise does not cover; run one "
-                                                  "noisy query per group with WHERE")
+    _, partial, aggregates = additive_partials(query, "noise")
     lowered = {column.lower(): (float(low), float(high)) for column, (low, high) in bounds.items()}
     sensitivities: list[float] = []
-    for projection in partial.expressions:
-        node = projection.this if isinstance(projection, exp.Alias) else projection
-        aggregate = node.this if isinstance(node, exp.Filter) else node
+    for aggregate in aggregates:
         if isinstance(aggregate, exp.Count):
             sensitivities.append(1.0)
-        elif isinstance(aggregate, exp.Sum) and isinstance(aggregate.this, exp.Column):
-            column = aggregate.this.name
-            if column.lower() not in lowered:
-                raise NotMergeable(to_duckdb(aggregate), f"declare bounds for {column} (bounds: {{{column}: [low, "
-                                                         "high]}}) so that the pod can clamp it")
-            low, high = lowered[column.lower()]
-            if not low < high:
-                raise NotMergeable(to_duckdb(aggregate), f"the bounds of {column} are empty")
-            aggregate.set("this", exp.func("LEAST", exp.func("GREATEST", exp.cast(aggregate.this.copy(), "DOUBLE"),
-                                                             exp.Literal.number(low)), exp.Literal.number(high)))
-            sensitivities.append(max(abs(low), abs(high)))
-        else:
-            raise NotMergeable(to_duckdb(aggregate), "noisy SQL bounds COUNT, and SUM or AVG of a column only")
+            continue
+        if not isinstance(aggregate.this, exp.Column):
+            raise NotMergeable(to_duckdb(aggregate), "noisy SQL sums a column, whose declared bounds clamp it")
+        column = aggregate.this.name
+        if column.lower() not in lowered:
+            raise NotMergeable(to_duckdb(aggregate), f"declare bounds for {column} (bounds: {{{column}: [low, "
+                                                     "high]}}) so that the pod can clamp it")
+        low, high = lowered[column.lower()]
+        if not low < high:
+            raise NotMergeable(to_duckdb(aggregate), f"the bounds of {column} are empty")
+        aggregate.set("this", exp.func("LEAST", exp.func("GREATEST", exp.cast(aggregate.this.copy(), "DOUBLE"),
+                                                         exp.Literal.number(low)), exp.Literal.number(high)))
+        sensitivities.append(max(abs(low), abs(high)))
     return NoisyPlan(to_duckdb(partial), sensitivities)
 
 

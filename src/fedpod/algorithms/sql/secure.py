@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
-from fedpod.algorithms.sql.federated import MergePlan, plan_merge
-from fedpod.errors import NotMergeable, SecAggError
+from fedpod.algorithms.sql.federated import MergePlan, additive_partials
+from fedpod.errors import SecAggError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -33,25 +32,8 @@ Kind = Literal["count", "sum"]
 
 def secure_partials(query: str) -> tuple[MergePlan, list[Kind]]:
     """The merge plan of `query` and the kind of each partial, if every partial adds up."""
-    merge = plan_merge(query)
-    if merge.mode != "partials":
-        raise NotMergeable("a row query", "secure aggregation sums aggregates (COUNT, SUM, AVG)")
-    partial = parse_statement(merge.partial_sql)
-    assert isinstance(partial, exp.Select)
-    if partial.args.get("group") is not None:
-        raise NotMergeable("GROUP BY under secure aggregation", "the pods' groups differ and which ones a pod has "
-                                                               "is data; run one query per group with WHERE")
-    kinds: list[Kind] = []
-    for projection in partial.expressions:
-        node = projection.this if isinstance(projection, exp.Alias) else projection
-        aggregate = node.this if isinstance(node, exp.Filter) else node
-        if isinstance(aggregate, exp.Count):
-            kinds.append("count")
-        elif isinstance(aggregate, exp.Sum):
-            kinds.append("sum")
-        else:
-            raise NotMergeable(to_duckdb(aggregate), "secure aggregation adds COUNT, SUM and AVG only")
-    return merge, kinds
+    merge, _, aggregates = additive_partials(query, "secure aggregation")
+    return merge, ["count" if isinstance(a, exp.Count) else "sum" for a in aggregates]
 
 
 def encode_partials(row: dict[str, Any], kinds: list[Kind]) -> np.ndarray:
