@@ -1,5 +1,6 @@
 """Fuzzing every parser a stranger can reach: at least 10,000 generated inputs each (hypothesis)
-for envelope opening, transfer tickets and chunk headers, task files and the SQL guard. The
+for envelope opening, transfer tickets and chunk headers, task files, the SQL guard and the
+pod's own SQL planners. The
 property is the same everywhere: a hostile input ends in the entry point's own refusal
 (EnvelopeRejected, TicketRefused, TransportError, ConfigError, SqlError) — never in another
 exception, a crash, or acceptance of something that was altered. Each test counts the inputs it
@@ -265,6 +266,41 @@ def test_the_sql_guard_refuses_or_accepts_only_a_select_on_the_dataset() -> None
     guarding()
     assert count.runs >= INPUTS
     FUZZ_COUNTS["SQL guard"] = count.runs
+
+
+PLANNER_WORDS = [*SQL_WORDS, "MEDIAN(a)", "QUANTILE_CONT(a, 0.5)", "QUANTILE_DISC(a, 2)", "SUM(a)", "AVG(a)",
+                 "MIN(a)", "PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY a)", "FILTER (WHERE a > 1)", "-1", "1e308",
+                 "'nan'", "CAST(a AS DOUBLE)"]
+
+
+def test_the_pods_own_sql_planners_refuse_or_plan_never_crash() -> None:
+    """Quantile steps, noisy SQL and secure SQL sums plan from the modeller's query at the pod
+    (issue 10): anything they cannot plan is an SqlError naming it, never another exception."""
+    from fedpod.algorithms.sql.noisy import plan_noisy
+    from fedpod.algorithms.sql.quantiles import check_thresholds, plan_quantiles
+    from fedpod.algorithms.sql.secure import secure_partials
+    from fedpod.errors import FedpodError
+
+    count = Count()
+
+    @FUZZ
+    @given(st.one_of(st.text(max_size=200), st.lists(st.sampled_from(PLANNER_WORDS), max_size=16).map(" ".join)),
+           st.lists(st.floats(), max_size=8))
+    @count
+    def planning(query: str, thresholds: list[float]) -> None:
+        with contextlib.suppress(SqlError):
+            plan = plan_quantiles(query)
+            with contextlib.suppress(FedpodError):
+                checked = check_thresholds(plan, [thresholds] * len(plan.arguments))
+                assert all(values == sorted(values) for values in checked)
+        with contextlib.suppress(SqlError):
+            plan_noisy(query, {"a": (0.0, 1.0)})
+        with contextlib.suppress(SqlError):
+            secure_partials(query)
+
+    planning()
+    assert count.runs >= INPUTS
+    FUZZ_COUNTS["the pod's quantile, noisy and secure SQL planners"] = count.runs
 
 
 FUZZ_COUNTS: dict[str, int] = {}
