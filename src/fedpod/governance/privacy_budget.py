@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from fedpod.algorithms.training.privacy import Mechanism, Spent, epsilon
 from fedpod.errors import AccessDenied, ConfigError
+from fedpod.governance.policy import DatasetPolicy
 
 Scope = Literal["per_modeller", "total"]
 RULE = "epsilon_budget"
@@ -47,6 +48,10 @@ class Budget:
 
     epsilon: float | None
     scope: Scope = "per_modeller"
+
+    @classmethod
+    def of(cls, limits: DatasetPolicy) -> Budget:
+        return cls(limits.epsilon_budget, limits.epsilon_budget_scope)
 
 
 class PrivacyLedger:

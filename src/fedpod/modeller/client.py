@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fedpod.channel import SecureChannel
 from fedpod.errors import (
@@ -384,7 +384,7 @@ class AsyncModeller:
         (`fedpod.algorithms.sql.secure`); pods that drop out are named in `attrs["missing"]`."""
         from fedpod.algorithms.sql.federated import plan_merge
         from fedpod.algorithms.sql.quantiles import is_quantile_query
-        from fedpod.modeller.sql import merge, output_names
+        from fedpod.modeller.sql import merge, output_names_for
 
         if aggregate and is_quantile_query(query):
             return await self._quantiles(query, await self.resolve(datasets, tags, min_datasets=min_datasets))
@@ -394,12 +394,10 @@ class AsyncModeller:
             if dp is not None:
                 raise ConfigError("choose dp= or secure= for one query")
             return await self._secure_sql(query, await self.resolve(datasets, tags, min_datasets=min_datasets),
-                                          {} if secure is True else dict(secure), min_datasets)
+                                          secure, min_datasets)
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
-        # Pods that do not know this modeller advertise no schema; their refusals say what to ask for.
-        described = next((t.dataset for t in targets if t.dataset.columns), None)
-        names = output_names(query, described.name, described.columns, described.tables) if plan and described else []
+        names = output_names_for(query, targets) if plan else []
         algorithm: SqlQueryAlgorithm | NoisyAggregateAlgorithm = SqlQueryAlgorithm(
             query=plan.partial_sql if plan else query, mode=plan.mode if plan else "rows")
         if dp is not None:
@@ -439,7 +437,7 @@ class AsyncModeller:
         return merged
 
 
-    async def _secure_sql(self, query: str, targets: Targets, settings: dict[str, Any],
+    async def _secure_sql(self, query: str, targets: Targets, settings: Literal[True] | dict[str, Any],
                           min_datasets: int | None) -> pd.DataFrame:
         """An aggregate summed under secure aggregation: the steps of `modeller.secure_round`'s
         `secure_sum`, the pods' partials masked in their TaskResults."""
@@ -447,13 +445,12 @@ class AsyncModeller:
 
         from fedpod.algorithms.sql.secure import decode_sums, secure_partials
         from fedpod.modeller.secure_round import secagg_settings, secure_sum
-        from fedpod.modeller.sql import merge, output_names
+        from fedpod.modeller.sql import merge, output_names_for
 
         plan, kinds = secure_partials(query)
-        chosen = secagg_settings(settings or True)
-        assert chosen is not None
-        described = next((t.dataset for t in targets if t.dataset.columns), None)
-        names = output_names(query, described.name, described.columns, described.tables) if described else []
+        chosen = secagg_settings(settings)
+        assert chosen is not None  # secure aggregation was asked for
+        names = output_names_for(query, targets)
         algorithm = SqlQueryAlgorithm(query=plan.partial_sql, mode="partials")
 
         async def contribute(target: Target, masking: SecAggMasking) -> tuple[TaskResult, np.ndarray | None]:
@@ -483,12 +480,11 @@ class AsyncModeller:
         import pandas as pd
 
         from fedpod.algorithms.sql.quantiles import QuantileSearch, merge_counts, plan_quantiles
-        from fedpod.modeller.sql import output_names
+        from fedpod.modeller.sql import output_names_for
 
         plan = plan_quantiles(query)
         search = QuantileSearch(plan)
-        described = next((t.dataset for t in targets if t.dataset.columns), None)
-        names = output_names(query, described.name, described.columns, described.tables) if described else []
+        names = output_names_for(query, targets)
         thresholds: list[list[float]] | None = search.first_thresholds()
         withheld: dict[str, int] = {}
         while thresholds is not None:

@@ -12,6 +12,8 @@ Opening a DuckDB database costs tens of milliseconds, which would dominate a fed
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import duckdb
 import pandas as pd
@@ -21,6 +23,9 @@ from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.federated import PARTIALS, MergePlan
 from fedpod.data.datasets import quote_identifier
 from fedpod.errors import SqlExecutionError
+
+if TYPE_CHECKING:
+    from fedpod.modeller.discovery import Target
 
 _database: duckdb.DuckDBPyConnection | None = None
 _database_lock = threading.Lock()
@@ -51,6 +56,13 @@ def output_names(query: str, table: str, columns: dict[str, str],
         raise SqlExecutionError(f"query does not bind against {table}'s schema: {str(exc).splitlines()[0]}") from exc
     finally:
         cursor.close()
+
+
+def output_names_for(query: str, targets: Iterable[Target]) -> list[str]:
+    """`output_names` against the first dataset that advertised its schema; [] when none did
+    (pods that do not know this modeller advertise none: their refusals say what to ask for)."""
+    described = next((t.dataset for t in targets if t.dataset.columns), None)
+    return output_names(query, described.name, described.columns, described.tables) if described else []
 
 
 def merge(plan: MergePlan, partials: list[pa.Table], names: list[str]) -> pd.DataFrame:

@@ -658,7 +658,7 @@ class Pod:
         spent = self.privacy.charge(dataset=request.dataset, modeller=requester,
                                     name=self.config.policies.name_of(requester) or requester,
                                     experiment=f"sql:{request.task_id}", delta=0.0, pure_epsilon=algorithm.epsilon,
-                                    budget=Budget(limits.epsilon_budget, limits.epsilon_budget_scope))
+                                    budget=Budget.of(limits))
         table = self.engine.run(plan.partial_sql, request.dataset, timeout_s=self.config.sql_timeout_s, max_rows=1)
         disclosure: dict[str, int | float] = {"dp_epsilon": algorithm.epsilon,
                       **({"dp_epsilon_remaining": spent.remaining} if spent.remaining is not None else {})}
@@ -686,7 +686,7 @@ class Pod:
         if dp is None or request.evaluate_only:
             return None
         shares, threshold = (1, 1) if request.secagg is None else self.secagg.noise_shares(request.secagg, requester)
-        budget = Budget(limits.epsilon_budget, limits.epsilon_budget_scope)
+        budget = Budget.of(limits)
         name = self.config.policies.name_of(requester) or requester
 
         def charge(mechanism: Mechanism, delta: float) -> Spent:
