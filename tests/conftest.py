@@ -25,6 +25,7 @@ from fedpod.data.datasets import DatasetSpec, inspect
 from fedpod.pod.local import write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
+from fedpod.transport.cluster import BrokerCluster
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ def pod_factory(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[PodFactory]:
     the session's authenticating one (the open one, for attacks a broker would have stopped)."""
     running: list[RunningPod] = []
 
-    def make(name: str, datasets: list[DatasetSpec], allow: list[Identity], *, on: EmbeddedBroker | None = None,
-             **settings: object) -> RunningPod:
+    def make(name: str, datasets: list[DatasetSpec], allow: list[Identity], *,
+             on: EmbeddedBroker | BrokerCluster | None = None, **settings: object) -> RunningPod:
         folder = tmp_path / "pods" / name
         folder.mkdir(parents=True)
         specs = [inspect(spec, folder) for spec in datasets]

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -40,6 +40,7 @@ from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.pod.custodian import PodFolder, parse_kinds
 from fedpod.pod.ui.server import PageAddress, open_page, serve_page
 from fedpod.security.identity import Identity, PublicIdentity, check_fingerprint, default_keystore, fedpod_home
+from fedpod.transport.broker import ROLES, Role
 
 if TYPE_CHECKING:  # the modeller's libraries stay out of `fedpod pod start`
     import pandas as pd
@@ -117,25 +118,68 @@ def broker_start(
     store: Annotated[Path | None, typer.Option(help="JetStream store folder (default: temporary)")] = None,
     folder: BrokerFolder = None,
     open_: Annotated[bool, typer.Option("--open", help="let anyone connect (experiments only)")] = False,
+    cluster: Annotated[int, typer.Option(
+        "--cluster", help="run a cluster of this many members (routes and JetStream across them), 0 for one "
+                          "server")] = 0,
+    leafnodes: Annotated[bool, typer.Option(help="accept sites' leaf nodes (`fedpod broker leaf`)")] = False,
 ) -> None:
     """Run nats-server (JetStream on) on 127.0.0.1 until Ctrl-C; prints its URL. Only parties
-    let in with `fedpod broker allow` may connect (NATS nkeys), unless --open."""
+    let in with `fedpod broker allow` may connect (NATS nkeys), unless --open. With --cluster N,
+    N members joined by authenticated routes: give parties the comma-separated URL and they
+    fail over to another member when theirs dies."""
     from fedpod.transport.broker import EmbeddedBroker, read_parties
+    from fedpod.transport.cluster import BrokerCluster
 
     interrupt_on_signals()
     home = _broker_folder(folder)
-    with EmbeddedBroker(port=port, store=store, folder=home, open=open_) as broker:
+    if cluster and (port or store):
+        raise ConfigError("--port and --store are for one server; a cluster's members choose free ports and keep "
+                          "their JetStream stores in the broker folder")
+    broker = BrokerCluster(cluster, folder=home, open=open_, leafnodes=leafnodes) if cluster else \
+        EmbeddedBroker(port=port, store=store, folder=home, open=open_, leafnodes=leafnodes)
+    with broker:
         console.print(broker.url)
+        if leafnodes:
+            leaf_urls = broker.leafnode_urls if isinstance(broker, BrokerCluster) else [broker.leafnode_url]
+            console.print(f"[dim]sites' leaf nodes connect to {','.join(leaf_urls)} "
+                          "(`fedpod broker leaf --hub URL`)[/dim]", highlight=False)
         if open_:
             err.print("[yellow]warning:[/yellow] the broker is OPEN: anyone who reaches it can connect, "
                       "listen and publish", highlight=False)
         else:
             known = read_parties(home)
             console.print(f"[dim]{len(known)} part{'y' if len(known) == 1 else 'ies'} may connect; add one with "
-                          f"`fedpod broker allow --role pod|modeller NAME.pub` ({home})[/dim]", highlight=False)
+                          f"`fedpod broker allow --role pod|modeller|site NAME.pub` ({home})[/dim]", highlight=False)
         console.print(f"[dim]export FEDPOD_BROKER={broker.url}   # Ctrl-C stops the broker[/dim]", highlight=False)
         with contextlib.suppress(KeyboardInterrupt):
             broker.wait()
+
+
+@broker_app.command("leaf")
+def broker_leaf(
+    hub: Annotated[str, typer.Option(help="the cluster's leaf-node URLs, comma-separated (nats-leaf://HOST:PORT)")],
+    config: Annotated[Path, typer.Option(help="the site's pod config: the leaf node serves this pod only")],
+    port: Annotated[int | None, typer.Option(help="port for the pod (default: a free one)")] = None,
+    folder: Annotated[Path | None, typer.Option(help="the leaf node's configuration (default: beside the pod "
+                                                     "config, leaf-node/)")] = None,
+) -> None:
+    """Run the site's leaf node: a nats-server on 127.0.0.1 that only the site's pod may use, which
+    connects out to the cluster — nothing connects in to the site. It logs in to the cluster with
+    the pod's key, which the cluster's operator lets in with `fedpod broker allow --role site
+    POD.pub`; point the pod at the URL it prints (broker: url: in pod.yaml)."""
+    from fedpod.transport.broker import EmbeddedBroker, Hub, Party
+
+    interrupt_on_signals()
+    settings = PodConfig.load(config)
+    identity = Identity.load(_resolve_beside(config, settings.identity))
+    urls = tuple(url.strip() for url in hub.split(",") if url.strip())
+    with EmbeddedBroker(port=port, folder=folder or config.parent / "leaf-node", hub=Hub(urls, identity.nats_seed),
+                        parties=[Party.of("pod", identity.public)]) as leaf:
+        console.print(leaf.url)
+        console.print(f"[dim]leaf node for pod {settings.name} ({identity.fingerprint}), connected out to "
+                      f"{', '.join(urls)}; set `broker: url: {leaf.url}` in {config}[/dim]", highlight=False)
+        with contextlib.suppress(KeyboardInterrupt):
+            leaf.wait()
 
 
 def _public(party: Path, keystore: Path | None) -> PublicIdentity:
@@ -150,12 +194,12 @@ def _public(party: Path, keystore: Path | None) -> PublicIdentity:
 @broker_app.command("allow")
 def broker_allow(
     public: Annotated[Path, typer.Argument(help="the party's NAME.pub file, or an identity's name in the keystore")],
-    role: Annotated[str, typer.Option(help="pod | modeller")],
+    role: Annotated[str, typer.Option(help="pod | modeller | site (a pod behind its site's leaf node)")],
     folder: BrokerFolder = None,
     keystore: Keystore = None,
 ) -> None:
     """Let a pod or a modeller connect to the broker, with only the subjects its role needs.
-    A running broker reloads at once (SIGHUP); nothing restarts."""
+    A running broker (every member of a cluster) reloads at once (SIGHUP); nothing restarts."""
     from fedpod.transport.broker import Party, grant
 
     party = Party.of(_role(role), _public(public, keystore))
@@ -173,10 +217,11 @@ def _accounts_folder(folder: Path | None) -> Path:
     return folder or _broker_folder(None) / "accounts"
 
 
-def _role(role: str) -> Literal["pod", "modeller"]:
-    if role not in ("pod", "modeller"):
-        raise ConfigError(f"role {role!r} is not pod or modeller")
-    return "pod" if role == "pod" else "modeller"
+def _role(role: str) -> Role:
+    if role not in ROLES:
+        raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}",
+                          hint="site: a pod that reaches the cluster through its site's leaf node")
+    return role
 
 
 @accounts_app.command("init")
@@ -196,7 +241,7 @@ def accounts_init(folder: AccountsFolder = None) -> None:
 @accounts_app.command("issue")
 def accounts_issue(
     public: Annotated[Path, typer.Argument(help="the party's NAME.pub file (written beside its key)")],
-    role: Annotated[str, typer.Option(help="pod | modeller")],
+    role: Annotated[str, typer.Option(help="pod | modeller | site (a pod behind its site's leaf node)")],
     out: Annotated[Path | None, typer.Option(help="where to write the user JWT (default NAME.jwt here)")] = None,
     expires_days: Annotated[float | None, typer.Option(help="the JWT expires after this many days")] = None,
     folder: AccountsFolder = None,

@@ -20,23 +20,25 @@ from fedpod.modeller.client import Modeller
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
+from fedpod.transport.cluster import BrokerCluster
 
 EVENT_CODE_GROUPS = 1000  # the cells a local pod releases per aggregate of an events dataset (the vocabulary's)
 
 
-def write_pod(folder: Path, name: str, broker: EmbeddedBroker | str, datasets: list[DatasetSpec],
+def write_pod(folder: Path, name: str, broker: EmbeddedBroker | BrokerCluster | str, datasets: list[DatasetSpec],
               accept: list[Identity], **settings: Any) -> Path:
     """A pod folder ready to start: identity in `keys/`, `pod.yaml` with the datasets, granting
     every kind of task on every dataset to the `accept` modellers (unless `policies` is given),
     with `max_groups` raised for events datasets so that a federated vocabulary can count codes.
-    Given the local broker itself (not only its URL), the pod and those modellers are let in."""
+    Given the local broker (or cluster, or one member of it) itself, not only its URL, the pod
+    and those modellers are let in."""
     folder.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(name, folder / "keys")
-    if isinstance(broker, EmbeddedBroker):
+    if not isinstance(broker, str):
         broker.allow("pod", identity.public)
         for modeller in accept:
             broker.allow("modeller", modeller.public)
-    broker_url = broker.url if isinstance(broker, EmbeddedBroker) else broker
+    broker_url = broker if isinstance(broker, str) else broker.url
     policies = Policy()
     for modeller in accept:
         policies = policies.grant(modeller.name, modeller.fingerprint, EVERY_DATASET, list(TASK_KINDS))

@@ -13,6 +13,11 @@ whenever a party is added; `nats-server` reloads it on SIGHUP, so adding a pod o
 to a running broker never restarts it. `open=True` runs without authentication, for
 experiments only. `accounts=` runs it the way a cluster run by others is set up instead —
 NATS's decentralised JWT authentication (see `transport.accounts`).
+
+Beyond one server (`transport.cluster`): a broker can be one member of a cluster (`routes=`,
+whose route connections authenticate with a shared secret), accept leaf-node servers
+(`leafnodes=True`), or be a site's leaf node itself (`hub=`), which connects out to the
+cluster with the nkey of the one pod it serves and so carries exactly that pod's permissions.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,17 +38,53 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from fedpod.errors import BrokerUnavailable, ConfigError
 from fedpod.lifecycle import die_with_parent
 from fedpod.transport import subjects
 
-Role = Literal["pod", "modeller"]
+Role = Literal["pod", "modeller", "site"]
+ROLES: tuple[Role, ...] = get_args(Role)
 PARTIES_FILE = "parties.json"
 AUTHORIZATION_FILE = "authorization.conf"
 ACCOUNTS_FILE = "accounts.conf"
 PID_FILE = "nats-server.pid"
+
+
+@dataclass(frozen=True)
+class Routes:
+    """How one member of a cluster meets the others: the cluster's name, this member's name and
+    route port, every member's route port (its own among them: nats-server skips itself), and the
+    secret that route connections authenticate with — without it, anyone who reaches a route
+    port could join the cluster and be sent every message."""
+
+    cluster: str
+    member: str
+    port: int
+    ports: tuple[int, ...]
+    secret: str
+
+    def config(self) -> list[str]:
+        routes = [f"nats-route://route:{self.secret}@127.0.0.1:{port}" for port in self.ports]
+        block = {"name": self.cluster, "listen": f"127.0.0.1:{self.port}",
+                 "authorization": {"user": "route", "password": self.secret, "timeout": 2}, "routes": routes}
+        return [f"server_name: {json.dumps(self.member)}", "cluster: " + json.dumps(block)]
+
+
+@dataclass(frozen=True)
+class Hub:
+    """Where a site's leaf node connects out to (the cluster members' leaf-node URLs), and the
+    nkey seed of the pod it serves, which the cluster authenticates the leaf connection with:
+    the pod's permissions then bound what the whole site may send and receive."""
+
+    urls: tuple[str, ...]
+    seed: str
+
+    def config(self) -> str:
+        # NATS retries a lost remote every second; a site is back sooner when it tries more often
+        remote = {"urls": list(self.urls), "nkey": self.seed}
+        return "leafnodes: " + json.dumps({"reconnect": "200ms", "remotes": [remote]})
 
 
 @dataclass(frozen=True)
@@ -64,11 +106,18 @@ class Party:
 def permissions(party: Party) -> dict[str, Any]:
     """Least privilege. Everyone may send to inboxes and answer the requests it receives
     (`allow_responses`), and subscribe to its own inbox and its own replies. Pods also hear
-    discovery and publish their own heartbeat; modellers ask for discovery and hear heartbeats."""
+    discovery and publish their own heartbeat; modellers ask for discovery and hear heartbeats.
+
+    A `site` is a pod reached through its site's leaf node, which connects with the pod's key.
+    Across a leaf connection the cluster cannot tell an answer to a request from any other
+    message, so the site may also publish to reply subjects; its own leaf node still lets the
+    pod answer only requests it received."""
     own = party.fingerprint
     publish = [subjects.INBOXES]
     subscribe = [subjects.inbox(own), f"{subjects.replies(own)}.>"]
-    if party.role == "pod":
+    if party.role == "site":
+        publish.append(subjects.ALL_REPLIES)
+    if party.role in ("pod", "site"):
         publish.append(subjects.heartbeat(own))
         subscribe.append(subjects.DISCOVER)
     else:
@@ -99,20 +148,29 @@ def read_parties(folder: Path) -> list[Party]:
 
 
 def grant(folder: Path, party: Party) -> bool:
-    """Add (or replace, by name and role) a party in a broker folder and make a running
-    server reload its authorization; returns whether a running server was told."""
+    """Add (or replace, by name and role) a party in a broker folder and make the running
+    server — every member, for a cluster — reload its authorization; returns whether a running
+    server was told."""
     folder.mkdir(parents=True, exist_ok=True)
     parties = [p for p in read_parties(folder) if (p.name, p.role) != (party.name, party.role)] + [party]
     (folder / PARTIES_FILE).write_text(json.dumps([asdict(p) for p in parties], indent=2))
     (folder / AUTHORIZATION_FILE).write_text(authorization(parties))
-    try:
-        pid = int((folder / PID_FILE).read_text())
-        if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return False  # a stale pid file: never signal whatever process has that number now
-        os.kill(pid, signal.SIGHUP)
-        return True
-    except (OSError, ValueError):
-        return False
+    told = False
+    for pid_file in [folder / PID_FILE, *sorted(folder.glob(f"*/{PID_FILE}"))]:
+        try:
+            pid = int(pid_file.read_text())
+            if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue  # a stale pid file: never signal whatever process has that number now
+            os.kill(pid, signal.SIGHUP)
+            told = True
+        except (OSError, ValueError):
+            continue
+    return told
+
+
+def _port(address: str) -> int:
+    """The port of a ports file's entry (`nats://127.0.0.1:4222`)."""
+    return int(address.rsplit(":", 1)[1])
 
 
 def nats_server_binary() -> Path:
@@ -152,7 +210,8 @@ class EmbeddedBroker:
     def __init__(self, *, port: int | None = None, store: Path | None = None,
                  max_payload: int | None = None, max_pending: int = 256 * 1024 * 1024,
                  ready_timeout_s: float = 10.0, folder: Path | None = None, open: bool = False,
-                 parties: list[Party] | None = None, accounts: str | None = None, monitor: bool = False) -> None:
+                 parties: list[Party] | None = None, accounts: str | None = None, monitor: bool = False,
+                 routes: Routes | None = None, leafnodes: bool = False, hub: Hub | None = None) -> None:
         self.requested_port = port
         self.max_payload = max_payload
         self.max_pending = max_pending
@@ -167,6 +226,11 @@ class EmbeddedBroker:
         self.accounts = accounts
         self.monitor = monitor  # NATS's HTTP monitoring on loopback, for `traffic()` (benchmarks)
         self.monitoring_url: str | None = None
+        self.routes = routes
+        self.leafnodes = leafnodes  # accept leaf-node servers (a site's) on a port of its own
+        self.leafnode_port: int | None = None
+        self.hub = hub
+        self.own = self.folder / routes.member if routes else self.folder
 
     @property
     def url(self) -> str:
@@ -176,7 +240,15 @@ class EmbeddedBroker:
 
     @property
     def log_path(self) -> Path:
-        return self.folder / "nats.log"
+        return self.own / "nats.log"
+
+    @property
+    def leafnode_url(self) -> str:
+        if self.leafnode_port is None:
+            raise BrokerUnavailable("this broker does not accept leaf nodes (leafnodes=True)")
+        return f"nats-leaf://127.0.0.1:{self.leafnode_port}"
+
+
 
     def allow(self, role: Role, public: Any) -> None:
         """Let a party in while the server runs; returns once the server has reloaded."""
@@ -185,26 +257,27 @@ class EmbeddedBroker:
         if self.accounts is not None:
             raise ConfigError("this broker trusts an account authority: parties log in with the user JWTs it issues",
                               hint="`fedpod broker accounts issue --role pod|modeller NAME.pub`")
-        reloads = self._reloads()
+        reloads = self.reload_count()
         grant(self.folder, Party.of(role, public))
         if self._process is None:
             return
         deadline = time.monotonic() + self.ready_timeout_s
-        while self._reloads() == reloads:
+        while self.reload_count() == reloads:
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"nats-server did not reload its configuration within {self.ready_timeout_s}s")
             time.sleep(0.005)
 
-    def _reloads(self) -> int:
+    def reload_count(self) -> int:
+        """How many times the server has reloaded its configuration (from its log)."""
         if not self.log_path.exists():
             return 0
         return self.log_path.read_text(errors="replace").count("Reloaded server configuration")
 
     def start(self) -> EmbeddedBroker:
         workdir = Path(self._tmp.name)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.own.mkdir(parents=True, exist_ok=True)
         self.store.mkdir(parents=True, exist_ok=True)
-        config = self.folder / "nats.conf"
+        config = self.own / "nats.conf"
         lines = ["host: 127.0.0.1", f"port: {self.requested_port if self.requested_port else -1}",
                  f"max_pending: {self.max_pending}",  # bytes buffered per client before it is a slow consumer
                  f"jetstream {{ store_dir: {json.dumps(str(self.store))} }}"]
@@ -212,16 +285,24 @@ class EmbeddedBroker:
             lines.append(f"max_payload: {self.max_payload}")
         if self.monitor:
             lines.append('http: "127.0.0.1:-1"')
-        (self.folder / PID_FILE).unlink(missing_ok=True)
+        if self.routes:
+            lines += self.routes.config()
+        if self.leafnodes:
+            lines.append('leafnodes { listen: "127.0.0.1:-1" }')
+        if self.hub:
+            lines.append(self.hub.config())
+        (self.own / PID_FILE).unlink(missing_ok=True)
+        shared = os.path.relpath(self.folder, self.own)  # a cluster's members share the folder's parties
         if self.accounts is not None:
             (self.folder / ACCOUNTS_FILE).write_text(self.accounts)
-            lines.append(f"include {json.dumps(ACCOUNTS_FILE)}")
+            lines.append(f"include {json.dumps(os.path.join(shared, ACCOUNTS_FILE))}")
         elif not self.open:
             for party in self._initial_parties:
                 grant(self.folder, party)
             (self.folder / AUTHORIZATION_FILE).write_text(authorization(read_parties(self.folder)))
-            lines.append(f"include {json.dumps(AUTHORIZATION_FILE)}")
+            lines.append(f"include {json.dumps(os.path.join(shared, AUTHORIZATION_FILE))}")
         config.write_text("\n".join(lines) + "\n")
+        config.chmod(0o600)  # it may hold the route secret or a leaf node's nkey seed
         log = self.log_path
         log.unlink(missing_ok=True)
         command = [str(nats_server_binary()), "-c", str(config), "--ports_file_dir", str(workdir), "-l", str(log)]
@@ -237,16 +318,24 @@ class EmbeddedBroker:
             if ports_file.exists():
                 try:
                     ports = json.loads(ports_file.read_text())
-                    self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+                    self.port = _port(ports["nats"][0])
                     self.monitoring_url = ports["monitoring"][0] if self.monitor else None
+                    self.leafnode_port = self._logged_leafnode_port() if self.leafnodes else None
                     with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        (self.folder / PID_FILE).write_text(str(self._process.pid))
+                        (self.own / PID_FILE).write_text(str(self._process.pid))
                         return self
                 except (ValueError, KeyError, IndexError, OSError):
                     pass
             time.sleep(0.005)
         self.stop()
         raise BrokerUnavailable(f"nats-server not ready after {self.ready_timeout_s}s")
+
+    def _logged_leafnode_port(self) -> int:
+        """The leaf-node port the server chose, which its ports file leaves out (its log has it)."""
+        found = re.search(r"Listening for leafnode connections on [^\s]+:(\d+)", self.log_path.read_text())
+        if found is None:
+            raise ValueError("the leaf-node listener is not up yet")
+        return int(found.group(1))
 
     def traffic(self) -> int:
         """Bytes the server has received plus sent since it started (NATS's /varz), with `monitor`."""
@@ -256,8 +345,22 @@ class EmbeddedBroker:
             varz = json.loads(answer.read())
         return int(varz["in_bytes"]) + int(varz["out_bytes"])
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server — a crash, for tests of what survives one; `start()` brings it back
+        on the same port."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+        self.requested_port = self.port
+        (self.own / PID_FILE).unlink(missing_ok=True)
+
     def stop(self) -> None:
-        (self.folder / PID_FILE).unlink(missing_ok=True)
+        (self.own / PID_FILE).unlink(missing_ok=True)
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
             try:

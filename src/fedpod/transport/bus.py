@@ -24,8 +24,16 @@ receiver nothing until its sender is authenticated:
 - A window per transfer: every `WINDOW`-th chunk (and the last) is a request that the
   receiver acknowledges once the chunk is stored, so one fast sender cannot overrun it.
 
-A send to an inbox nobody listens on fails at once (`PodUnreachable`) instead of vanishing.
+A send to an inbox nobody listens on fails within RECONNECT_GRACE_S (`PodUnreachable`) instead
+of vanishing.
 Integrity and origin of the reassembled bytes is still the envelope's job (GCM tag, signature).
+
+Losing a broker (a cluster member that dies, a restart) loses what was in flight through it,
+and a request whose answer was lost would otherwise wait out its whole timeout. So a send is
+sent again, whole, when the sender's own connection is restored under it, when the receiver
+says it lost the transfer (it reconnected: `RESEND`), or when a small message or a window goes
+unacknowledged for `ACK_PATIENCE_S` (the receiver's own link was lost, which the sender cannot
+see). A copy that did arrive twice is the same envelope: the receiver's replay guard refuses it.
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ HEADER_ALLOWANCE = 1024
 MIN_CHUNK = 4096
 DEFAULT_MAX_TRANSFER_BYTES = 4 * 1024**3
 STALE_TRANSFER_S = 120.0
+ACK_PATIENCE_S = 5.0  # a small message or a window is acknowledged in milliseconds; beyond this, send again
+MAX_SENDS = 4
+RECONNECT_GRACE_S = 2.0  # how long an inbox nobody listens on is retried: its owner may be reconnecting
+RESEND = b"resend: transfer unknown here (lost in a reconnection)"
 
 
 DEFAULT_BROKER_URL = "nats://127.0.0.1:4222"
@@ -94,6 +106,12 @@ class BrokerOptions:
         URL) and FEDPOD_CREDS. The Python API starts from the same."""
         creds = os.environ.get("FEDPOD_CREDS")
         return cls(os.environ.get("FEDPOD_BROKER") or DEFAULT_BROKER_URL, creds=Path(creds) if creds else None)
+
+    @property
+    def servers(self) -> list[str]:
+        """The URLs in `url`: one server, or a cluster's members comma-separated (a client
+        learns the others by gossip too, but needs a second to reach when its first is down)."""
+        return [part.strip() for part in self.url.split(",") if part.strip()]
 
     def as_dict(self) -> dict[str, str | None]:
         """URL and absolute file paths, for a breakpoint to reconnect the same way."""
@@ -208,6 +226,8 @@ class Bus:
         self.tickets: TransferAuthority | None = None
         self.dropped_transfers = 0
         self.ignored_chunks = 0
+        self.resends = 0
+        self._reconnection: asyncio.Future[None] | None = None  # resolved when the connection is restored
 
     @classmethod
     async def connect(cls, options: BrokerOptions, *, name: str = "fedpod", reconnect_forever: bool = False,
@@ -227,11 +247,11 @@ class Bus:
 
         async def on_reconnected() -> None:
             if created:
-                created[0].abandon_transfers()
+                created[0]._reconnected()
 
         try:
             client = await nats.connect(
-                options.url,
+                options.servers,
                 name=name,
                 tls=options.ssl_context(),
                 **_credentials(options.creds, signs=login is not None),
@@ -255,6 +275,12 @@ class Bus:
             raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}", hint=CONNECT_HINT) from exc
         created.append(cls(client))
         return created[0]
+
+    def _reconnected(self) -> None:
+        self.abandon_transfers()
+        if self._reconnection is not None and not self._reconnection.done():
+            self._reconnection.set_result(None)  # requests waiting on the old connection are sent again
+        self._reconnection = None
 
     def abandon_transfers(self) -> None:
         """After a reconnection no transfer in progress can go on (its sender's requests failed
@@ -296,6 +322,12 @@ class Bus:
                 return
             try:
                 whole = self._absorb(msg)
+            except _UnknownChunk:
+                self.ignored_chunks += 1  # not a chunk an admitted sender signed for: someone else's, ignored
+                if msg.reply:  # a window of a transfer this party lost: its sender starts it again
+                    with contextlib.suppress(Exception):
+                        await msg.respond(RESEND)
+                return
             except TransportError as exc:
                 log.debug("dropped transfer on %s: %s", subject, exc)
                 self.dropped_transfers += 1
@@ -365,8 +397,7 @@ class Bus:
         if transfer is None or headers.get(H_INDEX) != str(transfer.next_index) \
                 or transfer.next_index >= len(transfer.digests) \
                 or hashlib.sha256(data).digest() != transfer.digests[transfer.next_index]:
-            self.ignored_chunks += 1  # not a chunk an admitted sender signed for: someone else's, ignored
-            return None
+            raise _UnknownChunk
         if transfer.received + len(data) > transfer.size:
             self._finish(transfer_id)
             raise TransportError(f"transfer {transfer_id} carries more than the {transfer.size} bytes announced")
@@ -395,36 +426,80 @@ class Bus:
     async def send(self, subject: str, parts: bytes | Sequence[bytes | bytearray | memoryview], *,
                    timeout_s: float = 30.0, recipient: str = "recipient", ticket: TicketIssuer | None = None) -> None:
         """Deliver bytes to one listening party; returns once it has received all of them. A
-        chunked transfer opens with the ticket `ticket` issues for it (signed for the recipient)."""
+        chunked transfer opens with the ticket `ticket` issues for it (signed for the recipient).
+        Sent again whole, up to MAX_SENDS times within `timeout_s`, when a broker lost it."""
         chunks = list(_chunks([parts] if isinstance(parts, bytes | bytearray) else parts, self.chunk_size))
-        total = sum(len(c) for c in chunks)
-        try:
-            if len(chunks) == 1:
-                await self._client.request(subject, bytes(chunks[0]), timeout=timeout_s)
+        digests: list[bytes] = []
+        if len(chunks) > 1 and ticket is not None:
+            total = sum(len(c) for c in chunks)
+            digests = (await asyncio.to_thread(_digests, chunks)) if total > HASH_IN_THREAD_BYTES else _digests(chunks)
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + timeout_s
+        sends, unanswered_since = 0, None
+        while True:
+            left = max(deadline - clock(), 0.001)
+            try:
+                await self._send_once(subject, chunks, digests, min(left, ACK_PATIENCE_S), left, recipient, ticket)
                 return
-            transfer_id = os.urandom(12).hex()
-            begin = b""
-            if ticket is not None:
-                digests = (await asyncio.to_thread(_digests, chunks)) if total > HASH_IN_THREAD_BYTES \
-                    else _digests(chunks)
-                begin = ticket(transfer_id, total, digests)
-            answer = await self._client.request(subject, begin, timeout=max(timeout_s, ADMISSION_TIMEOUT_S),
-                                                headers={H_TRANSFER: transfer_id, H_BEGIN: "1"})
-            if answer.data:
-                raise TransportError(f"{recipient} {answer.data.decode(errors='replace')}", where=subject)
-            for index, chunk in enumerate(chunks):
-                headers = {H_TRANSFER: transfer_id, H_INDEX: str(index)}
-                if (index + 1) % WINDOW == 0 or index == len(chunks) - 1:
-                    await self._client.request(subject, bytes(chunk), timeout=timeout_s, headers=headers)
-                else:
-                    await self._client.publish(subject, bytes(chunk), headers=headers)
-        except nats.errors.NoRespondersError as exc:
-            raise PodUnreachable(f"nobody is listening for {recipient}", where=subject,
-                                 hint="is the pod running and connected to this broker?") from exc
-        except (nats.errors.TimeoutError, TimeoutError) as exc:
-            raise TaskTimeout(f"{recipient} did not acknowledge within {timeout_s}s", where=subject) from exc
-        except nats.errors.Error as exc:
-            raise TransportError(f"sending to {recipient} failed: {exc}", where=subject) from exc
+            except _Interrupted as why:
+                sends += 1
+                if sends == MAX_SENDS or clock() >= deadline:
+                    raise TaskTimeout(f"{recipient} did not acknowledge within {timeout_s}s "
+                                      f"({sends} sends; the last: {why})", where=subject) from None
+                self.resends += 1
+                log.info("sending to %s again: %s", recipient, why)
+            except nats.errors.NoRespondersError as exc:
+                unanswered_since = unanswered_since or clock()  # it may be reconnecting to another member
+                if clock() - unanswered_since >= RECONNECT_GRACE_S or clock() >= deadline:
+                    raise PodUnreachable(f"nobody is listening for {recipient}", where=subject,
+                                         hint="is the pod running and connected to this broker?") from exc
+                await asyncio.sleep(0.1)
+            except (nats.errors.TimeoutError, TimeoutError) as exc:
+                raise TaskTimeout(f"{recipient} did not acknowledge within {timeout_s}s", where=subject) from exc
+            except nats.errors.Error as exc:
+                raise TransportError(f"sending to {recipient} failed: {exc}", where=subject) from exc
+
+    async def _send_once(self, subject: str, chunks: list[memoryview | bytes], digests: list[bytes],
+                         patience_s: float, timeout_s: float, recipient: str, ticket: TicketIssuer | None) -> None:
+        if len(chunks) == 1:
+            await self._request(subject, bytes(chunks[0]), patience_s)
+            return
+        transfer_id = os.urandom(12).hex()
+        begin = ticket(transfer_id, sum(len(c) for c in chunks), digests) if ticket is not None else b""
+        # admission may keep a sender waiting behind others for long; only a reconnection cuts it short
+        answer = await self._request(subject, begin, max(timeout_s, ADMISSION_TIMEOUT_S),
+                                     {H_TRANSFER: transfer_id, H_BEGIN: "1"}, patient=True)
+        if answer.data:
+            raise TransportError(f"{recipient} {answer.data.decode(errors='replace')}", where=subject)
+        for index, chunk in enumerate(chunks):
+            headers = {H_TRANSFER: transfer_id, H_INDEX: str(index)}
+            if (index + 1) % WINDOW == 0 or index == len(chunks) - 1:
+                answer = await self._request(subject, bytes(chunk), patience_s, headers)
+                if answer.data == RESEND:
+                    raise _Interrupted(f"{recipient} lost the transfer in a reconnection")
+            else:
+                await self._client.publish(subject, bytes(chunk), headers=headers)
+
+    async def _request(self, subject: str, data: bytes, timeout_s: float, headers: dict[str, str] | None = None,
+                       *, patient: bool = False) -> Msg:
+        """One request, cut short (`_Interrupted`) if this party's connection is restored while
+        it waits — its answer would come to the old connection — or, unless `patient`, when
+        it runs out of time: the receiver's link may have dropped it."""
+        if self._reconnection is None:
+            self._reconnection = asyncio.get_running_loop().create_future()
+        reconnection = self._reconnection
+        request = asyncio.ensure_future(self._client.request(subject, data, timeout=timeout_s, headers=headers))
+        waiting: set[asyncio.Future[Any]] = {request, reconnection}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not request.done():
+            request.cancel()
+            raise _Interrupted("this party's connection to the broker was restored while it waited")
+        try:
+            return request.result()
+        except nats.errors.TimeoutError:
+            if patient:
+                raise
+            raise _Interrupted(f"no acknowledgement within {timeout_s:g}s") from None
 
     async def publish(self, subject: str, data: bytes) -> None:
         """Fire-and-forget broadcast of a small message (heartbeats, discovery)."""
@@ -435,6 +510,14 @@ class Bus:
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         await self._client.flush(timeout=round(timeout_s))
+
+
+class _UnknownChunk(Exception):
+    """A chunk of no transfer under way here, out of order, or not the one its ticket signed for."""
+
+
+class _Interrupted(Exception):
+    """An attempt to send that a lost connection (this party's or the receiver's) cut short."""
 
 
 async def _acknowledging(handler: Handler, whole: Payload, msg: Msg) -> None:

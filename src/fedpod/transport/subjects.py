@@ -24,3 +24,6 @@ def replies(fingerprint: str) -> str:
     """The prefix of a party's request/reply subjects (nats-py's `inbox_prefix`): a broker
     that fedpod configures lets each party subscribe to its own replies only."""
     return f"{PREFIX}.reply.{fingerprint}"
+
+
+ALL_REPLIES = f"{PREFIX}.reply.>"
