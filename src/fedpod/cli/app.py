@@ -122,6 +122,8 @@ def broker_start(
         "--cluster", help="run a cluster of this many members (routes and JetStream across them), 0 for one "
                           "server")] = 0,
     leafnodes: Annotated[bool, typer.Option(help="accept sites' leaf nodes (`fedpod broker leaf`)")] = False,
+    host: Annotated[str, typer.Option(help="address to listen on: 0.0.0.0 when pods on other hosts connect "
+                                           "(one server only)")] = "127.0.0.1",
 ) -> None:
     """Run nats-server (JetStream on) on 127.0.0.1 until Ctrl-C; prints its URL. Only parties
     let in with `fedpod broker allow` may connect (NATS nkeys), unless --open. With --cluster N,
@@ -132,13 +134,15 @@ def broker_start(
 
     interrupt_on_signals()
     home = _broker_folder(folder)
-    if cluster and (port or store):
-        raise ConfigError("--port and --store are for one server; a cluster's members choose free ports and keep "
-                          "their JetStream stores in the broker folder")
+    if cluster and (port or store or host != "127.0.0.1"):
+        raise ConfigError("--port, --store and --host are for one server; a cluster's members listen on loopback "
+                          "on free ports and keep their JetStream stores in the broker folder")
     broker = BrokerCluster(cluster, folder=home, open=open_, leafnodes=leafnodes) if cluster else \
-        EmbeddedBroker(port=port, store=store, folder=home, open=open_, leafnodes=leafnodes)
+        EmbeddedBroker(port=port, store=store, folder=home, open=open_, leafnodes=leafnodes, host=host)
     with broker:
         console.print(broker.url)
+        if host != "127.0.0.1":
+            console.print(f"[dim]listening on {host}:{broker.url.rsplit(':', 1)[1]}[/dim]", highlight=False)
         if leafnodes:
             leaf_urls = broker.leafnode_urls if isinstance(broker, BrokerCluster) else [broker.leafnode_url]
             console.print(f"[dim]sites' leaf nodes connect to {','.join(leaf_urls)} "

@@ -35,9 +35,9 @@ AGGREGATE_QUERY = (f"SELECT smoker, COUNT(*) AS patients, AVG(age) AS mean_age, 
                    "WHERE age >= 18 GROUP BY smoker ORDER BY smoker")
 
 
-def prepare_pod(folder: Path, name: str, broker: EmbeddedBroker, data: Path, modeller: Identity) -> Path:
+def prepare_pod(folder: Path, name: str, broker: EmbeddedBroker | str, data: Path, modeller: Identity) -> Path:
     """Write a pod folder (identity, config with one dataset, the modeller accepted), and let
-    the pod and the modeller in to the broker."""
+    the pod and the modeller in to the broker (given the broker itself, not a URL)."""
     spec = inspect(DatasetSpec(name=DATASET, kind="csv", path=str(data.resolve()), tags=["ehr", "synthetic"],
                                description=f"synthetic patients of {name}"), folder)
     return write_pod(folder, name, broker, [spec], [modeller], heartbeat_s=1.0)

@@ -211,7 +211,9 @@ class EmbeddedBroker:
                  max_payload: int | None = None, max_pending: int = 256 * 1024 * 1024,
                  ready_timeout_s: float = 10.0, folder: Path | None = None, open: bool = False,
                  parties: list[Party] | None = None, accounts: str | None = None, monitor: bool = False,
-                 routes: Routes | None = None, leafnodes: bool = False, hub: Hub | None = None) -> None:
+                 routes: Routes | None = None, leafnodes: bool = False, hub: Hub | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host  # where clients connect: loopback, unless other hosts must reach it
         self.requested_port = port
         self.max_payload = max_payload
         self.max_pending = max_pending
@@ -234,9 +236,14 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
+        """Where a party on this machine connects (loopback when the server listens on every address)."""
         if self.port is None:
             raise BrokerUnavailable("broker not started")
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self._local_host}:{self.port}"
+
+    @property
+    def _local_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def log_path(self) -> Path:
@@ -278,7 +285,7 @@ class EmbeddedBroker:
         self.own.mkdir(parents=True, exist_ok=True)
         self.store.mkdir(parents=True, exist_ok=True)
         config = self.own / "nats.conf"
-        lines = ["host: 127.0.0.1", f"port: {self.requested_port if self.requested_port else -1}",
+        lines = [f"host: {json.dumps(self.host)}", f"port: {self.requested_port if self.requested_port else -1}",
                  f"max_pending: {self.max_pending}",  # bytes buffered per client before it is a slow consumer
                  f"jetstream {{ store_dir: {json.dumps(str(self.store))} }}"]
         if self.max_payload:
@@ -321,7 +328,7 @@ class EmbeddedBroker:
                     self.port = _port(ports["nats"][0])
                     self.monitoring_url = ports["monitoring"][0] if self.monitor else None
                     self.leafnode_port = self._logged_leafnode_port() if self.leafnodes else None
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    with socket.create_connection((self._local_host, self.port), timeout=1):
                         (self.own / PID_FILE).write_text(str(self._process.pid))
                         return self
                 except (ValueError, KeyError, IndexError, OSError):
