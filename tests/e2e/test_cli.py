@@ -356,3 +356,49 @@ def test_the_cli_shows_at_most_50_rows_and_keeps_them_all_in_the_file(cli: Cli, 
                 "--out", "rows").stdout
     assert "showing 50 of 80 rows" in shown
     assert len(pd.read_csv(home / "rows" / f"alice__{DATASET}.csv")) == 80
+
+
+def test_a_cluster_and_a_site_behind_its_leaf_node_set_up_with_the_cli_alone(tmp_path: Path) -> None:
+    """The README's deployment: `broker start --cluster 3 --leafnodes`, the site's pod let in as
+    a site, `broker leaf` at the site, the pod pointed at it, and a query through the cluster."""
+    import socket
+
+    cli = Cli(tmp_path)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        cluster_log = tmp_path / "cluster.log"
+        processes.append(cli.start("broker", "start", "--cluster", "3", "--leafnodes", "--folder", "cluster",
+                                   log=cluster_log))
+        wait_until(lambda: "export FEDPOD_BROKER" in cluster_log.read_text(), 60, "the cluster")
+        words = cluster_log.read_text().split()
+        url = next(w for w in words if w.startswith("nats://"))
+        hub = next(w for w in words if w.startswith("nats-leaf://"))
+        assert url.count(",") == 2 and hub.count(",") == 2  # every member's client and leaf-node URL
+        cli("identity", "create", "modeller")
+        cli("broker", "allow", "--folder", "cluster", "--role", "modeller", ".fedpod/keys/modeller.pub")
+        cli("data", "synth", "--centres", "1", "--patients", "300", "--seed", "4", "--out", "data")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            leaf_port = probe.getsockname()[1]
+        config = "site/pod.yaml"
+        cli("pod", "init", "--name", "alice", "--config", config, "--broker", f"nats://127.0.0.1:{leaf_port}")
+        cli("broker", "allow", "--folder", "cluster", "--role", "site", "site/keys/alice.pub")
+        cli("dataset", "add", "--config", config, "--name", DATASET, "--type", "csv", "--path",
+            "data/alice/patients.csv")
+        cli("pod", "allow", "--config", config, "--name", "modeller",
+            "--fingerprint", cli("identity", "show", "modeller").stdout.strip())
+        leaf_log = tmp_path / "leaf.log"
+        processes.append(cli.start("broker", "leaf", "--hub", hub, "--config", config, "--port", str(leaf_port),
+                                   log=leaf_log))
+        wait_until(lambda: f"nats://127.0.0.1:{leaf_port}" in leaf_log.read_text(), 30, "the site's leaf node")
+        pod_log = tmp_path / "alice.log"
+        processes.append(cli.start("pod", "start", "--config", config, log=pod_log))
+        wait_until(lambda: "ready" in pod_log.read_text(), 60, "the site's pod")
+        answer = cli("sql", f"SELECT COUNT(*) AS n FROM `{DATASET}`", "--datasets", f"alice/{DATASET}",
+                     "--aggregate", "--broker", url, "--out", "site-result")
+        assert "300" in answer.stdout
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGINT)
+        for process in processes:
+            process.wait(timeout=20)
