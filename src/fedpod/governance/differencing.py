@@ -3,15 +3,17 @@ already released to the same modeller (on the same data) by 1 to `min_group_size
 
 Two answers over cohorts that differ by one person give that person's value by subtraction
 (AVG over a ward, then over the ward but for one patient). Each released cohort — a cell of an
-aggregate, or the rows one of its aggregates used within the cell — is kept as its size, the xor
-of its row ids' 64-bit hashes and a sketch (below), with the SQL and key values that select it
-again — all computed in the answer's own scan. A new cohort of the same size, xor and sketch is
-the same cohort. Each cohort also keeps its
-`SKETCH` smallest row-id hashes: two cohorts that differ by d rows have sketches that differ by at
-most 2d hashes, so sketches differing by 2m or more prove a difference of at least m rows without
-looking at any row (disjoint cells of one GROUP BY always do). Only a cohort whose size is within
-the threshold of a kept one and whose sketch is close is compared exactly, by selecting both
-cohorts' row ids (the pod holds the rows) — and refused if it differs by fewer rows than the minimum.
+aggregate, or the rows one of its aggregates used within the cell — is kept as its size and the
+xor of its row ids' 64-bit hashes, both computed in the answer's own scan at no measurable cost,
+with the SQL and key values that select it again. A new cohort of the same size and xor is the
+same cohort. Cohorts of different cells of one answer are disjoint, so never compared. A new
+cohort is compared only with kept ones whose size is within the threshold, and first by sketch:
+its `SKETCH` smallest row-id hashes, computed by selecting the cohort again, only then, and kept.
+Two cohorts that differ by d rows have sketches that differ by at most 2d hashes, so sketches
+differing by 2m or more prove a difference of at least m rows. Only a pair whose sketches are
+close is compared exactly, by selecting both cohorts' row ids (the pod holds the rows) — and the
+new one refused if it differs by fewer rows than the minimum. (Computing every sketch in the
+answer's scan tripled the time of a federated GROUP BY over a million rows.)
 
 What it cannot catch: differences spread over three or more answers (A - B - C with each pair
 far apart), a value pulled out by the aggregate's own expression (SUM(CASE WHEN id = 42 ...)),
@@ -41,17 +43,21 @@ MAX_COHORTS = 20_000
 MAX_EXACT_CHECKS = 200  # per query: each selects two cohorts' row ids
 
 
-@dataclass(frozen=True)
+@dataclass
 class Cohort:
     size: int
     xor: int  # of the row ids' 64-bit hashes
     sql: str  # selects the cohort's row ids, ordered
-    params: list[Any]
-    sketch: list[int]  # its SKETCH smallest row-id hashes
+    params: list[Any]  # the cell's key values
+    sketch: list[int] | None = None  # its SKETCH smallest row-id hashes, once needed
 
     @property
-    def fingerprint(self) -> tuple[int, int, tuple[int, ...]]:
-        return self.size, self.xor, tuple(self.sketch)
+    def fingerprint(self) -> tuple[int, int]:
+        return self.size, self.xor
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.sql, json.dumps(self.params, default=str)
 
 
 def released_cohorts(table: pa.Table, plan: CohortPlan, min_size: int) -> list[Cohort]:
@@ -65,12 +71,12 @@ def released_cohorts(table: pa.Table, plan: CohortPlan, min_size: int) -> list[C
         for j in range(len(plan.conditions)):
             size = int(row[f"{HIDDEN}n{j}"])
             if size:
-                cohorts.append(Cohort(size, int(row[f"{HIDDEN}x{j}"]), plan.rows_sql(j), keys,
-                                      [int(h) for h in row[f"{HIDDEN}h{j}"]]))
+                cohorts.append(Cohort(size, int(row[f"{HIDDEN}x{j}"]), plan.rows_sql(j), keys))
     return cohorts
 
 
 RowIds = Callable[[str, list[Any]], np.ndarray]
+Sketch = Callable[[str, list[Any]], list[int]]
 
 
 def far_apart(a: Cohort, b: Cohort, min_size: int) -> bool:
@@ -78,7 +84,15 @@ def far_apart(a: Cohort, b: Cohort, min_size: int) -> bool:
     their sketches alone (see the module docstring)."""
     if abs(a.size - b.size) >= min_size:
         return True
+    if a.sketch is None or b.sketch is None:
+        return False
     return min_size <= SKETCH and len(set(a.sketch) ^ set(b.sketch)) >= 2 * min_size
+
+
+def disjoint(a: Cohort, b: Cohort) -> bool:
+    """For two cohorts of one answer: whether they lie in different cells, which its GROUP BY
+    keys partition the rows into."""
+    return a.key[1] != b.key[1]
 
 
 def symmetric_difference(a: np.ndarray, b: np.ndarray) -> int:
@@ -91,7 +105,7 @@ class _Kept:
 
     def __init__(self) -> None:
         self.by_size: dict[int, list[Cohort]] = {}
-        self.fingerprints: set[tuple[int, int, tuple[int, ...]]] = set()
+        self.fingerprints: set[tuple[int, int]] = set()
 
     def add(self, cohort: Cohort) -> None:
         self.by_size.setdefault(cohort.size, []).append(cohort)
@@ -124,9 +138,10 @@ class CohortLedger:
         return self._kept
 
     def check_and_keep(self, modeller: str, dataset: str, version: str, cohorts: list[Cohort], min_size: int,
-                       row_ids: RowIds) -> str | None:
+                       row_ids: RowIds, sketch: Sketch) -> str | None:
         """None, having kept the new cohorts, if none differs from a kept one or from another
-        new one by 1 to `min_size - 1` rows; else why not (and nothing is kept)."""
+        new one by 1 to `min_size - 1` rows; else why not (and nothing is kept). `cohorts` are one
+        answer's; `sketch` and `row_ids` select a cohort again, for the few pairs that need it."""
         with self._lock:
             kept = self._load().setdefault((modeller, dataset, version), _Kept())
             fresh = list({c.fingerprint: c for c in cohorts if c.fingerprint not in kept.fingerprints}.values())
@@ -137,16 +152,22 @@ class CohortLedger:
             loaded: dict[tuple[str, str], np.ndarray] = {}
 
             def rows(cohort: Cohort) -> np.ndarray:
-                key = (cohort.sql, json.dumps(cohort.params, default=str))
-                if key not in loaded:
-                    loaded[key] = row_ids(cohort.sql, cohort.params)
-                return loaded[key]
+                if cohort.key not in loaded:
+                    loaded[cohort.key] = row_ids(cohort.sql, cohort.params)
+                return loaded[cohort.key]
 
             batch = _Kept()
             checks = 0
             for new in fresh:
-                for other in [*kept.near(new.size, min_size), *batch.near(new.size, min_size)]:
+                near = [*kept.near(new.size, min_size), *(c for c in batch.near(new.size, min_size)
+                                                           if not disjoint(new, c))]
+                for other in near:
                     if new.fingerprint == other.fingerprint or far_apart(new, other, min_size):
+                        continue
+                    for cohort in (new, other):  # sizes are close: the sketches may still tell them apart
+                        if cohort.sketch is None:
+                            cohort.sketch = sketch(cohort.sql, cohort.params)
+                    if far_apart(new, other, min_size):
                         continue
                     checks += 1
                     if checks > MAX_EXACT_CHECKS:

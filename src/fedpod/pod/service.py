@@ -705,7 +705,8 @@ class Pod:
         dataset = request.dataset
         why = self.cohorts.check_and_keep(
             requester, dataset, engine.versions[dataset], released_cohorts(table, plan, min_size), min_size,
-            lambda sql, params: engine.row_ids(sql, params, dataset, timeout_s=self.config.sql_timeout_s))
+            lambda sql, params: engine.row_ids(sql, params, dataset, timeout_s=self.config.sql_timeout_s),
+            lambda sql, params: engine.sketch(sql, params, dataset, timeout_s=self.config.sql_timeout_s))
         if why:
             raise AccessDenied(f"{why} [rule: protect_differencing]", where=f"dataset {dataset}",
                                hint="query cohorts that differ by at least min_group_size rows from those you "

@@ -353,6 +353,11 @@ class EmbeddedBroker:
         return int(varz["in_bytes"]) + int(varz["out_bytes"])
 
     @property
+    def pid(self) -> int | None:
+        """The nats-server process, while it runs."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

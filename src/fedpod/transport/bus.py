@@ -512,8 +512,11 @@ class Bus:
         await self._client.flush(timeout=round(timeout_s))
 
 
-class _UnknownChunk(Exception):
+class _UnknownChunk(TransportError):
     """A chunk of no transfer under way here, out of order, or not the one its ticket signed for."""
+
+    def __init__(self) -> None:
+        super().__init__("a chunk of no transfer under way here")
 
 
 class _Interrupted(Exception):

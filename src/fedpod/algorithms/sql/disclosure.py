@@ -15,7 +15,7 @@ anything leaves the pod; how many is reported, never which.
 
 Against differencing, the pod also describes the *cohorts* an aggregate releases — each cell's
 rows, and within it the rows each aggregate used (its FILTER, its non-null argument) — by their
-size, a hash and a sketch of their row ids, in the same scan (`disclosed_query`), so that
+size and a hash of their row ids, in the same scan (`disclosed_query`), so that
 `governance.differencing` can refuse a cohort that differs from one already released to the same
 modeller by fewer than `min_group_size` rows.
 """
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 GROUP_SIZE = "__fedpod_group_size"
-SKETCH = 32  # the smallest row-id hashes kept per cohort: see governance.differencing
+SKETCH = 32  # the smallest row-id hashes a cohort's sketch keeps: see governance.differencing
 RELEASED_AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max, exp.Variance, exp.VariancePop, exp.Stddev,
                        exp.StddevSamp, exp.StddevPop)
 _NOT_AGGREGATE_SHAPES = ((exp.Subquery, "a subquery"), (exp.With, "a CTE"), (exp.Window, "a window function"),
@@ -102,8 +102,8 @@ HIDDEN = "__fedpod_"  # the prefix of the columns the pod adds and strips before
 class CohortPlan:
     """How to read the cohorts of an aggregate from the hidden columns `disclosed_query` adds —
     per cell the key values `__fedpod_k{i}`, and per condition j (the first is the whole cell)
-    its size `n{j}`, row-id hash xor `x{j}` and sketch `h{j}` — and `rows_sql(j)`, which selects
-    one cohort's row ids again, with the cell's key values as parameters."""
+    its size `n{j}` and row-id hash xor `x{j}` — and `rows_sql(j)`, which selects one cohort's
+    row ids again, with the cell's key values as parameters."""
 
     keys: int
     conditions: list[str]
@@ -188,8 +188,7 @@ def disclosed_query(query: str, non_null: frozenset[str] = frozenset(),
             hidden.append(exp.alias_(key, f"{HIDDEN}k{i}"))
         for j, condition in enumerate(conditions):
             within = "" if condition == "TRUE" else f" FILTER (WHERE {condition})"
-            for name, aggregate in (("n", "COUNT(*)"), ("x", "BIT_XOR(HASH(rowid))"),
-                                    ("h", f"MIN(HASH(rowid), {SKETCH})")):
+            for name, aggregate in (("n", "COUNT(*)"), ("x", "BIT_XOR(HASH(rowid))")):
                 hidden.append(exp.alias_(parse_statement(f"SELECT {aggregate}{within}").expressions[0],
                                          f"{HIDDEN}{name}{j}"))
     tree.set("expressions", [*tree.expressions, *hidden])

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
 from sqlglot import exp
 
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.algorithms.sql.disclosure import SKETCH
 from fedpod.algorithms.sql.guard import check_read_only
 from fedpod.data.datasets import DatasetSpec, describe, load_dataset, quote_identifier
 from fedpod.errors import ResultTooLarge, SqlExecutionError, SqlRejected, TaskTimeout
@@ -81,11 +82,20 @@ class SqlEngine:
     def row_ids(self, sql: str, params: list[object], dataset: str, *, timeout_s: float = 60.0) -> np.ndarray:
         """The row ids an internal cohort query selects (`disclosure.CohortPlan.rows_sql`, built
         from an aggregate this engine already accepted), as int64."""
+        return np.asarray(self._internal(sql, params, dataset, timeout_s)["rowid"], dtype=np.int64)
+
+    def sketch(self, sql: str, params: list[object], dataset: str, *, timeout_s: float = 60.0) -> list[int]:
+        """The SKETCH smallest row-id hashes of the cohort `sql` selects (see `row_ids`)."""
+        found = self._internal(f"SELECT MIN(HASH(rowid), {SKETCH}) AS sketch FROM ({sql})", params, dataset,
+                               timeout_s)["sketch"]
+        return [int(h) for h in (found[0] if len(found) and found[0] is not None else [])]
+
+    def _internal(self, sql: str, params: list[object], dataset: str, timeout_s: float) -> dict[str, Any]:
         cursor = self._connection.cursor()
         timer = threading.Timer(timeout_s, cursor.interrupt)
         timer.start()
         try:
-            return np.asarray(cursor.execute(sql, params).fetchnumpy()["rowid"], dtype=np.int64)
+            return dict(cursor.execute(sql, params).fetchnumpy())
         except duckdb.InterruptException as exc:
             raise TaskTimeout(f"a cohort query ran longer than {timeout_s}s", where=f"dataset {dataset}") from exc
         except duckdb.Error as exc:
