@@ -6,6 +6,7 @@ would silently change DuckDB queries; extending DuckDB's tokenizer changes nothi
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import sqlglot
@@ -24,8 +25,24 @@ class FedpodSql(DuckDB):
         IDENTIFIERS = [*DuckDB.Tokenizer.IDENTIFIERS, "`"]  # noqa: RUF012 - sqlglot's own convention
 
 
+REMEMBERED_BELOW = 4096  # characters: longer queries are parsed each time, never kept
+
+
 def parse_statement(query: str) -> exp.Expr:
-    """Parse exactly one statement; several statements (`SELECT 1; DROP ...`) are refused."""
+    """Parse exactly one statement; several statements (`SELECT 1; DROP ...`) are refused.
+    A pod reads one query several times (its kind, its disclosure plan, the guard) and a modeller
+    sends the same ones again: short texts' trees are kept, and each caller gets its own copy."""
+    if len(query) < REMEMBERED_BELOW:
+        return _remembered(query).copy()
+    return _parse(query)
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered(query: str) -> exp.Expr:
+    return _parse(query)
+
+
+def _parse(query: str) -> exp.Expr:
     try:
         statements = [s for s in sqlglot.parse(query, read=FedpodSql) if s is not None]
     except (ParseError, TokenError) as exc:

@@ -18,7 +18,7 @@ import duckdb
 import numpy as np
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.algorithms.sql.dialect import to_duckdb
 from fedpod.algorithms.sql.disclosure import SKETCH
 from fedpod.algorithms.sql.guard import check_read_only
 from fedpod.data.datasets import DatasetSpec, describe, load_dataset, quote_identifier
@@ -42,9 +42,14 @@ def _without_using(tree: exp.Expr) -> str:
     return to_duckdb(copy)
 
 
+REMEMBERED_QUERIES = 256
+
+
 class SqlEngine:
     def __init__(self, datasets: list[DatasetSpec], base: Path, *, memory_limit: str | None = None) -> None:
         self._connection = duckdb.connect(":memory:")
+        self._referenced_by: dict[str, frozenset[str]] = {}  # query text -> the tables DuckDB finds in it
+        self._remember = threading.Lock()
         self.datasets = {spec.name: spec for spec in datasets}
         self.schemas: dict[str, tuple[dict[str, str], int]] = {}  # table -> (columns, rows)
         self.tables: dict[str, list[str]] = {}  # dataset -> the tables its queries may read
@@ -104,6 +109,23 @@ class SqlEngine:
             timer.cancel()
             cursor.close()
 
+    def _referenced(self, cursor: duckdb.DuckDBPyConnection, tree: exp.Expr, sql: str) -> frozenset[str]:
+        """The tables DuckDB's own parser finds in the query (`tree`, which is `sql`) — a second
+        opinion on sqlglot's, which the guard used — remembered per text: parsing costs more
+        than the query itself on small data."""
+        known = self._referenced_by.get(sql)
+        if known is not None:
+            return known
+        try:
+            found = frozenset(cursor.get_table_names(_without_using(tree)))
+        except duckdb.Error as exc:
+            raise SqlExecutionError(f"DuckDB cannot read the query: {exc}") from exc
+        with self._remember:
+            if len(self._referenced_by) >= REMEMBERED_QUERIES:
+                self._referenced_by.pop(next(iter(self._referenced_by)))
+            self._referenced_by[sql] = found
+        return found
+
     def columns_of(self, dataset: str) -> list[str]:
         """Every column a query on `dataset` may read, over all of its tables."""
         return list(dict.fromkeys(c for table in self.tables[dataset] for c in self.schemas[table][0]))
@@ -122,15 +144,11 @@ class SqlEngine:
         if dataset not in self.datasets:
             raise SqlRejected(f"unknown dataset {dataset!r}")
         allowed = set(self.tables[dataset])
-        check_read_only(query, allowed)
-        tree = parse_statement(query)
+        tree = check_read_only(query, allowed)
         duckdb_sql = to_duckdb(tree)
         cursor = self._connection.cursor()
         try:
-            try:
-                referenced = cursor.get_table_names(_without_using(tree))
-            except duckdb.Error as exc:
-                raise SqlExecutionError(f"DuckDB cannot read the query: {exc}") from exc
+            referenced = self._referenced(cursor, tree, duckdb_sql)
             stray = {name for name in referenced if name.lower() not in {t.lower() for t in allowed}}
             if stray:
                 raise SqlRejected(f"query references {sorted(stray)}, which are not this task's dataset")
