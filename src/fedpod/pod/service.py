@@ -225,7 +225,7 @@ class Pod:
             await bus.close()
             self._summarise_rejections(force=True)
             self.journal.record("pod-stopped", pod=self.config.name, rejected=dict(self.tally.total),
-                                ignored_chunks=bus.ignored_chunks)
+                                ignored_chunks=bus.ignored_chunks, resends=bus.resends)
             self.journal.checkpoint()
             self.journal.close()
             guard.close()

@@ -255,8 +255,6 @@ class EmbeddedBroker:
             raise BrokerUnavailable("this broker does not accept leaf nodes (leafnodes=True)")
         return f"nats-leaf://127.0.0.1:{self.leafnode_port}"
 
-
-
     def allow(self, role: Role, public: Any) -> None:
         """Let a party in while the server runs; returns once the server has reloaded."""
         if self.open:

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from fedpod.errors import BrokerUnavailable
-from fedpod.transport.broker import EmbeddedBroker, Party, Role, Routes, grant, read_parties
+from fedpod.transport.broker import EmbeddedBroker, Party, Role, Routes, grant
 
 
 class BrokerCluster:
@@ -101,10 +101,6 @@ class BrokerCluster:
         member = self.members[index]
         member.start()
         self.wait_for_routes([member])
-
-    @property
-    def parties(self) -> list[Party]:
-        return read_parties(self.folder)
 
     def wait(self) -> int:
         """Block until any member exits (for `fedpod broker start --cluster` in the foreground)."""
