@@ -47,6 +47,7 @@ from fedpod.modeller.results import (
     EPSILON,
     TensorboardLog,
     aggregated_files,
+    append_metrics,
     latest_experiment,
     load_params,
     next_experiment_folder,
@@ -55,6 +56,7 @@ from fedpod.modeller.results import (
     save_aggregated,
     save_breakpoint,
     write_metrics,
+    write_metrics_json,
 )
 from fedpod.modeller.secure_round import secagg_settings, secure_round
 from fedpod.modeller.selection import AllNodes, NodeSelectionStrategy
@@ -333,8 +335,10 @@ class Experiment:
                 for target, outcome in zip(targets, outcomes, strict=True)}
 
     def _plot(self) -> None:
-        """Drawn once per `run`/`run_once` call: matplotlib costs more than a small model's round."""
+        """Drawn (and metrics.json written) once per `run`/`run_once` call: each costs more than a
+        small model's round, and grows with the rounds."""
         if self._replies:
+            write_metrics_json(self._folder, self._replies)
             plot_metrics(self._folder, self._replies)
 
     def _run_round(self, increase: bool = False) -> int:
@@ -516,7 +520,7 @@ class Experiment:
         return targets
 
     def _record(self, round_number: int) -> None:
-        write_metrics(self._folder, self._replies)
+        append_metrics(self._folder, round_number, self._replies)
         if self._board is not None:
             self._board.write(round_number, self._replies[round_number])
         params_file = save_aggregated(self._folder, round_number, self._global)
@@ -590,6 +594,7 @@ class Experiment:
         experiment._global = params
         experiment._plan.set_params(params)
         experiment._replies = {int(k): v for k, v in state["replies"].items()}
+        write_metrics(folder, experiment._replies)  # rounds run after this breakpoint are run again
         return experiment
 
     def _build_plan(self) -> TrainingPlan:

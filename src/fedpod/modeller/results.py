@@ -2,6 +2,8 @@
 
     experiments/Experiment_0001/
         metrics.csv, metrics.json     one row per round and pod: samples, loss, validation metrics, seconds
+                                      (the CSV grows by a round's rows as it ends; the JSON and
+                                      metrics.png are rewritten once per `run` call)
         model.safetensors             the latest aggregated parameters
         aggregated/round_0000.safetensors ...  the aggregated parameters of every round (0-based, as
                                       `Experiment.aggregated_params()` keys them); kept on disk, not in
@@ -78,6 +80,7 @@ def aggregated_files(folder: Path) -> dict[int, Path]:
 
 
 def write_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> None:
+    """metrics.csv from every round's replies (see `append_metrics`)."""
     rows = [{"round": round_number, "pod": pod, **reply} for round_number, pods in sorted(replies.items())
             for pod, reply in sorted(pods.items())]
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,28 @@ def write_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -
         writer = csv.DictWriter(out, columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def append_metrics(folder: Path, round_number: int, replies: dict[int, dict[str, dict[str, Any]]]) -> None:
+    """Add round `round_number`'s rows to metrics.csv. They are appended while the file's
+    columns hold them, so a round costs the same after thousands of rounds (rewriting the file
+    every round made round 4,000 four times slower than round 50, in benchmarks/soak); a round
+    with a new column (a metric first reported) rewrites it once from every round's replies."""
+    path = folder / "metrics.csv"
+    rows = [{"round": round_number, "pod": pod, **reply} for pod, reply in sorted(replies[round_number].items())]
+    columns: list[str] = []
+    if path.exists():
+        with path.open(newline="") as handle:
+            columns = next(csv.reader(handle), [])
+    if not columns or any(key not in columns for row in rows for key in row):
+        write_metrics(folder, replies)
+        return
+    with path.open("a", newline="") as out:
+        csv.DictWriter(out, columns, restval="").writerows(rows)
+
+
+def write_metrics_json(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps({str(k): v for k, v in replies.items()}, indent=2))
 
 
