@@ -171,12 +171,12 @@ def broker_leaf(
     connects out to the cluster — nothing connects in to the site. It logs in to the cluster with
     the pod's key, which the cluster's operator lets in with `fedpod broker allow --role site
     POD.pub`; point the pod at the URL it prints (broker: url: in pod.yaml)."""
-    from fedpod.transport.broker import EmbeddedBroker, Hub, Party
+    from fedpod.transport.broker import EmbeddedBroker, Hub, Party, split_urls
 
     interrupt_on_signals()
     settings = PodConfig.load(config)
     identity = Identity.load(_resolve_beside(config, settings.identity))
-    urls = tuple(url.strip() for url in hub.split(",") if url.strip())
+    urls = tuple(split_urls(hub))
     with EmbeddedBroker(port=port, folder=folder or config.parent / "leaf-node", hub=Hub(urls, identity.nats_seed),
                         parties=[Party.of("pod", identity.public)]) as leaf:
         console.print(leaf.url)

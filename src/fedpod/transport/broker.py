@@ -168,6 +168,31 @@ def grant(folder: Path, party: Party) -> bool:
     return told
 
 
+def allow_on(servers: list[EmbeddedBroker], role: Role, public: Any) -> None:
+    """Let a party in on servers that share one folder (one server, or a cluster's members);
+    returns once every running one has reloaded its authorization."""
+    first = servers[0]
+    if first.open:
+        return
+    if first.accounts is not None:
+        raise ConfigError("this broker trusts an account authority: parties log in with the user JWTs it issues",
+                          hint="`fedpod broker accounts issue --role pod|modeller NAME.pub`")
+    before = [server.reload_count() for server in servers]
+    grant(first.folder, Party.of(role, public))
+    deadline = time.monotonic() + first.ready_timeout_s
+    for server, reloads in zip(servers, before, strict=True):
+        while server.running and server.reload_count() == reloads:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"nats-server did not reload its configuration within "
+                                        f"{first.ready_timeout_s}s", where=str(server.log_path))
+            time.sleep(0.005)
+
+
+def split_urls(text: str) -> list[str]:
+    """A comma-separated list of server URLs (a cluster's members), as `--broker` and `--hub` take."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _port(address: str) -> int:
     """The port of a ports file's entry (`nats://127.0.0.1:4222`)."""
     return int(address.rsplit(":", 1)[1])
@@ -257,20 +282,7 @@ class EmbeddedBroker:
 
     def allow(self, role: Role, public: Any) -> None:
         """Let a party in while the server runs; returns once the server has reloaded."""
-        if self.open:
-            return
-        if self.accounts is not None:
-            raise ConfigError("this broker trusts an account authority: parties log in with the user JWTs it issues",
-                              hint="`fedpod broker accounts issue --role pod|modeller NAME.pub`")
-        reloads = self.reload_count()
-        grant(self.folder, Party.of(role, public))
-        if self._process is None:
-            return
-        deadline = time.monotonic() + self.ready_timeout_s
-        while self.reload_count() == reloads:
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(f"nats-server did not reload its configuration within {self.ready_timeout_s}s")
-            time.sleep(0.005)
+        allow_on([self], role, public)
 
     def reload_count(self) -> int:
         """How many times the server has reloaded its configuration (from its log)."""

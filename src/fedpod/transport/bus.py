@@ -58,6 +58,7 @@ from nats.aio.msg import Msg
 
 from fedpod.errors import BrokerUnavailable, PodUnreachable, TaskTimeout, TransportError
 from fedpod.transport import subjects
+from fedpod.transport.broker import split_urls
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class BrokerOptions:
     def servers(self) -> list[str]:
         """The URLs in `url`: one server, or a cluster's members comma-separated (a client
         learns the others by gossip too, but needs a second to reach when its first is down)."""
-        return [part.strip() for part in self.url.split(",") if part.strip()]
+        return split_urls(self.url)
 
     def as_dict(self) -> dict[str, str | None]:
         """URL and absolute file paths, for a breakpoint to reconnect the same way."""

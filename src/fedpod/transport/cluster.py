@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from fedpod.errors import BrokerUnavailable
-from fedpod.transport.broker import EmbeddedBroker, Party, Role, Routes, grant
+from fedpod.transport.broker import EmbeddedBroker, Role, Routes, allow_on
 
 
 class BrokerCluster:
@@ -39,7 +39,6 @@ class BrokerCluster:
         self.folder = folder or Path(self._tmp.name)
         self.name = name
         self.ready_timeout_s = ready_timeout_s
-        self.open = bool(member_options.get("open"))
         secret = secrets.token_hex(16)
         ports = tuple(_free_ports(size))
         self.members = [
@@ -80,17 +79,7 @@ class BrokerCluster:
 
     def allow(self, role: Role, public: Any) -> None:
         """Let a party in on every member; returns once they have all reloaded."""
-        if self.open:
-            return
-        reloads = [member.reload_count() for member in self.members]
-        grant(self.folder, Party.of(role, public))
-        deadline = time.monotonic() + self.ready_timeout_s
-        for member, before in zip(self.members, reloads, strict=True):
-            while member.running and member.reload_count() == before:
-                if time.monotonic() > deadline:
-                    raise BrokerUnavailable("a cluster member did not reload its configuration",
-                                            where=str(member.log_path))
-                time.sleep(0.005)
+        allow_on(self.members, role, public)
 
     def kill(self, index: int) -> None:
         """SIGKILL one member (a crash, for tests): its clients fail over to the others."""
