@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.pod.local import write_pod
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker

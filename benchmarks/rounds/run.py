@@ -23,6 +23,7 @@ against raw nats-py on the same machine in the same run (benchmarks/transport/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -30,7 +31,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +54,25 @@ HERE = Path(__file__).parent
 PLAN = HERE / "add_one_plan.py"
 OPEN_BROKER = "FEDPOD_BENCH_OPEN_BROKER"  # set for the open-broker comparison run
 DROP_OUT = "x,y,drop_out\n0.0,0,1\n"  # a pod holding this fails its training step (add_one_plan.py)
+ROWS = "x,y\n" + "0.0,0\n" * 20  # enough rows for a SQL aggregate to pass min_group_size
+SQL = "SELECT COUNT(*) AS n, AVG(x) AS mean_x FROM data"
+SQL_QUERIES = 10
 
 
 @dataclass(frozen=True)
 class RoundTimes:
     seconds: list[float]  # each round after the first
     wire_bytes: float  # per round, through the broker (received plus sent), all rounds averaged
+    first_s: float = 0.0  # the first round, which pays the pods' first-task imports and data loading
+    idle_mib: list[float] = field(default_factory=list)  # each pod's resident memory once discovered, before any task
+    sql_s: list[float] = field(default_factory=list)  # each federated SQL aggregate after the first
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: bool = False,
@@ -74,7 +89,7 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
         for index, name in enumerate(names):
             folder = work / name
             folder.mkdir(parents=True)
-            (folder / "data.csv").write_text(DROP_OUT if index < dropouts else "x,y\n0.0,0\n")
+            (folder / "data.csv").write_text(DROP_OUT if index < dropouts else ROWS)
             configs.append(write_pod(folder, name, broker, [DatasetSpec(
                 name="data", kind="csv", path=str(folder / "data.csv"), tags=["bench"])], [identity]))
             registry = PlanRegistry(folder / "storage" / "plans")
@@ -83,6 +98,8 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
         with pod_processes(configs, work / "logs") as processes, \
                 Modeller(identity, broker=broker.url, keystore=work / "keys", timeout_s=600) as modeller:
             wait_for_pods(modeller, set(names), processes, deadline_s=max(180, 3 * pods))
+            time.sleep(2.0)  # let start-up settle: the pods are idle now, discovered but given no task yet
+            idle = [resident_mib(process.pid) for process in processes]
             experiment = Experiment(tags=["bench"], training_plan_class="AddOne", training_plan_path=PLAN,
                                     model_args={"parameters": parameters}, training_args={"num_updates": 1},
                                     round_limit=rounds, modeller=modeller, experiments_root=work / "experiments",
@@ -92,12 +109,20 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
             wire_bytes = (broker.traffic() - before) / rounds
             final = load_params(experiment.experimentation_path() / "model.safetensors")["w"]
             assert np.all(final == rounds), "FedAvg of w + 1 must add exactly one per round"
-            seconds = [s for r, s in sorted(experiment.round_seconds().items()) if r > 0]
-            return RoundTimes(seconds, wire_bytes)
+            by_round = experiment.round_seconds()
+            sql = []
+            if not dropouts:
+                for _ in range(SQL_QUERIES + 1):
+                    started = time.perf_counter()
+                    answer = modeller.sql(SQL, datasets=[f"{name}/data" for name in names], aggregate=True)
+                    sql.append(time.perf_counter() - started)
+                    assert int(answer["n"][0]) == 20 * pods, answer  # type: ignore[call-overload]
+            return RoundTimes([s for r, s in sorted(by_round.items()) if r > 0], wire_bytes, by_round[0], idle,
+                              sql[1:])
 
 
 def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
-                   open_broker: bool = False) -> tuple[float, float]:
+                   open_broker: bool = False) -> tuple[RoundTimes, float]:
     """The modeller runs as a fresh process, like Flower's ServerApp: this harness's own memory
     (and what earlier measurements left in it) counts for neither system."""
     work.mkdir(parents=True)
@@ -108,7 +133,7 @@ def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
                               env=environment)
     if done.returncode != 0:
         raise RuntimeError(f"fedpod run failed: {done.stderr[-3000:]}")
-    return statistics.median(json.loads(done.stdout.strip().splitlines()[-1])), memory.peak / 2**30
+    return RoundTimes(**json.loads(done.stdout.strip().splitlines()[-1])), memory.peak / 2**30
 
 
 def measure_flower(nodes: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
@@ -119,6 +144,36 @@ def measure_flower(nodes: int, parameters: int, rounds: int, work: Path) -> tupl
     return statistics.median(seconds), memory.peak / 2**30
 
 
+CASES = [(3, 1_000), (3, 10_000_000), (10, 1_000), (10, 10_000_000), (30, 1_000), (100, 1_000)]
+FLOWER_MAX_NODES = 30
+IDLE_POD_MIB = 60.0  # targets for many pods (issue 11, item 5)
+MANY_PODS_S = 0.2
+
+
+def many_pods_table(runs: list[tuple[int, RoundTimes]], verdicts: list[bool]) -> list[str]:
+    """Lean pods: each pod's memory when idle, and a SQL aggregate and a FedAvg round as pods are added."""
+    lines = ["## Many pods: idle memory, SQL and FedAvg as pods are added", "",
+             "The small-model runs above. Idle pod: resident memory of each pod process once discovered, before "
+             "its first task (median and largest). SQL: a federated `COUNT`/`AVG` aggregate over every pod, median "
+             f"of {SQL_QUERIES} after the first. First round: the FedAvg round that pays each pod's first-task "
+             "imports (numpy, DuckDB, the plan) and data loading.", "",
+             "| pods | idle pod MiB (median / max) | SQL s/query | FedAvg s/round | first round s | "
+             "per added pod (SQL / FedAvg, ms) |", "|---:|---:|---:|---:|---:|---:|"]
+    base_pods, base = runs[0]
+    for pods, times in runs:
+        sql, fedavg = statistics.median(times.sql_s), statistics.median(times.seconds)
+        slope = "—" if pods == base_pods else (
+            f"{(sql - statistics.median(base.sql_s)) / (pods - base_pods) * 1000:.2f} / "
+            f"{(fedavg - statistics.median(base.seconds)) / (pods - base_pods) * 1000:.2f}")
+        lines.append(f"| {pods} | {statistics.median(times.idle_mib):.1f} / {max(times.idle_mib):.1f} | {sql:.3f} | "
+                     f"{fedavg:.3f} | {times.first_s:.2f} | {slope} |")
+        verdicts.append(max(times.idle_mib) <= IDLE_POD_MIB)
+        if pods >= 100:
+            verdicts += [sql < MANY_PODS_S, fedavg < MANY_PODS_S]
+    return [*lines, "", f"Targets: every idle pod at most {IDLE_POD_MIB:.0f} MiB; at 100 pods a SQL aggregate and a "
+            f"FedAvg round each under {MANY_PODS_S * 1000:.0f} ms.", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=20)
@@ -127,20 +182,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         pods, parameters, rounds, work = args.one
-        print(json.dumps(time_rounds(int(pods), int(parameters), int(rounds), Path(work)).seconds))
+        print(json.dumps(dataclasses.asdict(time_rounds(int(pods), int(parameters), int(rounds), Path(work)))))
         return
     from benchmarks.transport.run import throughput
 
     raw_rate, fedpod_rate, _ = throughput([40_000_000], {40_000_000: 5})[40_000_000]
     rows = []
-    for pods in (3, 10):
-        for parameters in (1_000, 10_000_000):
-            work = Path(tempfile.mkdtemp(prefix=f"fedpod-bench-rounds-{pods}-{parameters}-"))
-            fedpod = measure_fedpod(pods, parameters, args.rounds, work / "fedpod")
-            unauthenticated, _ = measure_fedpod(pods, parameters, args.rounds, work / "open", open_broker=True)
-            flower = measure_flower(pods, parameters, args.flower_rounds, work / "flower")
-            rows.append((pods, parameters, fedpod, flower, unauthenticated))
-            print(rows[-1], flush=True)
+    for pods, parameters in CASES:
+        work = Path(tempfile.mkdtemp(prefix=f"fedpod-bench-rounds-{pods}-{parameters}-"))
+        fedpod = measure_fedpod(pods, parameters, args.rounds, work / "fedpod")
+        unauthenticated, _ = measure_fedpod(pods, parameters, args.rounds, work / "open", open_broker=True)
+        flower = measure_flower(pods, parameters, args.flower_rounds, work / "flower") \
+            if pods <= FLOWER_MAX_NODES else None
+        rows.append((pods, parameters, fedpod, flower, unauthenticated))
+        print(rows[-1][:2], statistics.median(fedpod[0].seconds), flower, flush=True)
     lines = [
         "# Seconds per round and memory: fedpod vs Flower",
         "",
@@ -153,28 +208,40 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
-    for pods, parameters, (seconds, peak), (flower_seconds, flower_peak), unauthenticated in rows:
+    for pods, parameters, (times, peak), flower, unauthenticated in rows:
+        seconds = statistics.median(times.seconds)
+        if parameters < 1_000_000 and pods == 10:
+            verdicts.append(seconds < 0.1)
+        if flower is None:
+            lines.append(f"| {pods} | {parameters:,} | {seconds:.3f} | — | — | — | {peak:.2f} | — | — | "
+                         f"{statistics.median(unauthenticated.seconds):.3f} |")
+            continue
+        flower_seconds, flower_peak = flower
         time_ratio, memory_ratio = seconds / flower_seconds, peak / flower_peak
         target = 1 / 20 if parameters < 1_000_000 else 1 / 4
         verdicts += [time_ratio <= target, memory_ratio <= 0.5]
-        if parameters < 1_000_000 and pods == 10:
-            verdicts.append(seconds < 0.1)
         lines.append(f"| {pods} | {parameters:,} | {seconds:.3f} | {flower_seconds:.2f} | 1/{1 / time_ratio:.0f} | "
                      f"1/{1 / target:.0f} | {peak:.2f} | {flower_peak:.2f} | {memory_ratio:.2f} | "
-                     f"{unauthenticated:.3f} |")
+                     f"{statistics.median(unauthenticated.seconds):.3f} |")
+    lines += ["", f"Flower runs up to {FLOWER_MAX_NODES} nodes here: its superlink and supernodes need ~0.4 GiB "
+              "per node, more than this machine holds at 100.", ""]
+    lines += many_pods_table([(pods, times) for pods, parameters, (times, _), _, _ in rows if parameters < 1_000_000],
+                             verdicts)
     transport_ratio = fedpod_rate / raw_rate
+    authentication = ", ".join(f"{statistics.median(times.seconds) / statistics.median(open_times.seconds) - 1:+.0%}"
+                               for _, _, (times, _), _, open_times in rows)
     verdicts.append(transport_ratio >= 0.5)
     lines += ["", f"Transport in the same run, 40 MB payload: fedpod {fedpod_rate:.0f} MB/s, raw nats-py "
               f"{raw_rate:.0f} MB/s ({transport_ratio:.0%}; target >= 50%; fedpod's path includes the signed "
               "transfer ticket and a SHA-256 of every chunk on both sides).", "",
               f"Authentication (the first time column against the last, same run): "
-              f"{', '.join(f'{seconds / open_s - 1:+.0%}' for _, _, (seconds, _), _, open_s in rows)} per round "
+              f"{authentication} per round "
               "for the rows above. nats-server checks subject permissions per message, and a party signs the "
               "server's nonce once per connection; the small model's rounds last milliseconds, where this "
               "machine's noise alone moves them by tens of percent (earlier runs: +8% to +18%).", "",
               "Targets: time per round at most 1/20 of Flower's for the small model (and under 100 ms at 10 pods), "
               "at most 1/4 for the 40 MB model, at least half of raw NATS throughput, at most half of Flower's "
-              f"memory: **{'all met' if all(verdicts) else 'NOT all met'}**.", ""]
+              f"memory, and the many-pods targets above: **{'all met' if all(verdicts) else 'NOT all met'}**.", ""]
     publish(HERE / "results.md", lines)
 
 

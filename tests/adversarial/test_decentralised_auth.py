@@ -15,7 +15,8 @@ import nats.errors
 import pandas as pd
 import pytest
 
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import BrokerUnavailable
 from fedpod.modeller.client import Modeller
 from fedpod.pod.config import PodConfig

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.errors import AccessDenied
 from fedpod.governance.policy import Policy

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def test_pod_serves_again_after_the_broker_restarts(tmp_path: Path, modeller_identity: Identity,
                                                     keystore: Path) -> None:
-    from fedpod.data.datasets import inspect
+    from fedpod.data.catalog import inspect
     from fedpod.pod.local import write_pod
 
     csv = tmp_path / "t.csv"

@@ -64,6 +64,24 @@ def test_aggregated_query_equals_the_pooled_query(three_pods: list[RunningPod], 
     pd.testing.assert_frame_equal(merged.reset_index(drop=True), expected, check_dtype=False, rtol=1e-9)
 
 
+def native_libraries(pod: RunningPod) -> set[str]:
+    """Which of DuckDB's and numpy's compiled libraries the pod process has mapped."""
+    maps = Path(f"/proc/{pod.process.pid}/maps").read_text()
+    return {name for name, library in (("duckdb", "/_duckdb."), ("numpy", "/numpy/_core/")) if library in maps}
+
+
+def test_a_pod_loads_duckdb_on_its_first_task_not_to_be_discovered(three_pods: list[RunningPod],
+                                                                   modeller: Modeller) -> None:
+    """An idle pod is lean (issue 11, item 5): its datasets' schemas come from a child process,
+    so discovery needs no DuckDB in the pod; the first SQL task loads it."""
+    found = modeller.datasets(tags=["ehr"])
+    assert {d.identifier for d in found} == set(identifiers(three_pods))
+    assert all(d.dataset.columns and d.dataset.rows_rounded for d in found)
+    assert native_libraries(three_pods[0]) == set()
+    modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", datasets=identifiers(three_pods)[:1], aggregate=True)
+    assert native_libraries(three_pods[0]) == {"duckdb", "numpy"}
+
+
 def test_quantiles_equal_the_pooled_quantiles(three_pods: list[RunningPod], modeller: Modeller,
                                               centres: list[Path]) -> None:
     """Exact federated quantiles (issue 10, item 6), searched over counts the pods merge."""

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import BrokerUnavailable, FedpodError
 from fedpod.governance.audit import AuditLog
 from fedpod.lifecycle import die_with_parent

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from fedpod.algorithms.sql.engine import SqlEngine
-from fedpod.data.datasets import DatasetSpec, inspect, round_count
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec, round_count
 from fedpod.errors import ConfigError
 
 FRAME = pd.DataFrame({"id": [1, 2, 3], "ward": ["icu", "gen", "gen"], "los": [2.5, 1.0, 4.0]})

@@ -146,7 +146,8 @@ def test_the_target_is_learnable_from_the_temporal_pattern() -> None:
 
 def test_an_events_dataset_is_two_tables_that_sql_reads_by_their_names(tmp_path: Path) -> None:
     from fedpod.algorithms.sql.engine import SqlEngine
-    from fedpod.data.datasets import DatasetSpec, inspect
+    from fedpod.data.catalog import inspect
+    from fedpod.data.datasets import DatasetSpec
     from fedpod.errors import ConfigError, SqlRejected
 
     [folder] = write_journeys(generate_journeys(1, 200, seed=3), tmp_path)
@@ -161,7 +162,7 @@ def test_an_events_dataset_is_two_tables_that_sql_reads_by_their_names(tmp_path:
         joined = engine.run("SELECT s.gender, COUNT(*) AS n FROM ehr e JOIN ehr_static s USING (patient_id) "
                             "GROUP BY s.gender", "ehr")
         assert sum(joined.column("n").to_pylist()) == spec.rows
-        assert set(engine.columns_of("ehr")) >= {"code", "timestamp", "gender", "birth_date"}
+        assert set(engine.catalog.columns_of("ehr")) >= {"code", "timestamp", "gender", "birth_date"}
         with pytest.raises(SqlRejected, match="not a dataset of this task"):
             engine.run("SELECT * FROM other_static", "ehr")
     finally:

@@ -1,5 +1,7 @@
 """A pod's memory is mostly its imports: `fedpod pod start` and an array-only plan must not pull
-in the modeller's or the frameworks' libraries (10 pods went from 4.9 to 1.7 GiB this way)."""
+in the modeller's or the frameworks' libraries (10 pods went from 4.9 to 1.7 GiB this way), and an
+idle pod holds no SQL machinery — DuckDB, sqlglot, numpy, pyarrow — until its first task (an idle
+pod went from ~130 to ~57 MiB: benchmarks/pods)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,21 @@ import subprocess
 import sys
 
 HEAVY = ["torch", "sklearn", "pandas", "pyarrow", "matplotlib"]
+TASK_ONLY = ["duckdb", "sqlglot", "numpy"]
 
 
-def loaded_after(statement: str) -> list[str]:
-    probe = f"import sys\n{statement}\nprint(__import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+def loaded_after(statement: str, watched: list[str] = HEAVY) -> list[str]:
+    probe = f"import sys\n{statement}\nprint(__import__('json').dumps([m for m in {watched!r} if m in sys.modules]))"
     output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     return list(json.loads(output.strip().splitlines()[-1]))
 
 
 def test_the_pod_command_and_runtime_load_no_heavy_library() -> None:
     assert loaded_after("import fedpod.cli.app, fedpod.pod.service, fedpod.pod.training, fedpod.wire.tensors") == []
+
+
+def test_an_idle_pod_loads_no_sql_machinery() -> None:
+    assert loaded_after("import fedpod.cli.app, fedpod.pod.service", HEAVY + TASK_ONLY) == []
 
 
 def test_an_array_only_plan_loads_no_framework() -> None:

@@ -30,7 +30,8 @@ from fedpod.cli.options import (
     TlsKey,
     broker_options,
 )
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import ConfigError, FedpodError, plain
 from fedpod.governance.audit import AuditLog
 from fedpod.governance.plans import PlanRegistry

@@ -19,7 +19,8 @@ import pandas as pd
 from rich.console import Console
 
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.errors import FedpodError
 from fedpod.modeller.client import Modeller

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
 from fedpod.errors import AccessDenied, FedpodError
 from fedpod.governance.audit_view import rows

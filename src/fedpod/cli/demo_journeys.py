@@ -28,7 +28,8 @@ from fedpod.algorithms.training.local import run_local_round, split
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import DatasetHandle
 from fedpod.algorithms.training.registry import builtin_plan
-from fedpod.data.datasets import DatasetSpec, inspect
+from fedpod.data.catalog import inspect
+from fedpod.data.datasets import DatasetSpec
 from fedpod.data.journeys import Journeys, generate_journeys, write_journeys
 from fedpod.journeys import to_tensor, top_codes
 from fedpod.modeller.client import Modeller

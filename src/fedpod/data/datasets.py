@@ -12,13 +12,13 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import duckdb
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedpod.errors import ConfigError
 from fedpod.names import NAME_PATTERN
 
 if TYPE_CHECKING:
+    import duckdb
     import pandas as pd
 
 DatasetKind = Literal["csv", "parquet", "sqlite", "postgres", "events"]
@@ -159,21 +159,6 @@ def describe(connection: duckdb.DuckDBPyConnection, name: str) -> tuple[dict[str
     count_row = connection.execute(f"SELECT count(*) FROM {target}").fetchone()
     rows = int(count_row[0]) if count_row else 0
     return columns, rows
-
-
-def inspect(spec: DatasetSpec, base: Path) -> DatasetSpec:
-    """Load the dataset once to infer its schema and row count (for `fedpod dataset add`)."""
-    connection = duckdb.connect(":memory:")
-    try:
-        load_dataset(connection, spec, base)
-        columns, rows = describe(connection, spec.name)
-        static_columns, static_rows = describe(connection, spec.static_table) if spec.static_table else ({}, 0)
-    except duckdb.Error as exc:
-        raise ConfigError(f"cannot read dataset: {exc}", where=f"dataset {spec.name}") from exc
-    finally:
-        connection.close()
-    return spec.model_copy(update={"columns": columns, "rows": rows, "static_columns": static_columns,
-                                   "static_rows": static_rows})
 
 
 def round_count(rows: int) -> int:

@@ -22,52 +22,29 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fedpod import __version__
-from fedpod.algorithms.sql.dialect import parse_statement
-from fedpod.algorithms.sql.disclosure import (
-    CohortPlan,
-    QueryShape,
-    disclosed_query,
-    read_columns,
-    shape,
-    suppress_small_groups,
-)
-from fedpod.algorithms.sql.engine import SqlEngine
-from fedpod.algorithms.sql.noisy import add_noise, plan_noisy
-from fedpod.algorithms.sql.quantiles import check_thresholds, count_sql, plan_quantiles, pod_counts
-from fedpod.algorithms.sql.secure import encode_partials, secure_partials
-from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.privacy import Mechanism, PrivacyRound, Spent
 from fedpod.channel import SecureChannel
+from fedpod.data.catalog import Catalog, read_catalog
 from fedpod.data.datasets import round_count
-from fedpod.errors import (
-    AccessDenied,
-    EnvelopeRejected,
-    FedpodError,
-    PlanNotApproved,
-    ResultTooLarge,
-    SqlRejected,
-)
+from fedpod.errors import EnvelopeRejected, FedpodError, PlanNotApproved
 from fedpod.governance.audit import AuditLog, AuditWriter
-from fedpod.governance.differencing import CohortLedger, released_cohorts
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.policy import CUSTOM_PLAN, DatasetPolicy, Decision, Request, decide
 from fedpod.governance.policy_log import record_policy
-from fedpod.governance.privacy_budget import Budget, PrivacyLedger
 from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.governance.requests import AccessRequests
 from fedpod.pod.config import PodConfig
-from fedpod.pod.secure_aggregation import SecAggSessions
 from fedpod.pod.status import PID_FILE, mark_running
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.replay import DurableReplayGuard
 from fedpod.transport import subjects
 from fedpod.transport.bus import Bus
-from fedpod.wire.codec import DecodeError, table_to_bytes, unpack
+from fedpod.wire.codec import DecodeError, unpack
 from fedpod.wire.messages import (
     AccessRequestState,
     AccessStatus,
@@ -75,10 +52,8 @@ from fedpod.wire.messages import (
     DatasetAdvert,
     Discover,
     Heartbeat,
-    NoisyAggregateAlgorithm,
     PodAdvert,
     QuantileCountsAlgorithm,
-    SecAggMasking,
     SecAggReply,
     SecAggRequest,
     SqlQueryAlgorithm,
@@ -88,7 +63,6 @@ from fedpod.wire.messages import (
     TrainRequest,
     TrainResult,
 )
-from fedpod.wire.tensors import digest
 
 REQUESTS: dict[str, type[TaskRequest] | type[TrainRequest]] = {TaskRequest.TYPE: TaskRequest,
                                                                 TrainRequest.TYPE: TrainRequest}
@@ -121,22 +95,39 @@ def what_left(returned: dict[str, Any]) -> str:
     return f"a model update from {returned['num_samples']:,} samples"
 
 
-def describe_training(result: TrainResult) -> dict[str, Any]:
-    """What the audit log records about a returned model update."""
-    return {"returned": "model update", "num_samples": result.num_samples, "metrics": result.metrics,
-            "result_sha256": digest(result.tensors), "device": result.device,
-            "seconds": round(result.seconds, 4)}
-
-
 if TYPE_CHECKING:
-    import pyarrow as pa
-
+    from fedpod.algorithms.sql.engine import SqlEngine
+    from fedpod.governance.privacy_budget import PrivacyLedger
+    from fedpod.pod.secure_aggregation import SecAggSessions
+    from fedpod.pod.sql_tasks import SqlTasks
     from fedpod.pod.training import TrainingRunner
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 MIN_BEAT_GAP_S = 0.25
 RATE_WINDOW_S = 3600.0
 REQUESTABLE_RULES = ("modeller", "grants", "expires")  # refusals a custodian can lift by granting
+
+
+class Lazy(Generic[T]):
+    """Built once, on first use, by whichever thread asks first: what a pod holds only once it
+    has work of that kind (an idle pod is mostly its imports)."""
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._build()
+            return self._value
+
+    @property
+    def built(self) -> T | None:
+        return self._value
 
 
 class Pod:
@@ -150,15 +141,14 @@ class Pod:
         self.audit = AuditLog(storage / "audit.jsonl")
         self.journal: AuditWriter | None = None
         self.tally = RejectionTally(time.monotonic())
-        self.engine: SqlEngine | None = None
-        self._trainer: TrainingRunner | None = None
-        self._trainer_lock = threading.Lock()
+        self.catalog: Catalog | None = None  # what the datasets hold, read at start
         self.plans = PlanRegistry(storage / "plans")
         self.requests = AccessRequests(storage / "access-requests.json")
-        self.secagg = SecAggSessions(config.name)
-        self.cohorts = CohortLedger(storage / "cohorts.jsonl")
-        self.privacy = PrivacyLedger(storage / "privacy-budget.jsonl",
-                                     lambda event, **details: self._journal.record(event, **details))
+        self.engine = Lazy(self._load_engine)
+        self.secagg = Lazy(self._secagg_sessions)
+        self.privacy = Lazy(self._privacy_ledger)
+        self.sql = Lazy(self._sql_tasks)
+        self.trainer = Lazy(self._training_runner)
         self._recent: dict[tuple[str, str], deque[float]] = {}  # (modeller, dataset) -> its allowed tasks' times
         self.channel: SecureChannel | None = None
         self.started = time.monotonic()
@@ -182,17 +172,17 @@ class Pod:
         """What discovery tells `requester`: everything if the pod accepts it (or `discovery:
         open`); otherwise a notice that it is not accepted, with the datasets' names only under
         `discovery: names` — schemas and row counts are for accepted modellers."""
-        assert self.engine is not None
+        catalog = self._catalog
         full = requester is None or self.config.discovery == "open" or self._accepts(requester.fingerprint)
         datasets = []
         for spec in self.config.datasets:
             identifier = f"{self.config.name}/{spec.name}"
             if full:
-                columns, rows = self.engine.schemas[spec.name]
+                columns, rows = catalog.schemas[spec.name]
                 datasets.append(DatasetAdvert(identifier=identifier, name=spec.name, tags=spec.tags, kind=spec.kind,
                                               columns=columns, rows_rounded=round_count(rows),
                                               description=spec.description,
-                                              tables={t: self.engine.schemas[t][0] for t in spec.tables[1:]}))
+                                              tables={t: catalog.schemas[t][0] for t in spec.tables[1:]}))
             elif self.config.discovery == "names":
                 datasets.append(DatasetAdvert(identifier=identifier, name=spec.name))
         notice = None if full else (f"modeller {requester.name!r} ({requester.fingerprint}) is not in pod "
@@ -202,7 +192,7 @@ class Pod:
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        self.engine = await asyncio.to_thread(SqlEngine, self.config.datasets, self.base)
+        self.catalog = await asyncio.to_thread(read_catalog, self.config.datasets, self.base)
         bus = await Bus.connect(self.config.broker.options(self.base), name=f"pod-{self.config.name}",
                                 reconnect_forever=True, login=self.identity)
         guard = DurableReplayGuard(self._resolve(self.config.storage) / "replay-nonces.bin", self._accepts)
@@ -230,7 +220,8 @@ class Pod:
             self.journal.close()
             guard.close()
             pid_file.unlink(missing_ok=True)
-            self.engine.close()
+            if (engine := self.engine.built) is not None:
+                engine.close()
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         """Heartbeats, and on the same clock the minute's rejection summary and the audit checkpoint.
@@ -398,7 +389,7 @@ class Pod:
                                                   message=str(exc)), attempts=1)
             return
         today = dt.datetime.now(dt.UTC).date()
-        served = self.engine is not None and request.dataset in self.engine.datasets
+        served = self.catalog is not None and request.dataset in self.catalog.tables
         kind = request.purpose
         if not served or kind not in self.config.policies.kinds_for(sender.fingerprint, request.dataset, today):
             await self._reply(opened, TaskFailure(
@@ -407,7 +398,7 @@ class Pod:
                         f"{self.config.name}"), attempts=1)
             return
         try:
-            reply = await asyncio.to_thread(self.secagg.answer, request, sender.fingerprint)
+            reply = await asyncio.to_thread(lambda: self.secagg().answer(request, sender.fingerprint))
         except FedpodError as exc:
             await self._reply(opened, TaskFailure(task_id=request.task_id, dataset=request.dataset,
                                                   kind=type(exc).__name__, message=exc.message, hint=exc.hint))
@@ -419,24 +410,12 @@ class Pod:
                                  mask_key_shares=revealed.count("key"), dropped=sorted(request.dropped)[:64])
         await self._reply(opened, reply)
 
-    def _shape(self, algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm | NoisyAggregateAlgorithm,
-               columns: list[str]) -> QueryShape:
-        """A quantile step releases counts (its own disclosure rule applies: `_quantile_counts`),
-        so it is judged as an aggregate when its query is one the search accepts."""
-        try:
-            if isinstance(algorithm, QuantileCountsAlgorithm):
-                return QueryShape("sql_aggregate", read_columns(parse_statement(algorithm.query), columns), "") \
-                    if plan_quantiles(algorithm.query) else QueryShape("sql_rows", frozenset(), "")
-            return shape(algorithm.query, columns)
-        except FedpodError:  # unreadable SQL: judged as the most revealing kind; the engine says why later
-            return QueryShape("sql_rows", frozenset(), "it does not parse or search")
-
     def _measure(self, request: TaskRequest | TrainRequest, sender: PublicIdentity) -> Request:
         """What `decide` needs to know about a task, judged by the pod from the task itself (a
         query's kind from its SQL, never from the mode its sender claims)."""
-        assert self.engine is not None
-        served = request.dataset in self.engine.datasets
-        columns = self.engine.columns_of(request.dataset) if served else []
+        catalog = self._catalog
+        served = request.dataset in catalog.tables
+        columns = catalog.columns_of(request.dataset) if served else []
         times = self._recent.get((sender.fingerprint, request.dataset), deque())
         now = time.monotonic()
         while times and now - times[0] > RATE_WINDOW_S:
@@ -445,7 +424,9 @@ class Pod:
                                   "fingerprint": sender.fingerprint, "dataset": request.dataset[:128],
                                   "at": dt.datetime.now(dt.UTC), "served": served, "recent_tasks": len(times)}
         if isinstance(request, TaskRequest):
-            query = self._shape(request.algorithm, columns)
+            from fedpod.pod.sql_tasks import query_shape  # sqlglot: on the first SQL task, not at start
+
+            query = query_shape(request.algorithm, columns)
             return Request(kind=query.kind, columns=query.columns, **common)
         plan = request.plan
         return Request(kind="evaluate" if request.evaluate_only else "train",
@@ -555,176 +536,58 @@ class Pod:
         """Run a task in a worker thread, within the dataset's disclosure limits; returns the
         reply to send and what the audit log records about it (described from the result in
         hand, never decoded again)."""
-        assert self.engine is not None
-        if isinstance(request, TrainRequest):
-            self._set_phase(request.task_id, "preparing")
-            released = [c for c in self.engine.columns_of(request.dataset) if limits.columns.permits(c)]
-            masking = request.secagg
-            masker = None if masking is None else (
-                lambda update, samples: self.secagg.mask(masking, requester, request.dataset, update, samples))
-            trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase),
-                                         released, masker, self._privacy_round(request, requester, limits))
-            return trained, describe_training(trained)
-        started = time.perf_counter()
-        if isinstance(request.algorithm, QuantileCountsAlgorithm):
-            return self._quantile_counts(request, request.algorithm, limits, started)
-        if isinstance(request.algorithm, NoisyAggregateAlgorithm):
-            return self._noisy_aggregate(request, request.algorithm, requester, limits, started)
-        aggregate = measured.kind == "sql_aggregate"
-        query, plan = request.algorithm.query, None
-        if aggregate:
-            try:
-                query, plan = disclosed_query(query, self.engine.non_null[request.dataset],
-                                              cohorts=limits.protect_differencing)
-            except ValueError as exc:
-                raise AccessDenied(f"the pod cannot check this aggregate against differencing ({exc}) "
-                                   "[rule: protect_differencing]", where=f"dataset {request.dataset}",
-                                   hint="use plain GROUP BY keys, or ask the custodian") from exc
-        table = self.engine.run(query, request.dataset, timeout_s=self.config.sql_timeout_s,
-                                max_rows=self.config.max_result_rows, cap_rows=None if aggregate else limits.max_rows)
-        disclosure: dict[str, int | float] = {}
-        if aggregate:
-            if plan is not None:
-                self._check_differencing(table, plan, request, requester, limits.min_group_size)
-            table, suppressed = suppress_small_groups(table, limits.min_group_size)
-            if request.secagg is not None:
-                return self._masked_partials(request, request.secagg, requester, table, suppressed, limits, started)
-            if limits.max_groups is not None and table.num_rows > limits.max_groups:
-                raise AccessDenied(f"the answer has {table.num_rows} groups; {request.dataset} releases at most "
-                                   f"{limits.max_groups} per aggregate", rule="max_groups",
-                                   where=f"dataset {request.dataset}",
-                                   hint="group by fewer or coarser keys, filter with WHERE, or ask the custodian to "
-                                        "raise max_groups")
-            if suppressed:
-                disclosure = {"suppressed_groups": suppressed, "min_group_size": limits.min_group_size}
-        elif limits.max_rows is not None and table.num_rows > limits.max_rows:
-            table = table.slice(0, limits.max_rows)
-            disclosure = {"rows_capped_at": limits.max_rows}
-        return self._answer(request, table, disclosure, started)
+        if isinstance(request, TaskRequest):
+            return self.sql().run(request, requester, measured.kind, limits, self.config)
+        from fedpod.pod.training import describe_training, privacy_round
 
-    def _masked_partials(self, request: TaskRequest, masking: SecAggMasking, requester: str, table: pa.Table,
-                         suppressed: int, limits: DatasetPolicy, started: float) -> tuple[TaskResult, dict[str, Any]]:
-        """An aggregate's partials, masked for a secure sum (`algorithms.sql.secure`): the pod's
-        cell passed its disclosure rules first; only the masked vector leaves."""
-        import pyarrow as pa
-
-        try:
-            _, kinds = secure_partials(request.algorithm.query)
-        except FedpodError as exc:
-            raise SqlRejected(exc.message, where=f"dataset {request.dataset}", hint=exc.hint) from exc
-        if suppressed or table.num_rows != 1:
-            raise AccessDenied(f"its cell holds fewer than {limits.min_group_size} rows here, too few to add "
-                               "to a secure sum [rule: min_group_size]", where=f"dataset {request.dataset}",
-                               hint="widen the WHERE selection")
-        try:
-            encoded = encode_partials(table.to_pylist()[0], kinds)
-        except ValueError as exc:
-            raise SqlRejected(str(exc), where=f"dataset {request.dataset}") from exc
-        masked = self.secagg.mask_encoded(masking, requester, request.dataset, encoded, "sql_aggregate")
-        return self._answer(request, pa.table({"masked": pa.array(masked, pa.uint64())}), {}, started)
-
-    def _quantile_counts(self, request: TaskRequest, algorithm: QuantileCountsAlgorithm, limits: DatasetPolicy,
-                         started: float) -> tuple[TaskResult, dict[str, Any]]:
-        """One step of a federated quantile search: the pod builds its own counting query from
-        the quantile query and releases counts only where both sides of a threshold hold at
-        least `min_group_size` of its values (`algorithms.sql.quantiles`). Exempt from the
-        differencing ledger, whose one-row differences a search is made of: see the README."""
-        assert self.engine is not None
-        try:
-            plan = plan_quantiles(algorithm.query)
-            thresholds = check_thresholds(plan, algorithm.thresholds)
-        except FedpodError as exc:
-            raise SqlRejected(exc.message, where=f"dataset {request.dataset}", hint=exc.hint) from exc
-        sql, params = count_sql(plan, thresholds)
-        table = self.engine.run(sql, request.dataset, timeout_s=self.config.sql_timeout_s, max_rows=1, params=params)
-        try:
-            counts, withheld = pod_counts(table.to_pylist()[0], plan, thresholds, limits.min_group_size)
-        except PermissionError as exc:
-            raise AccessDenied(f"{exc} [rule: min_group_size]", where=f"dataset {request.dataset}",
-                               hint="widen the WHERE selection") from exc
-        disclosure: dict[str, int | float] = {"withheld_counts": withheld,
-                                              "min_group_size": limits.min_group_size} if withheld else {}
-        return self._answer(request, counts, disclosure, started)
-
-    def _noisy_aggregate(self, request: TaskRequest, algorithm: NoisyAggregateAlgorithm, requester: str,
-                         limits: DatasetPolicy, started: float) -> tuple[TaskResult, dict[str, Any]]:
-        """An aggregate with Laplace noise (`algorithms.sql.noisy`), its epsilon charged to the
-        dataset's budget before the query runs; a charge beyond it is refused naming what remains."""
-        assert self.engine is not None
-        try:
-            plan = plan_noisy(algorithm.query, algorithm.bounds)
-        except FedpodError as exc:
-            raise SqlRejected(exc.message, where=f"dataset {request.dataset}", hint=exc.hint) from exc
-        spent = self.privacy.charge(dataset=request.dataset, modeller=requester,
-                                    name=self.config.policies.name_of(requester) or requester,
-                                    experiment=f"sql:{request.task_id}", delta=0.0, pure_epsilon=algorithm.epsilon,
-                                    budget=Budget.of(limits))
-        table = self.engine.run(plan.partial_sql, request.dataset, timeout_s=self.config.sql_timeout_s, max_rows=1)
-        disclosure: dict[str, int | float] = {"dp_epsilon": algorithm.epsilon,
-                      **({"dp_epsilon_remaining": spent.remaining} if spent.remaining is not None else {})}
-        return self._answer(request, add_noise(table, plan, algorithm.epsilon), disclosure, started)
-
-    def _answer(self, request: TaskRequest, table: pa.Table, disclosure: dict[str, int | float],
-                started: float) -> tuple[TaskResult, dict[str, Any]]:
-        """The reply to a SQL task, within `max_result_bytes`, and what the audit log records."""
-        payload = table_to_bytes(table)
-        if len(payload) > self.config.max_result_bytes:
-            raise ResultTooLarge(f"the result is {len(payload):,} bytes, over this pod's max_result_bytes "
-                                 f"({self.config.max_result_bytes:,})", where=f"dataset {request.dataset}",
-                                 hint="select fewer columns or rows, or aggregate")
-        seconds = time.perf_counter() - started
-        returned = {"returned_rows": table.num_rows, "returned_columns": table.column_names,
-                    "result_sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(seconds, 4), **disclosure}
-        return TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload, seconds=seconds,
-                          disclosure=disclosure), returned
-
-    def _privacy_round(self, request: TrainRequest, requester: str, limits: DatasetPolicy) -> PrivacyRound | None:
-        """How this pod privatises a round with `dp_args`, and the ledger it charges. Under secure
-        aggregation the pod adds its share of the aggregate's noise, and counts on no more than the
-        threshold's shares being summed; without it, all of the noise."""
-        dp = TrainingArgs.parse(request.training_args).dp_args
-        if dp is None or request.evaluate_only:
-            return None
-        shares, threshold = (1, 1) if request.secagg is None else self.secagg.noise_shares(request.secagg, requester)
-        budget = Budget.of(limits)
+        self._set_phase(request.task_id, "preparing")
+        released = [c for c in self._catalog.columns_of(request.dataset) if limits.columns.permits(c)]
+        masking = request.secagg
+        masker = None if masking is None else (
+            lambda update, samples: self.secagg().mask(masking, requester, request.dataset, update, samples))
         name = self.config.policies.name_of(requester) or requester
+        privacy = privacy_round(request, requester, name, limits, self.secagg, self.privacy)
+        trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase),
+                                     released, masker, privacy)
+        return trained, describe_training(trained)
 
-        def charge(mechanism: Mechanism, delta: float) -> Spent:
-            return self.privacy.charge(dataset=request.dataset, modeller=requester, name=name,
-                                       experiment=request.experiment_id, budget=budget, delta=delta,
-                                       mechanism=mechanism)
+    @property
+    def _catalog(self) -> Catalog:
+        assert self.catalog is not None, "the pod is not running"
+        return self.catalog
 
-        return PrivacyRound(dp, shares, threshold, charge)
+    def _load_engine(self) -> SqlEngine:
+        """The pod's DuckDB, loaded on its first SQL or training task (see `data.catalog`)."""
+        from fedpod.algorithms.sql.engine import SqlEngine
 
-    def _check_differencing(self, table: pa.Table, plan: CohortPlan, request: TaskRequest, requester: str,
-                            min_size: int) -> None:
-        """Refuse an answer whose released cohorts differ from ones this modeller already got by 1
-        to `min_size - 1` rows (`governance.differencing`); keep them otherwise."""
-        engine = self.engine
-        assert engine is not None
-        dataset = request.dataset
-        why = self.cohorts.check_and_keep(
-            requester, dataset, engine.versions[dataset], released_cohorts(table, plan, min_size), min_size,
-            lambda sql, params: engine.row_ids(sql, params, dataset, timeout_s=self.config.sql_timeout_s),
-            lambda sql, params: engine.sketch(sql, params, dataset, timeout_s=self.config.sql_timeout_s))
-        if why:
-            raise AccessDenied(f"{why} [rule: protect_differencing]", where=f"dataset {dataset}",
-                               hint="query cohorts that differ by at least min_group_size rows from those you "
-                                    "already have")
+        return SqlEngine(self.config.datasets, self.base)
 
-    def trainer(self) -> TrainingRunner:
-        """Built on the first training task: PyTorch and scikit-learn take seconds to import,
-        which a pod that only answers SQL should not pay at start-up."""
-        with self._trainer_lock:
-            if self._trainer is None:
-                from fedpod.pod.training import TrainingRunner
+    def _secagg_sessions(self) -> SecAggSessions:
+        from fedpod.pod.secure_aggregation import SecAggSessions
 
-                assert self.engine is not None
-                self._trainer = TrainingRunner(self.engine, {d.name: d for d in self.config.datasets}, self.base,
-                                               self.plans, self.config.device, self.config.name,
-                                               self._resolve(self.config.storage) / "training-state",
-                                               self.config_path)
-            return self._trainer
+        return SecAggSessions(self.config.name)
+
+    def _privacy_ledger(self) -> PrivacyLedger:
+        from fedpod.governance.privacy_budget import PrivacyLedger
+
+        return PrivacyLedger(self._resolve(self.config.storage) / "privacy-budget.jsonl",
+                             lambda event, **details: self._journal.record(event, **details))
+
+    def _sql_tasks(self) -> SqlTasks:
+        from fedpod.governance.differencing import CohortLedger
+        from fedpod.pod.sql_tasks import SqlTasks
+
+        return SqlTasks(self.engine(), CohortLedger(self._resolve(self.config.storage) / "cohorts.jsonl"),
+                        self.secagg, self.privacy)
+
+    def _training_runner(self) -> TrainingRunner:
+        """PyTorch and scikit-learn take seconds to import, which a pod that only answers SQL
+        should not pay at start-up."""
+        from fedpod.pod.training import TrainingRunner
+
+        return TrainingRunner(self.engine(), {d.name: d for d in self.config.datasets}, self.base, self.plans,
+                              self.config.device, self.config.name,
+                              self._resolve(self.config.storage) / "training-state", self.config_path)
 
     async def _reply(self, opened: Opened, message: TaskResult | TrainResult | SecAggReply | TaskFailure,
                      attempts: int = 3) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,12 +25,17 @@ from fedpod.algorithms.sql.engine import SqlEngine
 from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.local import run_evaluation, run_local_round
 from fedpod.algorithms.training.plans import DatasetHandle, TrainingPlan
-from fedpod.algorithms.training.privacy import PrivacyRound
+from fedpod.algorithms.training.privacy import Mechanism, PrivacyRound, Spent
 from fedpod.data.datasets import DatasetSpec, quote_identifier
 from fedpod.errors import ConfigError, FedpodError, PlanNotApproved
 from fedpod.governance.plans import PlanRegistry
+from fedpod.governance.privacy_budget import Budget, PrivacyLedger
 from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, MASKED, TrainRequest, TrainResult
-from fedpod.wire.tensors import decode_groups, encode_groups, encode_parts
+from fedpod.wire.tensors import decode_groups, digest, encode_groups, encode_parts
+
+if TYPE_CHECKING:
+    from fedpod.governance.policy import DatasetPolicy
+    from fedpod.pod.secure_aggregation import SecAggSessions
 
 Masker = Callable[[np.ndarray, int], tuple[np.ndarray, int]]  # (flat update, samples) -> (masked, clipped)
 
@@ -107,7 +112,7 @@ class TrainingRunner:
         """The dataset as a plan sees it: only the `released` columns (the policy's column
         rules), when given."""
         def loader(table: str) -> tuple[dict[str, str], Callable[[], Any]]:
-            schema, _ = self.engine.schemas[table]
+            schema, _ = self.engine.catalog.schemas[table]
             columns = {c: t for c, t in schema.items() if released is None or c in released}
             selected = ", ".join(quote_identifier(c) for c in columns) or "*"
             return columns, lambda: self.engine.run(f"SELECT {selected} FROM {quote_identifier(table)}",
@@ -169,3 +174,28 @@ class TrainingRunner:
                            num_samples=result.num_samples, metrics=result.metrics,
                            seconds=time.perf_counter() - started, device=device, tensors=tensors,
                            feature_layout=result.feature_layout)
+
+
+def describe_training(result: TrainResult) -> dict[str, Any]:
+    """What the audit log records about a returned model update."""
+    return {"returned": "model update", "num_samples": result.num_samples, "metrics": result.metrics,
+            "result_sha256": digest(result.tensors), "device": result.device,
+            "seconds": round(result.seconds, 4)}
+
+
+def privacy_round(request: TrainRequest, requester: str, name: str, limits: DatasetPolicy,
+                  secagg: Callable[[], SecAggSessions], ledger: Callable[[], PrivacyLedger]) -> PrivacyRound | None:
+    """How this pod privatises a round with `dp_args`, and the ledger it charges (as `name`). Under
+    secure aggregation the pod adds its share of the aggregate's noise, and counts on no more than
+    the threshold's shares being summed; without it, all of the noise."""
+    dp = TrainingArgs.parse(request.training_args).dp_args
+    if dp is None or request.evaluate_only:
+        return None
+    shares, threshold = (1, 1) if request.secagg is None else secagg().noise_shares(request.secagg, requester)
+    budget = Budget.of(limits)
+
+    def charge(mechanism: Mechanism, delta: float) -> Spent:
+        return ledger().charge(dataset=request.dataset, modeller=requester, name=name,
+                               experiment=request.experiment_id, budget=budget, delta=delta, mechanism=mechanism)
+
+    return PrivacyRound(dp, shares, threshold, charge)

@@ -21,7 +21,8 @@ from sqlglot import exp
 from fedpod.algorithms.sql.dialect import to_duckdb
 from fedpod.algorithms.sql.disclosure import SKETCH
 from fedpod.algorithms.sql.guard import check_read_only
-from fedpod.data.datasets import DatasetSpec, describe, load_dataset, quote_identifier
+from fedpod.data.catalog import Catalog
+from fedpod.data.datasets import DatasetSpec, load_dataset, quote_identifier
 from fedpod.errors import ResultTooLarge, SqlExecutionError, SqlRejected, TaskTimeout
 
 if TYPE_CHECKING:
@@ -51,13 +52,9 @@ class SqlEngine:
         self._referenced_by: dict[str, frozenset[str]] = {}  # query text -> the tables DuckDB finds in it
         self._remember = threading.Lock()
         self.datasets = {spec.name: spec for spec in datasets}
-        self.schemas: dict[str, tuple[dict[str, str], int]] = {}  # table -> (columns, rows)
-        self.tables: dict[str, list[str]] = {}  # dataset -> the tables its queries may read
         for spec in datasets:
             load_dataset(self._connection, spec, base)
-            self.tables[spec.name] = spec.tables
-            for table in spec.tables:
-                self.schemas[table] = describe(self._connection, table)
+        self.catalog = Catalog.of(self._connection, datasets)
         # per dataset, what its rows are (for ledgers keyed by row ids: governance.differencing)
         # and the columns without a null (lower case), from one scan of each table
         self.versions: dict[str, str] = {}
@@ -75,7 +72,7 @@ class SqlEngine:
         names: set[str] = set()
         nullable: set[str] = set()
         for table in tables:
-            columns = list(self.schemas[table][0])
+            columns = list(self.catalog.schemas[table][0])
             nulls = "".join(f", COUNT(*) - COUNT({quote_identifier(c)})" for c in columns)
             row = self._connection.execute(f"SELECT COUNT(*), BIT_XOR(HASH(t)){nulls} FROM "
                                            f"{quote_identifier(table)} t").fetchone() or ()
@@ -126,10 +123,6 @@ class SqlEngine:
             self._referenced_by[sql] = found
         return found
 
-    def columns_of(self, dataset: str) -> list[str]:
-        """Every column a query on `dataset` may read, over all of its tables."""
-        return list(dict.fromkeys(c for table in self.tables[dataset] for c in self.schemas[table][0]))
-
     def close(self) -> None:
         self._connection.close()
 
@@ -143,7 +136,7 @@ class SqlEngine:
         `params` fill the query's `?` placeholders (long value lists the pod builds itself)."""
         if dataset not in self.datasets:
             raise SqlRejected(f"unknown dataset {dataset!r}")
-        allowed = set(self.tables[dataset])
+        allowed = set(self.catalog.tables[dataset])
         tree = check_read_only(query, allowed)
         duckdb_sql = to_duckdb(tree)
         cursor = self._connection.cursor()
