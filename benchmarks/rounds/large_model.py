@@ -30,6 +30,14 @@ PODS = ["alice", "bob", "charlie"]
 FEATURES = ["age", "bmi", "smoker", "diabetes", "systolic_bp", "cholesterol", "hba1c"]
 
 
+def role(command: str) -> str:
+    """A process's part in the run, from its command line."""
+    if "nats-server" in command:
+        return "broker"
+    pod = next((name for name in PODS if f"/{name}/" in command), None)
+    return f"pod {pod}" if pod else "modeller (this process)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=10_000)
@@ -72,7 +80,12 @@ def main() -> None:
         *[f"| {i + 1} | {s:.1f} |" for i, s in enumerate(seconds)],
         "",
         f"Peak resident memory of all processes together (modeller, 3 pods, broker): "
-        f"**{memory.peak / 2**30:.1f} GiB**.",
+        f"**{memory.peak / 2**30:.1f} GiB**. Each process's own peak:",
+        "",
+        "| process | peak GiB |",
+        "|---|---:|",
+        *[f"| {role(command)} | {peak / 2**30:.2f} |" for command, peak in sorted(memory.by_process.values(),
+                                                                              key=lambda item: -item[1])[:6]],
         "",
     ]
     publish(HERE / "large_model.md", lines)

@@ -6,7 +6,8 @@ frames are sealed and opened in a worker thread so the event loop (heartbeats, o
 tasks) keeps running. Memory is spent on one copy of a large message at a time where it can
 be: at most `LARGE_SENDS` large messages are sealed and in flight at once (a modeller sending
 a 40 MB model to ten pods holds two ciphertexts, not ten; the single connection is the
-bottleneck anyway), and a received frame is let go as soon as it is decrypted.
+bottleneck anyway), and a received frame is let go as soon as it is decrypted. What several
+parties need alike (a round's global model) is `cast`: sealed once and sent once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fedpod.security.envelope import Opened, ReplayGuard, open_envelope, seal
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.tickets import TICKET_TTL_S, Ticket, TicketRefused, check_ticket, issue_ticket
 from fedpod.transport import subjects
-from fedpod.transport.bus import Ack, Bus, Payload
+from fedpod.transport.bus import Ack, Bus, CastRecipient, Payload, TicketIssuer
 from fedpod.wire.codec import Buffer, pack
 from fedpod.wire.messages import WireMessage
 
@@ -110,6 +111,21 @@ class SecureChannel:
 
             await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
                                 recipient=f"{recipient.name} ({recipient.fingerprint})", ticket=ticket)
+
+    async def cast(self, recipients: list[PublicIdentity], message: WireMessage, *,
+                   timeout_s: float = 30.0) -> set[str]:
+        """Send one large message to several parties at once: sealed once (one content key,
+        wrapped for each), its bytes sent once over this party's link (`Bus.multicast`), each
+        recipient vetting its own ticket. Returns the fingerprints of those that received it;
+        the others are the caller's to `send` to."""
+        async with self._large_sends:
+            parts = await self._seal(message.TYPE, pack(message), recipients, "", True)
+
+            def ticket_for(recipient: PublicIdentity) -> TicketIssuer:
+                return lambda transfer, size, digests: issue_ticket(self.identity, recipient, transfer, size, digests)
+
+            return await self.bus.multicast([CastRecipient(r.fingerprint, subjects.inbox(r.fingerprint), ticket_for(r))
+                                             for r in recipients], parts, timeout_s=timeout_s)
 
     async def announce(self, subject: str, message: WireMessage, recipients: list[PublicIdentity]) -> None:
         """Publish `message` on this party's own subject, sealed for `recipients` and showing this

@@ -91,6 +91,11 @@ class BrokerUnavailable(TransportError):
     pass
 
 
+class CastMissing(TransportError):
+    """A pod was told its round's model came in a cast it does not have: the modeller sends the
+    request again with the model in it."""
+
+
 class PodUnreachable(TransportError):
     pass
 

@@ -171,3 +171,83 @@ async def test_strangers_cannot_hold_the_modellers_admission_slots(
     result = await asyncio.to_thread(exposed_modeller.sql, "SELECT * FROM t LIMIT 90000", datasets=["alice/t"])
     assert isinstance(result, dict) and len(result["alice/t"]) == 90_000
     assert time.monotonic() - started < 10
+
+
+async def test_a_cast_survives_injected_chunks_and_forged_acknowledgements(open_broker: EmbeddedBroker) -> None:
+    """Issue 11, item 4: anyone on an open broker sees a cast's subject and its acknowledgement
+    subject. Junk chunks with its transfer id, a whole message on its subject and acknowledgements
+    forged for every recipient change nothing for the recipients: they take only the chunks their
+    ticket signed for, and what they pass on is the sealed envelope, opened and verified."""
+    from fedpod.channel import SecureChannel
+    from fedpod.transport.bus import BrokerOptions, Bus
+    from fedpod.wire.codec import unpack
+    from fedpod.wire.messages import TaskResult
+
+    sender = Identity.generate("modeller")
+    channel = SecureChannel(await Bus.connect(BrokerOptions(open_broker.url), login=sender), sender)
+    recipients, inboxes = [], []
+    for index in range(3):
+        identity = Identity.generate(f"pod{index}")
+        listener = SecureChannel(await Bus.connect(BrokerOptions(open_broker.url), login=identity), identity,
+                                 accept_transfers_from={sender.fingerprint}.__contains__)
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+        await listener.listen_inbox(inbox.put, inbox.put)
+        recipients.append(listener)
+        inboxes.append(inbox)
+    raw = await nats.connect(open_broker.url)
+    struck: list[str] = []
+
+    async def strike(msg: nats.aio.msg.Msg) -> None:
+        headers = msg.headers or {}
+        if headers.get(H_INDEX) == "0":
+            struck.append("chunks")
+            for index in range(1, 4):
+                await raw.publish(msg.subject, os.urandom(64), headers={H_TRANSFER: headers[H_TRANSFER],
+                                                                        H_INDEX: str(index)})
+            await raw.publish(msg.subject, b"a whole message where only chunks belong")
+        if msg.reply:
+            struck.append("acknowledgements")
+            for party in recipients:
+                for status in ("ok", "done"):
+                    await raw.publish(msg.reply, f"{status} {headers.get(H_INDEX)} {party.fingerprint}".encode())
+
+    await raw.subscribe(f"{subjects.PREFIX}.cast.>", cb=strike)
+    await raw.flush()
+    try:
+        payload = os.urandom(6 * 1024 * 1024)
+        received = await channel.cast([r.identity.public for r in recipients],
+                                       TaskResult(task_id="t", dataset="d", table=payload, seconds=0.0), timeout_s=30)
+        assert received == {r.fingerprint for r in recipients}
+        for inbox in inboxes:
+            opened = await asyncio.wait_for(inbox.get(), 10)
+            assert bytes(unpack(opened.payload, TaskResult).table) == payload  # type: ignore[attr-defined]
+            assert inbox.empty()  # nothing else reached the handler: no junk, no stray message
+        assert {"chunks", "acknowledgements"} <= set(struck)
+        assert all(r.bus.ignored_chunks >= 1 for r in recipients)
+    finally:
+        await raw.close()
+        for party in [channel, *recipients]:
+            await party.bus.close()
+
+
+async def test_only_a_modeller_may_publish_on_its_cast_subjects(broker: EmbeddedBroker) -> None:
+    """With broker authentication on, a pod (or another modeller) cannot publish chunks on a
+    modeller's cast subject; pods may listen there, where everything is ciphertext."""
+    modeller, pod = Identity.generate("modeller"), Identity.generate("pod")
+    broker.allow("modeller", modeller.public)
+    broker.allow("pod", pod.public)
+    refusals: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        refusals.append(exc)
+
+    raw = await nats.connect(broker.url, nkeys_seed_str=pod.nats_seed, error_cb=on_error)
+    try:
+        await raw.subscribe(subjects.cast(modeller.fingerprint, "*"))
+        await raw.publish(subjects.cast(modeller.fingerprint, "x"), b"chunk")
+        await raw.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await raw.close()
+    assert [str(e) for e in refusals if "publish" in str(e).lower()], refusals
+    assert not [e for e in refusals if "subscription" in str(e).lower()]

@@ -387,3 +387,40 @@ def test_pods_whose_columns_come_in_another_order_are_refused_not_averaged(
                        standardize=False, round_limit=1)
     assert named.run_once() == 1  # named features are read by name, in one order, everywhere
     named.close()
+
+
+MLP = {"target": "outcome", "features": FEATURES, "hidden": [1000, 1000]}  # ~1M parameters: several chunks
+MLP_TRAINING = {"num_updates": 2, "loader_args": {"batch_size": 32}, "random_seed": 7}
+
+
+def test_a_round_sends_the_model_once_for_all_its_pods(pods: list[RunningPod], modeller: Modeller,
+                                                        tmp_path: Path) -> None:
+    """Issue 11, item 4: the round's model is cast — sealed once, sent once over the modeller's
+    link, fanned out by NATS — instead of once per pod."""
+    exp = experiment(modeller, tmp_path, training_plan_class="mlp", model_args=MLP, training_args=MLP_TRAINING,
+                     round_limit=2, standardize=False)
+    size = sum(v.nbytes for v in exp.training_plan().get_params().values())
+    sent_before = modeller.traffic()[0]
+    assert exp.run() == 2
+    sent = modeller.traffic()[0] - sent_before
+    assert 2 * size < sent < 2 * size * 1.25, f"{sent:,} bytes sent for two rounds of a {size:,}-byte model"
+    assert set(exp.training_replies()[1]) == set(PODS)
+
+
+def test_a_pod_that_lacks_the_cast_model_is_sent_it_directly(pods: list[RunningPod], modeller: Modeller,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cast every pod seemed to acknowledge (acknowledgements can be forged by anyone who sees
+    the subject) but none received: each pod says so, and gets the model in its request."""
+    from fedpod.governance.audit import AuditLog
+    from fedpod.modeller.client import AsyncModeller
+
+    async def lost(self: AsyncModeller, targets: list[Any], tensors: Any) -> tuple[str, set[str]]:
+        return "a-cast-that-never-came", {target.fingerprint for target in targets}
+
+    monkeypatch.setattr(AsyncModeller, "cast_model", lost)
+    exp = experiment(modeller, tmp_path, training_plan_class="mlp", model_args=MLP, training_args=MLP_TRAINING,
+                     round_limit=1, standardize=False)
+    assert exp.run() == 1
+    assert set(exp.training_replies()[0]) == set(PODS)
+    failures = [e for e in AuditLog(pods[0].audit_path).entries() if e["event"] == "task-failed"]
+    assert [e["error"] for e in failures] == ["CastMissing"]

@@ -21,6 +21,7 @@ from fedpod.transport import bus as bus_module
 from fedpod.transport import subjects
 from fedpod.transport.broker import EmbeddedBroker
 from fedpod.transport.bus import H_BEGIN, H_INDEX, H_TRANSFER, BrokerOptions, Bus
+from fedpod.wire.codec import unpack
 from fedpod.wire.messages import TaskResult
 
 pytestmark = pytest.mark.integration
@@ -196,3 +197,49 @@ async def test_a_broker_restart_frees_the_slots_of_transfers_it_cut() -> None:
         if second is not None:
             second.stop()
         first.stop()
+
+
+async def authenticated(broker: EmbeddedBroker, role: str, name: str,
+                        accept: set[str] | None = None) -> tuple[SecureChannel, asyncio.Queue[Opened]]:
+    """A party let in on the authenticating broker with `role`'s permissions, listening on its
+    inbox; a listener takes large messages only from the fingerprints in `accept`."""
+    identity = Identity.generate(name)
+    broker.allow(role, identity.public)  # type: ignore[arg-type]
+    bus = await Bus.connect(BrokerOptions(broker.url), login=identity)
+    channel = SecureChannel(bus, identity, accept_transfers_from=None if accept is None else accept.__contains__)
+    opened: asyncio.Queue[Opened] = asyncio.Queue()
+
+    async def on_opened(message: Opened) -> None:
+        await opened.put(message)
+
+    async def on_rejected(exc: EnvelopeRejected) -> None:
+        return None
+
+    await channel.listen_inbox(on_opened, on_rejected)
+    return channel, opened
+
+
+async def test_a_cast_sends_one_copy_to_many_pods_and_leaves_out_one_that_refuses(broker: EmbeddedBroker) -> None:
+    """Issue 11, item 4: the modeller's link carries a large message once whatever the number of
+    recipients; a pod that refuses the sender's ticket gets nothing and is reported missing,
+    and the others still receive it whole (with broker permissions on, as deployed)."""
+    modeller, _ = await authenticated(broker, "modeller", "modeller")
+    pods = [await authenticated(broker, "pod", f"pod{i}", {modeller.fingerprint}) for i in range(4)]
+    refusing, _ = await authenticated(broker, "pod", "refusing", set())
+    try:
+        payload = os.urandom(12 * 1024 * 1024)
+        message = TaskResult(task_id="t", dataset="d", table=payload, seconds=0.0)
+        sent_before, _ = modeller.bus.traffic
+        received = await modeller.cast([p.identity.public for p, _ in pods] + [refusing.identity.public], message,
+                                       timeout_s=30)
+        sent = modeller.bus.traffic[0] - sent_before
+        assert received == {p.fingerprint for p, _ in pods}
+        assert len(payload) < sent < 1.1 * len(payload)  # one copy, not five
+        for _, inbox in pods:
+            opened = await asyncio.wait_for(inbox.get(), 10)
+            assert opened.sender.fingerprint == modeller.fingerprint
+            assert bytes(unpack(opened.payload, TaskResult).table) == payload
+        assert refusing.bus.dropped_transfers == 1
+    finally:
+        for party in [modeller, refusing, *(p for p, _ in pods)]:
+            await party.bus.close()

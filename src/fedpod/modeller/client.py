@@ -40,9 +40,11 @@ from fedpod.wire.codec import DecodeError, table_from_bytes, unpack
 from fedpod.wire.messages import (
     AccessStatus,
     AccessStatusQuery,
+    BulkParts,
     DatasetAdvert,
     Discover,
     Heartbeat,
+    ModelCast,
     NoisyAggregateAlgorithm,
     PodAdvert,
     QuantileCountsAlgorithm,
@@ -304,6 +306,33 @@ class AsyncModeller:
         reply = unpack(opened.payload, reply_type)
         self.witness.keep(target.pod, getattr(reply, "audit_checkpoint", None))
         return reply
+
+    async def cast_model(self, pods: list[PublicIdentity], tensors: BulkParts) -> tuple[str, set[str]]:
+        """Send a round's tensors once to every pod of the round (`SecureChannel.cast`) where that
+        saves anything — several pods and more than one chunk. Returns the cast's id for their
+        TrainRequests and the pods that have it; the others get the tensors in their request."""
+        assert self.channel is not None
+        size = sum(len(part) for part in tensors) if isinstance(tensors, list) else len(tensors)
+        if len(pods) < 2 or size <= self.channel.bus.chunk_size:
+            return "", set()
+        cast_id = os.urandom(8).hex()
+        for pod in pods:
+            await self._watch(pod)
+        try:
+            received = await self.channel.cast(pods, ModelCast(cast_id=cast_id, tensors=tensors),
+                                               timeout_s=self.timeout_s)
+        except FedpodError as exc:
+            log.info("casting the model failed (%s): each pod is sent it directly", exc)
+            return "", set()
+        missed = [pod.name for pod in pods if pod.fingerprint not in received]
+        if missed:
+            log.info("the model's cast did not reach %s: sent to them directly", ", ".join(missed))
+        return cast_id, received
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes this modeller has sent and received over its broker connection so far."""
+        assert self.channel is not None
+        return self.channel.bus.traffic
 
     async def _watch(self, pod: PublicIdentity) -> None:
         """Follow a pod's heartbeats (see `_on_heartbeat`) from the first task sent to it on."""
@@ -573,6 +602,14 @@ class Modeller:
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes sent and received over the broker connection so far (for the benchmarks: a round's
+        model is sent once to all pods, not once per pod)."""
+        return self._call(self._traffic())
+
+    async def _traffic(self) -> tuple[int, int]:
+        return self._core.traffic()
 
     @property
     def ignored_adverts(self) -> dict[str, str]:

@@ -38,7 +38,7 @@ from fedpod.algorithms.training.args import TrainingArgs
 from fedpod.algorithms.training.layout import disagreement
 from fedpod.algorithms.training.local import seed_everything
 from fedpod.algorithms.training.plans import TrainingPlan
-from fedpod.errors import ConfigError, FedpodError, SecAggError, TaskFailed
+from fedpod.errors import CastMissing, ConfigError, FedpodError, SecAggError, TaskFailed
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target, Targets
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
@@ -421,9 +421,11 @@ class Experiment:
         """The round under secure aggregation: one reply, the survivors' weighted mean update
         (no update is screened: none is seen; clipping bounds each value instead)."""
         core = self._modeller._core
+        cast, received = self._modeller._call(core.cast_model([t.pod for t in selected], tensors))
 
         async def train(target: Target, masking: SecAggMasking) -> TrainResult:
-            return await self._train_one(target, round_number, scalars, tensors, progress, secagg=masking)
+            return await self._train_one(target, round_number, scalars, tensors, progress, secagg=masking,
+                                         cast=cast if target.pod.fingerprint in received else "")
 
         with progress.shown():
             try:
@@ -445,17 +447,26 @@ class Experiment:
 
     async def _train_one(self, target: Target, round_number: int, scalars: dict[str, Any], tensors: list[Buffer],
                          progress: RoundProgress, evaluate_only: bool = False,
-                         secagg: SecAggMasking | None = None) -> TrainResult:
+                         secagg: SecAggMasking | None = None, cast: str = "") -> TrainResult:
+        """One pod's part of a round; `cast`: the id of the ModelCast that brought it `tensors`."""
         name = target.pod.name
 
         def message(task_id: str) -> TrainRequest:
             return TrainRequest(task_id=task_id, experiment_id=self._experiment_id, round=round_number,
                                 dataset=target.dataset.name, plan=self._plan_spec, model_args=self._model_args,
                                 training_args=self._training_args.model_dump(exclude_none=True),
-                                round_config=scalars, tensors=tensors, evaluate_only=evaluate_only, secagg=secagg)
+                                round_config=scalars, tensors=[] if cast else tensors, evaluate_only=evaluate_only,
+                                secagg=secagg, model_cast=cast)
         try:
             result = await self._modeller._core.exchange(target, message, TrainResult,
                                                          on_phase=lambda phase: progress.update(name, phase))
+        except TaskFailed as failed:
+            if not (cast and failed.kind == CastMissing.__name__):
+                progress.update(name, "failed")
+                raise
+            log.info("round %d: %s lacks the cast model (%s); sending it the model directly", round_number, name,
+                     failed.message)
+            return await self._train_one(target, round_number, scalars, tensors, progress, evaluate_only, secagg)
         except BaseException:
             progress.update(name, "failed")
             raise
@@ -465,7 +476,9 @@ class Experiment:
     async def _train_all(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
                          tensors: list[Buffer], progress: RoundProgress,
                          evaluate_only: bool = False) -> list[TrainResult | BaseException]:
-        return await asyncio.gather(*(self._train_one(t, round_number, scalars, tensors, progress, evaluate_only)
+        cast, received = await self._modeller._core.cast_model([t.pod for t in selected], tensors)
+        return await asyncio.gather(*(self._train_one(t, round_number, scalars, tensors, progress, evaluate_only,
+                                                      cast=cast if t.pod.fingerprint in received else "")
                                       for t in selected), return_exceptions=True)
 
     def _targets(self) -> Targets:

@@ -30,13 +30,14 @@ from fedpod import __version__
 from fedpod.channel import SecureChannel
 from fedpod.data.catalog import Catalog, read_catalog
 from fedpod.data.datasets import round_count
-from fedpod.errors import EnvelopeRejected, FedpodError, PlanNotApproved
+from fedpod.errors import CastMissing, EnvelopeRejected, FedpodError, PlanNotApproved
 from fedpod.governance.audit import AuditLog, AuditWriter
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.policy import CUSTOM_PLAN, DatasetPolicy, Decision, Request, decide
 from fedpod.governance.policy_log import record_policy
 from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.governance.requests import AccessRequests
+from fedpod.pod.casts import ModelCasts
 from fedpod.pod.config import PodConfig
 from fedpod.pod.status import PID_FILE, mark_running
 from fedpod.security.envelope import Opened
@@ -52,6 +53,7 @@ from fedpod.wire.messages import (
     DatasetAdvert,
     Discover,
     Heartbeat,
+    ModelCast,
     PodAdvert,
     QuantileCountsAlgorithm,
     SecAggReply,
@@ -149,6 +151,7 @@ class Pod:
         self.privacy = Lazy(self._privacy_ledger)
         self.sql = Lazy(self._sql_tasks)
         self.trainer = Lazy(self._training_runner)
+        self.casts = ModelCasts()
         self._recent: dict[tuple[str, str], deque[float]] = {}  # (modeller, dataset) -> its allowed tasks' times
         self.channel: SecureChannel | None = None
         self.started = time.monotonic()
@@ -355,6 +358,9 @@ class Pod:
         if opened.header.type == SecAggRequest.TYPE:
             await self._on_secagg(opened, trusted)
             return
+        if opened.header.type == ModelCast.TYPE:
+            await self._on_model_cast(opened, trusted)
+            return
         if request_type is None:
             if trusted:
                 self._journal.record("message-ignored", sender=opened.sender.fingerprint, type=opened.header.type[:64])
@@ -372,6 +378,21 @@ class Pod:
                                                   message=str(exc)))
             return
         await self._handle_task(opened, request)
+
+    async def _on_model_cast(self, opened: Opened, trusted: bool) -> None:
+        """A round's model, sent once to every pod of the round (`pod.casts`): kept for the
+        TrainRequest that names it. Only an accepted modeller's is kept."""
+        sender = opened.sender
+        if not trusted:
+            self._refused("cast-stranger", f"from {sender.fingerprint}")
+            return
+        try:
+            cast = unpack(opened.payload, ModelCast)
+        except DecodeError as exc:
+            self._journal.record("task-malformed", sender=sender.fingerprint, error=str(exc)[:500])
+            return
+        self.casts.keep(sender.fingerprint, cast.cast_id, cast.tensors)
+        await opened.acknowledge()
 
     async def _on_secagg(self, opened: Opened, trusted: bool) -> None:
         """Steps 1, 2 and 4 of secure aggregation, for a modeller the policy grants the session's
@@ -540,6 +561,13 @@ class Pod:
             return self.sql().run(request, requester, measured.kind, limits, self.config)
         from fedpod.pod.training import describe_training, privacy_round
 
+        if request.model_cast:
+            tensors = self.casts.take(requester, request.model_cast)
+            if tensors is None:
+                raise CastMissing(f"the round's model (cast {request.model_cast[:64]}) did not arrive at pod "
+                                  f"{self.config.name}, or was already used", where=f"dataset {request.dataset}",
+                                  hint="the modeller sends the request again with the model in it")
+            request = request.model_copy(update={"tensors": tensors, "model_cast": ""})
         self._set_phase(request.task_id, "preparing")
         released = [c for c in self._catalog.columns_of(request.dataset) if limits.columns.permits(c)]
         masking = request.secagg

@@ -106,7 +106,9 @@ class Party:
 def permissions(party: Party) -> dict[str, Any]:
     """Least privilege. Everyone may send to inboxes and answer the requests it receives
     (`allow_responses`), and subscribe to its own inbox and its own replies. Pods also hear
-    discovery and publish their own heartbeat; modellers ask for discovery and hear heartbeats.
+    discovery, publish their own heartbeat and hear casts (a transfer to several parties, whose
+    chunks they take only with a ticket signed for them); modellers ask for discovery, hear
+    heartbeats and cast on their own subjects.
 
     A `site` is a pod reached through its site's leaf node, which connects with the pod's key.
     Across a leaf connection the cluster cannot tell an answer to a request from any other
@@ -119,9 +121,9 @@ def permissions(party: Party) -> dict[str, Any]:
         publish.append(subjects.ALL_REPLIES)
     if party.role in ("pod", "site"):
         publish.append(subjects.heartbeat(own))
-        subscribe.append(subjects.DISCOVER)
+        subscribe += [subjects.DISCOVER, subjects.CASTS]
     else:
-        publish.append(subjects.DISCOVER)
+        publish += [subjects.DISCOVER, subjects.cast(own, "*")]
         subscribe.append(subjects.HEARTBEATS)
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}, "allow_responses": True}
 

@@ -24,6 +24,15 @@ receiver nothing until its sender is authenticated:
 - A window per transfer: every `WINDOW`-th chunk (and the last) is a request that the
   receiver acknowledges once the chunk is stored, so one fast sender cannot overrun it.
 
+A cast (`multicast`) sends the same bytes to several parties with one copy over the sender's
+link, and NATS fans them out: each recipient is sent its own signed ticket (begin request, to
+its inbox, admitted as above), then subscribes to the transfer's cast subject
+(`subjects.cast(sender, transfer)`, checked against the ticket's sender) for that transfer
+only. The chunks are published once; each window is acknowledged by every recipient, naming
+itself, and one that falls behind or loses the transfer is left out of the rest, so a slow pod
+never stalls the others: the cast returns who received everything and the caller sends to the
+others one by one.
+
 A send to an inbox nobody listens on fails within RECONNECT_GRACE_S (`PodUnreachable`) instead
 of vanishing.
 Integrity and origin of the reassembled bytes is still the envelope's job (GCM tag, signature).
@@ -55,6 +64,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from fedpod.errors import BrokerUnavailable, PodUnreachable, TaskTimeout, TransportError
 from fedpod.transport import subjects
@@ -70,6 +80,7 @@ TicketIssuer = Callable[[str, int, list[bytes]], bytes]  # (transfer id, size, c
 H_TRANSFER = "Fedpod-Transfer"
 H_INDEX = "Fedpod-Chunk"
 H_BEGIN = "Fedpod-Begin"
+H_CAST = "Fedpod-Cast"  # on a begin request: the subject the transfer's chunks are published on
 WINDOW = 4  # chunks in flight per transfer
 MAX_ACTIVE_TRANSFERS = 6  # x WINDOW x 1 MiB stays well under the server's default max_pending (64 MB)
 MAX_PER_SENDER = 2
@@ -83,6 +94,7 @@ ACK_PATIENCE_S = 5.0  # a small message or a window is acknowledged in milliseco
 MAX_SENDS = 4
 RECONNECT_GRACE_S = 2.0  # how long an inbox nobody listens on is retried: its owner may be reconnecting
 RESEND = b"resend: transfer unknown here (lost in a reconnection)"
+CAST_OK, CAST_DONE, CAST_LOST = "ok", "done", "lost"  # a recipient's answer to a window of a cast
 
 
 DEFAULT_BROKER_URL = "nats://127.0.0.1:4222"
@@ -173,11 +185,21 @@ class TransferAuthority(Protocol):
     def vet(self, ticket: bytes, max_size: int, min_chunk: int) -> tuple[str, Vetted]: ...
 
 
+@dataclass(frozen=True)
+class CastRecipient:
+    """One party a cast goes to: its inbox (for the begin request) and its ticket."""
+
+    key: str  # how the recipient names itself in its acknowledgements: its fingerprint
+    inbox: str
+    ticket: TicketIssuer
+
+
 @dataclass
 class _Transfer:
     sender: str
     size: int
     digests: list[bytes]
+    subscription: Subscription | None = None  # a cast's: this party listens on its subject until it ends
     buffer: mmap.mmap | None = None
     received: int = 0
     next_index: int = 0
@@ -218,8 +240,10 @@ class _Admission:
 class Bus:
     """A connection to the broker. Create with `await Bus.connect(options)`."""
 
-    def __init__(self, client: Client, *, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> None:
+    def __init__(self, client: Client, *, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
+                 me: str = "") -> None:
         self._client = client
+        self.me = me  # this party's fingerprint: how it names itself acknowledging a cast
         self.max_transfer_bytes = max_transfer_bytes
         self._transfers: dict[str, _Transfer] = {}
         self._admission = _Admission(MAX_ACTIVE_TRANSFERS, MAX_PER_SENDER)
@@ -274,7 +298,7 @@ class Bus:
             raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}", hint=CONNECT_HINT) from exc
         except (OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot connect to NATS at {options.url}: {exc}", hint=CONNECT_HINT) from exc
-        created.append(cls(client))
+        created.append(cls(client, me=login.fingerprint if login is not None else ""))
         return created[0]
 
     def _reconnected(self) -> None:
@@ -294,6 +318,11 @@ class Bus:
     @property
     def chunk_size(self) -> int:
         return max(MIN_CHUNK, self._client.max_payload - HEADER_ALLOWANCE)
+
+    @property
+    def traffic(self) -> tuple[int, int]:
+        """Bytes sent and received over this connection so far (headers and protocol included)."""
+        return int(self._client.stats["out_bytes"]), int(self._client.stats["in_bytes"])
 
     @property
     def connected(self) -> bool:
@@ -319,7 +348,7 @@ class Bus:
 
         async def on_message(msg: Msg) -> None:
             if msg.headers and H_BEGIN in msg.headers:
-                self._spawn(self._admit(msg))  # waiting here would stall the chunks of admitted transfers
+                self._spawn(self._admit(msg, handler))  # waiting here would stall the chunks of admitted transfers
                 return
             try:
                 whole = self._absorb(msg)
@@ -348,10 +377,12 @@ class Bus:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _admit(self, msg: Msg) -> None:
+    async def _admit(self, msg: Msg, handler: Handler) -> None:
         """Answer a transfer's begin request once a slot is free: empty means go ahead, text
         is a refusal the sender raises. Nothing is queued or allocated for a sender whose
-        ticket does not verify, or whom this party takes no large messages from."""
+        ticket does not verify, or whom this party takes no large messages from. A cast's
+        recipient subscribes to the transfer's subject (the sender's own, for this transfer id)
+        before it answers."""
         headers = msg.headers or {}
         transfer_id = headers.get(H_TRANSFER, "")
         if self.tickets is None:
@@ -365,18 +396,55 @@ class Bus:
         if ticket.transfer != transfer_id:
             await self._refuse(msg, "refused: transfer id differs from the ticket's")
             return
+        cast = headers.get(H_CAST)
+        if cast is not None and cast != subjects.cast(sender, transfer_id):
+            await self._refuse(msg, "refused: a cast is published on its sender's own subject for its transfer")
+            return
         while not await self._admission.acquire(sender, STALE_TRANSFER_S / 4):
             self._forget_stale()  # a sender that vanished mid-transfer must not hold its slot forever
         if transfer_id in self._transfers:
             self._admission.release(sender)
             await self._refuse(msg, f"refused: transfer id {transfer_id} is already in use")
             return
-        self._transfers[transfer_id] = _Transfer(sender, ticket.size, ticket.digests)
+        transfer = self._transfers[transfer_id] = _Transfer(sender, ticket.size, ticket.digests)
         try:
+            if cast is not None:
+                async def on_chunk(chunk: Msg) -> None:
+                    await self._on_cast_chunk(chunk, handler)
+
+                transfer.subscription = await self._client.subscribe(cast, cb=on_chunk,
+                                                                     pending_bytes_limit=256 * 1024 * 1024)
+                await self._client.flush()
             await msg.respond(b"")
-        except nats.errors.Error as exc:
+        except (nats.errors.Error, TimeoutError) as exc:
             log.debug("could not admit transfer %s: %s", transfer_id, exc)
             self._finish(transfer_id)
+
+    async def _on_cast_chunk(self, msg: Msg, handler: Handler) -> None:
+        """A chunk of a cast this party was admitted to: stored like an inbox chunk; a window is
+        answered naming this party (`CAST_LOST` if it no longer has the transfer), and the last
+        one once the handler acknowledges the whole."""
+        headers = msg.headers or {}
+        if H_TRANSFER not in headers:  # a whole message belongs in an inbox, never on a cast subject
+            self.ignored_chunks += 1
+            return
+        index = headers.get(H_INDEX, "?")[:16]
+        try:
+            whole = self._absorb(msg)
+        except _UnknownChunk:
+            self.ignored_chunks += 1
+            whole, status = None, CAST_LOST
+        except TransportError as exc:
+            log.debug("dropped cast chunk: %s", exc)
+            self.dropped_transfers += 1
+            whole, status = None, CAST_LOST
+        else:
+            status = CAST_OK
+        if whole is not None:
+            self._spawn(_acknowledging(handler, whole, msg, f"{CAST_DONE} {index} {self.me}".encode()))
+        elif msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(f"{status} {index} {self.me}".encode())
 
     async def _refuse(self, msg: Msg, reason: str) -> None:
         self.dropped_transfers += 1
@@ -387,6 +455,8 @@ class Bus:
         transfer = self._transfers.pop(transfer_id, None)
         if transfer is not None:
             self._admission.release(transfer.sender)
+            if transfer.subscription is not None:
+                self._spawn(_unsubscribe(transfer.subscription))
 
     def _absorb(self, msg: Msg) -> Payload | None:
         headers = msg.headers or {}
@@ -502,6 +572,55 @@ class Bus:
                 raise
             raise _Interrupted(f"no acknowledgement within {timeout_s:g}s") from None
 
+    async def multicast(self, recipients: Sequence[CastRecipient], parts: Sequence[bytes | bytearray | memoryview],
+                        *, timeout_s: float = 30.0) -> set[str]:
+        """Deliver the same bytes to every recipient, sending them once (see the module's
+        docstring); returns the keys of the recipients that acknowledged the whole. The others
+        (refused, unreachable, fallen behind, lost in a reconnection) are the caller's to send
+        to one by one."""
+        chunks = list(_chunks(parts, self.chunk_size))
+        size = sum(len(c) for c in chunks)
+        digests = (await asyncio.to_thread(_digests, chunks)) if size > HASH_IN_THREAD_BYTES else _digests(chunks)
+        transfer_id = os.urandom(12).hex()
+        subject = subjects.cast(self.me, transfer_id)
+        answers: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4 * len(recipients) + 16)
+
+        async def on_answer(msg: Msg) -> None:
+            with contextlib.suppress(asyncio.QueueFull):  # more than the recipients can owe: not theirs
+                answers.put_nowait(bytes(msg.data[:256]))
+
+        inbox = self._client.new_inbox()
+        listening = await self._client.subscribe(inbox, cb=on_answer)
+        try:
+            async def begin(recipient: CastRecipient) -> str | None:
+                headers = {H_TRANSFER: transfer_id, H_BEGIN: "1", H_CAST: subject}
+                try:
+                    answer = await self._client.request(recipient.inbox, recipient.ticket(transfer_id, size, digests),
+                                                        timeout=min(timeout_s, ACK_PATIENCE_S), headers=headers)
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.info("cast %s: %s not admitted: %s", transfer_id, recipient.key, exc or type(exc).__name__)
+                    return None
+                return None if answer.data else recipient.key
+
+            live = {key for key in await asyncio.gather(*(begin(r) for r in recipients)) if key}
+            for index, chunk in enumerate(chunks):
+                headers = {H_TRANSFER: transfer_id, H_INDEX: str(index)}
+                last = index == len(chunks) - 1
+                if not live:
+                    break
+                if (index + 1) % WINDOW == 0 or last:
+                    await self._client.publish(subject, bytes(chunk), reply=inbox, headers=headers)
+                    live = await _answered(answers, live, CAST_DONE if last else CAST_OK, index,
+                                           timeout_s if last else ACK_PATIENCE_S)
+                else:
+                    await self._client.publish(subject, bytes(chunk), headers=headers)
+            return live
+        except nats.errors.Error as exc:
+            log.info("cast %s cut short: %s", transfer_id, exc)
+            return set()
+        finally:
+            await _unsubscribe(listening)
+
     async def publish(self, subject: str, data: bytes) -> None:
         """Fire-and-forget broadcast of a small message (heartbeats, discovery)."""
         try:
@@ -524,7 +643,41 @@ class _Interrupted(Exception):
     """An attempt to send that a lost connection (this party's or the receiver's) cut short."""
 
 
-async def _acknowledging(handler: Handler, whole: Payload, msg: Msg) -> None:
+async def _answered(answers: asyncio.Queue[bytes], live: set[str], status: str, index: int,
+                    patience_s: float) -> set[str]:
+    """Those of `live` that answered `status` for chunk `index` of a cast within `patience_s`;
+    one that answers `CAST_LOST` is left out at once. Answers for earlier windows (late), of
+    another kind, or naming parties not in `live` are passed over.
+
+    Anyone who sees the cast's subject can forge answers: a forged `CAST_LOST` or a missing one
+    only makes the sender send to that recipient directly, and a forged success only makes the
+    recipient ask for the model again (`CastMissing`) — a forger costs bandwidth, never data."""
+    waiting = set(live)
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + patience_s
+    while waiting:
+        try:
+            answer = await asyncio.wait_for(answers.get(), max(deadline - clock(), 0.001))
+        except TimeoutError:
+            break
+        said, _, rest = answer.decode(errors="replace").partition(" ")
+        number, _, key = rest.partition(" ")
+        if key in waiting and number == str(index) and said in (status, CAST_LOST):
+            waiting.discard(key)
+            if said == CAST_LOST:
+                live = live - {key}
+    if waiting:
+        log.info("cast: %d recipient(s) did not acknowledge chunk %d within %gs and are left out", len(waiting),
+                 index, patience_s)
+    return live - waiting
+
+
+async def _unsubscribe(subscription: Subscription) -> None:
+    with contextlib.suppress(Exception):
+        await subscription.unsubscribe()
+
+
+async def _acknowledging(handler: Handler, whole: Payload, msg: Msg, answer: bytes = b"") -> None:
     acked = False
 
     async def ack() -> None:
@@ -533,7 +686,7 @@ async def _acknowledging(handler: Handler, whole: Payload, msg: Msg) -> None:
             acked = True
             if msg.reply:
                 with contextlib.suppress(Exception):
-                    await msg.respond(b"")
+                    await msg.respond(answer)
 
     running = handler(whole, ack)
     del whole  # the handler lets go of the bytes once it has read them (a pod then trains for minutes)

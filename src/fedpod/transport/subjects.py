@@ -27,3 +27,13 @@ def replies(fingerprint: str) -> str:
 
 
 ALL_REPLIES = f"{PREFIX}.reply.>"
+
+
+def cast(sender: str, transfer: str) -> str:
+    """Where `sender` publishes the chunks of one transfer to several parties at once (the
+    round's global model): each recipient subscribes to it only for that transfer, which it was
+    sent a signed ticket for."""
+    return f"{PREFIX}.cast.{sender}.{transfer}"
+
+
+CASTS = f"{PREFIX}.cast.*.*"

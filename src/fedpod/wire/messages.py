@@ -194,6 +194,18 @@ class TrainRequest(WireMessage):
     round_config: dict[str, Any] = {}
     evaluate_only: bool = False
     secagg: SecAggMasking | None = None  # set: send the update masked (group `masked`), never in the clear
+    model_cast: str = ""  # set: `tensors` is empty, the pod was sent them in the ModelCast of this id
+    tensors: BulkParts
+
+
+class ModelCast(WireMessage):
+    """A round's `tensors` (as in TrainRequest) sent once to every selected pod, which keeps them
+    briefly for the TrainRequest naming `cast_id`: the modeller's link carries the model once,
+    not once per pod."""
+
+    TYPE: ClassVar[str] = "model-cast"
+    BULK: ClassVar[str | None] = "tensors"
+    cast_id: str = Field(max_length=64)
     tensors: BulkParts
 
 
