@@ -34,6 +34,8 @@ def role(command: str) -> str:
     """A process's part in the run, from its command line."""
     if "nats-server" in command:
         return "broker"
+    if "fedpod.data.catalog" in command:
+        return "a pod's start-up reader of its datasets (data.catalog)"
     pod = next((name for name in PODS if f"/{name}/" in command), None)
     return f"pod {pod}" if pod else "modeller (this process)"
 
@@ -85,7 +87,7 @@ def main() -> None:
         "| process | peak GiB |",
         "|---|---:|",
         *[f"| {role(command)} | {peak / 2**30:.2f} |" for command, peak in sorted(memory.by_process.values(),
-                                                                              key=lambda item: -item[1])[:6]],
+                                                                              key=lambda item: -item[1])[:5]],
         "",
     ]
     publish(HERE / "large_model.md", lines)
