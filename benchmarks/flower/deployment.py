@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -26,10 +27,20 @@ def ensure_installed() -> None:
         subprocess.run([str(HERE / "setup.sh")], check=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _ports() -> Iterator[int]:
+    """Free ports for the federation's listeners, counted up from below the ephemeral range: a
+    port the kernel hands out as free is also where outgoing connections (the supernodes' own)
+    take theirs, and one of 30 supernodes lost its port that way before binding it."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    below = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for port in range(10_000 + os.getpid() % 500 * 40, below):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        yield port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _toml(value: object) -> str:
@@ -46,7 +57,8 @@ class FlowerFederation:
         self.work = work
         self.logs = work / "logs"
         self.node_configs = node_configs or [{} for _ in range(nodes)]
-        self.port = _free_port()
+        self._free_ports = _ports()
+        self.port = next(self._free_ports)
         self.env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"),
                     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
         self.env.pop("PYTHONPATH", None)
@@ -63,13 +75,14 @@ class FlowerFederation:
             # Apps run in this venv (it has fedpod and torch), not in a per-run environment.
             self._start("superlink", ["flower-superlink", "--insecure", "--port", str(self.port),
                                       "--disable-runtime-dependency-installation",
-                                      "--health-server-address", f"127.0.0.1:{_free_port()}"])
+                                      "--health-server-address", f"127.0.0.1:{next(self._free_ports)}"])
             self._wait_for_superlink()
             for index, extra in enumerate(self.node_configs):
                 config = {"partition-id": index, "num-partitions": self.nodes, **extra}
                 self._start(f"supernode{index}", [
                     "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                    "--port", str(_free_port()), "--health-server-address", f"127.0.0.1:{_free_port()}",
+                    "--port", str(next(self._free_ports)),
+                    "--health-server-address", f"127.0.0.1:{next(self._free_ports)}",
                     "--node-config", " ".join(f"{key}={_toml(value)}" for key, value in config.items())])
         except BaseException:
             self.__exit__(None, None, None)
