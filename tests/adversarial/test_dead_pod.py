@@ -59,10 +59,14 @@ def test_a_pod_killed_mid_round_is_declared_lost_and_the_round_completes_with_th
     killed_at: list[float] = []
 
     def kill_alice_once_training() -> None:
-        """Right after alice logs the task: it is still preparing (importing PyTorch), far from replying."""
-        wait_until(lambda: any(e["event"] == "task-received" and e.get("round") == 0
-                               for e in map(json.loads, alice.audit_path.read_text().splitlines())), 60,
-                   "alice's training task")
+        """Once the modeller hears that alice works on the task (she acknowledged it and her
+        heartbeat says so): she is still preparing (importing PyTorch), far from replying. Killed
+        before she acknowledged, she would be unreachable instead, which is another test's matter."""
+        def working() -> bool:
+            steps = experiment.round_progress().get(0, {}).get("alice", [])
+            return any(phase in ("preparing", "training") for phase, _ in steps)
+
+        wait_until(working, 60, "alice at work on her training task")
         alice.process.send_signal(signal.SIGKILL)
         killed_at.append(time.monotonic())
 
