@@ -30,7 +30,7 @@ class PeakMemory:
                     rss = process.memory_info().rss
                     total += rss
                     if rss > self.by_process.get(process.pid, ("", 0))[1]:
-                        self.by_process[process.pid] = (" ".join(process.cmdline())[-120:], rss)
+                        self.by_process[process.pid] = (" ".join(process.cmdline()), rss)
             self.peak = max(self.peak, total)
             time.sleep(0.05)
 

@@ -71,6 +71,15 @@ class TransferTickets:
         return sender, checked
 
 
+@dataclasses.dataclass(frozen=True)
+class Letter:
+    """A sealed envelope and whom it is for (`SecureChannel.seal`)."""
+
+    recipient: PublicIdentity
+    parts: list[Buffer]
+    task_id: str
+
+
 class SecureChannel:
     """`accept_transfers_from(fingerprint)` says whom this party takes messages larger than
     the broker's `max_payload` from; nothing is spent on anyone else's (see `transport.bus`).
@@ -101,16 +110,28 @@ class SecureChannel:
 
     async def send(self, recipient: PublicIdentity, message: WireMessage, *, task_id: str = "",
                    timeout_s: float = 30.0) -> None:
+        large = sum(len(part) for part in pack(message)) > OFFLOAD_BYTES
+        async with self._large_sends if large else contextlib.nullcontext():
+            await self.deliver(await self.seal(recipient, message, task_id=task_id), timeout_s=timeout_s)
+
+    async def seal(self, recipient: PublicIdentity, message: WireMessage, *, task_id: str = "") -> Letter:
+        """`message` sealed for `recipient`, to `deliver` once the caller has let go of the
+        message: a pod's 400 MB model update is then held once, as ciphertext, while it is sent
+        (and sent again, the same envelope, if it must be: the recipient's replay guard refuses a
+        copy that did arrive). Unlike `send`, not limited to LARGE_SENDS at once: the caller
+        bounds how many it seals (a pod: its task slots)."""
         payload = pack(message)
         large = sum(len(part) for part in payload) > OFFLOAD_BYTES
-        async with self._large_sends if large else contextlib.nullcontext():
-            parts = await self._seal(message.TYPE, payload, [recipient], task_id, large)
+        return Letter(recipient, await self._seal(message.TYPE, payload, [recipient], task_id, large), task_id)
 
-            def ticket(transfer: str, size: int, digests: list[bytes]) -> bytes:
-                return issue_ticket(self.identity, recipient, transfer, size, digests)
+    async def deliver(self, letter: Letter, *, timeout_s: float = 30.0) -> None:
+        recipient = letter.recipient
 
-            await self.bus.send(subjects.inbox(recipient.fingerprint), parts, timeout_s=timeout_s,
-                                recipient=f"{recipient.name} ({recipient.fingerprint})", ticket=ticket)
+        def ticket(transfer: str, size: int, digests: list[bytes]) -> bytes:
+            return issue_ticket(self.identity, recipient, transfer, size, digests)
+
+        await self.bus.send(subjects.inbox(recipient.fingerprint), letter.parts, timeout_s=timeout_s,
+                            recipient=f"{recipient.name} ({recipient.fingerprint})", ticket=ticket)
 
     async def cast(self, recipients: list[PublicIdentity], message: WireMessage, *,
                    timeout_s: float = 30.0) -> set[str]:

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from safetensors.numpy import load, save
+from safetensors.numpy import load, load_file, save
 
 from fedpod.wire.codec import DecodeError
-from fedpod.wire.tensors import decode_groups, digest, encode_groups, encode_parts
+from fedpod.wire.tensors import decode_groups, digest, encode_named, encode_parts, write_tensors
+
+
+def encode_groups(groups: dict[str, dict[str, np.ndarray]]) -> bytes:
+    return b"".join(encode_parts(groups))
+
 
 DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_]
 
@@ -83,3 +89,33 @@ def test_every_truncation_of_a_valid_blob_is_refused() -> None:
     for length in range(len(blob)):
         with pytest.raises(DecodeError):
             decode_groups(blob[:length])
+
+
+def test_a_movable_buffer_is_aligned_in_place_and_a_shared_one_is_left_as_it_was() -> None:
+    """A message's tensors lie at whatever offset the envelope gave them; a pod that is given
+    the buffer moves them (in place) to aligned memory, where a plan can adopt them."""
+    w = np.arange(1000, dtype=np.float64)
+    blob = encode_groups({"params": {"w": w, "b": np.ones(3, dtype=np.float32)}})
+    for offset in range(8):
+        backing = bytearray(offset + len(blob))
+        backing[offset:] = blob
+        view = memoryview(backing)[offset:]
+        kept = decode_groups(view)["params"]["w"]
+        np.testing.assert_array_equal(kept, w)
+        assert np.shares_memory(kept, np.frombuffer(backing, dtype=np.uint8))
+        moved = decode_groups(view, movable=True)["params"]
+        np.testing.assert_array_equal(moved["w"], w)
+        np.testing.assert_array_equal(moved["b"], np.ones(3))
+        assert moved["w"].flags.aligned and moved["w"].ctypes.data % 8 == 0
+        assert np.shares_memory(moved["w"], np.frombuffer(backing, dtype=np.uint8))  # moved, not copied
+
+
+def test_a_model_file_is_written_part_by_part_and_safetensors_reads_it(tmp_path: Path) -> None:
+    params = {"layer.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "layer.bias": np.zeros(3)}
+    path = tmp_path / "model.safetensors"
+    write_tensors(path, encode_named(params))
+    read = load_file(str(path))
+    assert set(read) == set(params)
+    for name, value in params.items():
+        np.testing.assert_array_equal(read[name], value)
+    assert not list(tmp_path.glob("*.partial"))

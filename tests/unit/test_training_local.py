@@ -93,6 +93,51 @@ def test_same_seed_gives_the_same_update() -> None:
         np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_a_handed_over_model_is_trained_in_place_and_returned_without_a_copy() -> None:
+    """A pod holds a 400 MB model once: the received arrays become the plan's tensors, are
+    trained in place, and are what the round returns. A caller that keeps its plan gets a copy."""
+    args = TrainingArgs.parse({"num_updates": 3, "random_seed": 1, "optimizer_args": {"name": "sgd", "lr": 0.1}})
+    frame = CENTRES[0].patients
+    received = {k: np.array(v) for k, v in plan_for("mlp", frame, MODEL_ARGS, args).get_params().items()}
+    start = {k: v.copy() for k, v in received.items()}
+    plan = plan_for("mlp", frame, MODEL_ARGS, args)
+    handed = run_local_round(plan, received, args, {}, hand_over=True).params
+    for key, value in received.items():
+        assert np.shares_memory(handed[key], value)
+        assert np.shares_memory(plan.model().state_dict()[key].numpy(), value)
+    kept = run_local_round(plan_for("mlp", frame, MODEL_ARGS, args), start, args, {})
+    for key in handed:
+        np.testing.assert_allclose(handed[key], kept.params[key], rtol=1e-6, atol=1e-7)  # the same training
+        assert not np.shares_memory(kept.params[key], start[key])
+    assert not any(np.array_equal(start[key], handed[key]) for key in start if key.endswith("weight"))
+
+
+def test_misaligned_or_read_only_arrays_are_copied_when_adopted() -> None:
+    plan = plan_for("logistic_regression", CENTRES[0].patients, MODEL_ARGS, TrainingArgs())
+    params = plan.get_params()
+    read_only = {k: v.copy() for k, v in params.items()}
+    for value in read_only.values():
+        value.flags.writeable = False
+    plan.adopt_params(read_only)
+    for key, value in read_only.items():
+        assert not np.shares_memory(plan.model().state_dict()[key].numpy(), value)
+    backing = np.zeros(params["weight"].size * 4 + 1, dtype=np.uint8)
+    misaligned = np.frombuffer(backing[1:].data, dtype=np.float32).reshape(params["weight"].shape)
+    assert not misaligned.flags.aligned
+    plan.adopt_params({**params, "weight": misaligned})
+    assert not np.shares_memory(plan.model().state_dict()["weight"].numpy(), backing)
+
+
+def test_the_optimizer_is_chosen_by_name_and_an_unknown_one_is_refused() -> None:
+    frame = CENTRES[0].patients
+    sgd = plan_for("mlp", frame, MODEL_ARGS, TrainingArgs())
+    assert isinstance(sgd.init_optimizer({"name": "sgd", "lr": 0.1}), torch.optim.SGD)  # type: ignore[attr-defined]
+    assert isinstance(sgd.init_optimizer({}), torch.optim.Adam)  # type: ignore[attr-defined]
+    args = TrainingArgs.parse({"num_updates": 1, "optimizer_args": {"name": "adamax"}})
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamax'.*"):
+        run_local_round(plan_for("mlp", frame, MODEL_ARGS, args), sgd.get_params(), args, {})
+
+
 def test_validation_reports_global_and_local_metrics() -> None:
     args = TrainingArgs.parse({"num_updates": 20, "test_ratio": 0.25, "test_metric": "auc",
                                "test_on_global_updates": True, "test_on_local_updates": True, "random_seed": 0})

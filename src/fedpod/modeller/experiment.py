@@ -144,6 +144,7 @@ class Experiment:
         self._progress: dict[int, dict[str, list[tuple[str, float]]]] = {}
         self._plan = self._build_plan()
         self._global = self._plan.get_params()
+        self._plan.adopt_params(self._global)  # the plan's model is the global model, held once
         self._board = TensorboardLog(self._folder) if tensorboard else None
 
     def round_progress(self) -> dict[int, dict[str, list[tuple[str, float]]]]:
@@ -210,7 +211,7 @@ class Experiment:
         fits = fresh.keys() == self._global.keys() and all(
             np.shape(fresh[k]) == np.shape(self._global[k]) for k in fresh)
         if fits:
-            self._plan.set_params(self._global)
+            self._plan.adopt_params(self._global)
         else:
             log.info("the new training plan has other parameters: the next round starts from its initial weights")
             self._global = fresh
@@ -403,7 +404,7 @@ class Experiment:
         except ValueError as exc:
             raise RoundFailed(f"round {round_number}: {self._aggregator.name} cannot aggregate: {exc}",
                               hint="the global model of the previous round is kept") from exc
-        self._plan.set_params(self._global)
+        self._plan.adopt_params(self._global)
         self._replies[round_number] = {
             target.pod.name: {"dataset": target.identifier, "num_samples": result.num_samples, **result.metrics,
                               "seconds": result.seconds, "device": result.device}
@@ -605,7 +606,7 @@ class Experiment:
         experiment._experiment_id = state["experiment_id"]
         experiment._round = state["round"]
         experiment._global = params
-        experiment._plan.set_params(params)
+        experiment._plan.adopt_params(params)
         experiment._replies = {int(k): v for k, v in state["replies"].items()}
         write_metrics(folder, experiment._replies)  # rounds run after this breakpoint are run again
         return experiment

@@ -20,11 +20,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from fedpod.aggregation.base import Params
 from fedpod.errors import ConfigError
-from fedpod.wire.tensors import decode_groups, encode_groups
+from fedpod.wire.tensors import decode_groups, encode_named, encode_parts, write_tensors
 
 FOLDER_PATTERN = re.compile(r"^Experiment_(\d{4,})$")
 
@@ -45,8 +45,8 @@ def latest_experiment(root: Path) -> Path:
 
 
 def save_params(params: Params, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v for k, v in params.items()}, str(path))
+    """A safetensors file that any safetensors reader opens, written without a copy of the model."""
+    write_tensors(path, encode_named(params))
 
 
 def load_params(path: Path) -> Params:
@@ -119,7 +119,7 @@ def save_breakpoint(folder: Path, round_number: int, state: dict[str, Any], para
     target = folder / "breakpoints" / f"breakpoint_{round_number:04d}"
     target.mkdir(parents=True, exist_ok=True)
     second_name(params_file, target / "params.safetensors")
-    (target / "aggregator.safetensors").write_bytes(encode_groups(aggregator_state))
+    write_tensors(target / "aggregator.safetensors", encode_parts(aggregator_state))
     if plan_source is not None:
         (target / "plan.py").write_text(plan_source)
     # state.json last: a breakpoint is complete once it exists

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fedpod import __version__
-from fedpod.channel import SecureChannel
+from fedpod.channel import Letter, SecureChannel
 from fedpod.data.catalog import Catalog, read_catalog
 from fedpod.data.datasets import round_count
 from fedpod.errors import CastMissing, EnvelopeRejected, FedpodError, PlanNotApproved
@@ -552,7 +552,11 @@ class Pod:
         self._journal.record("task-completed", task=request.task_id, dataset=request.dataset, **returned)
         log.info("%s task %s done in %.2fs: %s left the pod", kind, request.task_id[:8], time.perf_counter() - started,
                  what_left(returned))
-        await self._reply(opened, result.model_copy(update={"audit_checkpoint": self._journal.latest_checkpoint}))
+        assert self.channel is not None
+        letter = await self.channel.seal(opened.sender, result.model_copy(
+            update={"audit_checkpoint": self._journal.latest_checkpoint}), task_id=request.task_id)
+        del result, outcome  # the plaintext (a trained model's memory) is freed while its ciphertext is sent
+        await self._deliver(letter)
 
     def _execute(self, request: TaskRequest | TrainRequest, requester: str, measured: Request,
                  limits: DatasetPolicy) -> tuple[TaskResult | TrainResult, dict[str, Any]]:
@@ -621,21 +625,25 @@ class Pod:
 
     async def _reply(self, opened: Opened, message: TaskResult | TrainResult | SecAggReply | TaskFailure,
                      attempts: int = 3) -> None:
+        assert self.channel is not None
+        await self._deliver(await self.channel.seal(opened.sender, message, task_id=message.task_id), attempts)
+
+    async def _deliver(self, letter: Letter, attempts: int = 3) -> None:
         """Deliver a reply, retrying with backoff: a modeller that was briefly disconnected
         (broker restart, slow-consumer cut) still gets a result that took long to compute.
         Refusals are sent once: a stranger's flood must not pile up retrying tasks."""
         assert self.channel is not None
         for attempt in range(attempts):
             try:
-                await self.channel.send(opened.sender, message, task_id=message.task_id)
+                await self.channel.deliver(letter)
                 return
             except FedpodError as exc:
                 if attempt == attempts - 1:
+                    to = letter.recipient.fingerprint
                     if attempts > 1:
-                        self._journal.record("reply-undelivered", task=message.task_id, to=opened.sender.fingerprint,
-                                             error=str(exc))
+                        self._journal.record("reply-undelivered", task=letter.task_id, to=to, error=str(exc))
                     else:
-                        self._refused("reply-undelivered", f"to {opened.sender.fingerprint}: {exc}")
+                        self._refused("reply-undelivered", f"to {to}: {exc}")
                     return
                 await asyncio.sleep(1.0 * 2**attempt)
 

@@ -9,7 +9,6 @@ in memory for the pod's lifetime.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ from fedpod.errors import ConfigError, FedpodError, PlanNotApproved
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.privacy_budget import Budget, PrivacyLedger
 from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, MASKED, TrainRequest, TrainResult
-from fedpod.wire.tensors import decode_groups, digest, encode_groups, encode_parts
+from fedpod.wire.tensors import decode_groups, digest, encode_parts, write_tensors
 
 if TYPE_CHECKING:
     from fedpod.governance.policy import DatasetPolicy
@@ -81,11 +80,7 @@ class TrainingRunner:
         return decode_groups(path.read_bytes()) if path.exists() else {}
 
     def _save_state(self, key: tuple[str, str, str], state: dict[str, Params]) -> None:
-        path = self._state_file(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(encode_groups(state))
-        os.replace(partial, path)  # a pod killed while writing keeps the previous round's state
+        write_tensors(self._state_file(key), encode_parts(state))  # a pod killed while writing keeps the last
 
     def plan_class(self, request: TrainRequest, requester: str) -> tuple[type[TrainingPlan], str | None]:
         spec = request.plan
@@ -139,7 +134,7 @@ class TrainingRunner:
         plan.dataset = self.dataset_handle(request.dataset, released)
         plan.dataset_path = spec.resolved_path(self.base) if spec.path else None
         plan.post_init(dict(request.model_args), args)
-        groups = decode_groups(request.tensors)
+        groups = decode_groups(request.tensors, movable=True)  # the received model is this round's alone
         round_config = dict(request.round_config)
         for group, arrays in groups.items():
             if group.startswith(CONFIG_PREFIX):
@@ -154,8 +149,9 @@ class TrainingRunner:
         if request.evaluate_only:
             result = run_evaluation(plan, groups.get("params", {}), args)
         else:
+            # the received model becomes the plan's, unless secure aggregation needs it after training
             result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state,
-                                     privacy=privacy)
+                                     privacy=privacy, hand_over=request.secagg is None)
         if state and not request.evaluate_only:
             self._save_state(key, state)
         if request.secagg is not None and not request.evaluate_only:

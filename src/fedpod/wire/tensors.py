@@ -8,10 +8,13 @@ decoding yields views into the received buffer.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,30 +36,41 @@ def encode_parts(groups: Mapping[str, Mapping[str, Any]]) -> list[Buffer]:
     a 40 MB model is sealed and sent without first being copied into one blob (safetensors'
     `save` makes that copy, and a second one on its way to Python bytes). Tests check that
     safetensors' own loader reads these bytes back exactly."""
+    return encode_named({f"{group}/{name}": value for group, members in groups.items()
+                         for name, value in members.items()})
+
+
+def encode_named(tensors: Mapping[str, Any]) -> list[Buffer]:
+    """`encode_parts` for tensors named without groups (a model file as others read it)."""
     arrays: list[np.ndarray] = []
     header: dict[str, Any] = {}
     offset = 0
-    for group, members in groups.items():
-        for name, value in members.items():
-            array = np.asarray(value, order="C")  # not ascontiguousarray: it makes a 0-d tensor 1-d
-            if array.dtype.byteorder == ">":
-                array = array.astype(array.dtype.newbyteorder("<"))
-            code = _CODES.get(array.dtype.newbyteorder("="))
-            if code is None:
-                raise ValueError(f"tensor {group}/{name} has dtype {array.dtype}, which safetensors cannot carry")
-            header[f"{group}/{name}"] = {"dtype": code, "shape": list(array.shape),
-                                         "data_offsets": [offset, offset + array.nbytes]}
-            offset += array.nbytes
-            arrays.append(array)
+    for key, value in tensors.items():
+        array = np.asarray(value, order="C")  # not ascontiguousarray: it makes a 0-d tensor 1-d
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        code = _CODES.get(array.dtype.newbyteorder("="))
+        if code is None:
+            raise ValueError(f"tensor {key} has dtype {array.dtype}, which safetensors cannot carry")
+        header[key] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        arrays.append(array)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     return [len(text).to_bytes(8, "little") + text,
             *(array.reshape(-1).view(np.uint8).data for array in arrays if array.nbytes)]
 
 
-def encode_groups(groups: Mapping[str, Mapping[str, Any]]) -> bytes:
-    """One blob, for files (breakpoints)."""
-    return b"".join(encode_parts(groups))
+def write_tensors(path: Path, parts: Sequence[Buffer]) -> None:
+    """Write an encoding (`encode_parts`, `encode_named`) part by part — a 400 MB model is not
+    joined into one blob first — to a partial file renamed into place, so that a process killed
+    while writing leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as file:
+        for part in parts:
+            file.write(part)
+    os.replace(partial, path)
 
 
 def digest(parts: Buffer | Sequence[Buffer]) -> str:
@@ -67,18 +81,23 @@ def digest(parts: Buffer | Sequence[Buffer]) -> str:
     return hasher.hexdigest()
 
 
-def decode_groups(data: Buffer | Sequence[Buffer]) -> dict[str, Arrays]:
+def decode_groups(data: Buffer | Sequence[Buffer], *, movable: bool = False) -> dict[str, Arrays]:
     """Arrays that are views into `data` (copied once first if it is read-only), so that a
     40 MB update costs no second 40 MB. The header is checked as strictly as safetensors does:
     known dtypes, sizes that match shapes, offsets inside the buffer that neither overlap
-    nor leave gaps; tests compare it with safetensors' own loader."""
+    nor leave gaps; tests compare it with safetensors' own loader.
+
+    `movable`: the caller gives up a writable `data`, whose tensors may then be moved within
+    it to lie aligned in memory (`_aligned`), so that a plan can adopt them; `data` no longer
+    decodes after that. A copy made here is always aligned."""
+    owned = False
     if not isinstance(data, bytes | bytearray | memoryview):  # parts, from a message that never left this process
-        data = bytearray().join(data)
+        data, owned = bytearray().join(data), True
     buffer = memoryview(data).cast("B")
     if buffer.readonly:  # plans may update parameters in place
-        buffer = memoryview(bytearray(buffer))
+        buffer, owned = memoryview(bytearray(buffer)), True
     try:
-        flat = _parse(buffer)
+        flat = _parse(buffer, align=owned or movable)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise DecodeError(f"tensors do not decode: {exc}") from exc
     groups: dict[str, Arrays] = {}
@@ -90,7 +109,21 @@ def decode_groups(data: Buffer | Sequence[Buffer]) -> dict[str, Arrays]:
     return groups
 
 
-def _parse(buffer: memoryview) -> dict[str, np.ndarray]:
+def _aligned(buffer: memoryview, start: int) -> memoryview:
+    """The data part of a safetensors blob, `buffer[start:]`, moved back by up to 7 bytes over
+    the header already parsed so that it starts 8-byte aligned in memory: a message's tensors lie
+    at whatever offset its envelope put them, and a tensor over misaligned memory cannot be
+    trained in place (the pod would copy a 400 MB model instead of adopting it)."""
+    size = len(buffer) - start
+    address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data + start if len(buffer) else 0
+    shift = address % 8
+    if not shift or not size:
+        return buffer[start:]
+    ctypes.memmove(address - shift, address, size)  # overlapping: memmove, and no temporary copy
+    return buffer[start - shift : start - shift + size]
+
+
+def _parse(buffer: memoryview, *, align: bool) -> dict[str, np.ndarray]:
     if len(buffer) < 8:
         raise ValueError("shorter than the 8-byte header length")
     header_size = int.from_bytes(buffer[:8], "little")
@@ -100,7 +133,7 @@ def _parse(buffer: memoryview) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     header.pop("__metadata__", None)
-    body = buffer[8 + header_size :]
+    body = _aligned(buffer, 8 + header_size) if align else buffer[8 + header_size :]
     spans: list[tuple[int, int, str]] = []
     arrays: dict[str, np.ndarray] = {}
     for key, entry in header.items():

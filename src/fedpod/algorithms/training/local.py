@@ -68,12 +68,16 @@ def with_plan_loader_args(args: TrainingArgs, plan_kwargs: dict[str, Any]) -> Tr
     return args.model_copy(update={"loader_args": loader})
 
 
-def _prepare(plan: TrainingPlan, global_params: Params,
-             args: TrainingArgs) -> tuple[np.ndarray, np.ndarray, TrainingArgs, np.ndarray, np.ndarray, str | None]:
-    """Seed, load the global parameters and the plan's data, and split it (the same way every round);
+def _prepare(plan: TrainingPlan, global_params: Params, args: TrainingArgs, adopt: bool = False,
+             ) -> tuple[np.ndarray, np.ndarray, TrainingArgs, np.ndarray, np.ndarray, str | None]:
+    """Seed, load the global parameters (`adopt`: handed over to the plan, see
+    `TrainingPlan.adopt_params`) and the plan's data, and split it (the same way every round);
     the last item is the digest of the feature names the data was built with, where known."""
     seed_everything(args.random_seed)
-    plan.set_params(global_params)
+    if adopt:
+        plan.adopt_params(global_params)
+    else:
+        plan.set_params(global_params)
     with recording() as reported:
         data = plan.training_data()
     features, target = data.arrays()
@@ -89,14 +93,20 @@ DP_KEPT_METRICS = ("steps", "train_seconds")  # under DP, the pod reports nothin
 
 def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
                     *, device: str = "cpu", state: dict[str, Params] | None = None,
-                    privacy: PrivacyRound | None = None) -> LocalResult:
+                    privacy: PrivacyRound | None = None, hand_over: bool = False) -> LocalResult:
     """One round; with `dp_args`, `privacy` (from the pod, never the modeller) privatises it: the
     ledger is charged before anything trains, and the reply carries only what epsilon covers (the
-    parameters) plus epsilon itself — no loss, no validation scores."""
+    parameters) plus epsilon itself — no loss, no validation scores.
+
+    `hand_over`: the caller gives `global_params` to the plan to train in place (unless central DP
+    needs them after training) and takes the result in the plan's own memory, which the plan's
+    next round would change — a pod, whose plan lives for one round, so that a 400 MB model is
+    held once. Otherwise the result is the caller's own copy."""
     dp = args.dp_args
     if dp is not None and privacy is None:
         raise ConfigError("dp_args need the pod's privacy ledger", hint="run the round through a pod")
-    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args)
+    adopt = hand_over and (dp is None or dp.type != "central")
+    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args, adopt)
     spent: list[Spent] = []
     if dp is not None and privacy is not None:
         check_delta(dp, len(train_rows))
@@ -117,6 +127,8 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
     for name, values in result.params.items():
         if not np.all(np.isfinite(values)):
             raise ConfigError(f"local training produced non-finite values in {name}", hint="lower the learning rate")
+    if not hand_over:
+        result.params = {name: np.array(values) for name, values in result.params.items()}
     result.metrics |= metrics
     result.feature_layout = layout
     if dp is None or privacy is None:

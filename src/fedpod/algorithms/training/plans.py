@@ -115,6 +115,12 @@ class TrainingPlan:
     def set_params(self, params: Params) -> None:
         raise NotImplementedError
 
+    def adopt_params(self, params: Params) -> None:
+        """`set_params` for arrays the caller hands over: the plan may keep and train them in
+        place instead of copying them (a pod's received model, the modeller's global model), so a
+        400 MB model is not held twice. The default copies, as `set_params` does."""
+        self.set_params(params)
+
     def predict_scores(self, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 

@@ -29,9 +29,19 @@ class TorchTrainingPlan(TrainingPlan):
         raise NotImplementedError(f"{type(self).__name__} must define init_model(model_args)")
 
     def init_optimizer(self, optimizer_args: dict[str, Any]) -> torch.optim.Optimizer:
-        """Default: Adam with `lr` (1e-3). Override for another optimizer."""
+        """Default: Adam with `lr` (1e-3); `optimizer_args["name"]` picks another of OPTIMIZERS
+        (plain SGD keeps no state: Adam's two moments cost a pod twice the model's memory), and
+        the other arguments go to its constructor. Override for anything else."""
         args = {"lr": 1e-3, **optimizer_args}
-        return torch.optim.Adam(self.model().parameters(), **args)
+        name = str(args.pop("name", "adam")).lower()
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {name!r} in optimizer_args",
+                              hint=f"choose one of {', '.join(sorted(OPTIMIZERS))}, or override init_optimizer")
+        try:
+            optimizer: torch.optim.Optimizer = OPTIMIZERS[name](self.model().parameters(), **args)
+            return optimizer
+        except TypeError as exc:
+            raise ConfigError(f"optimizer_args do not fit {name}: {exc}") from exc
 
     def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define training_step(data, target)")
@@ -58,9 +68,28 @@ class TorchTrainingPlan(TrainingPlan):
     def get_params(self) -> Params:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model().state_dict().items()}
 
+    def _params_as_arrays(self) -> Params:
+        """The model's own memory seen as arrays (no copy): what a round returns (see
+        `run_local_round(hand_over=...)`, which copies it for callers that keep the plan)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.model().state_dict().items()}
+
     def set_params(self, params: Params) -> None:
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
         self.model().load_state_dict(state, strict=True)
+
+    def adopt_params(self, params: Params) -> None:
+        """The model's tensors become the given arrays where they can (writable, aligned, of
+        the tensor's own dtype); the rest is copied. The model's initial tensors are freed."""
+        current = self.model().state_dict()
+        adopted: dict[str, torch.Tensor] = {}
+        for key, value in params.items():
+            array = np.asarray(value)
+            target = current.get(key)
+            shared = torch.from_numpy(array) if _shareable(array) else None
+            if shared is None or target is None or shared.dtype != target.dtype or shared.shape != target.shape:
+                shared = torch.from_numpy(np.array(array, order="C"))
+            adopted[key] = shared
+        self.model().load_state_dict(adopted, strict=True, assign=True)
 
     def predict_scores(self, features: np.ndarray) -> np.ndarray:
         model = self.model()
@@ -91,9 +120,10 @@ class TorchTrainingPlan(TrainingPlan):
             shuffle=args.loader_args.shuffle, drop_last=args.loader_args.drop_last, generator=generator)
         if len(loader) == 0:
             raise ConfigError("no training batch: the dataset is smaller than one batch with drop_last")
-        global_weights = [p.detach().clone() for p in model.parameters()]
         mu = float(round_config.get("fedprox_mu", 0.0))
         scaffold = round_config.get("scaffold_control")
+        # the starting point, kept only where the round needs it after steps (a model's worth of memory)
+        global_weights = [p.detach().clone() for p in model.parameters()] if mu > 0 or scaffold is not None else []
         if privacy is not None and (mu > 0 or scaffold is not None):
             raise ConfigError("local DP (DP-SGD) cannot clip FedProx's or Scaffold's correction per example",
                               hint="use FedAvg-style aggregators with local DP, or central DP")
@@ -141,10 +171,12 @@ class TorchTrainingPlan(TrainingPlan):
                        for i, n in enumerate(names)}
             extra[CONTROL_DELTA] = {n: updated[n] - own[n] for n in names}
             state["scaffold_ci"] = updated
+        for parameter in self.model().parameters():
+            parameter.grad = None  # a model's worth of gradients, not needed to send the result
         self.model().to("cpu")
-        return LocalResult(self.get_params(), len(x), {"loss": float(np.mean(losses)) if losses else float("nan"),
-                                                       "steps": float(steps),
-                                                       "train_seconds": time.perf_counter() - started}, extra)
+        metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(steps),
+                   "train_seconds": time.perf_counter() - started}
+        return LocalResult(self._params_as_arrays(), len(x), metrics, extra)
 
     @contextlib.contextmanager
     def _optimisation(self, loader: torch.utils.data.DataLoader[Any], args: TrainingArgs,
@@ -166,3 +198,13 @@ def _batches(loader: torch.utils.data.DataLoader[Any], args: TrainingArgs) -> It
         return
     for _ in range(epochs):
         yield from itertools.islice(loader, batch_maxnum)
+
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _shareable(array: np.ndarray) -> bool:
+    """Whether a tensor may live in `array`'s memory: writable (it is trained in place), in C
+    order, and aligned to its element size."""
+    return bool(array.flags.writeable and array.flags.c_contiguous and array.flags.aligned)
