@@ -185,3 +185,31 @@ def test_reordered_entries_are_detected_with_the_line(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     result = AuditLog.verify(path)
     assert not result.ok and "line 2" in (result.problem or ""), result.problem
+
+
+def test_only_entries_someone_waits_for_are_fsynced_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync costs milliseconds: a task's own entries are written at once and fsynced with the
+    next durable one (or within SYNC_EVERY_S); a `task-received` a pod waits for is written, then
+    fsynced, before it resolves."""
+    import os
+
+    from fedpod.governance.audit import AuditWriter
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    log = AuditLog(tmp_path / "audit.jsonl")
+    writer = AuditWriter(log, Identity.generate("pod"))
+    writer.SYNC_EVERY_S = 3600.0  # no timed fsync during the test
+    writer._synced = float("inf")
+    for i in range(20):
+        writer.record("task-completed", task=str(i))
+    writer.checkpoint()
+    commit = writer.commit("task-received", task="t")
+    written = commit.written.result(timeout=10)
+    assert commit.durable.result(timeout=10) == written
+    assert written["seq"] == 21 and len(synced) == 1  # the durable batch's one fsync, nothing before it
+    assert AuditLog.verify(log.path).ok
+    writer.close()
+    assert len(synced) >= 2  # closing fsyncs what was written without waiting (the checkpoint)
+    assert len(read_checkpoints(checkpoints_path(log.path))) == 1

@@ -134,7 +134,7 @@ def test_the_optimizer_is_chosen_by_name_and_an_unknown_one_is_refused() -> None
     assert isinstance(sgd.init_optimizer({"name": "sgd", "lr": 0.1}), torch.optim.SGD)  # type: ignore[attr-defined]
     assert isinstance(sgd.init_optimizer({}), torch.optim.Adam)  # type: ignore[attr-defined]
     args = TrainingArgs.parse({"num_updates": 1, "optimizer_args": {"name": "adamax"}})
-    with pytest.raises(ConfigError, match="unknown optimizer 'adamax'.*"):
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamax'"):
         run_local_round(plan_for("mlp", frame, MODEL_ARGS, args), sgd.get_params(), args, {})
 
 

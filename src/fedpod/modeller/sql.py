@@ -11,6 +11,7 @@ Opening a DuckDB database costs tens of milliseconds, which would dominate a fed
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -43,17 +44,28 @@ def _cursor() -> duckdb.DuckDBPyConnection:
         return _database.cursor()
 
 
+Schemas = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # (table, ((column, type), ...)), hashable
+
+
 def output_names(query: str, table: str, columns: dict[str, str],
                  other_tables: dict[str, dict[str, str]] | None = None) -> list[str]:
     """`other_tables`: the dataset's further tables (an events dataset's static table)."""
+    schemas = tuple((name, tuple(schema.items())) for name, schema in {table: columns, **(other_tables or {})}.items())
+    return list(_bound_names(query, schemas))
+
+
+@functools.lru_cache(maxsize=256)
+def _bound_names(query: str, schemas: Schemas) -> tuple[str, ...]:
+    """Remembered per query and schemas: binding costs a millisecond or two on every query."""
     cursor = _cursor()
     try:
-        for name, schema in {table: columns, **(other_tables or {})}.items():
-            definition = ", ".join(f"{quote_identifier(n)} {t}" for n, t in schema.items())
+        for name, schema in schemas:
+            definition = ", ".join(f"{quote_identifier(n)} {t}" for n, t in schema)
             cursor.execute(f"CREATE TEMP TABLE {quote_identifier(name)} ({definition})")
-        return list(cursor.sql(to_duckdb(parse_statement(query))).columns)
+        return tuple(cursor.sql(to_duckdb(parse_statement(query))).columns)
     except duckdb.Error as exc:
-        raise SqlExecutionError(f"query does not bind against {table}'s schema: {str(exc).splitlines()[0]}") from exc
+        raise SqlExecutionError(f"query does not bind against {schemas[0][0]}'s schema: "
+                                f"{str(exc).splitlines()[0]}") from exc
     finally:
         cursor.close()
 

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -471,17 +471,24 @@ class Pod:
             return
         self._recent.setdefault((sender.fingerprint, request.dataset), deque()).append(time.monotonic())
         limits = decision.limits
-        await self._journal.record_durably("task-received", **received, **describe_request(request), decision="allow",
-                                           principal=decision.principal, min_group_size=limits.min_group_size,
-                                           max_rows=limits.max_rows)
+        commit = self._journal.commit("task-received", **received, **describe_request(request), decision="allow",
+                                      principal=decision.principal, min_group_size=limits.min_group_size,
+                                      max_rows=limits.max_rows)
+        await asyncio.wrap_future(commit.written)  # in the log before it runs; the fsync overlaps the task
         log.info("%s task %s from %s on %s: allowed", measured.kind, request.task_id[:8], who, request.dataset)
         started = time.perf_counter()
-        await opened.acknowledge()  # only now does the modeller hear that the task arrived
-        self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
+        durable = asyncio.wrap_future(commit.durable)
         self._set_phase(request.task_id, "queued")
+        running = asyncio.ensure_future(self._run_task(opened, request, measured, limits, who, started, durable))
+        running.add_done_callback(lambda task: task.cancelled() or task.exception())  # raised below, or moot
         try:
-            await self._run_task(opened, request, measured, limits, who, started)
+            await durable
+            await opened.acknowledge()  # only now does the modeller hear that the task arrived
+            self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
+            await running
         finally:
+            if not running.done():  # the entry could not be made durable: nothing is released
+                running.cancel()
             self._phases.pop(request.task_id, None)
 
     async def _refuse(self, opened: Opened, request: TaskRequest | TrainRequest, measured: Request,
@@ -522,7 +529,9 @@ class Pod:
             self._loop.call_soon_threadsafe(self._pinged.set)
 
     async def _run_task(self, opened: Opened, request: TaskRequest | TrainRequest, measured: Request,
-                        limits: DatasetPolicy, who: str, started: float) -> None:
+                        limits: DatasetPolicy, who: str, started: float, durable: Awaitable[object]) -> None:
+        """Run the task and reply; nothing leaves the pod, a result or a failure, before its
+        `task-received` entry is `durable`."""
         sender, kind = opened.sender, measured.kind
         async with self._slots:
             self.running_tasks += 1
@@ -542,6 +551,7 @@ class Pod:
                 else:
                     log.warning("%s task %s failed after %.2fs: %s: %s", kind, request.task_id[:8],
                                 time.perf_counter() - started, type(exc).__name__, message)
+                await durable
                 await self._reply(opened, TaskFailure(task_id=request.task_id, dataset=request.dataset,
                                                       kind=type(exc).__name__, message=message, hint=hint))
                 return
@@ -553,6 +563,7 @@ class Pod:
         log.info("%s task %s done in %.2fs: %s left the pod", kind, request.task_id[:8], time.perf_counter() - started,
                  what_left(returned))
         assert self.channel is not None
+        await durable
         letter = await self.channel.seal(opened.sender, result.model_copy(
             update={"audit_checkpoint": self._journal.latest_checkpoint}), task_id=request.task_id)
         del result, outcome  # the plaintext (a trained model's memory) is freed while its ciphertext is sent

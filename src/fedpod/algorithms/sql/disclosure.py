@@ -22,6 +22,7 @@ modeller by fewer than `min_group_size` rows.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -157,12 +158,14 @@ def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
     return conditions
 
 
+@functools.lru_cache(maxsize=256)
 def disclosed_query(query: str, non_null: frozenset[str] = frozenset(),
                     cohorts: bool = True) -> tuple[str, CohortPlan | None]:
     """The aggregate query with its hidden columns: GROUP_SIZE (see the module docstring) and,
     with `cohorts`, what describes the cohorts each cell releases — computed in the same scan.
     `non_null`: lower-case names of columns without nulls. ValueError for a shape whose cohorts
-    it cannot describe."""
+    it cannot describe. Remembered per query (a pure function, whose answer nobody changes):
+    rewriting a query costs a pod more than running it on small data."""
     tree = parse_statement(query)
     assert isinstance(tree, exp.Select), "only aggregate queries get a group size"
     counts: list[exp.Expr] = [exp.Count(this=exp.Star())]

@@ -49,7 +49,7 @@ REMEMBERED_QUERIES = 256
 class SqlEngine:
     def __init__(self, datasets: list[DatasetSpec], base: Path, *, memory_limit: str | None = None) -> None:
         self._connection = duckdb.connect(":memory:")
-        self._referenced_by: dict[str, frozenset[str]] = {}  # query text -> the tables DuckDB finds in it
+        self._vetted: dict[tuple[str, frozenset[str]], str] = {}  # (query, its tables) -> SQL as DuckDB runs it
         self._remember = threading.Lock()
         self.datasets = {spec.name: spec for spec in datasets}
         for spec in datasets:
@@ -106,22 +106,32 @@ class SqlEngine:
             timer.cancel()
             cursor.close()
 
-    def _referenced(self, cursor: duckdb.DuckDBPyConnection, tree: exp.Expr, sql: str) -> frozenset[str]:
-        """The tables DuckDB's own parser finds in the query (`tree`, which is `sql`) — a second
-        opinion on sqlglot's, which the guard used — remembered per text: parsing costs more
-        than the query itself on small data."""
-        known = self._referenced_by.get(sql)
+    def _vet(self, query: str, allowed: frozenset[str]) -> str:
+        """The query as DuckDB runs it, once the guard passed it (`check_read_only`) and DuckDB's
+        own parser finds no table but `allowed` in it (a second opinion on sqlglot's).
+        Remembered per text, as a database keeps plans: on small data, reading a query costs
+        more than running it, and modellers send the same ones again."""
+        key = (query, allowed)
+        known = self._vetted.get(key)
         if known is not None:
             return known
+        tree = check_read_only(query, set(allowed))
+        cursor = self._connection.cursor()
         try:
-            found = frozenset(cursor.get_table_names(_without_using(tree)))
+            referenced = cursor.get_table_names(_without_using(tree))
         except duckdb.Error as exc:
             raise SqlExecutionError(f"DuckDB cannot read the query: {exc}") from exc
+        finally:
+            cursor.close()
+        stray = {name for name in referenced if name.lower() not in {t.lower() for t in allowed}}
+        if stray:
+            raise SqlRejected(f"query references {sorted(stray)}, which are not this task's dataset")
+        vetted = to_duckdb(tree)
         with self._remember:
-            if len(self._referenced_by) >= REMEMBERED_QUERIES:
-                self._referenced_by.pop(next(iter(self._referenced_by)))
-            self._referenced_by[sql] = found
-        return found
+            if len(self._vetted) >= REMEMBERED_QUERIES:
+                self._vetted.pop(next(iter(self._vetted)))
+            self._vetted[key] = vetted
+        return vetted
 
     def close(self) -> None:
         self._connection.close()
@@ -136,15 +146,9 @@ class SqlEngine:
         `params` fill the query's `?` placeholders (long value lists the pod builds itself)."""
         if dataset not in self.datasets:
             raise SqlRejected(f"unknown dataset {dataset!r}")
-        allowed = set(self.catalog.tables[dataset])
-        tree = check_read_only(query, allowed)
-        duckdb_sql = to_duckdb(tree)
+        duckdb_sql = self._vet(query, frozenset(self.catalog.tables[dataset]))
         cursor = self._connection.cursor()
         try:
-            referenced = self._referenced(cursor, tree, duckdb_sql)
-            stray = {name for name in referenced if name.lower() not in {t.lower() for t in allowed}}
-            if stray:
-                raise SqlRejected(f"query references {sorted(stray)}, which are not this task's dataset")
             timer = threading.Timer(timeout_s, cursor.interrupt)
             timer.start()
             try:

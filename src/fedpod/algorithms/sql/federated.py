@@ -18,6 +18,7 @@ NotMergeable naming the construct, rather than returning an approximation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -197,8 +198,10 @@ def _has_aggregate(select: exp.Select) -> bool:
     return any(p is not None and p.find(exp.AggFunc) is not None for p in parts)
 
 
+@functools.lru_cache(maxsize=256)
 def plan_merge(query: str) -> MergePlan:
-    """Plan an exact federated evaluation of `query` (see the module docstring)."""
+    """Plan an exact federated evaluation of `query` (see the module docstring); remembered per
+    query, as the pods remember their part (`disclosure.disclosed_query`)."""
     tree = parse_statement(query)
     if not isinstance(tree, exp.Select):
         construct = tree.key.upper()
