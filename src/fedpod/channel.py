@@ -100,9 +100,9 @@ class SecureChannel:
         return self.identity.fingerprint
 
     async def _seal(self, message_type: str, payload: list[Buffer], recipients: list[PublicIdentity],
-                    task_id: str, large: bool, announce: bool = False) -> list[Buffer]:
+                    task_id: str, announce: bool = False) -> list[Buffer]:
         seq = next(self._seq)
-        if large:
+        if _is_large(payload):
             return await asyncio.to_thread(seal, self.identity, message_type, payload, recipients=recipients,
                                            task_id=task_id, seq=seq, announce=announce)
         return seal(self.identity, message_type, payload, recipients=recipients, task_id=task_id, seq=seq,
@@ -110,9 +110,9 @@ class SecureChannel:
 
     async def send(self, recipient: PublicIdentity, message: WireMessage, *, task_id: str = "",
                    timeout_s: float = 30.0) -> None:
-        large = sum(len(part) for part in pack(message)) > OFFLOAD_BYTES
-        async with self._large_sends if large else contextlib.nullcontext():
-            await self.deliver(await self.seal(recipient, message, task_id=task_id), timeout_s=timeout_s)
+        payload = pack(message)
+        async with self._large_sends if _is_large(payload) else contextlib.nullcontext():
+            await self.deliver(await self._letter(recipient, message.TYPE, payload, task_id), timeout_s=timeout_s)
 
     async def seal(self, recipient: PublicIdentity, message: WireMessage, *, task_id: str = "") -> Letter:
         """`message` sealed for `recipient`, to `deliver` once the caller has let go of the
@@ -120,9 +120,11 @@ class SecureChannel:
         (and sent again, the same envelope, if it must be: the recipient's replay guard refuses a
         copy that did arrive). Unlike `send`, not limited to LARGE_SENDS at once: the caller
         bounds how many it seals (a pod: its task slots)."""
-        payload = pack(message)
-        large = sum(len(part) for part in payload) > OFFLOAD_BYTES
-        return Letter(recipient, await self._seal(message.TYPE, payload, [recipient], task_id, large), task_id)
+        return await self._letter(recipient, message.TYPE, pack(message), task_id)
+
+    async def _letter(self, recipient: PublicIdentity, message_type: str, payload: list[Buffer],
+                      task_id: str) -> Letter:
+        return Letter(recipient, await self._seal(message_type, payload, [recipient], task_id), task_id)
 
     async def deliver(self, letter: Letter, *, timeout_s: float = 30.0) -> None:
         recipient = letter.recipient
@@ -140,7 +142,7 @@ class SecureChannel:
         recipient vetting its own ticket. Returns the fingerprints of those that received it;
         the others are the caller's to `send` to."""
         async with self._large_sends:
-            parts = await self._seal(message.TYPE, pack(message), recipients, "", True)
+            parts = await self._seal(message.TYPE, pack(message), recipients, "")
 
             def ticket_for(recipient: PublicIdentity) -> TicketIssuer:
                 return lambda transfer, size, digests: issue_ticket(self.identity, recipient, transfer, size, digests)
@@ -151,9 +153,7 @@ class SecureChannel:
     async def announce(self, subject: str, message: WireMessage, recipients: list[PublicIdentity]) -> None:
         """Publish `message` on this party's own subject, sealed for `recipients` and showing this
         party's public keys, so that others can address it (see `seal(announce=True)`)."""
-        payload = pack(message)
-        parts = await self._seal(message.TYPE, payload, recipients, "",
-                                 sum(len(part) for part in payload) > OFFLOAD_BYTES, announce=True)
+        parts = await self._seal(message.TYPE, pack(message), recipients, "", announce=True)
         await self.bus.publish(subject, b"".join(parts))
 
     async def open(self, frame: Payload) -> Opened:
@@ -179,3 +179,8 @@ class SecureChannel:
             await on_opened(dataclasses.replace(opened, acknowledge=ack))
 
         await self.bus.subscribe(subjects.inbox(self.fingerprint), on_frame)
+
+
+def _is_large(payload: list[Buffer]) -> bool:
+    """Sealed in a worker thread, and sent LARGE_SENDS at a time."""
+    return sum(len(part) for part in payload) > OFFLOAD_BYTES

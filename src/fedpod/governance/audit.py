@@ -12,9 +12,9 @@ write. A batch holding an entry that `record_durably` waits for is fsynced befor
 — the pod writes `task-received` that way before it runs a task — and so is everything written
 before it; other batches and checkpoints are fsynced at most once every `SYNC_EVERY_S`, as the
 replay guard's nonces are. An fsync took 0.2 ms on an idle disk here and 6 ms while another
-job wrote to it, and three per task put them on every query's path. A process crash loses nothing written (the
-bytes are in the OS); a power cut can lose the last second's entries that nothing waited for,
-never a `task-received`.
+job wrote to it, and three per task put them on every query's path. A process crash loses
+nothing written (the bytes are in the OS); a power cut can lose the last second's entries that
+nothing waited for, never a `task-received`.
 
 A hash chain alone cannot show that its newest entries were deleted, that the file was emptied
 or removed, or that someone rewrote it and recomputed every hash. So the pod anchors it: it
