@@ -321,7 +321,9 @@ def test_the_metrics_plot_labels_its_axes_weights_the_global_curve_and_keeps_hon
                              "global_samples": 100.0},
                    "bob": {"num_samples": 100, "loss": 0.7 - 0.1 * r, "global_auc": 0.60, "global_samples": 300.0}}
                for r in range(3)}
-    axes = metrics_figure(replies).axes
+    rows = pd.DataFrame([{"round": r, "pod": pod, **reply} for r, pods in replies.items()
+                         for pod, reply in pods.items()])
+    axes = metrics_figure(rows).axes
     loss, auc = axes
     assert loss.get_ylabel() == "training loss" and auc.get_ylabel() == "auc (global model, validation rows)"
     assert auc.get_ylim() == (0, 1.02) and loss.get_ylim()[0] == 0

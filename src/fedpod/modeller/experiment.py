@@ -41,6 +41,7 @@ from fedpod.algorithms.training.plans import TrainingPlan
 from fedpod.errors import CastMissing, ConfigError, FedpodError, SecAggError, TaskFailed
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.discovery import Target, Targets
+from fedpod.modeller.history import Phases, Replies, RoundHistory, RoundRecord, read_rounds
 from fedpod.modeller.plan_source import load_plan_class, plan_spec
 from fedpod.modeller.progress import RoundProgress
 from fedpod.modeller.results import (
@@ -56,7 +57,6 @@ from fedpod.modeller.results import (
     save_aggregated,
     save_breakpoint,
     write_metrics,
-    write_metrics_json,
 )
 from fedpod.modeller.secure_round import secagg_settings, secure_round
 from fedpod.modeller.selection import AllNodes, NodeSelectionStrategy
@@ -138,21 +138,24 @@ class Experiment:
         self._experiment_id = f"{self._folder.name}-{os.urandom(6).hex()}"
         self._owns_modeller = modeller is None
         self._modeller = modeller or Modeller(identity, broker=broker, keystore=keystore, timeout_s=timeout_s)
-        self._replies: dict[int, dict[str, dict[str, Any]]] = {}
+        self._history = RoundHistory(self._folder)
         self._resolved: Targets | None = None
-        self._round_seconds: dict[int, float] = {}
-        self._progress: dict[int, dict[str, list[tuple[str, float]]]] = {}
+        self._live: tuple[int, Phases] | None = None  # the round under way (or the last, if it failed)
         self._plan = self._build_plan()
         self._global = self._plan.get_params()
         self._plan.adopt_params(self._global)  # the plan's model is the global model, held once
         self._board = TensorboardLog(self._folder) if tensorboard else None
 
-    def round_progress(self) -> dict[int, dict[str, list[tuple[str, float]]]]:
-        """Per round (this session's), per pod: each phase it went through and when it began,
-        in seconds from the round's start — sending model, waiting, preparing, training,
-        uploading, done or failed."""
+    def round_progress(self) -> dict[int, Phases]:
+        """Per round, per pod: each phase it went through and when it began, in seconds from the
+        round's start — sending model, waiting, preparing, training, uploading, done or failed.
+        The round under way is there too, as it goes, and a round that failed until the next
+        begins."""
+        progress = {record.number: record.progress for record in self._history.records()}
+        if self._live is not None:
+            progress[self._live[0]] = self._live[1]
         return {round_number: {pod: list(steps) for pod, steps in pods.items()}
-                for round_number, pods in self._progress.items()}
+                for round_number, pods in progress.items()}
 
     # --- Fed-BioMed's accessors and setters --------------------------------------------------
     def round_current(self) -> int:
@@ -263,7 +266,7 @@ class Experiment:
 
     def training_replies(self) -> dict[int, dict[str, dict[str, Any]]]:
         """Per round, per pod: loss, validation metrics, sample count, timings."""
-        return {r: {pod: dict(reply) for pod, reply in pods.items()} for r, pods in self._replies.items()}
+        return {r: {pod: dict(reply) for pod, reply in pods.items()} for r, pods in self._history.replies().items()}
 
     def aggregated_params(self) -> dict[int, dict[str, Any]]:
         """Per round: `params` (read from the experiment folder on each call) and `params_path`."""
@@ -272,7 +275,7 @@ class Experiment:
 
     def round_seconds(self) -> dict[int, float]:
         """Wall-clock seconds of each completed round, from sending the tasks to aggregating."""
-        return dict(self._round_seconds)
+        return {record.number: record.seconds for record in self._history.records()}
 
     def training_plan(self) -> TrainingPlan:
         return self._plan
@@ -336,11 +339,10 @@ class Experiment:
                 for target, outcome in zip(targets, outcomes, strict=True)}
 
     def _plot(self) -> None:
-        """Drawn (and metrics.json written) once per `run`/`run_once` call: each costs more than a
-        small model's round, and grows with the rounds."""
-        if self._replies:
-            write_metrics_json(self._folder, self._replies)
-            plot_metrics(self._folder, self._replies)
+        """Drawn once per `run`/`run_once` call: it costs more than a small model's round, and
+        grows with the rounds."""
+        if (self._folder / "metrics.csv").exists():
+            plot_metrics(self._folder)
 
     def _run_round(self, increase: bool = False) -> int:
         if self._round_limit is not None and self._round >= self._round_limit:
@@ -361,7 +363,7 @@ class Experiment:
         arrays = {f"{CONFIG_PREFIX}{k}": v for k, v in config.items() if isinstance(v, dict)}
         tensors = encode_parts({"params": self._global, **arrays})
         progress = RoundProgress(round_number, [t.pod.name for t in selected], self._console)
-        self._progress[round_number] = progress.transitions
+        self._live = (round_number, progress.transitions)
         failures: dict[str, object] = {identifier.partition("/")[0]: f"did not take part: {why}"
                                        for identifier, why in targets.reasons().items()}
         if self._secagg is not None:
@@ -405,15 +407,14 @@ class Experiment:
             raise RoundFailed(f"round {round_number}: {self._aggregator.name} cannot aggregate: {exc}",
                               hint="the global model of the previous round is kept") from exc
         self._plan.adopt_params(self._global)
-        self._replies[round_number] = {
+        answers: Replies = {
             target.pod.name: {"dataset": target.identifier, "num_samples": result.num_samples, **result.metrics,
                               "seconds": result.seconds, "device": result.device}
             for target, result in successes}
         for pod, error in failures.items():
-            self._replies[round_number][pod] = {"dataset": "", "error": str(error)}
+            answers[pod] = {"dataset": "", "error": str(error)}
         self._round += 1
-        self._round_seconds[round_number] = time.perf_counter() - started
-        self._record(round_number)
+        self._record(RoundRecord(round_number, time.perf_counter() - started, answers, progress.transitions))
         return 1
 
     def _secure_replies(self, selected: list[Target], round_number: int, scalars: dict[str, Any],
@@ -533,28 +534,30 @@ class Experiment:
             raise ConfigError("no pod offers the requested datasets")
         return targets
 
-    def _record(self, round_number: int) -> None:
-        append_metrics(self._folder, round_number, self._replies)
+    def _record(self, record: RoundRecord) -> None:
+        self._history.add(record)
+        self._live = None
+        append_metrics(self._folder, record.number, record.replies, self._history.replies)
         if self._board is not None:
-            self._board.write(round_number, self._replies[round_number])
-        params_file = save_aggregated(self._folder, round_number, self._global)
+            self._board.write(record.number, record.replies)
+        params_file = save_aggregated(self._folder, record.number, self._global)
         if self._save_breakpoints:
-            save_breakpoint(self._folder, round_number, self._state(), params_file, self._aggregator.state(),
+            save_breakpoint(self._folder, record.number, self._state(), params_file, self._aggregator.state(),
                             self._plan_spec.source)
-        self._show(round_number)
+        self._show(record)
 
-    def _show(self, round_number: int) -> None:
+    def _show(self, record: RoundRecord) -> None:
         """One compact table per round: samples, training loss, validation metrics, the epsilon
         each pod has spent on the experiment (under DP), seconds. Not even built for a quiet
         console: rich renders before it discards, a tenth of the modeller's time in 40 ms rounds."""
         if self._console.quiet:
             return
-        pods = self._replies[round_number]
+        pods = record.replies
         validation = sorted({k for reply in pods.values() for k in reply
                              if k.startswith(("global_", "local_")) and not k.endswith("_samples")})
         validation += [EPSILON] if any(EPSILON in reply for reply in pods.values()) else []
         last = self._round_limit - 1 if self._round_limit else "?"
-        title = f"round {round_number} [0..{last}] ({self._round_seconds[round_number]:.2f}s)"
+        title = f"round {record.number} [0..{last}] ({record.seconds:.2f}s)"
         table = Table(title=escape(title), title_justify="left")
         for column in ["pod", "samples", "loss", *validation, "seconds"]:
             table.add_column(column, justify="left" if column == "pod" else "right")
@@ -576,8 +579,7 @@ class Experiment:
                 "model_args": self._model_args, "training_args": self.training_args(),
                 "aggregator": self._aggregator.get_config(), "min_pods": self._min_pods,
                 "update_norm_limit": self._update_norm_limit,
-                "secagg": None if self._secagg is None else dataclasses.asdict(self._secagg),
-                "replies": {str(k): v for k, v in self._replies.items()}}
+                "secagg": None if self._secagg is None else dataclasses.asdict(self._secagg)}
 
     @classmethod
     def load_breakpoint(cls, path: str | Path | None = None, **connection: Any) -> Experiment:
@@ -599,6 +601,9 @@ class Experiment:
         aggregator = aggregator_from_config(state["aggregator"])
         aggregator.load_state(aggregator_state)
         folder = Path(state["folder"])
+        recorded = read_rounds(folder) or [RoundRecord(int(number), 0.0, replies, {})  # older breakpoints
+                                           for number, replies in state.get("replies", {}).items()]  # kept them
+        earlier = [r for r in recorded if r.number < state["round"]]  # the rounds after it are run again
         experiment = cls(tags=state["tags"] or None, datasets=state["datasets"] or None, nodes=state["nodes"],
                          training_plan_class=plan_class, model_args=state["model_args"],
                          training_args=state["training_args"], round_limit=state["round_limit"],
@@ -610,8 +615,8 @@ class Experiment:
         experiment._round = state["round"]
         experiment._global = params
         experiment._plan.adopt_params(params)
-        experiment._replies = {int(k): v for k, v in state["replies"].items()}
-        write_metrics(folder, experiment._replies)  # rounds run after this breakpoint are run again
+        experiment._history.restore(earlier)
+        write_metrics(folder, experiment._history.replies())
         return experiment
 
     def _build_plan(self) -> TrainingPlan:

@@ -1,9 +1,11 @@
-"""An experiment's folder: metrics (CSV and JSON), final weights, and breakpoints to resume from.
+"""An experiment's folder: metrics, final weights, and breakpoints to resume from.
 
     experiments/Experiment_0001/
-        metrics.csv, metrics.json     one row per round and pod: samples, loss, validation metrics, seconds
-                                      (the CSV grows by a round's rows as it ends; the JSON and
-                                      metrics.png are rewritten once per `run` call)
+        rounds.jsonl                  a line per round: each pod's reply and phases, the round's seconds
+                                      (fedpod.modeller.history: what `training_replies()` reads)
+        metrics.csv                   one row per round and pod: samples, loss, validation metrics, seconds
+                                      (grows by a round's rows as it ends; metrics.png, drawn from it,
+                                      is rewritten once per `run` call)
         model.safetensors             the latest aggregated parameters
         aggregated/round_0000.safetensors ...  the aggregated parameters of every round (0-based, as
                                       `Experiment.aggregated_params()` keys them); kept on disk, not in
@@ -17,14 +19,18 @@ import csv
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.numpy import load_file
 
 from fedpod.aggregation.base import Params
 from fedpod.errors import ConfigError
 from fedpod.wire.tensors import decode_groups, encode_named, encode_parts, write_tensors
+
+if TYPE_CHECKING:  # pandas and matplotlib load when a figure is drawn
+    import pandas as pd
 
 FOLDER_PATTERN = re.compile(r"^Experiment_(\d{4,})$")
 
@@ -91,27 +97,23 @@ def write_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -
         writer.writerows(rows)
 
 
-def append_metrics(folder: Path, round_number: int, replies: dict[int, dict[str, dict[str, Any]]]) -> None:
+def append_metrics(folder: Path, round_number: int, replies: dict[str, dict[str, Any]],
+                   every_round: Callable[[], dict[int, dict[str, dict[str, Any]]]]) -> None:
     """Add round `round_number`'s rows to metrics.csv. They are appended while the file's
     columns hold them, so a round costs the same after thousands of rounds (rewriting the file
     every round made round 4,000 four times slower than round 50, in benchmarks/soak); a round
-    with a new column (a metric first reported) rewrites it once from every round's replies."""
+    with a new column (a metric first reported) rewrites it once from `every_round()`."""
     path = folder / "metrics.csv"
-    rows = [{"round": round_number, "pod": pod, **reply} for pod, reply in sorted(replies[round_number].items())]
+    rows = [{"round": round_number, "pod": pod, **reply} for pod, reply in sorted(replies.items())]
     columns: list[str] = []
     if path.exists():
         with path.open(newline="") as handle:
             columns = next(csv.reader(handle), [])
     if not columns or any(key not in columns for row in rows for key in row):
-        write_metrics(folder, replies)
+        write_metrics(folder, every_round())
         return
     with path.open("a", newline="") as out:
         csv.DictWriter(out, columns, restval="").writerows(rows)
-
-
-def write_metrics_json(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps({str(k): v for k, v in replies.items()}, indent=2))
 
 
 def save_breakpoint(folder: Path, round_number: int, state: dict[str, Any], params_file: Path,
@@ -143,44 +145,44 @@ def read_breakpoint(path: Path) -> tuple[dict[str, Any], Params, dict[str, Param
             decode_groups((path / "aggregator.safetensors").read_bytes()), plan.read_text() if plan.exists() else None)
 
 
+TEXT_COLUMNS = {"pod": "category", "dataset": "category", "device": "category", "error": "category"}  # not a str a row
+PLOTTED_ROUNDS = 500  # more is not legible in a panel 4.5 inches wide, and costs memory as the rounds grow
 BOUNDED = ("auc", "accuracy", "f1", "precision", "recall")  # scores in [0, 1]: plotted on that whole range
 
 
-def plot_metrics(folder: Path, replies: dict[int, dict[str, dict[str, Any]]]) -> Path:
-    import matplotlib.pyplot as plt
+def plot_metrics(folder: Path) -> Path:
+    """metrics.png from metrics.csv: read in C, not rebuilt from Python dicts of every round."""
+    import pandas as pd
 
-    figure = metrics_figure(replies)
     path = folder / "metrics.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    metrics_figure(pd.read_csv(folder / "metrics.csv", dtype=TEXT_COLUMNS)).savefig(path, dpi=110)
     return path
 
 
 EPSILON = "dp_epsilon"  # what a pod reports under differential privacy (fedpod.algorithms.training.privacy)
 
 
-def metrics_figure(replies: dict[int, dict[str, dict[str, Any]]]) -> Any:
+def metrics_figure(rows: pd.DataFrame) -> Any:
     """`metrics.png`'s figure: one panel per metric (training loss, validation metrics), one line per pod
     and a thicker one for all pods together — the mean weighted by each pod's rows, which is what
     the global model would score on their union. Rounds from 0, as everywhere; scores in [0, 1] on
     that whole axis and losses from 0, so that a small wobble never looks like a collapse."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    frame = pd.DataFrame([{"round": r, "pod": pod, **reply} for r, pods in replies.items()
-                          for pod, reply in pods.items() if "error" not in reply])
+    frame = rows[rows["error"].isna()] if "error" in rows else rows
+    last = int(frame["round"].max()) if len(frame) else 0
+    step = -(-(last + 1) // PLOTTED_ROUNDS)  # a long run is drawn at every step-th round (and its last)
+    frame = frame[(frame["round"] % step == 0) | (frame["round"] == last)]
     names = [c for c in frame.columns if c in ("loss", EPSILON) or (c.startswith(("global_", "local_"))
                                                                         and not c.endswith("_samples"))]
-    figure, axes = plt.subplots(1, max(1, len(names)), figsize=(4.5 * max(1, len(names)), 3.4), squeeze=False)
+    figure = Figure(figsize=(4.5 * max(1, len(names)), 3.4))  # not pyplot's: it keeps state between figures
+    axes = figure.subplots(1, max(1, len(names)), squeeze=False)
     for axis, name in zip(axes[0], names, strict=False):
         for pod, rows in frame.groupby("pod"):
             axis.plot(rows["round"], rows[name], marker="o", alpha=0.6, label=str(pod))
         axis.set_title(name)
-        axis.set_xlabel("round")
+        axis.set_xlabel("round" if step == 1 else f"round (every {step}th drawn)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if name == EPSILON:  # each pod's own spend: a mean over pods would mean nothing
