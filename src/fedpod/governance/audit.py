@@ -387,6 +387,8 @@ class AuditWriter:
                     commit.fail(exc)
             return
         self._unsynced = self._unsynced or not sync  # `_sync` covers both files; a durable write, the log
+        if sync and not self._unsynced:  # all that was written is on disk: the next timed sync is a second away
+            self._synced = time.monotonic()  # (left stale, every later batch was fsynced: two fsyncs a task)
         for commit, entry in zip(commits, entries, strict=True):
             if commit is not None:
                 commit.durable.set_result(entry)

@@ -37,7 +37,9 @@ def _cursor() -> duckdb.DuckDBPyConnection:
     with _database_lock:
         if _database is None:
             database = duckdb.connect(":memory:")
-            for setting in ("python_enable_replacements = false", "enable_external_access = false",
+            # one thread: a merge reads pods' partials, tens to thousands of rows, for which
+            # waking DuckDB's workers costs more than they save (a 60-row merge: 3.8 -> 2.4 ms)
+            for setting in ("threads = 1", "python_enable_replacements = false", "enable_external_access = false",
                             "lock_configuration = true"):
                 database.execute(f"SET {setting}")
             _database = database
@@ -83,7 +85,7 @@ def merge(plan: MergePlan, partials: list[pa.Table], names: list[str]) -> pd.Dat
     cursor = _cursor()
     try:
         cursor.register(PARTIALS, combined)
-        frame: pd.DataFrame = cursor.sql(plan.merge_sql).df()
+        frame: pd.DataFrame = cursor.execute(plan.merge_sql).df()  # one bind; a relation binds twice
     except duckdb.Error as exc:
         raise SqlExecutionError(f"merging partial results failed: {exc}") from exc
     finally:

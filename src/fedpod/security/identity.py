@@ -12,6 +12,7 @@ connects with `nats_seed`, so that one key both signs envelopes and logs in to t
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -76,8 +77,8 @@ class PublicIdentity:
     sign_public: bytes
     box_public: bytes
 
-    @property
-    def fingerprint(self) -> str:
+    @functools.cached_property
+    def fingerprint(self) -> str:  # read several times for every message: a hash and base32 each time
         return fingerprint_of(self.sign_public, self.box_public)
 
     def verify_key(self) -> Ed25519PublicKey:
@@ -125,8 +126,8 @@ class Identity:
     def generate(cls, name: str) -> Identity:
         return cls(check_name(name, "identity"), Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
 
-    @property
-    def public(self) -> PublicIdentity:
+    @functools.cached_property
+    def public(self) -> PublicIdentity:  # its keys serialised once, not for every message sealed
         return PublicIdentity(
             self.name,
             self.signing_key.public_key().public_bytes(_RAW, _RAW_PUB),
