@@ -213,3 +213,27 @@ def test_only_entries_someone_waits_for_are_fsynced_at_once(tmp_path: Path, monk
     writer.close()
     assert len(synced) >= 2  # closing fsyncs what was written without waiting (the checkpoint)
     assert len(read_checkpoints(checkpoints_path(log.path))) == 1
+
+
+def test_after_a_durable_write_the_entries_that_follow_wait_for_the_timed_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod's tasks each commit one durable `task-received`; their `task-completed` entries
+    then wait for the timed sync. Once a second had passed since the last timed sync, every
+    batch was fsynced: two fsyncs a task, the second on the way to the reply."""
+    import os
+    import time
+
+    from fedpod.governance.audit import AuditWriter
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    writer = AuditWriter(AuditLog(tmp_path / "audit.jsonl"))
+    writer.SYNC_EVERY_S = 0.2
+    time.sleep(0.3)  # the timed sync is due
+    for task in range(5):
+        writer.commit("task-received", task=str(task)).durable.result(timeout=10)
+        writer.record("task-completed", task=str(task))
+        time.sleep(0.01)
+    assert len(synced) <= 5 + 1  # one per durable entry, at most one timed sync among them
+    writer.close()
