@@ -7,7 +7,7 @@ Both paths move the payload to a receiver in another process over the embedded N
 has verified it:
 - raw: nats-py publishes 1 MiB chunks, every 16th as a request the receiver acknowledges (plain
   publishes with no flow control overran the receiver and lost chunks at 400 MB); the receiver
-  reassembles them and checks a SHA-256;
+  reassembles them and checks the digest fedpod uses (`security.digest`, BLAKE3) of the whole;
 - fedpod: `SecureChannel.send` — msgpack message, AES-GCM encryption, Ed25519-signed envelope,
   chunked after the receiver admits the transfer, every 4th chunk acknowledged (a smaller
   window than raw's 16, to serve many senders at once); the receiver verifies, decrypts and decodes.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import statistics
@@ -35,6 +34,7 @@ import nats
 from benchmarks.report import machine, publish
 from benchmarks.transport import envelope_cost
 from fedpod.channel import SecureChannel
+from fedpod.security.digest import bulk_digest
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.transport.broker import EmbeddedBroker
@@ -65,8 +65,8 @@ async def receiver(url: str, keystore: Path) -> None:
         if msg.reply:
             await msg.respond(b"")
         if received[key] == size:
-            digest = hashlib.sha256(transfers.pop(key)).hexdigest()
-            await raw.publish(DONE_SUBJECT, json.dumps({"id": key, "sha256": digest}).encode())
+            digest = bulk_digest(transfers.pop(key)).hex()
+            await raw.publish(DONE_SUBJECT, json.dumps({"id": key, "digest": digest}).encode())
 
     await raw.subscribe(RAW_SUBJECT, cb=on_raw, pending_bytes_limit=2 * 1024**3, pending_msgs_limit=-1)
     channel = SecureChannel(await Bus.connect(BrokerOptions(url)), identity)
@@ -111,7 +111,7 @@ async def measure(url: str, receiver_public: PublicIdentity, sizes: list[int], r
                     await raw.publish(RAW_SUBJECT, chunk, headers=headers)
             answer = await asyncio.wait_for(done.get(), 60)
             raw_s = time.perf_counter() - started
-            assert answer["sha256"] == hashlib.sha256(blob).hexdigest(), "raw payload corrupted"
+            assert answer["digest"] == bulk_digest(blob).hex(), "raw payload corrupted"
             started = time.perf_counter()
             await channel.send(receiver_public, TaskResult(task_id=f"fp-{run}", dataset="bench", table=blob,
                                                            seconds=0), timeout_s=600)
@@ -161,8 +161,9 @@ def main() -> None:
         "# Large payloads: fedpod envelopes vs raw nats-py",
         "",
         f"`python -m benchmarks.transport.run` — sender and receiver in separate processes, embedded NATS "
-        f"server with the stock 1 MiB max_payload, payload verified at the receiver (raw: SHA-256; fedpod: "
-        f"signature + AES-GCM). One warm-up run per size, then medians. Machine: {machine()}.",
+        f"server with the stock 1 MiB max_payload, payload verified at the receiver (raw: its BLAKE3 "
+        f"digest; fedpod: chunk digests, signature, AES-GCM). One warm-up run per size, then medians. "
+        f"Machine: {machine()}.",
         "",
         "| payload | runs | raw nats-py (MB/s) | fedpod envelope path (MB/s) | fedpod / raw |",
         "|---:|---:|---:|---:|---:|",

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from fedpod.errors import ConfigError, EnvelopeRejected, SqlError, TransportError
 from fedpod.security import envelope
-from fedpod.security.envelope import ReplayGuard, open_envelope, seal_bytes
+from fedpod.security.digest import bulk_digest
+from fedpod.security.envelope import MAGIC, VERSION, ReplayGuard, open_envelope, seal_bytes
 from fedpod.security.identity import Identity
 from fedpod.security.tickets import TicketRefused, check_ticket, issue_ticket
 from fedpod.tasks.yaml_front import load_task
@@ -85,7 +86,8 @@ def header_with(changes: dict[str, Any]) -> bytes:
     kek, tag = envelope._wrap_keys(ephemeral.exchange(RECEIVER.public.box_key()), ephemeral_public,
                                    RECEIVER.public.box_public)
     header_bytes = msgpack.packb(header, use_bin_type=True)
-    outer = msgpack.packb({"v": 2, "ephemeral": ephemeral_public, "base": base, "header_len": len(header_bytes) + 80,
+    outer = msgpack.packb({"v": VERSION, "ephemeral": ephemeral_public, "base": base,
+                           "header_len": len(header_bytes) + 80,
                            "wraps": [tag + AESGCM(kek).encrypt(b"\0" * 12, key, ephemeral_public)], "keys": None},
                           use_bin_type=True)
     cipher = AESGCM(key)
@@ -93,7 +95,7 @@ def header_with(changes: dict[str, Any]) -> bytes:
                             outer)
     nonce = header["nonce"] if isinstance(header["nonce"], bytes) else b""
     body = cipher.encrypt(envelope._gcm_nonce(base, 0), b"payload " * 64, envelope._segment_aad(nonce, 0, True))
-    return b"FPE2" + len(outer).to_bytes(4, "big") + outer + sealed + body
+    return MAGIC + len(outer).to_bytes(4, "big") + outer + sealed + body
 
 
 def outer_with(changes: dict[str, Any]) -> bytes:
@@ -101,7 +103,7 @@ def outer_with(changes: dict[str, Any]) -> bytes:
     length = int.from_bytes(GENUINE[4:8], "big")
     outer = {**msgpack.unpackb(GENUINE[8 : 8 + length]), **changes}
     packed = msgpack.packb(outer, use_bin_type=True)
-    return b"FPE2" + len(packed).to_bytes(4, "big") + packed + GENUINE[8 + length :]
+    return MAGIC + len(packed).to_bytes(4, "big") + packed + GENUINE[8 + length :]
 
 
 header_values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
@@ -165,8 +167,6 @@ async def test_chunk_headers_never_complete_or_break_a_transfer() -> None:
     bus = Bus.__new__(Bus)  # the chunk path alone, without a connection
     Bus.__init__(bus, client=None)  # type: ignore[arg-type]
     chunk = b"c" * 4096
-    import hashlib
-
     count = Count()
 
     @FUZZ
@@ -176,7 +176,7 @@ async def test_chunk_headers_never_complete_or_break_a_transfer() -> None:
            st.binary(max_size=8192))
     @count
     def absorbing(headers: dict[str, str], data: bytes) -> None:
-        bus._transfers = {"x": _Transfer("sender", 2 * len(chunk), [hashlib.sha256(chunk).digest()] * 2)}
+        bus._transfers = {"x": _Transfer("sender", 2 * len(chunk), [bulk_digest(chunk)] * 2)}
         try:
             whole = bus._absorb(FakeMsg(headers, data))  # type: ignore[arg-type]
         except TransportError:

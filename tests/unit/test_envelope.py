@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpod.errors import EnvelopeRejected
-from fedpod.security.envelope import ReplayGuard, announced_sender, open_envelope, seal, seal_bytes
+from fedpod.security.envelope import MAGIC, ReplayGuard, announced_sender, open_envelope, seal, seal_bytes
 from fedpod.security.identity import Identity
 from tests.conftest import Impersonator
 
@@ -134,13 +134,21 @@ def test_a_co_recipient_cannot_rewrap_a_multi_recipient_envelope() -> None:
     outer = msgpack.unpackb(frame[8 : 8 + outer_len])
     outer["wraps"] = outer["wraps"][:1]
     packed = msgpack.packb(outer, use_bin_type=True)
-    stripped = struct.pack(">4sI", b"FPE2", len(packed)) + packed + frame[8 + outer_len :]
+    stripped = struct.pack(">4sI", MAGIC, len(packed)) + packed + frame[8 + outer_len :]
     assert reason(stripped) == "tampered"  # the sealed header's associated data no longer matches
 
 
 def test_garbage_is_rejected_as_malformed() -> None:
-    for garbage in (b"", b"hello", b"FPE2" + b"\xff" * 100, msgpack.packb({"a": 1}) * 20, b"FPE1" + bytes(200)):
+    for garbage in (b"", b"hello", MAGIC + b"\xff" * 100, msgpack.packb({"a": 1}) * 20, b"FPE1" + bytes(200)):
         assert reason(garbage) == "malformed"
+
+
+def test_an_envelope_of_another_version_is_refused_naming_both_versions() -> None:
+    """A party not yet upgraded (version 2 digests bodies with SHA-256) hears which side to
+    upgrade, not that it sent garbage."""
+    frame = seal_bytes(ALICE, "task", b"x", recipients=[BOB.public])
+    with pytest.raises(EnvelopeRejected, match=r"envelope version 2; this party reads version 3 \(upgrade"):
+        open_envelope(b"FPE2" + frame[4:], BOB, ReplayGuard())
 
 
 def test_multi_recipient_envelope_opens_for_each_recipient() -> None:

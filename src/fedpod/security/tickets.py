@@ -9,7 +9,7 @@ observer learns neither sender nor size beyond what it sees) holding
     {transfer, size, digests}
 
 The envelope's recipient and timestamp bind the ticket to one receiver and a short life
-(`TICKET_TTL_S`), and `digests` holds the SHA-256 of every chunk, so that a chunk injected by
+(`TICKET_TTL_S`), and `digests` holds the digest (`security.digest`) of every chunk, so that a chunk injected by
 anyone else — even with a transfer id seen on the wire — is told apart from the genuine one
 and ignored instead of corrupting or cutting the transfer.
 """
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import msgpack
 
 from fedpod.errors import EnvelopeRejected
+from fedpod.security.digest import DIGEST_BYTES
 from fedpod.security.envelope import ReplayGuard, open_envelope, seal_bytes
 from fedpod.security.identity import Identity, PublicIdentity
 
 TICKET_TYPE = "transfer-ticket"
 TICKET_TTL_S = 60.0
-DIGEST_BYTES = 32
 
 
 class TicketRefused(ValueError):

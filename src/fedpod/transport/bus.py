@@ -6,9 +6,10 @@ receiver nothing until its sender is authenticated:
 
 - A transfer opens with a "begin" request carrying a signed ticket (`TransferAuthority`,
   implemented with the parties' identity keys by `fedpod.channel`): who sends, to whom, how
-  many bytes, until when, and the SHA-256 of every chunk. The receiver checks it and asks
-  whether it takes large messages from that sender at all (a pod: from accepted modellers;
-  a modeller: from pods it awaits a reply from) before it queues or allocates anything.
+  many bytes, until when, and the digest of every chunk (`security.digest`). The receiver
+  checks it and asks whether it takes large messages from that sender at all (a pod: from
+  accepted modellers; a modeller: from pods it awaits a reply from) before it queues or
+  allocates anything.
   Strangers are refused at once with the reason.
 - Admission, decided by the receiver: at most `MAX_ACTIVE_TRANSFERS` stream to it at once and
   at most `MAX_PER_SENDER` from one sender, so no one party can hold every slot. The server
@@ -49,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import mmap
 import os
@@ -67,6 +67,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from fedpod.errors import BrokerUnavailable, PodUnreachable, TaskTimeout, TransportError
+from fedpod.security.digest import bulk_digest
 from fedpod.transport import subjects
 from fedpod.transport.broker import split_urls
 
@@ -467,7 +468,7 @@ class Bus:
         data = msg.data
         if transfer is None or headers.get(H_INDEX) != str(transfer.next_index) \
                 or transfer.next_index >= len(transfer.digests) \
-                or hashlib.sha256(data).digest() != transfer.digests[transfer.next_index]:
+                or bulk_digest(data) != transfer.digests[transfer.next_index]:
             raise _UnknownChunk
         if transfer.received + len(data) > transfer.size:
             self._finish(transfer_id)
@@ -697,7 +698,7 @@ async def _acknowledging(handler: Handler, whole: Payload, msg: Msg, answer: byt
 
 
 def _digests(chunks: list[memoryview | bytes]) -> list[bytes]:
-    return [hashlib.sha256(chunk).digest() for chunk in chunks]
+    return [bulk_digest(chunk) for chunk in chunks]
 
 
 def _chunks(parts: Sequence[bytes | bytearray | memoryview], size: int) -> list[memoryview | bytes]:
