@@ -24,7 +24,9 @@ MIN_REPLIES = 3
 
 def update_norm(params: Params, reference: Params) -> float:
     """‖params - reference‖ in float64, block by block (as `fedavg.weighted_average`): no
-    full-size float64 temporaries, half the time on a 10M-parameter update."""
+    full-size float64 temporaries, half the time on a 10M-parameter update. Squares summed by
+    NumPy, not `np.dot`: OpenBLAS's threaded dot product spins for its threads, and while the
+    cores were busy elsewhere one 10M-parameter update took 15-19 s that way against 0.8 s."""
     total = 0.0
     for key, value in params.items():
         base = reference.get(key)
@@ -36,7 +38,8 @@ def update_norm(params: Params, reference: Params) -> float:
             stop = min(flat.size, start + BLOCK)
             block = delta[: stop - start]
             np.subtract(flat[start:stop], flat_base[start:stop], out=block, dtype=np.float64)
-            total += float(np.dot(block, block))
+            np.multiply(block, block, out=block)
+            total += float(block.sum())
     return float(np.sqrt(total))
 
 
