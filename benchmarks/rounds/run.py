@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -34,8 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -53,6 +56,7 @@ from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 
 HERE = Path(__file__).parent
+T = TypeVar("T")
 PLAN = HERE / "add_one_plan.py"
 OPEN_BROKER = "FEDPOD_BENCH_OPEN_BROKER"  # set for the open-broker comparison run
 DROP_OUT = "x,y,drop_out\n0.0,0,1\n"  # a pod holding this fails its training step (add_one_plan.py)
@@ -136,30 +140,31 @@ def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
                                str(rounds), str(work)], capture_output=True, text=True, timeout=3600,
                               env=environment)
     if done.returncode != 0:
-        raise RuntimeError(f"fedpod run failed: {done.stderr[-3000:]}")
+        raise RuntimeError(f"fedpod run failed: {done.stderr.strip().splitlines()[-1][:300]}\n{done.stderr[-3000:]}")
     return RoundTimes(**json.loads(done.stdout.strip().splitlines()[-1])), memory.peak / 2**30
 
 
-FLOWER_TRIES = 2  # Flower's deployment engine now and then ends a run without a result (seen at 30 nodes)
+def measure_flower(nodes: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
+    with PeakMemory(include_self=False) as memory, FlowerFederation(nodes, work) as flower:
+        stamps = flower.run(work / "out", {"task": "add-one", "parameters": parameters, "rounds": rounds,
+                                           "nodes": nodes})
+    seconds = [after - before for before, after in itertools.pairwise(stamps)][1:]
+    return statistics.median(seconds), memory.peak / 2**30
 
 
-def measure_flower(nodes: int, parameters: int, rounds: int, work: Path) -> tuple[float, float] | str:
-    """Flower's median seconds per round and peak memory; or, when each of FLOWER_TRIES runs
-    failed, why the last one did — the table says so, rather than the whole benchmark (half an
-    hour of measurements) ending on one failed Flower run."""
+TRIES = 2  # Flower's engine now and then ends a 30-node run without a result; 100 pods on 2 cores may lose one
+
+
+def tried(what: str, measure: Callable[[Path], T], work: Path) -> T | str:
+    """`measure(work / "try0")`, once more if it fails; why the last try failed if both did — the
+    table says so, rather than the whole benchmark (half an hour of measurements) ending there."""
     failure = ""
-    for attempt in range(FLOWER_TRIES):
+    for attempt in range(TRIES):
         try:
-            with PeakMemory(include_self=False) as memory, FlowerFederation(nodes, work / f"try{attempt}") as flower:
-                stamps = flower.run(work / f"try{attempt}" / "out", {"task": "add-one", "parameters": parameters,
-                                                                    "rounds": rounds, "nodes": nodes})
+            return measure(work / f"try{attempt}")
         except RuntimeError as exc:
-            print(f"Flower, {nodes} nodes x {parameters:,} parameters, try {attempt + 1}: {exc}", file=sys.stderr,
-                  flush=True)
-            failure = str(exc).splitlines()[0][:200]
-            continue
-        seconds = [after - before for before, after in itertools.pairwise(stamps)][1:]
-        return statistics.median(seconds), memory.peak / 2**30
+            print(f"{what}, try {attempt + 1}: {exc}", file=sys.stderr, flush=True)
+            failure = str(exc).splitlines()[0][:300]
     return failure
 
 
@@ -206,14 +211,21 @@ def main() -> None:
     from benchmarks.transport.run import throughput
 
     raw_rate, fedpod_rate, _ = throughput([40_000_000], {40_000_000: 5})[40_000_000]
-    rows = []
+    rows: list[tuple[int, int, tuple[RoundTimes, float], tuple[float, float] | str | None, RoundTimes]] = []
+    failed: list[str] = []  # fedpod cases that failed twice: no row, a line saying why, a target not met
     for pods, parameters in CASES:
         work = Path(tempfile.mkdtemp(prefix=f"fedpod-bench-rounds-{pods}-{parameters}-"))
-        fedpod = measure_fedpod(pods, parameters, args.rounds, work / "fedpod")
-        unauthenticated, _ = measure_fedpod(pods, parameters, args.rounds, work / "open", open_broker=True)
-        flower = measure_flower(pods, parameters, args.flower_rounds, work / "flower") \
-            if pods <= FLOWER_MAX_NODES else None
-        rows.append((pods, parameters, fedpod, flower, unauthenticated))
+        case = f"{pods} x {parameters:,}"
+        fedpod = tried(f"fedpod, {case}", functools.partial(measure_fedpod, pods, parameters, args.rounds),
+                       work / "fedpod")
+        open_run = tried(f"fedpod on an open broker, {case}", functools.partial(
+            measure_fedpod, pods, parameters, args.rounds, open_broker=True), work / "open")
+        if isinstance(fedpod, str) or isinstance(open_run, str):
+            failed.append(f"{case}: {fedpod if isinstance(fedpod, str) else open_run}")
+            continue
+        flower = tried(f"Flower, {case}", functools.partial(measure_flower, pods, parameters, args.flower_rounds),
+                       work / "flower") if pods <= FLOWER_MAX_NODES else None
+        rows.append((pods, parameters, fedpod, flower, open_run[0]))
         print(rows[-1][:2], statistics.median(fedpod[0].seconds), flower, flush=True)
     lines = [
         "# Seconds per round and memory: fedpod vs Flower",
@@ -226,7 +238,7 @@ def main() -> None:
         "Flower memory (GiB) | memory ratio | fedpod on an open broker s/round | modeller sent per round |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    verdicts, flower_failures = [], []
+    verdicts, flower_failures = [not failed], []
     for pods, parameters, (times, peak), flower, unauthenticated in rows:
         seconds = statistics.median(times.seconds)
         model = parameters * 4
@@ -252,8 +264,11 @@ def main() -> None:
     lines += ["", f"Flower runs up to {FLOWER_MAX_NODES} nodes here: its superlink and supernodes need ~0.4 GiB "
               "per node, more than this machine holds at 100.", ""]
     if flower_failures:
-        lines += [f"Flower failed {FLOWER_TRIES} times in a row at: " + "; ".join(flower_failures) + " (its logs "
+        lines += [f"Flower failed {TRIES} times in a row at: " + "; ".join(flower_failures) + " (its logs "
                   "are under the run's temporary folder, and the benchmark printed them).", ""]
+    if failed:
+        lines += [f"fedpod failed {TRIES} times in a row at: " + "; ".join(failed) + " (no row; the benchmark "
+                  "printed its output).", ""]
     lines += many_pods_table([(pods, times) for pods, parameters, (times, _), _, _ in rows if parameters < 1_000_000],
                              verdicts)
     transport_ratio = fedpod_rate / raw_rate
