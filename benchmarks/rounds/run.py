@@ -140,7 +140,8 @@ def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
                                str(rounds), str(work)], capture_output=True, text=True, timeout=3600,
                               env=environment)
     if done.returncode != 0:
-        raise RuntimeError(f"fedpod run failed: {done.stderr.strip().splitlines()[-1][:300]}\n{done.stderr[-3000:]}")
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}, no output"])[-1]
+        raise RuntimeError(f"fedpod run failed: {last[:300]}\n{done.stderr[-3000:]}")
     return RoundTimes(**json.loads(done.stdout.strip().splitlines()[-1])), memory.peak / 2**30
 
 

@@ -5,9 +5,9 @@ signed ticket, `security.tickets`) and the body of an envelope sealed for severa
 BLAKE3 (32 bytes) rather than SHA-256: a cryptographic hash of the same strength for this use, at
 3 to 5 times the throughput on the 2-core machines measured (1.8-2.6 against 0.5-1.0 GB/s), where a
 round of a 40 MB model hashed each update four times — on the way out and in, chunk by chunk and
-whole — about a fifth of a 10-pod round (benchmarks/rounds: 4.2 -> 3.3-3.5 s). It releases the GIL,
-as hashlib does. Imported on first use: an idle pod's memory is its imports
-(tests/unit/test_pod_imports.py), and one that only beats needs no bulk digest.
+whole — about a fifth of a 10-pod round (benchmarks/rounds --one 10 10000000: 4.2 -> 3.2 s).
+It releases the GIL, as hashlib does. Imported on first use: an idle pod's memory is its
+imports (tests/unit/test_pod_imports.py), and one that only beats needs no bulk digest.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ observer learns neither sender nor size beyond what it sees) holding
     {transfer, size, digests}
 
 The envelope's recipient and timestamp bind the ticket to one receiver and a short life
-(`TICKET_TTL_S`), and `digests` holds the digest (`security.digest`) of every chunk, so that a chunk injected by
-anyone else — even with a transfer id seen on the wire — is told apart from the genuine one
-and ignored instead of corrupting or cutting the transfer.
+(`TICKET_TTL_S`), and `digests` holds the digest (`security.digest`) of every chunk, so that a
+chunk injected by anyone else — even with a transfer id seen on the wire — is told apart from
+the genuine one and ignored instead of corrupting or cutting the transfer.
 """
 
 from __future__ import annotations
