@@ -162,3 +162,31 @@ def test_trimmed_mean_refuses_to_be_a_plain_mean() -> None:
         TrimmedMean(beta=0.1).aggregate(1, x, replies)
     with pytest.raises(ValueError, match="plain mean"):
         TrimmedMean(beta=0.0)
+
+
+def test_a_large_model_is_screened_and_averaged_across_threads_as_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpod.aggregation import threads
+    from fedpod.aggregation.screening import screen_updates
+
+    rng = np.random.default_rng(7)
+    size = 3 * threads.MIN_SPAN + 12_345  # several spans, the last one uneven
+    x = {"w": rng.normal(size=size).astype(np.float32), "b": np.zeros(3, dtype=np.float32)}
+    pods = [reply(f"p{i}", {"w": rng.normal(size=size).astype(np.float32), "b": np.full(3, i, np.float32)}, 10 + i)
+            for i in range(4)]
+    nan = {"w": x["w"].copy(), "b": x["b"]}
+    nan["w"][size - 1] = np.nan  # in the last span only
+
+    def run() -> tuple[Params, dict[str, str], str]:
+        kept, rejected = screen_updates([*pods, reply("poisoned", {k: v * 1e6 for k, v in x.items()}, 1)], x)
+        with pytest.raises(ValueError, match="pod mallory: w contains NaN") as refused:
+            FedAverage().aggregate(1, x, [*pods, reply("mallory", nan, 1)])
+        return FedAverage().aggregate(1, x, kept), rejected, str(refused.value)
+
+    monkeypatch.setattr(threads, "workers", lambda: 4)
+    assert len(threads.spans(size)) == 3
+    threaded = run()
+    monkeypatch.setattr(threads, "workers", lambda: 1)
+    serial = run()
+    for key in x:
+        np.testing.assert_array_equal(threaded[0][key], serial[0][key])
+    assert threaded[1:] == serial[1:] and list(threaded[1]) == ["poisoned"]

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from fedpod.aggregation.threads import in_parallel
 from fedpod.errors import ConfigError
 
 Array = npt.NDArray[np.floating[Any]]
@@ -92,6 +93,11 @@ class Aggregator:
         """Restore what `state` returned."""
 
 
+def size_of(params: Params) -> int:
+    """Elements in all of a model's tensors."""
+    return sum(int(np.size(value)) for value in params.values())
+
+
 def check_replies(replies: Sequence[Reply], reference: Params) -> None:
     """Every reply must carry exactly the global parameters' names and shapes, finite values
     and a positive sample count — a malformed or NaN update never reaches the average."""
@@ -105,8 +111,13 @@ def check_replies(replies: Sequence[Reply], reference: Params) -> None:
         for key, value in reply.params.items():
             if value.shape != reference[key].shape:
                 raise ValueError(f"pod {reply.pod}: {key} has shape {value.shape}, expected {reference[key].shape}")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"pod {reply.pod}: {key} contains NaN or infinite values")
+
+    def first_not_finite(reply: Reply) -> str | None:
+        return next((key for key, value in reply.params.items() if not np.all(np.isfinite(value))), None)
+
+    for reply, bad in zip(replies, in_parallel(first_not_finite, replies, size_of(reference)), strict=True):
+        if bad is not None:
+            raise ValueError(f"pod {reply.pod}: {bad} contains NaN or infinite values")
 
 
 def sample_weights(replies: Sequence[Reply]) -> Array:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedpod.aggregation.base import Params, Reply
+from fedpod.aggregation.base import Params, Reply, size_of
 from fedpod.aggregation.fedavg import BLOCK
+from fedpod.aggregation.threads import in_parallel
 
 DEFAULT_NORM_LIMIT = 10.0
 MIN_REPLIES = 3
@@ -47,7 +48,9 @@ def screen_updates(replies: Sequence[Reply], reference: Params,
                    limit: float | None = DEFAULT_NORM_LIMIT) -> tuple[list[Reply], dict[str, str]]:
     """The replies to aggregate, and the pods set aside with why."""
     rejected: dict[str, str] = {}
-    norms = {reply.pod: update_norm(reply.params, reference) for reply in replies}
+    norms = dict(zip([r.pod for r in replies],
+                     in_parallel(lambda reply: update_norm(reply.params, reference), replies,
+                                 size_of(reference)), strict=True))
     for pod, norm in norms.items():
         if not np.isfinite(norm):
             rejected[pod] = "update is not finite or does not match the model's parameters"

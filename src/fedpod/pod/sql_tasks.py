@@ -7,7 +7,6 @@ idle pod's memory: the service imports this module, and builds its engine, on th
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from fedpod.algorithms.sql.secure import encode_partials, secure_partials
 from fedpod.errors import AccessDenied, FedpodError, ResultTooLarge, SqlRejected
 from fedpod.governance.differencing import CohortLedger, released_cohorts
 from fedpod.governance.privacy_budget import Budget, PrivacyLedger
+from fedpod.security.digest import bulk_digest
 from fedpod.wire.codec import table_to_bytes
 from fedpod.wire.messages import (
     NoisyAggregateAlgorithm,
@@ -196,6 +196,6 @@ def _answer(request: TaskRequest, table: pa.Table, disclosure: dict[str, int | f
                              hint="select fewer columns or rows, or aggregate")
     seconds = time.perf_counter() - started
     returned = {"returned_rows": table.num_rows, "returned_columns": table.column_names,
-                "result_sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(seconds, 4), **disclosure}
+                "result_blake3": bulk_digest(payload).hex(), "seconds": round(seconds, 4), **disclosure}
     return TaskResult(task_id=request.task_id, dataset=request.dataset, table=payload, seconds=seconds,
                       disclosure=disclosure), returned

@@ -29,8 +29,9 @@ from fedpod.data.datasets import DatasetSpec, quote_identifier
 from fedpod.errors import ConfigError, FedpodError, PlanNotApproved
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.privacy_budget import Budget, PrivacyLedger
+from fedpod.security.digest import bulk_digest
 from fedpod.wire.messages import CONFIG_PREFIX, EXTRA_PREFIX, MASKED, TrainRequest, TrainResult
-from fedpod.wire.tensors import decode_groups, digest, encode_parts, write_tensors
+from fedpod.wire.tensors import decode_groups, encode_parts, write_tensors
 
 if TYPE_CHECKING:
     from fedpod.governance.policy import DatasetPolicy
@@ -175,7 +176,7 @@ class TrainingRunner:
 def describe_training(result: TrainResult) -> dict[str, Any]:
     """What the audit log records about a returned model update."""
     return {"returned": "model update", "num_samples": result.num_samples, "metrics": result.metrics,
-            "result_sha256": digest(result.tensors), "device": result.device,
+            "result_blake3": bulk_digest(result.tensors).hex(), "device": result.device,
             "seconds": round(result.seconds, 4)}
 
 

@@ -32,7 +32,6 @@ caller lets us write to is decrypted where it lies: page faults, not AES, domina
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import threading
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fedpod.buffers import LARGE_BUFFERS
 from fedpod.errors import EnvelopeRejected
 from fedpod.security.digest import bulk_digest
 from fedpod.security.identity import Identity, PublicIdentity
@@ -177,7 +177,7 @@ def seal(
     cipher = AESGCM(content_key)
     base = os.urandom(8)
     segments = list(_segments(parts))
-    body = memoryview(_buffer(sum(len(segment) + TAG_BYTES for segment in segments)))
+    body = _buffer(sum(len(segment) + TAG_BYTES for segment in segments))
     written = 0
     for i, segment in enumerate(segments):
         cipher.encrypt_into(_gcm_nonce(base, i), segment, _segment_aad(nonce, i, i == len(segments) - 1),
@@ -215,12 +215,13 @@ def seal(
     return [_PREFIX.pack(MAGIC, len(outer_bytes)) + outer_bytes + sealed_header, body]
 
 
-def _buffer(size: int) -> bytearray | mmap.mmap:
-    """Room for a body. A large one is an anonymous map populated in one go: on the machines
-    measured, faulting 400 MB in page by page cost more than encrypting it."""
+def _buffer(size: int) -> memoryview:
+    """Room for a body. A large one is lent by `fedpod.buffers` (last round's, if free) or newly
+    mapped and populated in one go: on the machines measured, faulting 400 MB in page by page
+    cost more than encrypting it."""
     if size < LARGE_BYTES:
-        return bytearray(size)
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+        return memoryview(bytearray(size))
+    return LARGE_BUFFERS.take(size, populate=True)
 
 
 def seal_bytes(*args: Any, **kwargs: Any) -> bytes:
@@ -387,7 +388,7 @@ def _decrypt_body(cipher: AESGCM, base: bytes, header: Header, body: memoryview)
     buffer and copied back over ciphertext already read, so no second large buffer is faulted in."""
     in_place = not body.readonly and len(body) >= LARGE_BYTES
     total = sum(header.segments)
-    out = body if in_place else memoryview(_buffer(total))
+    out = body if in_place else _buffer(total)
     scratch = memoryview(bytearray(max(header.segments))) if in_place else None
     read = written = 0
     last = len(header.segments) - 1

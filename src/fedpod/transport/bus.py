@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mmap
 import os
 import ssl
 import time
@@ -66,6 +65,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from fedpod.buffers import LARGE_BUFFERS
 from fedpod.errors import BrokerUnavailable, PodUnreachable, TaskTimeout, TransportError
 from fedpod.security.digest import bulk_digest
 from fedpod.transport import subjects
@@ -201,7 +201,7 @@ class _Transfer:
     size: int
     digests: list[bytes]
     subscription: Subscription | None = None  # a cast's: this party listens on its subject until it ends
-    buffer: mmap.mmap | None = None
+    buffer: memoryview | None = None
     received: int = 0
     next_index: int = 0
     touched: float = field(default_factory=time.monotonic)
@@ -473,10 +473,8 @@ class Bus:
         if transfer.received + len(data) > transfer.size:
             self._finish(transfer_id)
             raise TransportError(f"transfer {transfer_id} carries more than the {transfer.size} bytes announced")
-        if transfer.buffer is None:
-            transfer.buffer = mmap.mmap(-1, transfer.size)  # address space now; memory page by page as written
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                transfer.buffer.madvise(mmap.MADV_HUGEPAGE)  # a third fewer page faults filling 400 MB
+        if transfer.buffer is None:  # address space now; a new buffer's memory comes page by page as written
+            transfer.buffer = LARGE_BUFFERS.take(transfer.size)
         transfer.buffer[transfer.received : transfer.received + len(data)] = data
         transfer.received += len(data)
         transfer.next_index += 1
@@ -486,7 +484,7 @@ class Bus:
         self._finish(transfer_id)
         if transfer.received != transfer.size:
             raise TransportError(f"transfer {transfer_id} ended at {transfer.received} of {transfer.size} bytes")
-        return memoryview(transfer.buffer)
+        return transfer.buffer
 
     def _forget_stale(self) -> None:
         now = time.monotonic()

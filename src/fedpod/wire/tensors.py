@@ -9,7 +9,6 @@ decoding yields views into the received buffer.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -71,14 +70,6 @@ def write_tensors(path: Path, parts: Sequence[Buffer]) -> None:
         for part in parts:
             file.write(part)
     os.replace(partial, path)
-
-
-def digest(parts: Buffer | Sequence[Buffer]) -> str:
-    """SHA-256 of a bulk field, whether one buffer or parts."""
-    hasher = hashlib.sha256()
-    for part in [parts] if isinstance(parts, bytes | bytearray | memoryview) else parts:
-        hasher.update(part)
-    return hasher.hexdigest()
 
 
 def decode_groups(data: Buffer | Sequence[Buffer], *, movable: bool = False) -> dict[str, Arrays]:
