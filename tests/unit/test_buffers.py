@@ -60,3 +60,14 @@ def test_free_buffers_are_unmapped_after_keep_s_and_beyond_keep_free() -> None:
     pool.trim()
     assert pool.resident_bytes == GRAIN, "a lent buffer is never unmapped"
     del lent
+
+
+def test_a_buffer_over_pooled_bytes_is_never_kept_and_free_ones_stay_within_keep_free_bytes() -> None:
+    pool = LargeBuffers(keep_free_bytes=3 * GRAIN, pooled_bytes=4 * GRAIN)
+    big = pool.take(5 * GRAIN)
+    assert len(big) == 5 * GRAIN and pool.resident_bytes == 0, "a large map is the caller's alone"
+    del big
+    views = [pool.take(GRAIN), pool.take(GRAIN), pool.take(2 * GRAIN)]
+    del views
+    pool.trim()
+    assert pool.resident_bytes <= 3 * GRAIN

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import nats
+import nats.aio.client
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -97,6 +98,13 @@ RECONNECT_GRACE_S = 2.0  # how long an inbox nobody listens on is retried: its o
 RESEND = b"resend: transfer unknown here (lost in a reconnection)"
 CAST_OK, CAST_DONE, CAST_LOST = "ok", "done", "lost"  # a recipient's answer to a window of a cast
 
+
+# nats-py reads the socket this many bytes at a time, and its stream reader pauses the socket
+# beyond twice as much: its 32 KiB default took 32 reads, 32 parser passes and a pause and resume of
+# the socket per 1 MiB chunk (10 pods x 40 MB: 1.64 against 1.69 s a round, medians of 4 runs).
+# nats-py has no option for it; the client reads the module's constant on each connect and read.
+READ_BYTES = 1024 * 1024
+nats.aio.client.DEFAULT_BUFFER_SIZE = READ_BYTES
 
 DEFAULT_BROKER_URL = "nats://127.0.0.1:4222"
 CONNECT_HINT = ("start one with `fedpod broker start`, then pass its URL: --broker URL on the command line, "
