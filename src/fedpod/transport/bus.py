@@ -18,10 +18,10 @@ receiver nothing until its sender is authenticated:
   enough pods reply at once (twelve 4 MiB windows tripped it).
 - Chunks are taken in order, each only if its digest is the ticket's: a chunk injected by
   someone else (with a transfer id seen on the wire) is counted and ignored; it neither
-  corrupts nor cuts the genuine transfer. Memory grows with the data received, never to the
-  announced size up front: the buffer is an anonymous memory map of the announced size, made
-  at the first verified chunk, whose pages the kernel provides only as they are written (and
-  which, unlike a growing bytearray, is never copied to grow).
+  corrupts nor cuts the genuine transfer. Nothing is allocated before the first verified chunk:
+  the buffer is then an anonymous memory map of the announced size (`fedpod.buffers`: last
+  round's if one is free, else a new one whose pages the kernel provides only as they are
+  written), which, unlike a growing bytearray, is never copied to grow.
 - A window per transfer: every `WINDOW`-th chunk (and the last) is a request that the
   receiver acknowledges once the chunk is stored, so one fast sender cannot overrun it.
 
