@@ -14,9 +14,9 @@ pod returns a round's memory to the system within a minute. A buffer over `POOLE
 never kept: it is unmapped as soon as its last view goes, as a plain map is. Its pages cost
 little beside a round that moves it (0.2 s of a 400 MB model's 8-20 s round), and keeping it
 would hold hundreds of MB in every process between rounds: the large-model benchmark's three
-pods and modeller peaked at 6.9 GiB together that way, 5.1 without. Whoever takes a buffer overwrites what it reads: the
-bytes of an earlier use are never shown (`take` returns exactly `size` bytes, all to be
-written by the caller).
+pods and modeller peaked at 6.9 GiB together that way, 4.7 without. Whoever takes a buffer
+overwrites what it reads: the bytes of an earlier use are never shown (`take` returns exactly
+`size` bytes, all to be written by the caller).
 """
 
 from __future__ import annotations

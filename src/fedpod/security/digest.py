@@ -24,7 +24,7 @@ def bulk_digest(data: Buffer | Sequence[Buffer]) -> bytes:
     """BLAKE3 of one buffer, or of parts as if joined (a model update is its header and arrays)."""
     from blake3 import blake3
 
-    if isinstance(data, bytes | bytearray | memoryview):
+    if isinstance(data, Buffer):
         return blake3(data).digest()
     hasher = blake3()
     for part in data:
