@@ -62,6 +62,7 @@ from typing import Any, Protocol
 import nats
 import nats.aio.client
 import nats.errors
+import nats.protocol.parser
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -105,6 +106,30 @@ CAST_OK, CAST_DONE, CAST_LOST = "ok", "done", "lost"  # a recipient's answer to 
 # nats-py has no option for it; the client reads the module's constant on each connect and read.
 READ_BYTES = 1024 * 1024
 nats.aio.client.DEFAULT_BUFFER_SIZE = READ_BYTES
+
+
+class _ParserBuffer(bytearray):
+    """nats-py's parser takes each payload as `bytes(self.buf[start:stop])`: a bytearray slice,
+    then a copy of that — every byte received copied twice. A slice of this buffer is already
+    `bytes` (which `bytes()` returns as it is), made once from a view: 10 pods x 40 MB 1.49 against
+    1.55 s a round (medians of 16 rounds, two runs each)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            with memoryview(self) as view:
+                return bytes(view[key])
+        return super().__getitem__(key)
+
+
+_reset_nats_parser = nats.protocol.parser.Parser.reset
+
+
+def _reset_parser(parser: nats.protocol.parser.Parser) -> None:
+    _reset_nats_parser(parser)
+    parser.buf = _ParserBuffer()
+
+
+nats.protocol.parser.Parser.reset = _reset_parser  # type: ignore[method-assign, assignment]
 
 DEFAULT_BROKER_URL = "nats://127.0.0.1:4222"
 CONNECT_HINT = ("start one with `fedpod broker start`, then pass its URL: --broker URL on the command line, "
