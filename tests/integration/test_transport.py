@@ -8,6 +8,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 
 import nats
 import pytest
@@ -30,9 +31,9 @@ pytestmark = pytest.mark.integration
 Inbox = tuple[SecureChannel, asyncio.Queue[Opened], asyncio.Queue[EnvelopeRejected]]
 
 
-async def listening(url: str, name: str) -> Inbox:
+async def listening(url: str, name: str, *, tls_ca: Path | None = None) -> Inbox:
     """A channel listening on its inbox, with what it opened and what it rejected."""
-    channel = SecureChannel(await Bus.connect(BrokerOptions(url)), Identity.generate(name))
+    channel = SecureChannel(await Bus.connect(BrokerOptions(url, tls_ca=tls_ca)), Identity.generate(name))
     opened: asyncio.Queue[Opened] = asyncio.Queue()
     rejected: asyncio.Queue[EnvelopeRejected] = asyncio.Queue()
 

@@ -1,4 +1,5 @@
-"""Bytes in, bytes out over NATS — of any size. The only module that imports `nats`.
+"""Bytes in, bytes out over NATS — of any size. The only module that imports `nats`, with
+`nats_copies`, which it installs to take fewer copies of what nats-py receives.
 
 Messages larger than the server's `max_payload` travel as chunks with transfer headers.
 Anyone who can reach the broker can publish to an inbox, so a chunked transfer costs the
@@ -62,7 +63,6 @@ from typing import Any, Protocol
 import nats
 import nats.aio.client
 import nats.errors
-import nats.protocol.parser
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -70,7 +70,7 @@ from nats.aio.subscription import Subscription
 from fedpod.buffers import LARGE_BUFFERS
 from fedpod.errors import BrokerUnavailable, PodUnreachable, TaskTimeout, TransportError
 from fedpod.security.digest import bulk_digest
-from fedpod.transport import subjects
+from fedpod.transport import nats_copies, subjects
 from fedpod.transport.broker import split_urls
 
 log = logging.getLogger(__name__)
@@ -100,36 +100,7 @@ RESEND = b"resend: transfer unknown here (lost in a reconnection)"
 CAST_OK, CAST_DONE, CAST_LOST = "ok", "done", "lost"  # a recipient's answer to a window of a cast
 
 
-# nats-py reads the socket this many bytes at a time, and its stream reader pauses the socket
-# beyond twice as much: its 32 KiB default took 32 reads, 32 parser passes and a pause and resume of
-# the socket per 1 MiB chunk (10 pods x 40 MB: 1.64 against 1.69 s a round, medians of 4 runs).
-# nats-py has no option for it; the client reads the module's constant on each connect and read.
-READ_BYTES = 1024 * 1024
-nats.aio.client.DEFAULT_BUFFER_SIZE = READ_BYTES
-
-
-class _ParserBuffer(bytearray):
-    """nats-py's parser takes each payload as `bytes(self.buf[start:stop])`: a bytearray slice,
-    then a copy of that — every byte received copied twice. A slice of this buffer is already
-    `bytes` (which `bytes()` returns as it is), made once from a view: 10 pods x 40 MB 1.49 against
-    1.55 s a round (medians of 16 rounds, two runs each)."""
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, slice):
-            with memoryview(self) as view:
-                return bytes(view[key])
-        return super().__getitem__(key)
-
-
-_reset_nats_parser = nats.protocol.parser.Parser.reset
-
-
-def _reset_parser(parser: nats.protocol.parser.Parser) -> None:
-    _reset_nats_parser(parser)
-    parser.buf = _ParserBuffer()
-
-
-nats.protocol.parser.Parser.reset = _reset_parser  # type: ignore[method-assign, assignment]
+nats_copies.install()
 
 DEFAULT_BROKER_URL = "nats://127.0.0.1:4222"
 CONNECT_HINT = ("start one with `fedpod broker start`, then pass its URL: --broker URL on the command line, "
