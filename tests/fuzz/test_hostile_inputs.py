@@ -20,7 +20,6 @@ from typing import Any
 import msgpack
 import pytest
 import yaml
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,7 +28,7 @@ from fedpod.errors import ConfigError, EnvelopeRejected, SqlError, TransportErro
 from fedpod.security import envelope
 from fedpod.security.digest import bulk_digest
 from fedpod.security.envelope import MAGIC, VERSION, ReplayGuard, open_envelope, seal_bytes
-from fedpod.security.identity import Identity
+from fedpod.security.identity import Identity, x25519, x25519_public
 from fedpod.security.tickets import TicketRefused, check_ticket, issue_ticket
 from fedpod.tasks.yaml_front import load_task
 
@@ -81,9 +80,9 @@ def header_with(changes: dict[str, Any]) -> bytes:
     """An envelope whose sealed header has fields replaced — signed by the sender and sealed for
     the receiver, as an accepted party gone rogue could send (built as `envelope.seal` does)."""
     header = {**GENUINE_HEADER, **changes}
-    key, base, ephemeral = os.urandom(32), os.urandom(8), X25519PrivateKey.generate()
-    ephemeral_public = ephemeral.public_key().public_bytes_raw()
-    kek, tag = envelope._wrap_keys(ephemeral.exchange(RECEIVER.public.box_key()), ephemeral_public,
+    key, base, ephemeral = os.urandom(32), os.urandom(8), os.urandom(32)
+    ephemeral_public = x25519_public(ephemeral)
+    kek, tag = envelope._wrap_keys(x25519(ephemeral, RECEIVER.public.box_public), ephemeral_public,
                                    RECEIVER.public.box_public)
     header_bytes = msgpack.packb(header, use_bin_type=True)
     outer = msgpack.packb({"v": VERSION, "ephemeral": ephemeral_public, "base": base,

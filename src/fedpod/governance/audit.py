@@ -86,7 +86,7 @@ def checkpoint_signer(checkpoint: dict[str, Any]) -> PublicIdentity:
     try:
         signer = PublicIdentity(str(checkpoint["pod"]), bytes.fromhex(checkpoint["sign_public"]),
                                 bytes.fromhex(checkpoint["box_public"]))
-        signer.verify_key().verify(bytes.fromhex(checkpoint["signature"]), _checkpoint_bytes(checkpoint))
+        signer.verify(bytes.fromhex(checkpoint["signature"]), _checkpoint_bytes(checkpoint))
     except (KeyError, TypeError, ValueError, InvalidSignature) as exc:
         raise ValueError(f"checkpoint of {checkpoint.get('ts')} does not verify") from exc
     return signer

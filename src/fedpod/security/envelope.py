@@ -44,7 +44,6 @@ from typing import Any
 import msgpack
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -52,12 +51,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from fedpod.buffers import LARGE_BUFFERS
 from fedpod.errors import EnvelopeRejected
 from fedpod.security.digest import bulk_digest
-from fedpod.security.identity import Identity, PublicIdentity
+from fedpod.security.identity import SIGNATURE_BYTES, Identity, PublicIdentity, x25519, x25519_public
 
 VERSION = 3  # 3: bulk digests are BLAKE3 (security.digest); 2 had SHA-256
 MAGIC = b"FPE" + str(VERSION).encode()
 _PREFIX = struct.Struct(">4sI")
-SIGNATURE_BYTES = 64
 MAX_OUTER_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_RECIPIENTS = 10_000
@@ -184,11 +182,11 @@ def seal(
                             body[written : written + len(segment) + TAG_BYTES])
         written += len(segment) + TAG_BYTES
     digest = bulk_digest(body) if len(recipients) > 1 else None
-    ephemeral = X25519PrivateKey.generate()
-    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    ephemeral = os.urandom(32)
+    ephemeral_public = x25519_public(ephemeral)
     wraps = []
     for recipient in recipients:
-        kek, tag = _wrap_keys(ephemeral.exchange(recipient.box_key()), ephemeral_public, recipient.box_public)
+        kek, tag = _wrap_keys(x25519(ephemeral, recipient.box_public), ephemeral_public, recipient.box_public)
         wraps.append(tag + AESGCM(kek).encrypt(b"\0" * 12, content_key, ephemeral_public))
     public = sender.public
     header = Header(
@@ -332,7 +330,7 @@ def open_envelope(
     if signature == b"\0" * SIGNATURE_BYTES:
         raise EnvelopeRejected("unsigned")
     try:
-        header.sender.verify_key().verify(signature, outer_bytes + header_bytes)
+        header.sender.verify(signature, outer_bytes + header_bytes)
     except (InvalidSignature, ValueError) as exc:
         raise EnvelopeRejected("bad-signature", f"claimed sender {header.sender_name}") from exc
     if header.v != VERSION:
@@ -369,7 +367,7 @@ def open_envelope(
 def _unwrap(outer: Outer, me: Identity) -> bytes:
     """The content key wrapped for `me`: one X25519 exchange, whatever the number of wraps."""
     try:
-        shared = me.box_key.exchange(X25519PublicKey.from_public_bytes(outer.ephemeral))
+        shared = x25519(me.box_private, outer.ephemeral)
     except ValueError as exc:  # a low-order point: no shared secret
         raise EnvelopeRejected("malformed", "invalid ephemeral key") from exc
     kek, tag = _wrap_keys(shared, outer.ephemeral, me.public.box_public)

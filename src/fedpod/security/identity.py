@@ -4,6 +4,13 @@ The fingerprint hashes both public keys, so pinning a fingerprint pins both. It 
 (16 base32 characters in four groups) so that two people can compare it over the phone.
 Private keys live in `<keystore>/<name>.key` (mode 0600); the public half in `<name>.pub`.
 
+Verification and key agreement are libsodium's (PyNaCl), signing and key storage
+`cryptography`'s: the two compute the same standard functions (RFC 8032, RFC 7748), and on the
+2-core machines measured libsodium verifies an Ed25519 signature in 78 us against OpenSSL's
+346 and agrees an X25519 key in 39 against 74. Every envelope opened costs one of each, and a
+modeller opens every heartbeat and reply of every pod (100 pods: 25 beats and 100 replies a
+round).
+
 The same Ed25519 key is the party's NATS user key (nkeys are Ed25519 keys in NATS's own
 encoding): a broker that fedpod configures lists each party's `nats_user_key`, and the party
 connects with `nats_seed`, so that one key both signs envelopes and logs in to the broker.
@@ -20,13 +27,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import nacl.exceptions
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base, crypto_sign_open
 
 from fedpod.errors import ConfigError
 from fedpod.names import check_name
 
+SIGNATURE_BYTES = 64
+KEY_BYTES = 32  # Ed25519 and X25519 keys alike
 _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
 _RAW_PRIV = serialization.PrivateFormat.Raw
@@ -41,6 +53,23 @@ def fedpod_home() -> Path:
 def default_keystore() -> Path:
     """`$FEDPOD_KEYSTORE`, else `$FEDPOD_HOME/keys`."""
     return Path(os.environ["FEDPOD_KEYSTORE"]) if os.environ.get("FEDPOD_KEYSTORE") else fedpod_home() / "keys"
+
+
+def x25519(private: bytes, public: bytes) -> bytes:
+    """The X25519 shared secret of a private key and a peer's public key; ValueError for a key of
+    the wrong length or a low-order point (no shared secret)."""
+    if len(private) != KEY_BYTES or len(public) != KEY_BYTES:  # PyNaCl's binding does not check
+        raise ValueError(f"an X25519 key is {KEY_BYTES} bytes, not {len(private)} and {len(public)}")
+    try:
+        return bytes(crypto_scalarmult(private, public))
+    except (nacl.exceptions.CryptoError, TypeError) as exc:
+        raise ValueError("not a usable X25519 public key") from exc
+
+
+def x25519_public(private: bytes) -> bytes:
+    if len(private) != KEY_BYTES:
+        raise ValueError(f"an X25519 key is {KEY_BYTES} bytes, not {len(private)}")
+    return bytes(crypto_scalarmult_base(private))
 
 
 def fingerprint_of(sign_public: bytes, box_public: bytes) -> str:
@@ -81,11 +110,16 @@ class PublicIdentity:
     def fingerprint(self) -> str:  # read several times for every message: a hash and base32 each time
         return fingerprint_of(self.sign_public, self.box_public)
 
-    def verify_key(self) -> Ed25519PublicKey:
-        return Ed25519PublicKey.from_public_bytes(self.sign_public)
-
-    def box_key(self) -> X25519PublicKey:
-        return X25519PublicKey.from_public_bytes(self.box_public)
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """Raise InvalidSignature unless `signature` is this party's Ed25519 signature of `data`."""
+        if len(signature) != SIGNATURE_BYTES:  # libsodium reads the first 64 bytes as the signature
+            raise InvalidSignature(f"a signature is {SIGNATURE_BYTES} bytes, not {len(signature)}")
+        if len(self.sign_public) != KEY_BYTES:
+            raise InvalidSignature(f"an Ed25519 key is {KEY_BYTES} bytes, not {len(self.sign_public)}")
+        try:
+            crypto_sign_open(signature + data, self.sign_public)
+        except (nacl.exceptions.CryptoError, TypeError) as exc:
+            raise InvalidSignature(f"not a signature of {self.name}") from exc
 
     @property
     def nats_user(self) -> str:
@@ -140,6 +174,11 @@ class Identity:
 
     def sign(self, data: bytes) -> bytes:
         return self.signing_key.sign(data)
+
+    @functools.cached_property
+    def box_private(self) -> bytes:
+        """The raw X25519 private key, for `x25519`."""
+        return self.box_key.private_bytes(_RAW, _RAW_PRIV, _NO_ENC)
 
     @property
     def nats_seed(self) -> str:

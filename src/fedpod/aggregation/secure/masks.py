@@ -12,27 +12,27 @@ import hashlib
 import os
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from fedpod.security.identity import x25519, x25519_public
 
 KEY_BYTES = 32
 
 
 def new_private_key() -> bytes:
-    return X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return os.urandom(KEY_BYTES)  # any 32 bytes: X25519 clamps the scalar itself (RFC 7748)
 
 
 def public_key(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return x25519_public(private)
 
 
 def agree(private: bytes, peer_public: bytes, context: bytes, purpose: bytes) -> bytes:
     """The seed two pods share: X25519 then HKDF over the round's context and the purpose."""
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    shared = x25519(private, peer_public)
     return HKDF(algorithm=SHA256(), length=KEY_BYTES, salt=None, info=purpose + b"\0" + context).derive(shared)
 
 
