@@ -214,7 +214,7 @@ def heartbeats(broker: EmbeddedBroker, pod: RunningPod) -> Iterator[list[float]]
         bus = await Bus.connect(BrokerOptions(broker.url), login=observer)
         keys = (pod.identity.public.sign_public, pod.identity.public.box_public)
 
-        async def on_beat(frame: bytes, ack: object) -> None:
+        async def on_beat(frame: bytes, ack: object, vouched_by: object) -> None:
             if announced_sender(frame) == keys:
                 beats.append(time.monotonic())
 

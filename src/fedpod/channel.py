@@ -156,10 +156,12 @@ class SecureChannel:
         parts = await self._seal(message.TYPE, pack(message), recipients, "", announce=True)
         await self.bus.publish(subject, b"".join(parts))
 
-    async def open(self, frame: Payload) -> Opened:
+    async def open(self, frame: Payload, vouched_by: str | None = None) -> Opened:
+        """`vouched_by`: the fingerprint of the party whose verified transfer ticket covered every
+        byte of `frame` (the bus says so), if any — see `open_envelope`."""
         if len(frame) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(open_envelope, frame, self.identity, self.guard)
-        return open_envelope(frame, self.identity, self.guard)
+            return await asyncio.to_thread(open_envelope, frame, self.identity, self.guard, vouched_by=vouched_by)
+        return open_envelope(frame, self.identity, self.guard, vouched_by=vouched_by)
 
     async def listen_inbox(self, on_opened: OpenedHandler, on_rejected: RejectedHandler) -> None:
         """Subscribe this party's inbox (the only subject envelopes are opened on: heartbeats are
@@ -168,9 +170,9 @@ class SecureChannel:
         sender hears that its message arrived when the handler awaits `opened.acknowledge()`, or
         returns."""
 
-        async def on_frame(frame: Payload, ack: Ack) -> None:
+        async def on_frame(frame: Payload, ack: Ack, vouched_by: str | None) -> None:
             try:
-                opened = await self.open(frame)
+                opened = await self.open(frame, vouched_by)
             except EnvelopeRejected as exc:
                 self.rejections[exc.reason] += 1
                 await on_rejected(exc)

@@ -86,7 +86,7 @@ def rogue_pod(identity: Identity, advert: PodAdvert, on_task: TaskHandler | None
     `on_task`."""
 
     async def subscribe(channel: SecureChannel) -> None:
-        async def on_ping(frame: object, ack: object) -> None:
+        async def on_ping(frame: object, ack: object, vouched_by: object) -> None:
             beat = Heartbeat(pod=advert.pod, fingerprint=identity.fingerprint, ts=0, running_tasks=0, uptime_s=0)
             await channel.announce(subjects.heartbeat(identity.fingerprint), beat, [])
 

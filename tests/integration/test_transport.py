@@ -15,6 +15,7 @@ import pytest
 
 from fedpod.channel import SecureChannel
 from fedpod.errors import EnvelopeRejected, PodUnreachable, TransportError
+from fedpod.security import envelope
 from fedpod.security.envelope import Opened, seal
 from fedpod.security.identity import Identity
 from fedpod.security.tickets import issue_ticket
@@ -220,10 +221,16 @@ async def authenticated(broker: EmbeddedBroker, role: str, name: str,
     return channel, opened
 
 
-async def test_a_cast_sends_one_copy_to_many_pods_and_leaves_out_one_that_refuses(broker: EmbeddedBroker) -> None:
+async def test_a_cast_sends_one_copy_to_many_pods_and_leaves_out_one_that_refuses(
+        broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11, item 4: the modeller's link carries a large message once whatever the number of
     recipients; a pod that refuses the sender's ticket gets nothing and is reported missing,
-    and the others still receive it whole (with broker permissions on, as deployed)."""
+    and the others still receive it whole (with broker permissions on, as deployed). The body
+    is hashed whole once, by its sender: each pod's bus checked every chunk against the ticket
+    the sender signed, which vouches for the bytes as the body digest would."""
+    hashed: list[int] = []
+    digest = envelope.bulk_digest
+    monkeypatch.setattr(envelope, "bulk_digest", lambda body: hashed.append(len(body)) or digest(body))
     modeller, _ = await authenticated(broker, "modeller", "modeller")
     pods = [await authenticated(broker, "pod", f"pod{i}", {modeller.fingerprint}) for i in range(4)]
     refusing, _ = await authenticated(broker, "pod", "refusing", set())
@@ -241,6 +248,7 @@ async def test_a_cast_sends_one_copy_to_many_pods_and_leaves_out_one_that_refuse
             assert opened.sender.fingerprint == modeller.fingerprint
             assert bytes(unpack(opened.payload, TaskResult).table) == payload
         assert refusing.bus.dropped_transfers == 1
+        assert len(hashed) == 1
     finally:
         for party in [modeller, refusing, *(p for p, _ in pods)]:
             await party.bus.close()

@@ -4,13 +4,16 @@ import os
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpod.errors import EnvelopeRejected
+from fedpod.security import envelope
 from fedpod.security.envelope import MAGIC, ReplayGuard, announced_sender, open_envelope, seal, seal_bytes
 from fedpod.security.identity import Identity
 from tests.conftest import Impersonator
@@ -20,7 +23,7 @@ BOB = Identity.generate("bob")
 CAROL = Identity.generate("carol")
 
 
-def reason(frame: bytes, me: Identity = BOB, guard: ReplayGuard | None = None, **kwargs: float) -> str:
+def reason(frame: bytes, me: Identity = BOB, guard: ReplayGuard | None = None, **kwargs: Any) -> str:
     with pytest.raises(EnvelopeRejected) as info:
         open_envelope(frame, me, guard or ReplayGuard(), **kwargs)
     return info.value.reason
@@ -136,6 +139,33 @@ def test_a_co_recipient_cannot_rewrap_a_multi_recipient_envelope() -> None:
     packed = msgpack.packb(outer, use_bin_type=True)
     stripped = struct.pack(">4sI", MAGIC, len(packed)) + packed + frame[8 + outer_len :]
     assert reason(stripped) == "tampered"  # the sealed header's associated data no longer matches
+
+
+def _reencrypted_by(recipient: Identity, frame: bytes, body: bytes) -> bytes:
+    """`frame` with its body replaced by `body` (the same length), encrypted under the content
+    key, as any recipient of a multi-recipient envelope can: only the signed digest tells."""
+    outer, _, header_start = envelope._outer(memoryview(frame))
+    cipher = AESGCM(envelope._unwrap(outer, recipient))
+    opened = open_envelope(frame, recipient, ReplayGuard())
+    nonce, sizes = opened.header.nonce, opened.header.segments
+    assert sizes == [len(body)]
+    forged = cipher.encrypt(envelope._gcm_nonce(outer.base, 0), body, envelope._segment_aad(nonce, 0, True))
+    return frame[: header_start + outer.header_len] + forged
+
+
+def test_a_co_recipient_cannot_swap_a_multi_recipient_body_unless_the_signer_vouched_for_the_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = seal_bytes(ALICE, "model", b"weights!", recipients=[BOB.public, CAROL.public])
+    forged = _reencrypted_by(CAROL, frame, b"poisons!")
+    with pytest.raises(EnvelopeRejected, match="body digest differs"):
+        open_envelope(forged, BOB, ReplayGuard())
+    with pytest.raises(EnvelopeRejected, match="body digest differs"):  # Carol's ticket vouches for no Alice bytes
+        open_envelope(forged, BOB, ReplayGuard(), vouched_by=CAROL.fingerprint)
+    hashed: list[int] = []
+    monkeypatch.setattr(envelope, "bulk_digest", lambda body: hashed.append(len(body)) or b"")
+    # The bus checked every chunk against a ticket Alice signed: these are her bytes, not hashed again.
+    assert open_envelope(frame, BOB, ReplayGuard(), vouched_by=ALICE.fingerprint).payload == b"weights!"
+    assert hashed == []
 
 
 def test_garbage_is_rejected_as_malformed() -> None:

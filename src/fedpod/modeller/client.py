@@ -112,7 +112,7 @@ class AsyncModeller:
     async def _on_rejected(self, exc: EnvelopeRejected) -> None:
         return None  # counted by the channel; a modeller has no audit log of its own
 
-    async def _on_heartbeat(self, frame: Payload, ack: Ack) -> None:
+    async def _on_heartbeat(self, frame: Payload, ack: Ack, vouched_by: str | None) -> None:
         """Every pod's heartbeats, on one subscription. A pod this modeller has a task at is
         followed (liveness, task phases). During a discovery, every pod that announces itself gets
         a sealed discovery request (heartbeats show a pod's public keys; a ping makes every pod

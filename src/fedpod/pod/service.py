@@ -258,7 +258,7 @@ class Pod:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=MIN_BEAT_GAP_S)
 
-    async def _on_ping(self, payload: object, ack: object) -> None:
+    async def _on_ping(self, payload: object, ack: object, vouched_by: object) -> None:
         """A discovery ping (its content, whoever sent it, is ignored): beat now."""
         self._pinged.set()
 

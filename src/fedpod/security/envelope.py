@@ -310,8 +310,16 @@ def open_envelope(
     max_age_s: float = DEFAULT_MAX_AGE_S,
     max_skew_s: float = DEFAULT_MAX_SKEW_S,
     now: float | None = None,
+    vouched_by: str | None = None,
 ) -> Opened:
-    """Verify and decrypt an envelope addressed to `me`; raise EnvelopeRejected saying why."""
+    """Verify and decrypt an envelope addressed to `me`; raise EnvelopeRejected saying why.
+
+    A body sealed for several recipients carries its digest in the signed header, since each of
+    them knows the content key and could otherwise swap the body for the others. `vouched_by`
+    is the fingerprint of a party whose signed transfer ticket listed the digest of every chunk
+    of `frame`, each checked on arrival (`transport.bus`): when that is the envelope's signer, the
+    signer has vouched for these very bytes, and the body is not hashed a second time (a pod
+    receiving a round's 40 MB model by cast: 9 ms)."""
     view = memoryview(frame)
     outer, outer_bytes, header_start = _outer(view)
     content_key = _unwrap(outer, me)
@@ -345,7 +353,7 @@ def open_envelope(
     if not header.segments or any(size < 0 or size > SEGMENT_BYTES for size in header.segments) \
             or sum(size + TAG_BYTES for size in header.segments) != len(body):
         raise EnvelopeRejected("tampered", "body length differs from the signed segment sizes")
-    if header.digest is not None and bulk_digest(body) != header.digest:
+    if header.digest is not None and vouched_by != header.sender.fingerprint and bulk_digest(body) != header.digest:
         raise EnvelopeRejected("tampered", "body digest differs from the signed digest")
     if header.to is not None and header.to != me.fingerprint:
         raise EnvelopeRejected("wrong-recipient", f"addressed to {header.to}")

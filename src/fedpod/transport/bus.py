@@ -37,7 +37,9 @@ others one by one.
 
 A send to an inbox nobody listens on fails within RECONNECT_GRACE_S (`PodUnreachable`) instead
 of vanishing.
-Integrity and origin of the reassembled bytes is still the envelope's job (GCM tag, signature).
+Integrity and origin of the reassembled bytes is still the envelope's job (GCM tag, signature);
+the handler hears whose ticket vouched for every chunk, so that a body the envelope would hash
+to check its signer's digest (a cast's) is not hashed a second time.
 
 Losing a broker (a cluster member that dies, a restart) loses what was in flight through it,
 and a request whose answer was lost would otherwise wait out its whole timeout. So a send is
@@ -77,7 +79,10 @@ log = logging.getLogger(__name__)
 
 Payload = bytes | bytearray | memoryview
 Ack = Callable[[], Awaitable[None]]
-Handler = Callable[[Payload, Ack], Awaitable[None]]
+# A whole message, its acknowledgement, and who vouched for every byte of it: for a chunked
+# transfer, the sender whose signed ticket listed each chunk's digest (each one checked here);
+# None for a single message.
+Handler = Callable[[Payload, Ack, str | None], Awaitable[None]]
 TicketIssuer = Callable[[str, int, list[bytes]], bytes]  # (transfer id, size, chunk digests) -> ticket
 
 H_TRANSFER = "Fedpod-Transfer"
@@ -356,7 +361,7 @@ class Bus:
                 self._spawn(self._admit(msg, handler))  # waiting here would stall the chunks of admitted transfers
                 return
             try:
-                whole = self._absorb(msg)
+                absorbed = self._absorb(msg)
             except _UnknownChunk:
                 self.ignored_chunks += 1  # not a chunk an admitted sender signed for: someone else's, ignored
                 if msg.reply:  # a window of a transfer this party lost: its sender starts it again
@@ -366,13 +371,13 @@ class Bus:
             except TransportError as exc:
                 log.debug("dropped transfer on %s: %s", subject, exc)
                 self.dropped_transfers += 1
-                whole = None
-            if whole is None:
+                absorbed = None
+            if absorbed is None:
                 if msg.reply:  # flow control of a transfer under way, or a message dropped
                     with contextlib.suppress(Exception):
                         await msg.respond(b"")
                 return
-            self._spawn(_acknowledging(handler, whole, msg))
+            self._spawn(_acknowledging(handler, *absorbed, msg))
 
         await self._client.subscribe(subject, cb=on_message, pending_bytes_limit=256 * 1024 * 1024)
         await self._client.flush()  # return only once the server knows: a send right after must find us
@@ -435,18 +440,18 @@ class Bus:
             return
         index = headers.get(H_INDEX, "?")[:16]
         try:
-            whole = self._absorb(msg)
+            absorbed = self._absorb(msg)
         except _UnknownChunk:
             self.ignored_chunks += 1
-            whole, status = None, CAST_LOST
+            absorbed, status = None, CAST_LOST
         except TransportError as exc:
             log.debug("dropped cast chunk: %s", exc)
             self.dropped_transfers += 1
-            whole, status = None, CAST_LOST
+            absorbed, status = None, CAST_LOST
         else:
             status = CAST_OK
-        if whole is not None:
-            self._spawn(_acknowledging(handler, whole, msg, f"{CAST_DONE} {index} {self.me}".encode()))
+        if absorbed is not None:
+            self._spawn(_acknowledging(handler, *absorbed, msg, f"{CAST_DONE} {index} {self.me}".encode()))
         elif msg.reply:
             with contextlib.suppress(Exception):
                 await msg.respond(f"{status} {index} {self.me}".encode())
@@ -463,11 +468,12 @@ class Bus:
             if transfer.subscription is not None:
                 self._spawn(_unsubscribe(transfer.subscription))
 
-    def _absorb(self, msg: Msg) -> Payload | None:
+    def _absorb(self, msg: Msg) -> tuple[Payload, str | None] | None:
+        """The whole message and who vouched for it (see `Handler`), once it is whole."""
         headers = msg.headers or {}
         transfer_id = headers.get(H_TRANSFER)
         if transfer_id is None:
-            return bytes(msg.data)
+            return bytes(msg.data), None
         transfer = self._transfers.get(transfer_id)
         data = msg.data
         if transfer is None or headers.get(H_INDEX) != str(transfer.next_index) \
@@ -488,7 +494,7 @@ class Bus:
         self._finish(transfer_id)
         if transfer.received != transfer.size:
             raise TransportError(f"transfer {transfer_id} ended at {transfer.received} of {transfer.size} bytes")
-        return transfer.buffer
+        return transfer.buffer, transfer.sender
 
     def _forget_stale(self) -> None:
         now = time.monotonic()
@@ -680,7 +686,8 @@ async def _unsubscribe(subscription: Subscription) -> None:
         await subscription.unsubscribe()
 
 
-async def _acknowledging(handler: Handler, whole: Payload, msg: Msg, answer: bytes = b"") -> None:
+async def _acknowledging(handler: Handler, whole: Payload, vouched_by: str | None, msg: Msg,
+                         answer: bytes = b"") -> None:
     acked = False
 
     async def ack() -> None:
@@ -691,7 +698,7 @@ async def _acknowledging(handler: Handler, whole: Payload, msg: Msg, answer: byt
                 with contextlib.suppress(Exception):
                     await msg.respond(answer)
 
-    running = handler(whole, ack)
+    running = handler(whole, ack, vouched_by)
     del whole  # the handler lets go of the bytes once it has read them (a pod then trains for minutes)
     try:
         await running
