@@ -30,8 +30,8 @@ from pathlib import Path
 import nacl.exceptions
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base, crypto_sign_open
 
 from fedpod.errors import ConfigError
@@ -109,6 +109,14 @@ class PublicIdentity:
     @functools.cached_property
     def fingerprint(self) -> str:  # read several times for every message: a hash and base32 each time
         return fingerprint_of(self.sign_public, self.box_public)
+
+    def verify_key(self) -> Ed25519PublicKey:
+        """The key as a `cryptography` object, for code that verifies with it directly (the
+        previous envelope that benchmarks/transport/envelope_cost compares with)."""
+        return Ed25519PublicKey.from_public_bytes(self.sign_public)
+
+    def box_key(self) -> X25519PublicKey:
+        return X25519PublicKey.from_public_bytes(self.box_public)
 
     def verify(self, signature: bytes, data: bytes) -> None:
         """Raise InvalidSignature unless `signature` is this party's Ed25519 signature of `data`."""
