@@ -1,5 +1,5 @@
 """Bytes in, bytes out over NATS — of any size. The only module that imports `nats`, with
-`nats_copies`, which it installs to take fewer copies of what nats-py receives.
+`nats_copies`, which it installs to take fewer copies of what nats-py sends and receives.
 
 Messages larger than the server's `max_payload` travel as chunks with transfer headers.
 Anyone who can reach the broker can publish to an inbox, so a chunked transfer costs the

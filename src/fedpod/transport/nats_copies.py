@@ -158,15 +158,18 @@ class _Stream(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self.transport.resume_reading()
+            self._reading_paused = False
+
     def _wake(self) -> None:
         if self._arrived is not None and not self._arrived.done():
             self._arrived.set_result(None)
 
     async def _more(self) -> None:
         """Wait for the next chunk (or the end); reading is resumed first if it was paused."""
-        if self._reading_paused and self.transport is not None:
-            self.transport.resume_reading()
-            self._reading_paused = False
+        self._resume_reading()
         self._arrived = asyncio.get_running_loop().create_future()
         try:
             await self._arrived
@@ -181,9 +184,8 @@ class _Stream(asyncio.Protocol):
             await self._more()
         chunk = self._chunks.popleft()
         self._queued -= len(chunk)
-        if self._reading_paused and self._queued <= self.limit and self.transport is not None:
-            self.transport.resume_reading()
-            self._reading_paused = False
+        if self._queued <= self.limit:
+            self._resume_reading()
         return chunk
 
     async def readline(self) -> bytes:
@@ -233,9 +235,8 @@ class _ChunkTransport(nats.aio.transport.Transport):
     async def connect_tls(self, uri: str | ParseResult, ssl_context: ssl.SSLContext, buffer_size: int,
                           connect_timeout: int) -> None:
         stream = self._connected()
-        assert stream.transport is not None
         upgraded = await asyncio.wait_for(asyncio.get_running_loop().start_tls(
-            stream.transport, stream, ssl_context,
+            self._socket(), stream, ssl_context,
             server_hostname=uri if isinstance(uri, str) else uri.hostname), connect_timeout)
         assert isinstance(upgraded, asyncio.Transport)
         stream.transport = upgraded
@@ -245,16 +246,18 @@ class _ChunkTransport(nats.aio.transport.Transport):
             raise ConnectionError("nats transport used before it connected")
         return self._stream
 
-    def write(self, payload: bytes) -> None:
+    def _socket(self) -> asyncio.Transport:
         transport = self._connected().transport
-        assert transport is not None
-        transport.write(payload)
+        assert transport is not None  # `_connected` checked it
+        return transport
+
+    def write(self, payload: bytes) -> None:
+        self._socket().write(payload)
 
     def writelines(self, payload: list[bytes]) -> None:
         """Each piece written as a view: asyncio's `writelines` joins them first, and its `write`
         copies what the socket did not take at once (a slice of bytes) before buffering it."""
-        transport = self._connected().transport
-        assert transport is not None
+        transport = self._socket()
         for piece in payload:
             transport.write(memoryview(piece))
 
