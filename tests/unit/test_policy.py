@@ -162,13 +162,21 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
     ("SELECT age, ROW_NUMBER() OVER () FROM ehr", "sql_rows"),
 ])
 def test_the_pod_judges_a_querys_kind_from_the_sql_itself(query: str, kind: str) -> None:
-    assert shape(query, ["age", "sex", "ssn"]).kind == kind
+    assert shape(query, ("age", "sex", "ssn")).kind == kind
+
+
+def test_a_querys_judgement_is_remembered_for_short_texts_only() -> None:
+    short = "SELECT AVG(age) FROM ehr"
+    assert shape(short, ("age", "ssn")) is shape(short, ("age", "ssn"))
+    long = short + " WHERE " + " OR ".join(["age = 1"] * 600)  # beyond REMEMBERED_BELOW: never kept
+    assert shape(long, ("age", "ssn")) is not shape(long, ("age", "ssn"))
+    assert shape(long, ("age", "ssn")) == shape(long, ("age", "ssn"))
 
 
 def test_the_columns_a_query_reads_include_those_behind_a_star() -> None:
-    assert shape("SELECT COUNT(*) FROM ehr", ["age", "ssn"]).columns == frozenset()
-    assert shape("SELECT * FROM ehr", ["age", "ssn"]).columns == {"age", "ssn"}
-    assert shape("SELECT AVG(AGE) FROM ehr WHERE Ssn > 0", ["age", "ssn"]).columns == {"age", "ssn"}
+    assert shape("SELECT COUNT(*) FROM ehr", ("age", "ssn")).columns == frozenset()
+    assert shape("SELECT * FROM ehr", ("age", "ssn")).columns == {"age", "ssn"}
+    assert shape("SELECT AVG(AGE) FROM ehr WHERE Ssn > 0", ("age", "ssn")).columns == {"age", "ssn"}
 
 
 @pytest.mark.parametrize("query", [

@@ -37,8 +37,9 @@ class AuditWitness:
         with self._lock:
             if self._last.get(pod.fingerprint) == head:
                 return False
+            if not self._last:  # the first checkpoint kept: the folder is made once, not per result
+                self.folder.mkdir(parents=True, exist_ok=True)
             self._last[pod.fingerprint] = head
-            self.folder.mkdir(parents=True, exist_ok=True)
             with (self.folder / f"{pod.name}-{pod.fingerprint}.jsonl").open("a") as out:
                 out.write(json.dumps(checkpoint, sort_keys=True) + "\n")
         return True

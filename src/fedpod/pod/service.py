@@ -460,7 +460,8 @@ class Pod:
         self._reload_if_changed()  # a stat: an approval given a moment ago applies to this very task
         # in a worker thread: judging SQL parses it (hostile text, and the first SQL task imports
         # sqlglot and DuckDB), which on the event loop stalled 100 pods' heartbeats for seconds
-        measured = await asyncio.to_thread(self._measure, request, sender)
+        measured = await asyncio.to_thread(self._measure, request, sender) if isinstance(request, TaskRequest) \
+            else self._measure(request, sender)  # a training task's judgement parses nothing
         decision = decide(self.config.policies, measured)
         received = {"task": request.task_id, "requester": sender.name[:64], "requester_fingerprint": sender.fingerprint,
                     "dataset": request.dataset[:128], "kind": measured.kind, "rule": decision.rule,

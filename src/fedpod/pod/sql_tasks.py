@@ -57,7 +57,7 @@ def query_shape(algorithm: SqlQueryAlgorithm | QuantileCountsAlgorithm | NoisyAg
         if isinstance(algorithm, QuantileCountsAlgorithm):
             return QueryShape("sql_aggregate", read_columns(parse_statement(algorithm.query), columns), "") \
                 if plan_quantiles(algorithm.query) else QueryShape("sql_rows", frozenset(), "")
-        return shape(algorithm.query, columns)
+        return shape(algorithm.query, tuple(columns))
     except FedpodError:  # unreadable SQL: judged as the most revealing kind; the engine says why later
         return QueryShape("sql_rows", frozenset(), "it does not parse or search")
 

@@ -23,12 +23,13 @@ modeller by fewer than `min_group_size` rows.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.algorithms.sql.dialect import parse_statement, per_query, to_duckdb
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -65,7 +66,7 @@ def _row_reason(tree: exp.Expr) -> str:
     return ""
 
 
-def read_columns(tree: exp.Expr, dataset_columns: list[str]) -> frozenset[str]:
+def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:
     """The dataset's columns a query reads: each column named (matched case-insensitively), and
     all of them for a `*` that is not COUNT(*)'s. A select alias that shadows a column name
     counts as that column — a stricter reading, never a looser one."""
@@ -77,7 +78,8 @@ def read_columns(tree: exp.Expr, dataset_columns: list[str]) -> frozenset[str]:
     return frozenset(read)
 
 
-def shape(query: str, dataset_columns: list[str]) -> QueryShape:
+@per_query
+def shape(query: str, dataset_columns: tuple[str, ...]) -> QueryShape:
     tree = parse_statement(query)
     why = _row_reason(tree)
     return QueryShape("sql_rows" if why else "sql_aggregate", read_columns(tree, dataset_columns), why)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.algorithms.sql.dialect import parse_statement, per_query, to_duckdb
 from fedpod.data.datasets import quote_identifier
 from fedpod.errors import FedpodError, NotMergeable
 
@@ -98,6 +98,7 @@ def _quantile_of(node: exp.Expr) -> tuple[exp.Expr, Kind, exp.Expr | None] | Non
     return None
 
 
+@per_query
 def is_quantile_query(query: str) -> bool:
     tree = parse_statement(query)
     return any(_quantile_of(node) is not None for node in tree.walk())
