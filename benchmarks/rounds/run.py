@@ -14,10 +14,11 @@ fedpod runs as it is deployed — broker authentication (nkeys, per-party subjec
 and signed transfer tickets — and, in the same run, on an open broker, so the table states what
 authentication costs per round.
 Seconds per round: median over the rounds, the first excluded (it pays one-time imports).
-Peak memory: summed resident memory of every process of the system, sampled every 50 ms —
-for fedpod the modeller (a fresh process running an Experiment), pods and broker; for Flower
-its superlink, supernodes, the processes they start, and `flwr run`. The run also states the
-transport throughput against raw nats-py on the same machine (benchmarks/transport/), the bytes
+Peak memory: summed resident memory of every process of the system, sampled every 50 ms, from
+start-up to the last round — for fedpod the modeller (a fresh process running an Experiment),
+pods and broker (not the SQL queries timed after the rounds, which load pyarrow into every pod:
+Flower runs none); for Flower its superlink, supernodes, the processes they start, and `flwr run`.
+The run also states the transport throughput against raw nats-py on the same machine (benchmarks/transport/), the bytes
 the modeller sends per round (a round's model is cast: sent once for all its pods), and, for the
 small model, each idle pod's memory and a federated SQL aggregate as pods are added.
 """
@@ -73,6 +74,7 @@ class RoundTimes:
     idle_mib: list[float] = field(default_factory=list)  # each pod's resident memory once discovered, before any task
     sql_s: list[float] = field(default_factory=list)  # each federated SQL aggregate after the first
     modeller_sent: float = 0.0  # bytes the modeller sent per round, all rounds averaged
+    peak_bytes: int = 0  # summed resident memory of the modeller, pods and broker, from start-up to the last round
 
 
 def resident_mib(pid: int) -> float:
@@ -91,7 +93,8 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
     identity.save(work / "keys")
     names = [f"pod{i + 1:03d}" for i in range(pods)]
     source = PLAN.read_text()
-    with EmbeddedBroker(open=bool(os.environ.get(OPEN_BROKER)), monitor=True) as broker:
+    with PeakMemory(include_self=True) as memory, \
+            EmbeddedBroker(open=bool(os.environ.get(OPEN_BROKER)), monitor=True) as broker:
         configs = []
         for index, name in enumerate(names):
             folder = work / name
@@ -113,6 +116,7 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
                                     console=Console(quiet=True), secagg=secagg, min_pods=pods - dropouts)
             before, (sent_before, _) = broker.traffic(), modeller.traffic()
             experiment.run()
+            memory.stop()  # the peak until the last round: the SQL queries below are not Flower's workload
             wire_bytes = (broker.traffic() - before) / rounds
             modeller_sent = (modeller.traffic()[0] - sent_before) / rounds
             final = load_params(experiment.experimentation_path() / "model.safetensors")["w"]
@@ -126,7 +130,7 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
                     sql.append(time.perf_counter() - started)
                     assert int(answer["n"][0]) == 20 * pods, answer  # type: ignore[call-overload]
             return RoundTimes([s for r, s in sorted(by_round.items()) if r > 0], wire_bytes, by_round[0], idle,
-                              sql[1:], modeller_sent)
+                              sql[1:], modeller_sent, memory.peak)
 
 
 def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
@@ -135,14 +139,13 @@ def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
     (and what earlier measurements left in it) counts for neither system."""
     work.mkdir(parents=True)
     environment = {**os.environ, OPEN_BROKER: "1"} if open_broker else dict(os.environ)
-    with PeakMemory(include_self=False) as memory:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.rounds.run", "--one", str(pods), str(parameters),
-                               str(rounds), str(work)], capture_output=True, text=True, timeout=3600,
-                              env=environment)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.rounds.run", "--one", str(pods), str(parameters),
+                           str(rounds), str(work)], capture_output=True, text=True, timeout=3600, env=environment)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}, no output"])[-1]
         raise RuntimeError(f"fedpod run failed: {last[:300]}\n{done.stderr[-3000:]}")
-    return RoundTimes(**json.loads(done.stdout.strip().splitlines()[-1])), memory.peak / 2**30
+    times = RoundTimes(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return times, times.peak_bytes / 2**30
 
 
 def measure_flower(nodes: int, parameters: int, rounds: int, work: Path) -> tuple[float, float]:
@@ -233,7 +236,8 @@ def main() -> None:
         "",
         f"`python -m benchmarks.rounds.run` — FedAvg of w + 1; fedpod {args.rounds} rounds, Flower 1.42 deployment "
         f"engine {args.flower_rounds} rounds, both in this run; median seconds per round (first round excluded), "
-        f"peak summed resident memory of all the system's processes. Machine: {machine()}.",
+        f"peak summed resident memory of all the system's processes from start-up to the last round (fedpod's "
+        f"SQL queries after its rounds, timed below, are not counted: Flower runs none). Machine: {machine()}.",
         "",
         "| pods | parameters | fedpod s/round | Flower s/round | time ratio | target | fedpod memory (GiB) | "
         "Flower memory (GiB) | memory ratio | fedpod on an open broker s/round | modeller sent per round |",
