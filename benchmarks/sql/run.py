@@ -18,9 +18,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import psutil
 
 from benchmarks.report import machine, publish
 from fedpod.data.datasets import DatasetSpec
@@ -67,24 +69,67 @@ def federation(rows: int, name: str) -> Iterator[tuple[Modeller, list[str], duck
             yield modeller, [f"{p}/measurements" for p in PODS], pooled
 
 
-def measure(rows: int, runs: int) -> tuple[list[float], list[float]]:
-    """fedpod's and pooled DuckDB's seconds per query, alternating, after one warm-up each."""
+def cpu_seconds(processes: list[psutil.Process]) -> list[float]:
+    """Each process's user plus system CPU time so far, all its threads (DuckDB's workers too)."""
+    return [sum(p.cpu_times()[:2]) for p in processes]
+
+
+@dataclass
+class Measured:
+    federated_s: list[float] = field(default_factory=list)
+    pooled_s: list[float] = field(default_factory=list)
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # per query: party -> CPU ms of each process
+
+
+def measure(rows: int, runs: int) -> Measured:
+    """fedpod's and pooled DuckDB's seconds per query, alternating, after one warm-up each, and
+    the CPU each process spent on each: on 2 cores a federated query is CPU-bound, so where the
+    CPU goes says what its time is made of."""
+    measured = Measured()
     with federation(rows, "sql") as (modeller, identifiers, pooled):
-        federated_s, pooled_s = [], []
+        harness = psutil.Process()
+        children = harness.children(recursive=True)
+        parties = {"pod": [p for p in children if p.name() != "nats-server"],
+                   "broker": [p for p in children if p.name() == "nats-server"], "modeller": [harness]}
+        everyone = [p for group in parties.values() for p in group]
         expected = pooled.sql(QUERY).df()
         for run in range(runs + 1):
+            before = cpu_seconds(everyone)
             started = time.perf_counter()
             merged = modeller.sql(QUERY, datasets=identifiers, aggregate=True)
             federated = time.perf_counter() - started
+            spent = [after - b for after, b in zip(cpu_seconds(everyone), before, strict=True)]
+            before_pooled = cpu_seconds([harness])[0]
             started = time.perf_counter()
             pooled.sql(QUERY).df()
             central = time.perf_counter() - started
+            pooled_cpu = cpu_seconds([harness])[0] - before_pooled
             if run == 0:  # warm-up
                 assert merged["n"].tolist() == expected["n"].tolist()  # type: ignore[index]
                 continue
-            federated_s.append(federated)
-            pooled_s.append(central)
-    return federated_s, pooled_s
+            measured.federated_s.append(federated)
+            measured.pooled_s.append(central)
+            by_process = iter(spent)
+            for party, group in parties.items():
+                measured.cpu_ms.setdefault(party, []).extend(next(by_process) * 1000 for _ in group)
+            measured.cpu_ms.setdefault("pooled", []).append(pooled_cpu * 1000)
+    return measured
+
+
+def cpu_table(results: list[tuple[int, Measured]]) -> list[str]:
+    lines = ["## Where the CPU goes", "",
+             "CPU time (user + system, all threads) per query, median over the runs, from each process's own "
+             "counters (psutil): each pod, the modeller (this harness's process, which runs the Modeller), the "
+             "broker; and DuckDB on the pooled table in the same process. On 2 cores a federated query is "
+             "CPU-bound: its seconds are close to the sum of these, halved.", "",
+             "| rows per pod | each pod (ms) | modeller (ms) | broker (ms) | fedpod in all (ms) | pooled DuckDB (ms) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for rows, measured in results:
+        cpu = {party: statistics.median(values) for party, values in measured.cpu_ms.items()}
+        total = cpu["pod"] * len(PODS) + cpu["modeller"] + cpu["broker"]
+        lines.append(f"| {rows:,} | {cpu['pod']:.1f} | {cpu['modeller']:.1f} | {cpu['broker']:.1f} | {total:.1f} | "
+                     f"{cpu['pooled']:.1f} |")
+    return lines
 
 
 def main() -> None:
@@ -102,8 +147,11 @@ def main() -> None:
         "target 1.5 x pooled + 100 ms | target 2 x pooled |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    results = []
     for rows in args.rows:
-        federated_s, pooled_s = measure(rows, args.runs)
+        measured = measure(rows, args.runs)
+        results.append((rows, measured))
+        federated_s, pooled_s = measured.federated_s, measured.pooled_s
         fed, ref = statistics.median(federated_s), statistics.median(pooled_s)
         lines.append(f"| {rows:,} | {fed * 1000:.1f} | {min(federated_s) * 1000:.1f} | {max(federated_s) * 1000:.1f} | "
                      f"{ref * 1000:.1f} | {min(pooled_s) * 1000:.1f} | {max(pooled_s) * 1000:.1f} | {fed / ref:.2f}x | "
@@ -112,7 +160,7 @@ def main() -> None:
               "its policy, writes the task to its audit log before it runs, runs the query with the hidden "
               "columns that describe the cohorts it releases (size and row-id hash, for the differencing "
               "ledger), suppresses small cells, seals the answer; every message is signed and encrypted "
-              "end to end.", ""]
+              "end to end.", "", *cpu_table(results), ""]
     publish(HERE / "results.md", lines)
 
 
