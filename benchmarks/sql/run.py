@@ -17,7 +17,7 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,57 +78,65 @@ def cpu_seconds(processes: list[psutil.Process]) -> list[float]:
 class Measured:
     federated_s: list[float] = field(default_factory=list)
     pooled_s: list[float] = field(default_factory=list)
-    cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # per query: party -> CPU ms of each process
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # party -> CPU ms per query of each of its processes
 
 
-def measure(rows: int, runs: int) -> Measured:
-    """fedpod's and pooled DuckDB's seconds per query, alternating, after one warm-up each, and
-    the CPU each process spent on each: on 2 cores a federated query is CPU-bound, so where the
-    CPU goes says what its time is made of."""
+def measure(rows: int, runs: int, cpu_runs: int) -> Measured:
+    """fedpod's and pooled DuckDB's seconds per query, alternating, after one warm-up each; then
+    the CPU each process spends per query, over `cpu_runs` more of each (the kernel counts CPU
+    time in 10 ms ticks, too coarse for one query): on 2 cores a federated query is CPU-bound,
+    so where the CPU goes says what its time is made of."""
     measured = Measured()
     with federation(rows, "sql") as (modeller, identifiers, pooled):
-        harness = psutil.Process()
-        children = harness.children(recursive=True)
-        parties = {"pod": [p for p in children if p.name() != "nats-server"],
-                   "broker": [p for p in children if p.name() == "nats-server"], "modeller": [harness]}
-        everyone = [p for group in parties.values() for p in group]
         expected = pooled.sql(QUERY).df()
         for run in range(runs + 1):
-            before = cpu_seconds(everyone)
             started = time.perf_counter()
             merged = modeller.sql(QUERY, datasets=identifiers, aggregate=True)
             federated = time.perf_counter() - started
-            spent = [after - b for after, b in zip(cpu_seconds(everyone), before, strict=True)]
-            before_pooled = cpu_seconds([harness])[0]
             started = time.perf_counter()
             pooled.sql(QUERY).df()
             central = time.perf_counter() - started
-            pooled_cpu = cpu_seconds([harness])[0] - before_pooled
             if run == 0:  # warm-up
                 assert merged["n"].tolist() == expected["n"].tolist()  # type: ignore[index]
                 continue
             measured.federated_s.append(federated)
             measured.pooled_s.append(central)
-            by_process = iter(spent)
-            for party, group in parties.items():
-                measured.cpu_ms.setdefault(party, []).extend(next(by_process) * 1000 for _ in group)
-            measured.cpu_ms.setdefault("pooled", []).append(pooled_cpu * 1000)
+        harness = psutil.Process()
+        children = harness.children(recursive=True)
+        parties = {"pod": [p for p in children if p.name() != "nats-server"],
+                   "broker": [p for p in children if p.name() == "nats-server"], "modeller": [harness]}
+        for party, spent in per_query_cpu(lambda: modeller.sql(QUERY, datasets=identifiers, aggregate=True),
+                                          parties, cpu_runs).items():
+            measured.cpu_ms[party] = spent
+        measured.cpu_ms["pooled"] = per_query_cpu(lambda: pooled.sql(QUERY).df(), {"pooled": [harness]},
+                                                  cpu_runs)["pooled"]
     return measured
 
 
-def cpu_table(results: list[tuple[int, Measured]]) -> list[str]:
+def per_query_cpu(query: Callable[[], object], parties: dict[str, list[psutil.Process]], runs: int
+                  ) -> dict[str, list[float]]:
+    """Each party's processes' CPU ms per query, averaged over `runs` queries."""
+    everyone = [p for group in parties.values() for p in group]
+    before = cpu_seconds(everyone)
+    for _ in range(runs):
+        query()
+    spent = iter((after - b) * 1000 / runs for after, b in zip(cpu_seconds(everyone), before, strict=True))
+    return {party: [next(spent) for _ in group] for party, group in parties.items()}
+
+
+def cpu_table(results: list[tuple[int, Measured]], cpu_runs: int) -> list[str]:
     lines = ["## Where the CPU goes", "",
-             "CPU time (user + system, all threads) per query, median over the runs, from each process's own "
-             "counters (psutil): each pod, the modeller (this harness's process, which runs the Modeller), the "
-             "broker; and DuckDB on the pooled table in the same process. On 2 cores a federated query is "
-             "CPU-bound: its seconds are close to the sum of these, halved.", "",
+             f"CPU time (user + system, all threads) per query, averaged over {cpu_runs} more queries, from each "
+             "process's own counters (psutil): each pod (median of the three), the modeller (this harness's "
+             "process, which runs the Modeller), the broker; and DuckDB on the pooled table in the same process. "
+             "On 2 cores a federated query is CPU-bound: its seconds are close to the sum, halved.", "",
              "| rows per pod | each pod (ms) | modeller (ms) | broker (ms) | fedpod in all (ms) | pooled DuckDB (ms) |",
              "|---:|---:|---:|---:|---:|---:|"]
     for rows, measured in results:
-        cpu = {party: statistics.median(values) for party, values in measured.cpu_ms.items()}
-        total = cpu["pod"] * len(PODS) + cpu["modeller"] + cpu["broker"]
-        lines.append(f"| {rows:,} | {cpu['pod']:.1f} | {cpu['modeller']:.1f} | {cpu['broker']:.1f} | {total:.1f} | "
-                     f"{cpu['pooled']:.1f} |")
+        cpu = measured.cpu_ms
+        total = sum(sum(cpu[party]) for party in ("pod", "modeller", "broker"))
+        lines.append(f"| {rows:,} | {statistics.median(cpu['pod']):.1f} | {cpu['modeller'][0]:.1f} | "
+                     f"{sum(cpu['broker']):.1f} | {total:.1f} | {cpu['pooled'][0]:.1f} |")
     return lines
 
 
@@ -136,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000], help="rows per pod")
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--cpu-runs", type=int, default=60, help="queries over which CPU time is averaged")
     args = parser.parse_args()
     lines = [
         "# Federated SQL vs pooled DuckDB",
@@ -149,7 +158,7 @@ def main() -> None:
     ]
     results = []
     for rows in args.rows:
-        measured = measure(rows, args.runs)
+        measured = measure(rows, args.runs, args.cpu_runs)
         results.append((rows, measured))
         federated_s, pooled_s = measured.federated_s, measured.pooled_s
         fed, ref = statistics.median(federated_s), statistics.median(pooled_s)
@@ -160,7 +169,7 @@ def main() -> None:
               "its policy, writes the task to its audit log before it runs, runs the query with the hidden "
               "columns that describe the cohorts it releases (size and row-id hash, for the differencing "
               "ledger), suppresses small cells, seals the answer; every message is signed and encrypted "
-              "end to end.", "", *cpu_table(results), ""]
+              "end to end.", "", *cpu_table(results, args.cpu_runs), ""]
     publish(HERE / "results.md", lines)
 
 
