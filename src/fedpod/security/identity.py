@@ -55,21 +55,23 @@ def default_keystore() -> Path:
     return Path(os.environ["FEDPOD_KEYSTORE"]) if os.environ.get("FEDPOD_KEYSTORE") else fedpod_home() / "keys"
 
 
+def _x25519_key(key: bytes) -> bytes:
+    if len(key) != KEY_BYTES:  # PyNaCl's binding does not check
+        raise ValueError(f"an X25519 key is {KEY_BYTES} bytes, not {len(key)}")
+    return key
+
+
 def x25519(private: bytes, public: bytes) -> bytes:
     """The X25519 shared secret of a private key and a peer's public key; ValueError for a key of
     the wrong length or a low-order point (no shared secret)."""
-    if len(private) != KEY_BYTES or len(public) != KEY_BYTES:  # PyNaCl's binding does not check
-        raise ValueError(f"an X25519 key is {KEY_BYTES} bytes, not {len(private)} and {len(public)}")
     try:
-        return bytes(crypto_scalarmult(private, public))
+        return bytes(crypto_scalarmult(_x25519_key(private), _x25519_key(public)))
     except (nacl.exceptions.CryptoError, TypeError) as exc:
         raise ValueError("not a usable X25519 public key") from exc
 
 
 def x25519_public(private: bytes) -> bytes:
-    if len(private) != KEY_BYTES:
-        raise ValueError(f"an X25519 key is {KEY_BYTES} bytes, not {len(private)}")
-    return bytes(crypto_scalarmult_base(private))
+    return bytes(crypto_scalarmult_base(_x25519_key(private)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -17,9 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedpod.security.identity import x25519, x25519_public
-
-KEY_BYTES = 32
+from fedpod.security.identity import KEY_BYTES, x25519, x25519_public
 
 
 def new_private_key() -> bytes:

@@ -48,13 +48,16 @@ def _remembered(query: str) -> exp.Expr:
 
 def per_query(function: Callable[..., T]) -> Callable[..., T]:
     """Remember a pure function of a query's text (and further hashable arguments) for texts
-    shorter than REMEMBERED_BELOW, as `parse_statement` remembers their trees: a pod judges the
-    same query on every task that sends it again, and modellers do."""
+    shorter than REMEMBERED_BELOW, as `parse_statement` remembers their trees: a pod judges and
+    plans the same query on every task that sends it again, and modellers do. Longer texts are
+    never kept, so what a stranger's queries can make a pod hold stays small."""
     remembered = functools.lru_cache(maxsize=256)(function)
 
     @functools.wraps(function)
-    def call(query: str, *args: Hashable) -> T:
-        return remembered(query, *args) if len(query) < REMEMBERED_BELOW else function(query, *args)
+    def call(query: str, *args: Hashable, **options: Hashable) -> T:
+        if len(query) < REMEMBERED_BELOW:
+            return remembered(query, *args, **options)
+        return function(query, *args, **options)
 
     return call
 

@@ -22,7 +22,6 @@ modeller by fewer than `min_group_size` rows.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -160,7 +159,7 @@ def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
     return conditions
 
 
-@functools.lru_cache(maxsize=256)
+@per_query
 def disclosed_query(query: str, non_null: frozenset[str] = frozenset(),
                     cohorts: bool = True) -> tuple[str, CohortPlan | None]:
     """The aggregate query with its hidden columns: GROUP_SIZE (see the module docstring) and,

@@ -18,14 +18,13 @@ NotMergeable naming the construct, rather than returning an approximation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.algorithms.sql.dialect import parse_statement, per_query, to_duckdb
 from fedpod.errors import NotMergeable, SqlRejected
 
 PARTIALS = "partials"
@@ -198,7 +197,7 @@ def _has_aggregate(select: exp.Select) -> bool:
     return any(p is not None and p.find(exp.AggFunc) is not None for p in parts)
 
 
-@functools.lru_cache(maxsize=256)
+@per_query
 def plan_merge(query: str) -> MergePlan:
     """Plan an exact federated evaluation of `query` (see the module docstring); remembered per
     query, as the pods remember their part (`disclosure.disclosed_query`)."""
