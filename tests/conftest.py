@@ -112,7 +112,7 @@ PodFactory = Callable[..., RunningPod]
 def start_pod_process(config_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     log = config_path.parent / "pod.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config_path)],
+        [sys.executable, "-m", "fedpod.cli", "pod", "start", "--config", str(config_path)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     wait_until(lambda: "ready" in log.read_text(errors="replace") or process.poll() is not None, 60, "pod ready")
     if process.poll() is not None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 def verify(config: Path, *witness: Path) -> subprocess.CompletedProcess[str]:
     options = [arg for file in witness for arg in ("--witness", str(file))]
-    return subprocess.run([sys.executable, "-m", "fedpod.cli.app", "audit", "verify", "--config", str(config),
+    return subprocess.run([sys.executable, "-m", "fedpod.cli", "audit", "verify", "--config", str(config),
                            *options], capture_output=True, text=True, env={"COLUMNS": "300", "PATH": ""}, timeout=60)
 
 

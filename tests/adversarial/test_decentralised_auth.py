@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 
 def fedpod(*args: str | Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "fedpod.cli.app", *map(str, args)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "fedpod.cli", *map(str, args)], capture_output=True, text=True,
                           check=True)
     return done.stdout
 

@@ -51,7 +51,7 @@ def page_pod(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[dict[str, Any]]
     spec = inspect(DatasetSpec(name=DATASET, type="csv", path=str(csv), tags=["ehr"]), folder)
     config = write_pod(folder, "alice", broker, [spec], [], heartbeat_s=0.2, policies=Policy())
     log = folder / "console.log"
-    process = subprocess.Popen([sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config),
+    process = subprocess.Popen([sys.executable, "-m", "fedpod.cli", "pod", "start", "--config", str(config),
                                 "--ui", "--ui-port", "0"], stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True)
     page_file = folder / "storage" / "ui.json"

@@ -104,7 +104,7 @@ def hosts() -> Iterator[Hosts]:
 
 
 def fedpod(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedpod.cli.app", *args]
+    return [sys.executable, "-m", "fedpod.cli", *args]
 
 
 def test_pods_reach_only_the_broker_and_listen_on_nothing(hosts: Hosts, tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def test_noisy_sql_charges_the_same_budget_and_is_refused_once_it_is_spent(
     [spend] = PodFolder(pods[0].config_path).privacy_spend()  # the custodian's view
     assert spend == {"dataset": DATASET, "modeller": "modeller", "spent": 1.0, "budget": 1.2,
                      "scope": "per_modeller", "remaining": pytest.approx(0.2)}
-    shown = subprocess.run([sys.executable, "-m", "fedpod.cli.app", "policy", "budget", "--config",
+    shown = subprocess.run([sys.executable, "-m", "fedpod.cli", "policy", "budget", "--config",
                             str(pods[0].config_path)], capture_output=True, text=True, check=True,
                            env={**os.environ, "COLUMNS": "200"}).stdout
     assert "modeller" in shown and "1.2" in shown and "0.2" in shown

@@ -48,7 +48,7 @@ def start_site(name: str, values: list[int], hub: BrokerCluster, modeller: Ident
     spec = inspect(DatasetSpec(name="measurements", kind="csv", path=str(folder / "data.csv")), folder)
     config = write_pod(folder, name, "nats://127.0.0.1:1", [spec], [modeller], heartbeat_s=0.5)
     hub.allow("site", Identity.load(folder / "keys" / f"{name}.key").public)
-    leaf = subprocess.Popen([sys.executable, "-m", "fedpod.cli.app", "broker", "leaf", "--hub",
+    leaf = subprocess.Popen([sys.executable, "-m", "fedpod.cli", "broker", "leaf", "--hub",
                              ",".join(hub.leafnode_urls), "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=die_with_parent)

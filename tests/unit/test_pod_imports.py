@@ -1,7 +1,8 @@
 """A pod's memory is mostly its imports: `fedpod pod start` and an array-only plan must not pull
 in the modeller's or the frameworks' libraries (10 pods went from 4.9 to 1.7 GiB this way), and an
 idle pod holds no SQL machinery — DuckDB, sqlglot, numpy, pyarrow — until its first task (an idle
-pod went from ~130 to ~57 MiB: benchmarks/pods)."""
+pod went from ~130 to ~57 MiB: benchmarks/pods), nor the rest of the command line (rich, the
+custodian's commands: ~3 MiB more)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def test_the_pod_command_and_runtime_load_no_heavy_library() -> None:
 
 def test_an_idle_pod_loads_no_sql_machinery() -> None:
     assert loaded_after("import fedpod.cli.app, fedpod.pod.service", HEAVY + TASK_ONLY) == []
+
+
+def test_the_pod_start_command_loads_no_other_command() -> None:
+    statement = "import fedpod.cli.entry, fedpod.cli.pod_start, fedpod.pod.service"
+    assert loaded_after(statement, ["rich", "fedpod.cli.app", "fedpod.cli.governance"]) == []
 
 
 def test_an_array_only_plan_loads_no_framework() -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +17,7 @@ from fedpod import __version__
 from fedpod.cli.governance import _expiry, access_app, applies, policy_app
 from fedpod.cli.options import (
     BrokerUrl,
+    ConfigPath,
     Creds,
     IdentityName,
     Keystore,
@@ -30,16 +29,17 @@ from fedpod.cli.options import (
     TlsKey,
     broker_options,
 )
+from fedpod.cli.pod_start import announce_page, pod_start, pod_storage, resolve_beside, stop_on_signals
 from fedpod.data.catalog import inspect
 from fedpod.data.datasets import DatasetSpec
-from fedpod.errors import ConfigError, FedpodError, plain
+from fedpod.errors import ConfigError
 from fedpod.governance.audit import AuditLog
 from fedpod.governance.plans import PlanRegistry
 from fedpod.governance.policy import EVERY_DATASET, TASK_KINDS
 from fedpod.names import check_name
 from fedpod.pod.config import BrokerSettings, PodConfig
 from fedpod.pod.custodian import PodFolder, parse_kinds
-from fedpod.pod.ui.server import PageAddress, open_page, serve_page
+from fedpod.pod.ui.server import open_page, serve_page
 from fedpod.security.identity import Identity, PublicIdentity, check_fingerprint, default_keystore, fedpod_home
 from fedpod.transport.broker import ROLES, Role
 
@@ -69,9 +69,6 @@ for sub, name in ((broker_app, "broker"), (identity_app, "identity"), (pod_app, 
 accounts_app = typer.Typer(help="NATS operator/account JWTs for a cluster that fedpod does not run.",
                            no_args_is_help=True)
 broker_app.add_typer(accounts_app, name="accounts")
-
-ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
-
 
 def interrupt_on_signals() -> None:
     """Turn SIGINT and SIGTERM into KeyboardInterrupt, so that cleanup (stopping the broker,
@@ -176,7 +173,7 @@ def broker_leaf(
 
     interrupt_on_signals()
     settings = PodConfig.load(config)
-    identity = Identity.load(_resolve_beside(config, settings.identity))
+    identity = Identity.load(resolve_beside(config, settings.identity))
     urls = tuple(split_urls(hub))
     with EmbeddedBroker(port=port, folder=folder or config.parent / "leaf-node", hub=Hub(urls, identity.nats_seed),
                         parties=[Party.of("pod", identity.public)]) as leaf:
@@ -339,7 +336,7 @@ def _applies(config: Path, live: bool) -> str:
 
     if live:
         return applies(config)
-    pid = running_pid(_pod_storage(config))
+    pid = running_pid(pod_storage(config))
     if pid is None:
         return "the pod is not running: it applies at the next `fedpod pod start`"
     return f"the running pod (pid {pid}) serves it after a restart (stop it, then `fedpod pod start --config {config}`)"
@@ -368,7 +365,7 @@ def pod_status(
     from fedpod.pod.status import running_pid
 
     settings = PodConfig.load(config)
-    storage = _pod_storage(config)
+    storage = pod_storage(config)
     deadline = time.monotonic() + wait
     pid = running_pid(storage)
     while pid is None and time.monotonic() < deadline:
@@ -388,7 +385,7 @@ def pod_status(
         if event == "rejections":
             for reason, count in entry.get("counts", {}).items():
                 rejected[reason] = rejected.get(reason, 0) + int(count)
-    fingerprint = Identity.load(_resolve_beside(config, settings.identity)).fingerprint
+    fingerprint = Identity.load(resolve_beside(config, settings.identity)).fingerprint
     state = f"running, pid {pid}" if pid else "not running"
     console.print(f"pod {escape(settings.name)} ({fingerprint}): {state}; broker {escape(settings.broker.url)}",
                   highlight=False)
@@ -405,60 +402,7 @@ def pod_status(
                   highlight=False)
 
 
-UiHost = Annotated[str, typer.Option("--ui-host", help="address the page listens on (keep it local)")]
-UiPort = Annotated[int, typer.Option("--ui-port", help="port of the page (0: any free one)")]
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-def _announce_page(address: PageAddress) -> None:
-    console.print(f"custodian's page: {address.url}  access token: {address.token}", highlight=False, soft_wrap=True)
-
-
-@pod_app.command("start")
-def pod_start(
-    config: ConfigPath = Path("pod.yaml"),
-    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
-    ui: Annotated[bool, typer.Option("--ui", help="also serve the custodian's page")] = False,
-    ui_host: UiHost = "127.0.0.1", ui_port: UiPort = 8765,
-) -> None:
-    """Run the pod until Ctrl-C / SIGTERM. It connects out to the broker; it opens no port
-    (unless --ui: the custodian's page, on 127.0.0.1). One line per task (who, dataset, kind,
-    decision; then duration and what left the pod) on the console and in <storage>/pod.log."""
-    from fedpod.pod import logs
-    from fedpod.pod.service import Pod
-
-    settings = PodConfig.load(config)
-    logs.configure(_pod_storage(config), log_level)
-    pod = Pod(settings, config)
-    page = open_page(PodFolder(config), ui_host, ui_port) if ui else None
-
-    async def main() -> None:
-        stop = _stop_on_signals()
-        ready = asyncio.Event()
-        runner = asyncio.create_task(pod.run(stop, ready))
-        waiter = asyncio.create_task(ready.wait())
-        server = asyncio.create_task(serve_page(PodFolder(config), *page, stop)) if page else None
-        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.is_set():
-            console.print(f"pod {settings.name} ({pod.fingerprint}) ready on {settings.broker.url} "
-                          f"serving {', '.join(d.name for d in settings.datasets) or 'no datasets'}", highlight=False)
-            if page:
-                _announce_page(page[1])
-        try:
-            await runner
-        finally:
-            stop.set()
-            if server is not None:
-                await server
-
-    asyncio.run(main())
+pod_app.command("start")(pod_start)
 
 
 @pod_app.command("ui")
@@ -469,10 +413,10 @@ def pod_ui(config: ConfigPath = Path("pod.yaml"),
     audit log, live activity. Prints its URL and a fresh access token; Ctrl-C stops it."""
     folder = PodFolder(config)
     sock, address = open_page(folder, host, port)  # a config that does not load fails here
-    _announce_page(address)
+    announce_page(address)
 
     async def main() -> None:
-        await serve_page(folder, sock, address, _stop_on_signals())
+        await serve_page(folder, sock, address, stop_on_signals())
 
     asyncio.run(main())
 
@@ -769,7 +713,7 @@ def _audit_rows(config: Path, filters: AuditFilters) -> list[dict[str, object]]:
     from fedpod.governance.audit_view import parse_since, rows
 
     since, dataset, modeller, decision = filters
-    return rows(AuditLog(_pod_storage(config) / "audit.jsonl").entries(),
+    return rows(AuditLog(pod_storage(config) / "audit.jsonl").entries(),
                 since=parse_since(since) if since else None, dataset=dataset, modeller=modeller, decision=decision)
 
 
@@ -820,7 +764,7 @@ def audit_verify(
 ) -> None:
     """Check the pod's audit log: its hash chain, and that it still holds what every signed
     checkpoint (the pod's own, and any a modeller kept) vouches for. Exit 1 if not."""
-    path = _pod_storage(config) / "audit.jsonl"
+    path = pod_storage(config) / "audit.jsonl"
     result = PodFolder(config).verify_audit(witness)
     if result.ok:
         console.print(f"audit log intact: {result.entries} entries, consistent with {result.checkpoints} signed "
@@ -831,15 +775,6 @@ def audit_verify(
         err.print(f"[red]audit log TAMPERED[/red] after {result.entries} good entries: {result.problem} ({path})",
                   highlight=False)
         raise typer.Exit(1)
-
-
-def _resolve_beside(config: Path, value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else config.parent / path
-
-
-def _pod_storage(config: Path) -> Path:
-    return _resolve_beside(config, PodConfig.load(config).storage)
 
 
 def _plans(config: Path) -> PlanRegistry:
@@ -909,28 +844,3 @@ def demo(
     from fedpod.cli.demo import run_demo
 
     run_demo(out, patients=patients or 6000, seed=seed, console=console)
-
-
-def main() -> None:
-    """Every error is one clean line (its text never read as markup); `--debug` or FEDPOD_DEBUG=1
-    shows the traceback instead."""
-    debug = "--debug" in sys.argv[1:] or os.environ.get("FEDPOD_DEBUG", "") not in ("", "0")
-    if "--debug" in sys.argv[1:]:
-        sys.argv.remove("--debug")
-    try:
-        app()
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except Exception as exc:
-        if debug:
-            raise
-        text = str(exc) if isinstance(exc, FedpodError) else plain(f"unexpected {type(exc).__name__}: {exc}")
-        err.print(f"[red]error:[/red] {escape(text)}", highlight=False)
-        if not isinstance(exc, FedpodError):
-            err.print("[dim]run with --debug (or FEDPOD_DEBUG=1) for the traceback[/dim]", highlight=False)
-        raise SystemExit(1) from None
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedpod.cli.options import BrokerUrl, Creds, IdentityName, Keystore, Timeout, TlsCa, TlsCert, TlsKey
+from fedpod.cli.options import BrokerUrl, ConfigPath, Creds, IdentityName, Keystore, Timeout, TlsCa, TlsCert, TlsKey
 from fedpod.errors import ConfigError
 from fedpod.pod.custodian import PodFolder, parse_kinds, policy_yaml
 
@@ -28,7 +28,6 @@ access_app = typer.Typer(help="Access requests and grants (custodian), and your 
                          no_args_is_help=True)
 policy_app = typer.Typer(help="Show and change a pod's policies; a running pod applies changes at its next task.",
                          no_args_is_help=True)
-ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
 
 
 def applies(config: Path) -> str:

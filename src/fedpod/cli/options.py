@@ -9,6 +9,7 @@ import typer
 
 from fedpod.transport.bus import BrokerOptions
 
+ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="pod config YAML")]
 BrokerUrl = Annotated[str, typer.Option("--broker", envvar="FEDPOD_BROKER", help="NATS URL (nats:// or tls://)")]
 TlsCa = Annotated[Path | None, typer.Option("--tls-ca", help="CA bundle to verify the broker's TLS certificate")]
 TlsCert = Annotated[Path | None, typer.Option("--tls-cert", help="client certificate for mutual TLS")]

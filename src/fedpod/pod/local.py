@@ -64,7 +64,7 @@ def pod_processes(configs: list[Path], logs: Path,
         for config in configs:
             log = (logs / f"{config.parent.name}.log").open("wb")
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "fedpod.cli.app", "pod", "start", "--config", str(config),
+                [sys.executable, "-m", "fedpod.cli", "pod", "start", "--config", str(config),
                  *(options or {}).get(config, [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent))
