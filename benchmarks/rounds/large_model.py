@@ -69,7 +69,7 @@ def role(command: str) -> str:
 
 
 def run(configuration: Configuration, work: Path, files: list[Path], identity: Identity) -> Outcome:
-    with PeakMemory() as memory, EmbeddedBroker() as broker:
+    with PeakMemory(refresh_s=1.0) as memory, EmbeddedBroker() as broker:
         configs = [write_pod(work / pod, pod, broker, [DatasetSpec(name="ehr", kind="csv", path=str(file),
                                                                    tags=["ehr"])], [identity])
                    for pod, file in zip(PODS, files, strict=True)]

@@ -93,7 +93,7 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
     identity.save(work / "keys")
     names = [f"pod{i + 1:03d}" for i in range(pods)]
     source = PLAN.read_text()
-    with PeakMemory(include_self=True) as memory, \
+    with PeakMemory(include_self=True, refresh_s=1.0) as memory, \
             EmbeddedBroker(open=bool(os.environ.get(OPEN_BROKER)), monitor=True) as broker:
         configs = []
         for index, name in enumerate(names):

@@ -19,7 +19,7 @@ from fedpod.aggregation import (
     aggregator_from_config,
     registered_aggregators,
 )
-from fedpod.aggregation.base import sample_weights
+from fedpod.aggregation.base import all_finite, sample_weights
 from fedpod.aggregation.scaffold import CONTROL_DELTA
 from fedpod.errors import ConfigError
 
@@ -117,6 +117,23 @@ def test_median_and_trimmed_mean_resist_one_outlier() -> None:
 def test_malformed_or_non_finite_updates_are_refused_naming_the_pod(bad: Params) -> None:
     with pytest.raises(ValueError, match="pod mallory"):
         FedAverage().aggregate(1, {"w": np.zeros(2)}, [reply("ok", {"w": np.ones(2)}, 1), reply("mallory", bad, 1)])
+
+
+@pytest.mark.parametrize("values", [
+    np.array([np.nan, 1.0], np.float32), np.array([1.0, -np.inf], np.float32), np.array([np.inf, -np.inf]),
+    np.array([1.0, np.nan], np.float16), np.array([1 + 0j, complex(np.nan, 0)]),
+], ids=["nan32", "inf32", "inf-inf64", "nan16", "complex"])
+def test_all_finite_finds_every_nan_and_infinity(values: np.ndarray) -> None:
+    assert not all_finite(values)
+
+
+@pytest.mark.parametrize("values", [
+    np.full(4, np.finfo(np.float32).max, np.float32),  # their float32 sum overflows; float64's does not
+    np.full(4, np.finfo(np.float64).max),  # their sum overflows: checked value by value
+    np.arange(5, dtype=np.int64), np.zeros(0, np.float32),
+], ids=["max32", "max64", "int", "empty"])
+def test_all_finite_accepts_finite_values_whose_sum_overflows(values: np.ndarray) -> None:
+    assert all_finite(values)
 
 
 def test_every_aggregator_round_trips_through_its_config() -> None:

@@ -98,6 +98,21 @@ def size_of(params: Params) -> int:
     return sum(int(np.size(value)) for value in params.values())
 
 
+def all_finite(values: Array) -> bool:
+    """Whether no value is NaN or infinite, from their float64 sum where that can tell: a NaN or
+    an infinity makes the sum one too, and finite float32 values cannot overflow a float64 sum,
+    so a finite sum proves them finite without a full-size boolean temporary (5 ms against 24 ms
+    on 10M parameters, for each pod's update every round). A sum that is not finite, or complex
+    values, are checked value by value."""
+    if not np.issubdtype(values.dtype, np.inexact):
+        return True
+    if np.issubdtype(values.dtype, np.floating):
+        with np.errstate(over="ignore", invalid="ignore"):  # a hostile update's inf - inf says nothing
+            if np.isfinite(np.sum(values, dtype=np.float64)):
+                return True
+    return bool(np.all(np.isfinite(values)))
+
+
 def check_replies(replies: Sequence[Reply], reference: Params) -> None:
     """Every reply must carry exactly the global parameters' names and shapes, finite values
     and a positive sample count — a malformed or NaN update never reaches the average."""
@@ -113,7 +128,7 @@ def check_replies(replies: Sequence[Reply], reference: Params) -> None:
                 raise ValueError(f"pod {reply.pod}: {key} has shape {value.shape}, expected {reference[key].shape}")
 
     def first_not_finite(reply: Reply) -> str | None:
-        return next((key for key, value in reply.params.items() if not np.all(np.isfinite(value))), None)
+        return next((key for key, value in reply.params.items() if not all_finite(value)), None)
 
     for reply, bad in zip(replies, in_parallel(first_not_finite, replies, size_of(reference)), strict=True):
         if bad is not None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedpod.aggregation.base import all_finite
+
 RING_BITS = 64
 
 
@@ -47,7 +49,7 @@ def encode(values: np.ndarray, samples: int, quantisation: Quantisation) -> tupl
     many values were clipped."""
     if samples < 1 or samples > quantisation.max_samples():
         raise ValueError(f"sample count {samples} is outside 1..{quantisation.max_samples()}")
-    if not np.all(np.isfinite(values)):
+    if not all_finite(values):
         raise ValueError("the update holds NaN or infinite values")
     c, q_range = quantisation.clipping_range, quantisation.quantization_range
     clipped = int(np.count_nonzero(np.abs(values) > c))

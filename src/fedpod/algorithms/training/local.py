@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from fedpod.aggregation.base import Params
+from fedpod.aggregation.base import Params, all_finite
 from fedpod.algorithms.training.args import LoaderArgs, TrainingArgs
 from fedpod.algorithms.training.layout import layout_digest, recording
 from fedpod.algorithms.training.metrics import evaluate
@@ -125,7 +125,7 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
     if len(test_rows) and args.test_on_local_updates and dp is None:
         metrics |= _validate(plan, features[test_rows], target[test_rows], args, "local")
     for name, values in result.params.items():
-        if not np.all(np.isfinite(values)):
+        if not all_finite(np.asarray(values)):
             raise ConfigError(f"local training produced non-finite values in {name}", hint="lower the learning rate")
     if not hand_over:
         result.params = {name: np.array(values) for name, values in result.params.items()}
