@@ -9,11 +9,12 @@ import os
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from fedpod.aggregation.secure import shamir
+from fedpod.aggregation.secure import masks, shamir
 from fedpod.aggregation.secure.fixedpoint import Quantisation, decode, encode
 from fedpod.aggregation.secure.protocol import ModellerSession, PodSession, SecAggError, Settings, make_plan
 
@@ -112,6 +113,15 @@ def test_beyond_the_threshold_the_round_fails_naming_how_many_were_lost() -> Non
         run_round(updates, samples, drop_before_masking=frozenset(pods_named(10)[:5]))
     with pytest.raises(SecAggError, match=r"too many pods lost: 5 of .* share group answered .* 6 needed"):
         run_round(updates, samples, drop_before_unmasking=frozenset(pods_named(10)[:5]))
+
+
+@pytest.mark.parametrize("count", [1, 2, 131_071, 131_072, 131_073, 400_000])
+def test_a_mask_is_one_aes_ctr_keystream_whatever_the_chunking(count: int) -> None:
+    """expand encrypts zeros a bounded chunk at a time; both pods must still get the same words
+    as one pass of AES-256-CTR would give, across every chunk boundary."""
+    seed = os.urandom(32)
+    whole = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(8 * count))
+    assert masks.expand(seed, count).tobytes() == whole
 
 
 def test_a_large_federation_masks_with_a_logarithmic_neighbourhood() -> None:

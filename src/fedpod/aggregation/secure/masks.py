@@ -34,11 +34,18 @@ def agree(private: bytes, peer_public: bytes, context: bytes, purpose: bytes) ->
     return HKDF(algorithm=SHA256(), length=KEY_BYTES, salt=None, info=purpose + b"\0" + context).derive(shared)
 
 
+_EXPAND_CHUNK = 1 << 20  # bytes of keystream a call: the zeros it encrypts stay 1 MiB for any model
+
+
 def expand(seed: bytes, count: int) -> np.ndarray:
     """`count` pseudo-random uint64 words from a 32-byte seed (AES-256-CTR of zeros)."""
-    buffer = bytearray(8 * count + 15)  # zeros, and room for the block beyond the input update_into wants
+    size = 8 * count
+    buffer = bytearray(size + 15)  # room for the block beyond the input update_into wants
+    zeros = memoryview(bytes(min(size, _EXPAND_CHUNK)))  # cryptography refuses an input that overlaps its output
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(memoryview(buffer)[:8 * count], buffer)  # in place: CTR only XORs the keystream
+    for start in range(0, size, _EXPAND_CHUNK):
+        length = min(_EXPAND_CHUNK, size - start)
+        encryptor.update_into(zeros[:length], memoryview(buffer)[start : start + length + 15])
     return np.frombuffer(buffer, dtype=np.uint64, count=count)
 
 
