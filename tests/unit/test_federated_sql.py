@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
+from fedpod.algorithms.sql.disclosure import disclosed_query
 from fedpod.algorithms.sql.federated import plan_merge
-from fedpod.errors import NotMergeable
+from fedpod.errors import NotMergeable, SqlRejected
 from fedpod.modeller.sql import merge, output_names
 
 TABLE = "ehr"
@@ -114,3 +115,21 @@ def test_unmergeable_constructs_are_named(query: str, construct: str) -> None:
     with pytest.raises(NotMergeable) as info:
         plan_merge(query)
     assert construct.lower() in str(info.value).lower()
+
+
+@pytest.mark.parametrize(("query", "clause"), [
+    ("SELECT g1, COUNT(*) FROM ehr GROUP BY 3", "GROUP BY 3"),
+    ("SELECT g1, COUNT(*) FROM ehr GROUP BY 0", "GROUP BY 0"),
+    ("SELECT g1, COUNT(*) FROM ehr GROUP BY g1 ORDER BY 0", "ORDER BY 0"),
+    ("SELECT x FROM ehr ORDER BY 2", "ORDER BY 2"),
+    ("SELECT x FROM ehr ORDER BY 1.5", "ORDER BY 1.5"),
+    ("SELECT ORDER BY 0", "ORDER BY 0"),
+])
+def test_an_ordinal_that_names_no_column_is_refused_by_both_planners(query: str, clause: str) -> None:
+    """`ORDER BY 0` once picked the last projection (index -1) or raised IndexError (the fuzz
+    test found it); the modeller's merge plan and the pod's disclosure plan refuse it alike."""
+    with pytest.raises(SqlRejected, match=clause):
+        plan_merge(query)
+    if "GROUP BY" in clause:
+        with pytest.raises(SqlRejected, match=clause):
+            disclosed_query(query)

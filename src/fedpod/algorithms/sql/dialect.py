@@ -29,6 +29,18 @@ class FedpodSql(DuckDB):
         IDENTIFIERS = [*DuckDB.Tokenizer.IDENTIFIERS, "`"]  # noqa: RUF012 - sqlglot's own convention
 
 
+def ordinal(select: exp.Select, key: exp.Expr, clause: str) -> int | None:
+    """The 0-based projection a `GROUP BY 2` or `ORDER BY 2` names, None where the key is not a
+    number; a number that names no projection (0, 1.5, one past the last) is refused here, as
+    DuckDB would refuse it, rather than picking a projection from the other end."""
+    if not isinstance(key, exp.Literal) or key.is_string:
+        return None
+    count = len(select.expressions)
+    if not key.is_int or not 1 <= int(key.this) <= count:
+        raise SqlRejected(f"{clause} {key.this} names no selected column: the query selects {count}")
+    return int(key.this) - 1
+
+
 REMEMBERED_BELOW = 4096  # characters: longer queries are parsed each time, never kept
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, per_query, to_duckdb
+from fedpod.algorithms.sql.dialect import ordinal, parse_statement, per_query, to_duckdb
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -130,8 +130,8 @@ def _group_keys(tree: exp.Select) -> list[exp.Expr]:
     aliases = {p.alias: p.this for p in tree.expressions if isinstance(p, exp.Alias)}
     keys = []
     for key in group.expressions:
-        if isinstance(key, exp.Literal) and key.is_int:
-            projection = tree.expressions[int(key.this) - 1]
+        if (position := ordinal(tree, key, "GROUP BY")) is not None:
+            projection = tree.expressions[position]
             keys.append(projection.this if isinstance(projection, exp.Alias) else projection)
         elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
             keys.append(aliases[key.name])

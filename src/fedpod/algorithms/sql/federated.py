@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import parse_statement, per_query, to_duckdb
-from fedpod.errors import NotMergeable, SqlRejected
+from fedpod.algorithms.sql.dialect import ordinal, parse_statement, per_query, to_duckdb
+from fedpod.errors import NotMergeable
 
 PARTIALS = "partials"
 
@@ -179,11 +179,8 @@ def _resolve_group_keys(select: exp.Select) -> list[exp.Expr]:
     aliases = {p.alias: p.this for p in projections if isinstance(p, exp.Alias)}
     keys: list[exp.Expr] = []
     for key in group.expressions:
-        if isinstance(key, exp.Literal) and not key.is_string:
-            position = int(key.this)
-            if not 1 <= position <= len(projections):
-                raise SqlRejected(f"GROUP BY {position} is out of range")
-            target = projections[position - 1]
+        if (position := ordinal(select, key, "GROUP BY")) is not None:
+            target = projections[position]
             keys.append((target.this if isinstance(target, exp.Alias) else target).copy())
         elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
             keys.append(aliases[key.name].copy())
@@ -229,8 +226,8 @@ def _plan_rows(select: exp.Select) -> MergePlan:
     for ordered in order.expressions if order is not None else []:
         name = f"__fedpod_order_{len(hidden)}"
         target = ordered.this
-        if isinstance(target, exp.Literal) and not target.is_string:
-            projection = select.expressions[int(target.this) - 1]
+        if (position := ordinal(select, target, "ORDER BY")) is not None:
+            projection = select.expressions[position]
             target = projection.this if isinstance(projection, exp.Alias) else projection
         hidden.append(exp.alias_(target.copy(), name))
         merge_order.append(exp.Ordered(this=exp.column(name), desc=ordered.args.get("desc"),
@@ -268,8 +265,8 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
     merged_order: list[exp.Expr] = []
     for ordered in order.expressions if order is not None else []:
         target = ordered.this
-        if isinstance(target, exp.Literal) and not target.is_string:
-            replacement: exp.Expr = exp.column(f"c{int(target.this) - 1}")
+        if (position := ordinal(select, target, "ORDER BY")) is not None:
+            replacement: exp.Expr = exp.column(f"c{position}")
         elif isinstance(target, exp.Column) and not target.table and target.name in aliases:
             index = next(i for i, p in enumerate(select.expressions) if p.alias == target.name)
             replacement = exp.column(f"c{index}")
