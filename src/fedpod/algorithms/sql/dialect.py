@@ -41,6 +41,25 @@ def ordinal(select: exp.Select, key: exp.Expr, clause: str) -> int | None:
     return int(key.this) - 1
 
 
+def group_keys(select: exp.Select) -> list[exp.Expr]:
+    """Copies of the GROUP BY expressions with ordinals and select aliases resolved to what they
+    stand for: the modeller's merge plan and the pod's disclosure plan must agree on the cells."""
+    group = select.args.get("group")
+    if group is None:
+        return []
+    aliases = {p.alias: p.this for p in select.expressions if isinstance(p, exp.Alias)}
+    keys: list[exp.Expr] = []
+    for key in group.expressions:
+        if (position := ordinal(select, key, "GROUP BY")) is not None:
+            projection = select.expressions[position]
+            keys.append(projection.this if isinstance(projection, exp.Alias) else projection)
+        elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
+            keys.append(aliases[key.name])
+        else:
+            keys.append(key)
+    return [key.copy() for key in keys]
+
+
 REMEMBERED_BELOW = 4096  # characters: longer queries are parsed each time, never kept
 
 

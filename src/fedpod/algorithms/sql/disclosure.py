@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import ordinal, parse_statement, per_query, to_duckdb
+from fedpod.algorithms.sql.dialect import group_keys, parse_statement, per_query, to_duckdb
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -120,24 +120,14 @@ class CohortPlan:
 
 
 def _group_keys(tree: exp.Select) -> list[exp.Expr]:
-    """The GROUP BY expressions, ordinals and select aliases resolved to what they stand for."""
+    """The resolved GROUP BY keys, once ROLLUP, CUBE and GROUPING SETS are refused: their cells overlap."""
     group = tree.args.get("group")
     if group is None:
         return []
     if any(group.args.get(kind) for kind in ("rollup", "cube", "grouping_sets")) or \
             any(isinstance(key, exp.Rollup | exp.Cube | exp.GroupingSets) for key in group.expressions):
         raise ValueError("ROLLUP, CUBE and GROUPING SETS make overlapping cells")
-    aliases = {p.alias: p.this for p in tree.expressions if isinstance(p, exp.Alias)}
-    keys = []
-    for key in group.expressions:
-        if (position := ordinal(tree, key, "GROUP BY")) is not None:
-            projection = tree.expressions[position]
-            keys.append(projection.this if isinstance(projection, exp.Alias) else projection)
-        elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
-            keys.append(aliases[key.name])
-        else:
-            keys.append(key)
-    return [k.copy() for k in keys]
+    return group_keys(tree)
 
 
 def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import ordinal, parse_statement, per_query, to_duckdb
+from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb
 from fedpod.errors import NotMergeable
 
 PARTIALS = "partials"
@@ -171,24 +171,6 @@ def _refuse_unmergeable(select: exp.Select) -> None:
         raise NotMergeable("DISTINCT ON", "it picks arbitrary rows per key")
 
 
-def _resolve_group_keys(select: exp.Select) -> list[exp.Expr]:
-    group = select.args.get("group")
-    if group is None:
-        return []
-    projections = select.expressions
-    aliases = {p.alias: p.this for p in projections if isinstance(p, exp.Alias)}
-    keys: list[exp.Expr] = []
-    for key in group.expressions:
-        if (position := ordinal(select, key, "GROUP BY")) is not None:
-            target = projections[position]
-            keys.append((target.this if isinstance(target, exp.Alias) else target).copy())
-        elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
-            keys.append(aliases[key.name].copy())
-        else:
-            keys.append(key.copy())
-    return keys
-
-
 def _has_aggregate(select: exp.Select) -> bool:
     parts = [*select.expressions, select.args.get("having"), select.args.get("order")]
     return any(p is not None and p.find(exp.AggFunc) is not None for p in parts)
@@ -253,7 +235,7 @@ def _plan_rows(select: exp.Select) -> MergePlan:
 
 def _plan_aggregate(select: exp.Select) -> MergePlan:
     rewriter = _Rewriter(select)
-    rewriter.keys = _resolve_group_keys(select)
+    rewriter.keys = group_keys(select)
     aliases = {p.alias for p in select.expressions if isinstance(p, exp.Alias)}
     outputs = [rewriter.transform(p.this if isinstance(p, exp.Alias) else p) for p in select.expressions]
     for output in outputs:
