@@ -9,6 +9,7 @@ import time
 import psutil
 
 SAMPLE_S = 0.05
+READS_PER_S = 200  # the sampler's own cost: a /proc read of ~50-100 us each, in the measured process
 
 
 class PeakMemory:
@@ -30,7 +31,10 @@ class PeakMemory:
         """Every SAMPLE_S, each known process's RSS (one small /proc read each), the process tree
         walked again every `refresh_s`. A walk reads every process's /proc entry: done every
         sample inside a fedpod modeller's process, it took a quarter of a core there, holding the
-        GIL the modeller's event loop needs."""
+        GIL the modeller's event loop needs. Reading 100 pods every 50 ms still took a fifth of a
+        core (py-spy, 100 pods): with many processes the interval grows to keep READS_PER_S, so a
+        system of n processes is sampled every max(SAMPLE_S, n / READS_PER_S) seconds (0.5 s at 100
+        pods, whose small-model memory is steady; a few processes are still sampled every 50 ms)."""
         me = psutil.Process()
         processes: list[psutil.Process] = []
         refreshed = float("-inf")
@@ -47,7 +51,7 @@ class PeakMemory:
                     if rss > self.by_process.get(process.pid, ("", 0))[1]:
                         self.by_process[process.pid] = (" ".join(process.cmdline()), rss)
             self.peak = max(self.peak, total)
-            time.sleep(SAMPLE_S)
+            time.sleep(max(SAMPLE_S, len(processes) / READS_PER_S))
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
