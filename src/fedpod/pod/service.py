@@ -160,8 +160,8 @@ class Pod:
         self._pinged = asyncio.Event()  # a discovery ping or a task's new phase: beat soon
         self._discovery_ping = False  # ...and beat even if the phases are those the last beat told
         self._config_mtime = self._config_changed_at()
-        self._phases: dict[str, str] = {}  # task id -> what is being done with it (told in heartbeats)
-        self._held_since: dict[str, float] = {}  # task id -> when its first phase was set
+        # task id -> what is being done with it (told in heartbeats), and since when the pod holds it
+        self._phases: dict[str, tuple[str, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = asyncio.Semaphore(config.max_concurrent_tasks)
 
@@ -247,9 +247,9 @@ class Pod:
             if time.monotonic() - checkpointed >= self.config.audit_checkpoint_s:
                 self._journal.checkpoint()
                 checkpointed = time.monotonic()
-            phases, now = dict(self._phases), time.monotonic()
-            lasting = {task: phase for task, phase in phases.items()
-                       if now - self._held_since.get(task, now) >= MIN_BEAT_GAP_S}
+            held, now = dict(self._phases), time.monotonic()
+            phases = {task: phase for task, (phase, _) in held.items()}
+            lasting = {task: phase for task, (phase, since) in held.items() if now - since >= MIN_BEAT_GAP_S}
             if self._discovery_ping or lasting != told or now - beaten >= self.config.heartbeat_s:
                 self._discovery_ping = False
                 told, beaten = lasting, now
@@ -506,7 +506,6 @@ class Pod:
             if not running.done():  # the entry could not be made durable: nothing is released
                 running.cancel()
             self._phases.pop(request.task_id, None)
-            self._held_since.pop(request.task_id, None)
 
     async def _refuse(self, opened: Opened, request: TaskRequest | TrainRequest, measured: Request,
                       decision: Decision, received: dict[str, Any], who: str) -> None:
@@ -541,8 +540,7 @@ class Pod:
 
     def _set_phase(self, task_id: str, phase: str) -> None:
         """Called from worker threads too: the next heartbeat, brought forward, tells the modeller."""
-        self._phases[task_id] = phase
-        self._held_since.setdefault(task_id, time.monotonic())
+        self._phases[task_id] = (phase, self._phases.get(task_id, ("", time.monotonic()))[1])
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._pinged.set)
 
