@@ -237,3 +237,19 @@ def test_after_a_durable_write_the_entries_that_follow_wait_for_the_timed_sync(
         time.sleep(0.01)
     assert len(synced) <= 5 + 1  # one per durable entry, at most one timed sync among them
     writer.close()
+
+
+def test_a_writer_chains_onto_what_another_process_wrote_since_and_checkpoints_that_head(tmp_path: Path) -> None:
+    """A pod's log remembers the entry it wrote last, to skip reading it back: an append by the
+    CLI in between, or the file moved aside, must still be read from the file."""
+    path = tmp_path / "audit.jsonl"
+    pod, cli = AuditLog(path), AuditLog(path)
+    pod.append("task-received", task="t1")
+    cli.append("plan-approved", plan="p")
+    checkpoint = pod.checkpoint(POD)
+    assert checkpoint["entries"] == 2 and checkpoint["head"] == json.loads(path.read_text().splitlines()[-1])["hash"]
+    pod.append("task-completed", task="t1")
+    assert AuditLog.verify(path).ok and AuditLog.verify(path).entries == 3
+    path.rename(tmp_path / "archived.jsonl")
+    pod.append("pod-started")
+    assert [e["seq"] for e in AuditLog(path).entries()] == [1] and AuditLog.verify(path, checkpoints=[]).ok

@@ -127,6 +127,29 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._folder_made = False
+        # the last entry this object wrote, and the file (device, inode, size) just after: while
+        # the file is still exactly that, the entry is its last line and need not be read back
+        self._head: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+
+    def _open(self) -> Any:
+        if not self._folder_made:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._folder_made = True
+        return self.path.open("a+b")
+
+    def _last_entry(self, handle: Any) -> dict[str, Any] | None:
+        """The chain's last entry; call holding the file lock. Another process (`fedpod plan
+        approve`) may have appended since this object last wrote: then it is read from the file."""
+        status = os.fstat(handle.fileno())
+        if self._head is not None and self._head[0] == (status.st_dev, status.st_ino, status.st_size):
+            return self._head[1]
+        last = _last_line(handle)
+        return json.loads(last) if last.strip() else None
+
+    def _remember(self, handle: Any, entry: dict[str, Any]) -> None:
+        status = os.fstat(handle.fileno())
+        self._head = ((status.st_dev, status.st_ino, status.st_size), entry)
 
     def append(self, event: str, **details: Any) -> dict[str, Any]:
         """Record one event (task request, decision, result, rejected envelope, ...), durably."""
@@ -134,13 +157,11 @@ class AuditLog:
 
     def append_many(self, records: list[tuple[str, dict[str, Any]]], *, sync: bool = True) -> list[dict[str, Any]]:
         """Chain and write several events with one lock and (`sync`) one fsync."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         written: list[dict[str, Any]] = []
-        with self._lock, self.path.open("a+b") as handle:
+        with self._lock, self._open() as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
-                last = _last_line(handle)
-                previous = json.loads(last) if last.strip() else None
+                previous = self._last_entry(handle)
                 lines = []
                 for event, details in records:
                     entry: dict[str, Any] = {"seq": previous["seq"] + 1 if previous else 1, "ts": time.time(),
@@ -153,6 +174,8 @@ class AuditLog:
                 handle.seek(0, os.SEEK_END)
                 handle.write("".join(lines).encode())
                 handle.flush()
+                if written:
+                    self._remember(handle, written[-1])
                 if sync:
                     os.fsync(handle.fileno())
             finally:
@@ -174,12 +197,10 @@ class AuditLog:
 
     def checkpoint(self, identity: Identity, *, sync: bool = True) -> dict[str, Any]:
         """Sign the chain's current head and append it (`sync`: and fsync it) to the checkpoints file."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, self.path.open("a+b") as handle:
+        with self._lock, self._open() as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
-                last = _last_line(handle)
-                head: dict[str, Any] = json.loads(last) if last.strip() else {"seq": 0, "hash": GENESIS}
+                head = self._last_entry(handle) or {"seq": 0, "hash": GENESIS}
                 checkpoint = sign_checkpoint(identity, int(head["seq"]), str(head["hash"]))
                 with checkpoints_path(self.path).open("a") as out:
                     out.write(json.dumps(checkpoint, sort_keys=True) + "\n")

@@ -490,6 +490,9 @@ class Pod:
         commit = self._journal.commit("task-received", **received, **describe_request(request), decision="allow",
                                       principal=decision.principal, min_group_size=limits.min_group_size,
                                       max_rows=limits.max_rows)
+        # signed in the same batch, while the task runs: the reply carries it to the modeller, a
+        # witness (queued apart, after the entry was durable, it cost the audit thread a wake per task)
+        self._journal.checkpoint()
         await asyncio.wrap_future(commit.written)  # in the log before it runs; the fsync overlaps the task
         log.info("%s task %s from %s on %s: allowed", measured.kind, request.task_id[:8], who, request.dataset)
         started = time.perf_counter()
@@ -500,7 +503,6 @@ class Pod:
         try:
             await durable
             await opened.acknowledge()  # only now does the modeller hear that the task arrived
-            self._journal.checkpoint()  # signed while the task runs; the reply carries it to the modeller, a witness
             await running
         finally:
             if not running.done():  # the entry could not be made durable: nothing is released
@@ -539,9 +541,12 @@ class Pod:
                 message=f"{decision.reason} [rule: {decision.rule}]", hint=remedy, request_id=request_id), attempts=1)
 
     def _set_phase(self, task_id: str, phase: str) -> None:
-        """Called from worker threads too: the next heartbeat, brought forward, tells the modeller."""
-        self._phases[task_id] = (phase, self._phases.get(task_id, ("", time.monotonic()))[1])
-        if self._loop is not None:
+        """Called from worker threads too. For a task held at least MIN_BEAT_GAP_S, the next
+        heartbeat, brought forward, tells the modeller; a quicker task's change would not bring
+        a beat forward (see `_heartbeats`), so it does not wake the loop either."""
+        since = self._phases.get(task_id, ("", time.monotonic()))[1]
+        self._phases[task_id] = (phase, since)
+        if self._loop is not None and time.monotonic() - since >= MIN_BEAT_GAP_S:
             self._loop.call_soon_threadsafe(self._pinged.set)
 
     async def _run_task(self, opened: Opened, request: TaskRequest | TrainRequest, measured: Request,
