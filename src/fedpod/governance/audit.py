@@ -38,6 +38,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,20 +105,57 @@ def read_checkpoints(path: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _last_line(handle: Any) -> bytes:
-    """The file's last non-empty line, read backwards from the end (appends stay O(1))."""
-    handle.seek(0, os.SEEK_END)
-    position = handle.tell()
-    tail = b""
+def _last_line(fd: int, size: int) -> bytes:
+    """The file's last non-empty line, read backwards from its end (appends stay O(1))."""
+    position, tail = size, b""
     while position > 0:
         step = min(4096, position)
         position -= step
-        handle.seek(position)
-        tail = handle.read(step) + tail
+        tail = os.pread(fd, step, position) + tail
         lines = tail.rstrip(b"\n").split(b"\n")
         if len(lines) > 1 or position == 0:
             return bytes(lines[-1])
     return b""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _Appender:
+    """A file held open for appending, so that a write costs one system call rather than the
+    open, seeks and close that cost a pod's audit thread some twenty per task (strace): each one
+    let the event loop take the GIL and the thread wait to get it back. Reopened when the path
+    names another file (moved aside or deleted), which a stat of the path tells."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the open file
+        self._closer: weakref.finalize[[int], _Appender] | None = None
+
+    def fd(self) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            status = os.stat(self.path)
+            if self._fd is not None and self._file == (status.st_dev, status.st_ino):
+                return self._fd
+        self.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        opened = os.fstat(fd)
+        self._fd, self._file = fd, (opened.st_dev, opened.st_ino)
+        self._closer = weakref.finalize(self, os.close, fd)
+        return fd
+
+    def opened(self) -> int | None:
+        return self._fd
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+        self._fd = self._file = self._closer = None
 
 
 class AuditLog:
@@ -127,29 +165,22 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._folder_made = False
+        self._log = _Appender(path)
+        self._checkpoints = _Appender(checkpoints_path(path))
         # the last entry this object wrote, and the file (device, inode, size) just after: while
         # the file is still exactly that, the entry is its last line and need not be read back
         self._head: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
-    def _open(self) -> Any:
-        if not self._folder_made:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._folder_made = True
-        return self.path.open("a+b")
-
-    def _last_entry(self, handle: Any) -> dict[str, Any] | None:
-        """The chain's last entry; call holding the file lock. Another process (`fedpod plan
-        approve`) may have appended since this object last wrote: then it is read from the file."""
-        status = os.fstat(handle.fileno())
-        if self._head is not None and self._head[0] == (status.st_dev, status.st_ino, status.st_size):
-            return self._head[1]
-        last = _last_line(handle)
-        return json.loads(last) if last.strip() else None
-
-    def _remember(self, handle: Any, entry: dict[str, Any]) -> None:
-        status = os.fstat(handle.fileno())
-        self._head = ((status.st_dev, status.st_ino, status.st_size), entry)
+    def _last_entry(self, fd: int) -> tuple[dict[str, Any] | None, tuple[int, int, int]]:
+        """The chain's last entry and the file it is in; call holding the file lock. Another
+        process (`fedpod plan approve`) may have appended since this object last wrote: then the
+        entry is read from the file."""
+        status = os.fstat(fd)
+        file = (status.st_dev, status.st_ino, status.st_size)
+        if self._head is not None and self._head[0] == file:
+            return self._head[1], file
+        last = _last_line(fd, status.st_size)
+        return (json.loads(last) if last.strip() else None), file
 
     def append(self, event: str, **details: Any) -> dict[str, Any]:
         """Record one event (task request, decision, result, rejected envelope, ...), durably."""
@@ -158,10 +189,11 @@ class AuditLog:
     def append_many(self, records: list[tuple[str, dict[str, Any]]], *, sync: bool = True) -> list[dict[str, Any]]:
         """Chain and write several events with one lock and (`sync`) one fsync."""
         written: list[dict[str, Any]] = []
-        with self._lock, self._open() as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        with self._lock:
+            fd = self._log.fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                previous = self._last_entry(handle)
+                previous, (device, inode, size) = self._last_entry(fd)
                 lines = []
                 for event, details in records:
                     entry: dict[str, Any] = {"seq": previous["seq"] + 1 if previous else 1, "ts": time.time(),
@@ -171,15 +203,14 @@ class AuditLog:
                     lines.append(json.dumps(entry, sort_keys=True) + "\n")
                     written.append(entry)
                     previous = entry
-                handle.seek(0, os.SEEK_END)
-                handle.write("".join(lines).encode())
-                handle.flush()
-                if written:
-                    self._remember(handle, written[-1])
+                data = "".join(lines).encode()
+                _write_all(fd, data)
+                if written:  # every writer appends under the lock: the file is now exactly this much longer
+                    self._head = ((device, inode, size + len(data)), written[-1])
                 if sync:
-                    os.fsync(handle.fileno())
+                    os.fsync(fd)
             finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
         return written
 
     def entries(self) -> list[dict[str, Any]]:
@@ -189,26 +220,31 @@ class AuditLog:
 
     def sync(self) -> None:
         """fsync the log and its checkpoints file: what was written without waiting for it."""
-        for path in (self.path, checkpoints_path(self.path)):
-            _fsync(path)
+        for appender in (self._log, self._checkpoints):
+            _fsync(appender)
 
     def sync_log(self) -> None:
-        _fsync(self.path)
+        _fsync(self._log)
+
+    def close(self) -> None:
+        with self._lock:
+            self._log.close()
+            self._checkpoints.close()
 
     def checkpoint(self, identity: Identity, *, sync: bool = True) -> dict[str, Any]:
         """Sign the chain's current head and append it (`sync`: and fsync it) to the checkpoints file."""
-        with self._lock, self._open() as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        with self._lock:
+            fd = self._log.fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                head = self._last_entry(handle) or {"seq": 0, "hash": GENESIS}
+                head = self._last_entry(fd)[0] or {"seq": 0, "hash": GENESIS}
                 checkpoint = sign_checkpoint(identity, int(head["seq"]), str(head["hash"]))
-                with checkpoints_path(self.path).open("a") as out:
-                    out.write(json.dumps(checkpoint, sort_keys=True) + "\n")
-                    out.flush()
-                    if sync:
-                        os.fsync(out.fileno())
+                out = self._checkpoints.fd()
+                _write_all(out, (json.dumps(checkpoint, sort_keys=True) + "\n").encode())
+                if sync:
+                    os.fsync(out)
             finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
         return checkpoint
 
     @staticmethod
@@ -242,8 +278,13 @@ class AuditLog:
         return VerifyResult(True, count, None, len(anchors), note)
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError), path.open("ab") as handle:
+def _fsync(appender: _Appender) -> None:
+    """fsync what this process wrote through `appender`; a file it never opened, by path."""
+    fd = appender.opened()
+    if fd is not None:
+        os.fsync(fd)
+        return
+    with contextlib.suppress(FileNotFoundError), appender.path.open("ab") as handle:
         os.fsync(handle.fileno())
 
 
@@ -346,9 +387,11 @@ class AuditWriter:
                 item[2].fail(OSError("audit queue full"))
 
     def close(self) -> None:
-        """Write everything queued, then stop the thread."""
+        """Write everything queued, then stop the thread and close the files."""
         self._queue.put(None)
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.log.close()
 
     def _run(self) -> None:
         stopping = False
