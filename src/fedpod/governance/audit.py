@@ -220,11 +220,13 @@ class AuditLog:
 
     def sync(self) -> None:
         """fsync the log and its checkpoints file: what was written without waiting for it."""
-        for appender in (self._log, self._checkpoints):
-            _fsync(appender)
+        with self._lock:  # another thread's append may reopen a file moved aside
+            for appender in (self._log, self._checkpoints):
+                _fsync(appender)
 
     def sync_log(self) -> None:
-        _fsync(self._log)
+        with self._lock:
+            _fsync(self._log)
 
     def close(self) -> None:
         with self._lock:
