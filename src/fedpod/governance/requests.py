@@ -116,6 +116,12 @@ class AccessRequests:
         self._seen_mtime = None  # re-read at the next note
         return entry
 
+    @property
+    def unflushed(self) -> bool:
+        """Whether `flush` has anything to write (read on the event loop, which skips the worker
+        thread a flush needs when there is nothing)."""
+        return bool(self._unflushed)
+
     def flush(self) -> None:
         """Write the counts and kinds gathered since the last flush (one write, whatever their number)."""
         if not self._unflushed:

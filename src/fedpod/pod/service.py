@@ -259,7 +259,8 @@ class Pod:
                     await self.channel.announce(subjects.heartbeat(self.fingerprint), beat,
                                                 [k for fp, k in self._modeller_keys.items() if self._accepts(fp)])
             self._reload_if_changed()
-            await asyncio.to_thread(self.requests.flush)
+            if self.requests.unflushed:
+                await asyncio.to_thread(self.requests.flush)
             self._summarise_rejections()
             self._pinged.clear()
             stopped = asyncio.ensure_future(stop.wait())
