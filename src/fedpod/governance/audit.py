@@ -39,6 +39,7 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,10 @@ class _Appender:
         self._closer = weakref.finalize(self, os.close, fd)
         return fd
 
-    def opened(self) -> int | None:
-        return self._fd
+    def sync(self) -> None:
+        """fsync what was written through this file (nothing, if it was never opened)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
 
     def close(self) -> None:
         if self._closer is not None:
@@ -171,6 +174,17 @@ class AuditLog:
         # the file is still exactly that, the entry is its last line and need not be read back
         self._head: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
+    @contextlib.contextmanager
+    def _locked_log(self) -> Iterator[int]:
+        """The log's descriptor, held by this thread and, against other processes, by `flock`."""
+        with self._lock:
+            fd = self._log.fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield fd
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     def _last_entry(self, fd: int) -> tuple[dict[str, Any] | None, tuple[int, int, int]]:
         """The chain's last entry and the file it is in; call holding the file lock. Another
         process (`fedpod plan approve`) may have appended since this object last wrote: then the
@@ -189,28 +203,23 @@ class AuditLog:
     def append_many(self, records: list[tuple[str, dict[str, Any]]], *, sync: bool = True) -> list[dict[str, Any]]:
         """Chain and write several events with one lock and (`sync`) one fsync."""
         written: list[dict[str, Any]] = []
-        with self._lock:
-            fd = self._log.fd()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                previous, (device, inode, size) = self._last_entry(fd)
-                lines = []
-                for event, details in records:
-                    entry: dict[str, Any] = {"seq": previous["seq"] + 1 if previous else 1, "ts": time.time(),
-                                             "event": event, "prev": previous["hash"] if previous else GENESIS,
-                                             **details}
-                    entry["hash"] = _entry_hash(entry)
-                    lines.append(json.dumps(entry, sort_keys=True) + "\n")
-                    written.append(entry)
-                    previous = entry
-                data = "".join(lines).encode()
-                _write_all(fd, data)
-                if written:  # every writer appends under the lock: the file is now exactly this much longer
-                    self._head = ((device, inode, size + len(data)), written[-1])
-                if sync:
-                    os.fsync(fd)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        with self._locked_log() as fd:
+            previous, (device, inode, size) = self._last_entry(fd)
+            lines = []
+            for event, details in records:
+                entry: dict[str, Any] = {"seq": previous["seq"] + 1 if previous else 1, "ts": time.time(),
+                                         "event": event, "prev": previous["hash"] if previous else GENESIS,
+                                         **details}
+                entry["hash"] = _entry_hash(entry)
+                lines.append(json.dumps(entry, sort_keys=True) + "\n")
+                written.append(entry)
+                previous = entry
+            data = "".join(lines).encode()
+            _write_all(fd, data)
+            if written:  # every writer appends under the lock: the file is now exactly this much longer
+                self._head = ((device, inode, size + len(data)), written[-1])
+            if sync:
+                os.fsync(fd)
         return written
 
     def entries(self) -> list[dict[str, Any]]:
@@ -221,12 +230,12 @@ class AuditLog:
     def sync(self) -> None:
         """fsync the log and its checkpoints file: what was written without waiting for it."""
         with self._lock:  # another thread's append may reopen a file moved aside
-            for appender in (self._log, self._checkpoints):
-                _fsync(appender)
+            self._log.sync()
+            self._checkpoints.sync()
 
     def sync_log(self) -> None:
         with self._lock:
-            _fsync(self._log)
+            self._log.sync()
 
     def close(self) -> None:
         with self._lock:
@@ -235,18 +244,13 @@ class AuditLog:
 
     def checkpoint(self, identity: Identity, *, sync: bool = True) -> dict[str, Any]:
         """Sign the chain's current head and append it (`sync`: and fsync it) to the checkpoints file."""
-        with self._lock:
-            fd = self._log.fd()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                head = self._last_entry(fd)[0] or {"seq": 0, "hash": GENESIS}
-                checkpoint = sign_checkpoint(identity, int(head["seq"]), str(head["hash"]))
-                out = self._checkpoints.fd()
-                _write_all(out, (json.dumps(checkpoint, sort_keys=True) + "\n").encode())
-                if sync:
-                    os.fsync(out)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        with self._locked_log() as fd:
+            head = self._last_entry(fd)[0] or {"seq": 0, "hash": GENESIS}
+            checkpoint = sign_checkpoint(identity, int(head["seq"]), str(head["hash"]))
+            out = self._checkpoints.fd()
+            _write_all(out, (json.dumps(checkpoint, sort_keys=True) + "\n").encode())
+            if sync:
+                os.fsync(out)
         return checkpoint
 
     @staticmethod
@@ -278,16 +282,6 @@ class AuditLog:
                                     "the chain was rewritten and its hashes recomputed", len(anchors))
         note = None if anchors else "no checkpoint: deleted newest entries or a rewritten chain cannot be detected"
         return VerifyResult(True, count, None, len(anchors), note)
-
-
-def _fsync(appender: _Appender) -> None:
-    """fsync what this process wrote through `appender`; a file it never opened, by path."""
-    fd = appender.opened()
-    if fd is not None:
-        os.fsync(fd)
-        return
-    with contextlib.suppress(FileNotFoundError), appender.path.open("ab") as handle:
-        os.fsync(handle.fileno())
 
 
 def _walk_chain(path: Path, wanted: set[int]) -> tuple[int, dict[int, str]] | VerifyResult:
