@@ -20,7 +20,9 @@ pods and broker (not the SQL queries timed after the rounds, which load pyarrow 
 Flower runs none); for Flower its superlink, supernodes, the processes they start, and `flwr run`.
 The run also states the transport throughput against raw nats-py on the same machine (benchmarks/transport/), the bytes
 the modeller sends per round (a round's model is cast: sent once for all its pods), and, for the
-small model, each idle pod's memory and a federated SQL aggregate as pods are added.
+small model, each idle pod's memory, a federated SQL aggregate as pods are added, the CPU a pod
+spends per task, and the floor that bare nats-py processes passing the round's messages set
+(benchmarks/rounds/bare.py).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from rich.console import Console
 from benchmarks.flower.deployment import FlowerFederation
 from benchmarks.memory import PeakMemory
 from benchmarks.report import machine, publish
+from benchmarks.rounds import bare
 from fedpod.data.datasets import DatasetSpec
 from fedpod.governance.plans import PlanRegistry
 from fedpod.modeller.client import Modeller
@@ -75,6 +78,13 @@ class RoundTimes:
     sql_s: list[float] = field(default_factory=list)  # each federated SQL aggregate after the first
     modeller_sent: float = 0.0  # bytes the modeller sent per round, all rounds averaged
     peak_bytes: int = 0  # summed resident memory of the modeller, pods and broker, from start-up to the last round
+    pod_cpu_ms: float = 0.0  # CPU time (user + system, all threads) per pod and round, rounds after the first
+    modeller_cpu_ms: float = 0.0  # the modeller's, per round, rounds after the first
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def resident_mib(pid: int) -> float:
@@ -115,7 +125,11 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
                                     round_limit=rounds, modeller=modeller, experiments_root=work / "experiments",
                                     console=Console(quiet=True), secagg=secagg, min_pods=pods - dropouts)
             before, (sent_before, _) = broker.traffic(), modeller.traffic()
+            experiment.run_once()  # the first round pays the pods' imports: its CPU is not counted below
+            pods_cpu, own_cpu = sum(cpu_seconds(p.pid) for p in processes), cpu_seconds(os.getpid())
             experiment.run()
+            pod_cpu_ms = (sum(cpu_seconds(p.pid) for p in processes) - pods_cpu) / (rounds - 1) / pods * 1000
+            modeller_cpu_ms = (cpu_seconds(os.getpid()) - own_cpu) / (rounds - 1) * 1000
             memory.stop()  # the peak until the last round: the SQL queries below are not Flower's workload
             wire_bytes = (broker.traffic() - before) / rounds
             modeller_sent = (modeller.traffic()[0] - sent_before) / rounds
@@ -130,7 +144,7 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
                     sql.append(time.perf_counter() - started)
                     assert int(answer["n"][0]) == 20 * pods, answer  # type: ignore[call-overload]
             return RoundTimes([s for r, s in sorted(by_round.items()) if r > 0], wire_bytes, by_round[0], idle,
-                              sql[1:], modeller_sent, memory.peak)
+                              sql[1:], modeller_sent, memory.peak, pod_cpu_ms, modeller_cpu_ms)
 
 
 def measure_fedpod(pods: int, parameters: int, rounds: int, work: Path, *,
@@ -178,28 +192,48 @@ IDLE_POD_MIB = 60.0  # targets for many pods (issue 11, item 5)
 MANY_PODS_S = 0.2
 
 
-def many_pods_table(runs: list[tuple[int, RoundTimes]], verdicts: list[bool]) -> list[str]:
-    """Lean pods: each pod's memory when idle, and a SQL aggregate and a FedAvg round as pods are added."""
+def many_pods_table(runs: list[tuple[int, RoundTimes]], floors: dict[int, tuple[float, float] | str],
+                    verdicts: list[bool]) -> list[str]:
+    """Lean pods: each pod's memory when idle, and a SQL aggregate and a FedAvg round as pods are
+    added — beside what a pod's task costs in CPU, and the floor bare messaging sets (`bare`)."""
     lines = ["## Many pods: idle memory, SQL and FedAvg as pods are added", "",
              "The small-model runs above. Idle pod: resident memory of each pod process once discovered, before "
              "its first task (median and largest). SQL: a federated `COUNT`/`AVG` aggregate over every pod, median "
              f"of {SQL_QUERIES} after the first. First round: the FedAvg round that pays each pod's first-task "
-             "imports (numpy, DuckDB, the plan) and data loading.", "",
+             "imports (numpy, DuckDB, the plan) and data loading. CPU per task: each pod's CPU time (user and "
+             "system, all threads) per FedAvg round after the first, averaged over the pods; the modeller's per "
+             "round. Bare nats-py: as many Python processes that only pass messages of the round's sizes, in the "
+             "same run (`python -m benchmarks.rounds.bare`): one request and its answer per pod, then fedpod's "
+             "shape — the task acknowledged, the update sent back as an acknowledged request — with no sealing, "
+             "audit log, policy or training: the floor under any round of this shape on this machine.", "",
              "| pods | idle pod MiB (median / max) | SQL s/query | FedAvg s/round | first round s | "
-             "per added pod (SQL / FedAvg, ms) |", "|---:|---:|---:|---:|---:|---:|"]
+             "per added pod (SQL / FedAvg, ms) | pod CPU per task (ms) | modeller CPU per round (ms) | "
+             "bare nats-py s/round (one exchange / fedpod's shape) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base_pods, base = runs[0]
     for pods, times in runs:
         sql, fedavg = statistics.median(times.sql_s), statistics.median(times.seconds)
         slope = "—" if pods == base_pods else (
             f"{(sql - statistics.median(base.sql_s)) / (pods - base_pods) * 1000:.2f} / "
             f"{(fedavg - statistics.median(base.seconds)) / (pods - base_pods) * 1000:.2f}")
+        floor = floors.get(pods, "—")
+        bare = f"{floor[0]:.3f} / {floor[1]:.3f}" if isinstance(floor, tuple) else f"failed: {floor}"
         lines.append(f"| {pods} | {statistics.median(times.idle_mib):.1f} / {max(times.idle_mib):.1f} | {sql:.3f} | "
-                     f"{fedavg:.3f} | {times.first_s:.2f} | {slope} |")
+                     f"{fedavg:.3f} | {times.first_s:.2f} | {slope} | {times.pod_cpu_ms:.2f} | "
+                     f"{times.modeller_cpu_ms:.1f} | {bare} |")
         verdicts.append(max(times.idle_mib) <= IDLE_POD_MIB)
         if pods >= 100:
             verdicts += [sql < MANY_PODS_S, fedavg < MANY_PODS_S]
     return [*lines, "", f"Targets: every idle pod at most {IDLE_POD_MIB:.0f} MiB; at 100 pods a SQL aggregate and a "
             f"FedAvg round each under {MANY_PODS_S * 1000:.0f} ms.", ""]
+
+
+def measure_floor(pods: int) -> tuple[float, float] | str:
+    """`bare.measure`, or why it failed: the table says so rather than the benchmark ending there."""
+    try:
+        return bare.measure(pods)
+    except (OSError, RuntimeError, AssertionError, TimeoutError) as exc:
+        print(f"bare nats-py, {pods} pods: {exc}", file=sys.stderr, flush=True)
+        return str(exc)[:200] or type(exc).__name__
 
 
 def main() -> None:
@@ -274,8 +308,8 @@ def main() -> None:
     if failed:
         lines += [f"fedpod failed {TRIES} times in a row at: " + "; ".join(failed) + " (no row; the benchmark "
                   "printed its output).", ""]
-    lines += many_pods_table([(pods, times) for pods, parameters, (times, _), _, _ in rows if parameters < 1_000_000],
-                             verdicts)
+    small = [(pods, times) for pods, parameters, (times, _), _, _ in rows if parameters < 1_000_000]
+    lines += many_pods_table(small, {pods: measure_floor(pods) for pods, _ in small}, verdicts)
     transport_ratio = fedpod_rate / raw_rate
     authentication = ", ".join(f"{statistics.median(times.seconds) / statistics.median(open_times.seconds) - 1:+.0%}"
                                for _, _, (times, _), _, open_times in rows)
