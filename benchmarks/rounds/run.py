@@ -79,7 +79,7 @@ class RoundTimes:
     modeller_sent: float = 0.0  # bytes the modeller sent per round, all rounds averaged
     peak_bytes: int = 0  # summed resident memory of the modeller, pods and broker, from start-up to the last round
     pod_cpu_ms: float = 0.0  # CPU time (user + system, all threads) per pod and round, rounds after the first
-    modeller_cpu_ms: float = 0.0  # the modeller's, per round, rounds after the first
+    modeller_cpu_ms: float = 0.0  # the modeller's process (and its memory sampler), per round after the first
 
 
 def cpu_seconds(pid: int) -> float:
@@ -128,8 +128,9 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
             experiment.run_once()  # the first round pays the pods' imports: its CPU is not counted below
             pods_cpu, own_cpu = sum(cpu_seconds(p.pid) for p in processes), cpu_seconds(os.getpid())
             experiment.run()
-            pod_cpu_ms = (sum(cpu_seconds(p.pid) for p in processes) - pods_cpu) / (rounds - 1) / pods * 1000
-            modeller_cpu_ms = (cpu_seconds(os.getpid()) - own_cpu) / (rounds - 1) * 1000
+            counted = max(rounds - 1, 1)
+            pod_cpu_ms = (sum(cpu_seconds(p.pid) for p in processes) - pods_cpu) / counted / pods * 1000
+            modeller_cpu_ms = (cpu_seconds(os.getpid()) - own_cpu) / counted * 1000
             memory.stop()  # the peak until the last round: the SQL queries below are not Flower's workload
             wire_bytes = (broker.traffic() - before) / rounds
             modeller_sent = (modeller.traffic()[0] - sent_before) / rounds
@@ -202,7 +203,8 @@ def many_pods_table(runs: list[tuple[int, RoundTimes]], floors: dict[int, tuple[
              f"of {SQL_QUERIES} after the first. First round: the FedAvg round that pays each pod's first-task "
              "imports (numpy, DuckDB, the plan) and data loading. CPU per task: each pod's CPU time (user and "
              "system, all threads) per FedAvg round after the first, averaged over the pods; the modeller's per "
-             "round. Bare nats-py: as many Python processes that only pass messages of the round's sizes, in the "
+             "round (its process also samples every process's memory, at most 200 /proc reads a second). "
+             "Bare nats-py: as many Python processes that only pass messages of the round's sizes, in the "
              "same run (`python -m benchmarks.rounds.bare`): one request and its answer per pod, then fedpod's "
              "shape — the task acknowledged, the update sent back as an acknowledged request — with no sealing, "
              "audit log, policy or training: the floor under any round of this shape on this machine.", "",
