@@ -1,4 +1,4 @@
-"""Peak memory of a system of processes, as the benchmarks report it."""
+"""Peak memory and CPU time of a system of processes, as the benchmarks report them."""
 
 from __future__ import annotations
 
@@ -65,3 +65,8 @@ class PeakMemory:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> list[float]:
+    """Each process's user plus system CPU time so far, all its threads (DuckDB's workers too)."""
+    return [sum(p.cpu_times()[:2]) for p in processes]

@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import psutil
 from rich.console import Console
 
 from benchmarks.flower.deployment import FlowerFederation
-from benchmarks.memory import PeakMemory
+from benchmarks.memory import PeakMemory, cpu_seconds
 from benchmarks.report import machine, publish
 from benchmarks.rounds import bare
 from fedpod.data.datasets import DatasetSpec
@@ -80,11 +81,6 @@ class RoundTimes:
     peak_bytes: int = 0  # summed resident memory of the modeller, pods and broker, from start-up to the last round
     pod_cpu_ms: float = 0.0  # CPU time (user + system, all threads) per pod and round, rounds after the first
     modeller_cpu_ms: float = 0.0  # the modeller's process (and its memory sampler), per round after the first
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def resident_mib(pid: int) -> float:
@@ -126,11 +122,12 @@ def time_rounds(pods: int, parameters: int, rounds: int, work: Path, secagg: boo
                                     console=Console(quiet=True), secagg=secagg, min_pods=pods - dropouts)
             before, (sent_before, _) = broker.traffic(), modeller.traffic()
             experiment.run_once()  # the first round pays the pods' imports: its CPU is not counted below
-            pods_cpu, own_cpu = sum(cpu_seconds(p.pid) for p in processes), cpu_seconds(os.getpid())
+            measured = [psutil.Process(process.pid) for process in processes]
+            pods_cpu, (own_cpu,) = sum(cpu_seconds(measured)), cpu_seconds([psutil.Process()])
             experiment.run()
             counted = max(rounds - 1, 1)
-            pod_cpu_ms = (sum(cpu_seconds(p.pid) for p in processes) - pods_cpu) / counted / pods * 1000
-            modeller_cpu_ms = (cpu_seconds(os.getpid()) - own_cpu) / counted * 1000
+            pod_cpu_ms = (sum(cpu_seconds(measured)) - pods_cpu) / counted / pods * 1000
+            modeller_cpu_ms = (cpu_seconds([psutil.Process()])[0] - own_cpu) / counted * 1000
             memory.stop()  # the peak until the last round: the SQL queries below are not Flower's workload
             wire_bytes = (broker.traffic() - before) / rounds
             modeller_sent = (modeller.traffic()[0] - sent_before) / rounds

@@ -24,6 +24,7 @@ from pathlib import Path
 import duckdb
 import psutil
 
+from benchmarks.memory import cpu_seconds
 from benchmarks.report import machine, publish
 from fedpod.data.datasets import DatasetSpec
 from fedpod.modeller.client import Modeller
@@ -67,11 +68,6 @@ def federation(rows: int, name: str) -> Iterator[tuple[Modeller, list[str], duck
                 Modeller(modeller_identity, broker=broker.url, keystore=work / "keys") as modeller:
             wait_for_pods(modeller, set(PODS), processes, deadline_s=120)
             yield modeller, [f"{p}/measurements" for p in PODS], pooled
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> list[float]:
-    """Each process's user plus system CPU time so far, all its threads (DuckDB's workers too)."""
-    return [sum(p.cpu_times()[:2]) for p in processes]
 
 
 @dataclass
