@@ -29,7 +29,7 @@ HERE = Path(__file__).parent
 ROUNDS = 400
 REPEATS = 3  # each case's figures: the median of its runs
 COMPETITORS = 2
-SWEEP = "import numpy, sys; a = numpy.ones({mib} * 131072)\nwhile True: a += 1.0"
+SWEEP = "import numpy; a = numpy.ones({mib} * 131072)\nwhile True: a += 1.0"
 CASES = [("alone", 0), ("beside 2 processes using CPU (1 MiB each)", 1),
          ("beside 2 processes sweeping 64 MiB each", 64)]
 
