@@ -8,6 +8,13 @@ be: at most `LARGE_SENDS` large messages are sealed and in flight at once (a mod
 a 40 MB model to ten pods holds two ciphertexts, not ten; the single connection is the
 bottleneck anyway), and a received frame is let go as soon as it is decrypted. What several
 parties need alike (a round's global model) is `cast`: sealed once and sent once.
+
+A reply ready while its request is not yet acknowledged rides on the acknowledgement (`answer`):
+a quick task then costs two messages instead of four, on both sides. The sender's channel opens
+such an answer like anything arriving in its inbox. Should the answer be lost (a broker restarts
+under it), the sender sends its request again; the receiver refuses the copy as a replay, but
+answers it with what it answered the original (`_AnswersGiven`), so nothing is computed twice
+and nobody waits out a timeout for a reply that left.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
 from fedpod.errors import EnvelopeRejected
-from fedpod.security.envelope import Opened, ReplayGuard, open_envelope, seal
+from fedpod.security.envelope import Opened, ReplayGuard, no_acknowledgement, open_envelope, seal
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.tickets import TICKET_TTL_S, Ticket, TicketRefused, check_ticket, issue_ticket
 from fedpod.transport import subjects
@@ -34,6 +42,31 @@ OpenedHandler = Callable[[Opened], Awaitable[None]]
 RejectedHandler = Callable[[EnvelopeRejected], Awaitable[None]]
 SenderFilter = Callable[[str], bool]
 REMEMBERED_TICKETS = 10_000
+ANSWER_KEPT_S = 60.0  # longer than a sender goes on resending (`transport.bus`: MAX_SENDS within its timeout)
+ANSWERS_KEPT_BYTES = 16 * 1024 * 1024
+EnvelopeKey = tuple[bytes, bytes]  # the signer's key and the envelope's nonce
+
+
+class _AnswersGiven:
+    """The answers carried on acknowledgements in the last ANSWER_KEPT_S, by the envelope each
+    answered, at most ANSWERS_KEPT_BYTES in all (the oldest go first). Anyone may replay an
+    envelope they saw and be answered: what they get is sealed for its sender."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[EnvelopeKey, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def keep(self, envelope: EnvelopeKey, answer: bytes) -> None:
+        now = time.monotonic()
+        self._kept[envelope] = (now, answer)
+        self._bytes += len(answer)
+        while self._kept and (self._bytes > ANSWERS_KEPT_BYTES or now - next(iter(self._kept.values()))[0]
+                              > ANSWER_KEPT_S):
+            self._bytes -= len(self._kept.popitem(last=False)[1][1])
+
+    def get(self, envelope: EnvelopeKey) -> bytes | None:
+        kept = self._kept.get(envelope)
+        return kept[1] if kept is not None and time.monotonic() - kept[0] <= ANSWER_KEPT_S else None
 
 
 class _AcceptedSendersOnly(ReplayGuard):
@@ -94,6 +127,9 @@ class SecureChannel:
         self.rejections: Counter[str] = Counter()
         self._seq = itertools.count(1)
         self._large_sends = asyncio.Semaphore(LARGE_SENDS)
+        self._inbox: Callable[[Payload, Ack, str | None], Awaitable[None]] | None = None  # set by `listen_inbox`
+        self._answers = _AnswersGiven()
+        self._taking: set[asyncio.Task[None]] = set()
 
     @property
     def fingerprint(self) -> str:
@@ -132,8 +168,22 @@ class SecureChannel:
         def ticket(transfer: str, size: int, digests: list[bytes]) -> bytes:
             return issue_ticket(self.identity, recipient, transfer, size, digests)
 
-        await self.bus.send(subjects.inbox(recipient.fingerprint), letter.parts, timeout_s=timeout_s,
-                            recipient=f"{recipient.name} ({recipient.fingerprint})", ticket=ticket)
+        answer = await self.bus.send(subjects.inbox(recipient.fingerprint), letter.parts, timeout_s=timeout_s,
+                                     recipient=f"{recipient.name} ({recipient.fingerprint})", ticket=ticket)
+        if answer and self._inbox is not None:
+            # opened and handled as if it came to the inbox, but apart: what the recipient answered
+            # never holds up this send (a pod's, sending a result, must not run a task in it)
+            taking = asyncio.ensure_future(self._inbox(answer, no_acknowledgement, None))
+            self._taking.add(taking)
+            taking.add_done_callback(self._taking.discard)
+
+    async def answer(self, opened: Opened, letter: Letter) -> bool:
+        """Carry `letter` on the acknowledgement of `opened`, its sender's request, if that is not
+        yet sent and the letter fits in one message; False if it must be delivered."""
+        if letter.recipient.fingerprint != opened.sender.fingerprint \
+                or sum(len(part) for part in letter.parts) > self.bus.chunk_size:
+            return False
+        return await opened.acknowledge(b"".join(letter.parts))
 
     async def cast(self, recipients: list[PublicIdentity], message: WireMessage, *,
                    timeout_s: float = 30.0) -> set[str]:
@@ -176,10 +226,22 @@ class SecureChannel:
             except EnvelopeRejected as exc:
                 self.rejections[exc.reason] += 1
                 await on_rejected(exc)
+                answered = self._answers.get(exc.envelope) if exc.envelope is not None else None
+                if answered is not None:  # a copy of a request answered on its acknowledgement, which was lost
+                    await ack(answered)
                 return
             del frame  # the ciphertext is not needed while the handler works (a pod trains for minutes)
-            await on_opened(dataclasses.replace(opened, acknowledge=ack))
+            envelope = (opened.header.sign_public, opened.header.nonce)
 
+            async def acknowledge(answer: bytes = b"") -> bool:
+                carried = await ack(answer)
+                if carried:
+                    self._answers.keep(envelope, answer)
+                return carried
+
+            await on_opened(dataclasses.replace(opened, acknowledge=acknowledge))
+
+        self._inbox = on_frame
         await self.bus.subscribe(subjects.inbox(self.fingerprint), on_frame)
 
 

@@ -63,7 +63,9 @@ class ConfigError(FedpodError, ValueError):
 
 
 class EnvelopeRejected(FedpodError, ValueError):
-    """`reason` is one of REASONS, so that receivers can count rejections by kind."""
+    """`reason` is one of REASONS, so that receivers can count rejections by kind. A replayed
+    envelope names itself in `envelope` (its signer's key and nonce), so that a receiver that
+    answered the original can answer the copy alike (`SecureChannel`)."""
 
     REASONS = (
         "malformed",
@@ -77,9 +79,11 @@ class EnvelopeRejected(FedpodError, ValueError):
         "fingerprint-mismatch",
     )
 
-    def __init__(self, reason: str, detail: str = "", *, where: str | None = None) -> None:
+    def __init__(self, reason: str, detail: str = "", *, where: str | None = None,
+                 envelope: tuple[bytes, bytes] | None = None) -> None:
         assert reason in self.REASONS, reason
         self.reason = reason
+        self.envelope = envelope
         super().__init__(f"envelope rejected ({reason}){': ' + detail if detail else ''}", where=where)
 
 

@@ -252,3 +252,25 @@ async def test_a_cast_sends_one_copy_to_many_pods_and_leaves_out_one_that_refuse
     finally:
         for party in [modeller, refusing, *(p for p, _ in pods)]:
             await party.bus.close()
+
+
+async def test_an_answer_rides_on_the_acknowledgement_once_and_only_if_it_fits(open_broker: EmbeddedBroker) -> None:
+    """What the receiver answers on its acknowledgement is what `send` returns; the
+    acknowledgement goes once (a later answer must travel on its own), and an answer larger than
+    one message is not carried: the sender hears a plain acknowledgement."""
+    options = BrokerOptions(open_broker.url)
+    sender, receiver = await Bus.connect(options), await Bus.connect(options)
+    carried: list[tuple[bool, bool]] = []
+
+    async def answer(whole: bus_module.Payload, ack: bus_module.Ack, vouched_by: str | None) -> None:
+        size = receiver.chunk_size + 1 if bytes(whole) == b"big" else 5
+        carried.append((await ack(b"x" * size), await ack(b"late")))
+
+    await receiver.subscribe("answers", answer)
+    try:
+        assert await sender.send("answers", b"small") == b"xxxxx"
+        assert await sender.send("answers", b"big") == b""
+        assert carried == [(True, False), (False, False)]
+    finally:
+        await sender.close()
+        await receiver.close()

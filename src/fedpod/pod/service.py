@@ -162,6 +162,7 @@ class Pod:
         self._config_mtime = self._config_changed_at()
         # task id -> what is being done with it (told in heartbeats), and since when the pod holds it
         self._phases: dict[str, tuple[str, float]] = {}
+        self._unacknowledged: set[str] = set()  # tasks whose modeller has not yet heard that they arrived
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = asyncio.Semaphore(config.max_concurrent_tasks)
 
@@ -236,7 +237,9 @@ class Pod:
         can address a sealed discovery request to it. A discovery ping brings the next beat
         forward — at most one every MIN_BEAT_GAP_S, whoever pings. So does a task's change of
         phase, but only for tasks held at least MIN_BEAT_GAP_S, and only if their phases differ
-        from what the last beat told: a quick task tells its modeller by its reply. Each beat
+        from what the last beat told: a quick task tells its modeller by its reply. A task is
+        told only once acknowledged (a task done within MIN_BEAT_GAP_S answers on that
+        acknowledgement): a modeller that hears a task's phase has heard it arrive. Each beat
         costs the modeller a signature check and a key exchange; at 100 pods, a beat per pod per
         round took a fifth of the modeller's event loop (py-spy)."""
         assert self.channel is not None
@@ -247,7 +250,8 @@ class Pod:
             if time.monotonic() - checkpointed >= self.config.audit_checkpoint_s:
                 self._journal.checkpoint()
                 checkpointed = time.monotonic()
-            held, now = dict(self._phases), time.monotonic()
+            now = time.monotonic()
+            held = {task: value for task, value in list(self._phases.items()) if task not in self._unacknowledged}
             phases = {task: phase for task, (phase, _) in held.items()}
             lasting = {task: phase for task, (phase, since) in held.items() if now - since >= MIN_BEAT_GAP_S}
             if self._discovery_ping or lasting != told or now - beaten >= self.config.heartbeat_s:
@@ -498,17 +502,23 @@ class Pod:
         log.info("%s task %s from %s on %s: allowed", measured.kind, request.task_id[:8], who, request.dataset)
         started = time.perf_counter()
         durable = asyncio.wrap_future(commit.durable)
+        self._unacknowledged.add(request.task_id)  # heartbeats tell its phases once it is acknowledged
         self._set_phase(request.task_id, "queued")
         running = asyncio.ensure_future(self._run_task(opened, request, measured, limits, who, started, durable))
         running.add_done_callback(lambda task: task.cancelled() or task.exception())  # raised below, or moot
         try:
             await durable
-            await opened.acknowledge()  # only now does the modeller hear that the task arrived
+            # only now does the modeller hear that the task arrived; a task done within
+            # MIN_BEAT_GAP_S answers on this very acknowledgement (see `fedpod.channel`)
+            await asyncio.wait({running}, timeout=MIN_BEAT_GAP_S)
+            await opened.acknowledge()
+            self._unacknowledged.discard(request.task_id)
             await running
         finally:
             if not running.done():  # the entry could not be made durable: nothing is released
                 running.cancel()
             self._phases.pop(request.task_id, None)
+            self._unacknowledged.discard(request.task_id)
 
     async def _refuse(self, opened: Opened, request: TaskRequest | TrainRequest, measured: Request,
                       decision: Decision, received: dict[str, Any], who: str) -> None:
@@ -589,7 +599,7 @@ class Pod:
         letter = await self.channel.seal(opened.sender, result.model_copy(
             update={"audit_checkpoint": self._journal.latest_checkpoint}), task_id=request.task_id)
         del result, outcome  # the plaintext (a trained model's memory) is freed while its ciphertext is sent
-        await self._deliver(letter)
+        await self._deliver(letter, answering=opened)
 
     def _execute(self, request: TaskRequest | TrainRequest, requester: str, measured: Request,
                  limits: DatasetPolicy) -> tuple[TaskResult | TrainResult, dict[str, Any]]:
@@ -659,13 +669,17 @@ class Pod:
     async def _reply(self, opened: Opened, message: TaskResult | TrainResult | SecAggReply | TaskFailure,
                      attempts: int = 3) -> None:
         assert self.channel is not None
-        await self._deliver(await self.channel.seal(opened.sender, message, task_id=message.task_id), attempts)
+        await self._deliver(await self.channel.seal(opened.sender, message, task_id=message.task_id), attempts,
+                            answering=opened)
 
-    async def _deliver(self, letter: Letter, attempts: int = 3) -> None:
-        """Deliver a reply, retrying with backoff: a modeller that was briefly disconnected
+    async def _deliver(self, letter: Letter, attempts: int = 3, *, answering: Opened | None = None) -> None:
+        """Deliver a reply: on the acknowledgement of the request it `answer`s if that is not yet
+        sent, else on its own, retrying with backoff: a modeller that was briefly disconnected
         (broker restart, slow-consumer cut) still gets a result that took long to compute.
         Refusals are sent once: a stranger's flood must not pile up retrying tasks."""
         assert self.channel is not None
+        if answering is not None and await self.channel.answer(answering, letter):
+            return
         for attempt in range(attempts):
             try:
                 await self.channel.deliver(letter)

@@ -37,9 +37,9 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -52,6 +52,9 @@ from fedpod.buffers import LARGE_BUFFERS
 from fedpod.errors import EnvelopeRejected
 from fedpod.security.digest import bulk_digest
 from fedpod.security.identity import SIGNATURE_BYTES, Identity, PublicIdentity, x25519, x25519_public
+
+if TYPE_CHECKING:
+    from fedpod.transport.bus import Ack
 
 VERSION = 3  # 3: bulk digests are BLAKE3 (security.digest); 2 had SHA-256
 MAGIC = b"FPE" + str(VERSION).encode()
@@ -105,18 +108,20 @@ class Header(BaseModel):
         return PublicIdentity(self.sender_name, self.sign_public, self.box_public)
 
 
-async def _nothing_to_acknowledge() -> None:
-    return None
+async def no_acknowledgement(answer: bytes = b"") -> bool:
+    """The `Ack` of what nobody waits on: an answer that arrived on an acknowledgement."""
+    return False
 
 
 @dataclass(frozen=True)
 class Opened:
     """A verified envelope: who sent it, what type, and the decrypted payload. `acknowledge`
-    tells the sender it arrived (set by the channel that received it)."""
+    tells the sender it arrived, and may carry the answer (set by the channel that received it;
+    see `transport.bus.Ack`)."""
 
     header: Header
     payload: bytes | bytearray | memoryview
-    acknowledge: Callable[[], Awaitable[None]] = _nothing_to_acknowledge
+    acknowledge: Ack = no_acknowledgement
 
     @property
     def sender(self) -> PublicIdentity:
@@ -363,12 +368,14 @@ def open_envelope(
     if header.ts - current > max_skew_s:
         raise EnvelopeRejected("future", f"{header.ts - current:.0f}s ahead of this clock")
     if guard.seen(header.sender, header.nonce):
-        raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}")
+        raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}",
+                               envelope=(header.sign_public, header.nonce))
     payload = _decrypt_body(cipher, outer.base, header, body)
     # Remember the nonce only once the body authenticated: otherwise a tampered copy of a
     # genuine envelope, sent first, would get the genuine one refused as a replay.
     if not guard.check_and_remember(header.sender, header.nonce, header.ts, current):
-        raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}")
+        raise EnvelopeRejected("replayed", f"nonce seen before from {header.sender_name}",
+                               envelope=(header.sign_public, header.nonce))
     return Opened(header, payload)
 
 

@@ -37,6 +37,9 @@ others one by one.
 
 A send to an inbox nobody listens on fails within RECONNECT_GRACE_S (`PodUnreachable`) instead
 of vanishing.
+A receiver may answer on its acknowledgement (`Ack`): `send` returns what it answered, so that
+a reply ready when its request is acknowledged costs neither side a message of its own.
+
 Integrity and origin of the reassembled bytes is still the envelope's job (GCM tag, signature);
 the handler hears whose ticket vouched for every chunk, so that a body the envelope would hash
 to check its signer's digest (a cast's) is not hashed a second time.
@@ -78,7 +81,18 @@ from fedpod.transport.broker import split_urls
 log = logging.getLogger(__name__)
 
 Payload = bytes | bytearray | memoryview
-Ack = Callable[[], Awaitable[None]]
+
+
+class Ack(Protocol):
+    """Tells the sender that its whole message arrived, at most once. `answer` (bytes that fit
+    in one message) rides on that acknowledgement back to the sender, whose `send` returns it:
+    a reply ready by then costs no message of its own. True if this call sent `answer`; False
+    if the acknowledgement was sent before (the answer must then travel on its own) or cannot
+    carry it (too large, or a cast's, whose answer is its recipients' bookkeeping)."""
+
+    def __call__(self, answer: bytes = b"") -> Awaitable[bool]: ...
+
+
 # A whole message, its acknowledgement, and who vouched for every byte of it: for a chunked
 # transfer, the sender whose signed ticket listed each chunk's digest (each one checked here);
 # None for a single message.
@@ -377,7 +391,7 @@ class Bus:
                     with contextlib.suppress(Exception):
                         await msg.respond(b"")
                 return
-            self._spawn(_acknowledging(handler, *absorbed, msg))
+            self._spawn(_acknowledging(handler, *absorbed, msg, self.chunk_size))
 
         await self._client.subscribe(subject, cb=on_message, pending_bytes_limit=256 * 1024 * 1024)
         await self._client.flush()  # return only once the server knows: a send right after must find us
@@ -451,7 +465,7 @@ class Bus:
         else:
             status = CAST_OK
         if absorbed is not None:
-            self._spawn(_acknowledging(handler, *absorbed, msg, f"{CAST_DONE} {index} {self.me}".encode()))
+            self._spawn(_acknowledging(handler, *absorbed, msg, 0, f"{CAST_DONE} {index} {self.me}".encode()))
         elif msg.reply:
             with contextlib.suppress(Exception):
                 await msg.respond(f"{status} {index} {self.me}".encode())
@@ -504,10 +518,11 @@ class Bus:
                 self.dropped_transfers += 1
 
     async def send(self, subject: str, parts: bytes | Sequence[bytes | bytearray | memoryview], *,
-                   timeout_s: float = 30.0, recipient: str = "recipient", ticket: TicketIssuer | None = None) -> None:
-        """Deliver bytes to one listening party; returns once it has received all of them. A
-        chunked transfer opens with the ticket `ticket` issues for it (signed for the recipient).
-        Sent again whole, up to MAX_SENDS times within `timeout_s`, when a broker lost it."""
+                   timeout_s: float = 30.0, recipient: str = "recipient", ticket: TicketIssuer | None = None) -> bytes:
+        """Deliver bytes to one listening party; returns once it has received all of them, with
+        what it answered on its acknowledgement (empty for a plain one; see `Ack`). A chunked
+        transfer opens with the ticket `ticket` issues for it (signed for the recipient). Sent
+        again whole, up to MAX_SENDS times within `timeout_s`, when a broker lost it."""
         chunks = list(_chunks([parts] if isinstance(parts, bytes | bytearray) else parts, self.chunk_size))
         digests: list[bytes] = []
         if len(chunks) > 1 and ticket is not None:
@@ -519,8 +534,8 @@ class Bus:
         while True:
             left = max(deadline - clock(), 0.001)
             try:
-                await self._send_once(subject, chunks, digests, min(left, ACK_PATIENCE_S), left, recipient, ticket)
-                return
+                return await self._send_once(subject, chunks, digests, min(left, ACK_PATIENCE_S), left, recipient,
+                                             ticket)
             except _Interrupted as why:
                 sends += 1
                 if sends == MAX_SENDS or clock() >= deadline:
@@ -540,10 +555,9 @@ class Bus:
                 raise TransportError(f"sending to {recipient} failed: {exc}", where=subject) from exc
 
     async def _send_once(self, subject: str, chunks: list[memoryview | bytes], digests: list[bytes],
-                         patience_s: float, timeout_s: float, recipient: str, ticket: TicketIssuer | None) -> None:
+                         patience_s: float, timeout_s: float, recipient: str, ticket: TicketIssuer | None) -> bytes:
         if len(chunks) == 1:
-            await self._request(subject, bytes(chunks[0]), patience_s)
-            return
+            return bytes((await self._request(subject, bytes(chunks[0]), patience_s)).data)
         transfer_id = os.urandom(12).hex()
         begin = ticket(transfer_id, sum(len(c) for c in chunks), digests) if ticket is not None else b""
         # admission may keep a sender waiting behind others for long; only a reconnection cuts it short
@@ -559,6 +573,7 @@ class Bus:
                     raise _Interrupted(f"{recipient} lost the transfer in a reconnection")
             else:
                 await self._client.publish(subject, bytes(chunk), headers=headers)
+        return bytes(answer.data)  # the last chunk's acknowledgement is the whole message's
 
     async def _request(self, subject: str, data: bytes, timeout_s: float, headers: dict[str, str] | None = None,
                        *, patient: bool = False) -> Msg:
@@ -686,17 +701,22 @@ async def _unsubscribe(subscription: Subscription) -> None:
         await subscription.unsubscribe()
 
 
-async def _acknowledging(handler: Handler, whole: Payload, vouched_by: str | None, msg: Msg,
-                         answer: bytes = b"") -> None:
+async def _acknowledging(handler: Handler, whole: Payload, vouched_by: str | None, msg: Msg, max_answer: int,
+                         fixed: bytes = b"") -> None:
+    """Run `handler` with an `Ack` for `msg`: answers of at most `max_answer` bytes ride on it;
+    a cast's acknowledgement says `fixed` and carries nothing else (`max_answer` 0)."""
     acked = False
 
-    async def ack() -> None:
+    async def ack(answer: bytes = b"") -> bool:
         nonlocal acked
-        if not acked:
-            acked = True
-            if msg.reply:
-                with contextlib.suppress(Exception):
-                    await msg.respond(answer)
+        if acked:
+            return False
+        acked = True
+        carried = bool(answer) and len(answer) <= max_answer and bool(msg.reply)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(answer if carried else fixed)
+        return carried
 
     running = handler(whole, ack, vouched_by)
     del whole  # the handler lets go of the bytes once it has read them (a pod then trains for minutes)
