@@ -7,11 +7,12 @@ Each "pod" is a Python process that connects to the same embedded NATS server (o
 authentication) and answers on its own subject. Two kinds of round, timed from the first send
 to the last answer, the modeller's side one asyncio process as fedpod's is:
 - one exchange: the modeller sends every pod a request of a task's size, each answers with an
-  update's bytes — the least any request/reply round can do;
-- fedpod's shape: the modeller's request is acknowledged at once, then the pod sends its update
-  as a request of its own, which the modeller acknowledges — the two acknowledged deliveries
-  fedpod makes per pod and round (`Bus.send`), without sealing, audit log, policy or training.
-What fedpod spends beyond the second is its own: crypto, the audit log, the policy, the plan.
+  update's bytes — the least any request/reply round can do, and fedpod's shape for a task done
+  within 0.25 s, whose reply rides on the task's acknowledgement (`fedpod.channel`);
+- two acknowledged deliveries: the modeller's request is acknowledged at once, then the pod sends
+  its update as a request of its own, which the modeller acknowledges — fedpod's shape for a
+  longer task (`Bus.send` twice).
+Neither seals, audits, judges or trains: what fedpod spends beyond them is its own.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ async def rounds(url: str, pods: int, count: int) -> tuple[list[float], list[flo
 
 
 def measure(pods: int, count: int = 20) -> tuple[float, float]:
-    """Median seconds per round, one exchange and fedpod's shape, with `pods` bare pod processes."""
+    """Median seconds per round, one exchange and two acknowledged deliveries, with `pods` bare pod processes."""
     from fedpod.transport.broker import EmbeddedBroker
 
     with EmbeddedBroker(open=True) as broker:
@@ -121,7 +122,7 @@ def main() -> None:
         asyncio.run(serve(args.serve[0], int(args.serve[1])))
         return
     one, shaped = measure(args.pods)
-    print(f"{args.pods} bare pods: one exchange {one:.4f} s/round, fedpod's shape {shaped:.4f} s/round")
+    print(f"{args.pods} bare pods: one exchange {one:.4f} s/round, two acknowledged {shaped:.4f} s/round")
 
 
 if __name__ == "__main__":

@@ -202,12 +202,15 @@ def many_pods_table(runs: list[tuple[int, RoundTimes]], floors: dict[int, tuple[
              "system, all threads) per FedAvg round after the first, averaged over the pods; the modeller's per "
              "round (its process also samples every process's memory, at most 200 /proc reads a second). "
              "Bare nats-py: as many Python processes that only pass messages of the round's sizes, in the "
-             "same run (`python -m benchmarks.rounds.bare`): one request and its answer per pod, then fedpod's "
-             "shape — the task acknowledged, the update sent back as an acknowledged request — with no sealing, "
-             "audit log, policy or training: the floor under any round of this shape on this machine.", "",
+             "same run (`python -m benchmarks.rounds.bare`): one request and its answer per pod — fedpod's shape "
+             "for a task done within 0.25 s, whose update rides on the task's acknowledgement — then two "
+             "acknowledged deliveries — the task acknowledged, the update sent back as an acknowledged request, "
+             "fedpod's shape for a longer task — with no sealing, audit log, policy or training: the floor under "
+             "any round of these shapes on this machine.", "",
              "| pods | idle pod MiB (median / max) | SQL s/query | FedAvg s/round | first round s | "
              "per added pod (SQL / FedAvg, ms) | pod CPU per task (ms) | modeller CPU per round (ms) | "
-             "bare nats-py s/round (one exchange / fedpod's shape) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "bare nats-py s/round (one exchange / two acknowledged) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base_pods, base = runs[0]
     for pods, times in runs:
         sql, fedavg = statistics.median(times.sql_s), statistics.median(times.seconds)
