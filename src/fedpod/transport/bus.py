@@ -37,6 +37,7 @@ others one by one.
 
 A send to an inbox nobody listens on fails within RECONNECT_GRACE_S (`PodUnreachable`) instead
 of vanishing.
+
 A receiver may answer on its acknowledgement (`Ack`): `send` returns what it answered, so that
 a reply ready when its request is acknowledged costs neither side a message of its own.
 

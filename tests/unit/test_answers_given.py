@@ -1,0 +1,29 @@
+"""What a party remembers of the answers it carried on acknowledgements (`fedpod.channel`):
+enough to answer a resent request alike, never more than its bound in bytes or time."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedpod import channel
+from fedpod.channel import _AnswersGiven
+
+
+def test_the_oldest_answers_go_first_beyond_the_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "ANSWERS_KEPT_BYTES", 10)
+    answers = _AnswersGiven()
+    for index in range(3):
+        answers.keep((b"k", bytes([index])), b"x" * 4)
+    assert answers.get((b"k", b"\x00")) is None  # 12 bytes kept would be over 10
+    assert answers.get((b"k", b"\x01")) == b"xxxx" and answers.get((b"k", b"\x02")) == b"xxxx"
+
+
+def test_an_answer_is_forgotten_after_its_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(channel.time, "monotonic", lambda: now[0])
+    answers = _AnswersGiven()
+    answers.keep((b"k", b"old"), b"a")
+    now[0] += channel.ANSWER_KEPT_S + 1
+    assert answers.get((b"k", b"old")) is None
+    answers.keep((b"k", b"new"), b"b")  # keeping a new one lets the expired ones go
+    assert answers.get((b"k", b"new")) == b"b" and len(answers._kept) == 1
