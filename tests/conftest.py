@@ -109,6 +109,13 @@ class RunningPod:
 PodFactory = Callable[..., RunningPod]
 
 
+def three_rows(folder: Path) -> DatasetSpec:
+    """Dataset `t`: one column `a` holding 1, 2, 3 — for tests about everything but the data."""
+    csv = folder / "t.csv"
+    csv.write_text("a\n1\n2\n3\n")
+    return DatasetSpec(name="t", type="csv", path=str(csv))
+
+
 def start_pod_process(config_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     log = config_path.parent / "pod.log"
     process = subprocess.Popen(

@@ -179,11 +179,14 @@ class SecureChannel:
 
     async def answer(self, opened: Opened, letter: Letter) -> bool:
         """Carry `letter` on the acknowledgement of `opened`, its sender's request, if that is not
-        yet sent and the letter fits in one message; False if it must be delivered."""
-        if letter.recipient.fingerprint != opened.sender.fingerprint \
-                or sum(len(part) for part in letter.parts) > self.bus.chunk_size:
-            return False
-        return await opened.acknowledge(b"".join(letter.parts))
+        yet sent and the letter fits in one message. False if it must be delivered: `opened` is
+        then acknowledged (if it was not already), so that its sender is not kept waiting while
+        a large reply travels on its own."""
+        if letter.recipient.fingerprint == opened.sender.fingerprint \
+                and sum(len(part) for part in letter.parts) <= self.bus.chunk_size:
+            return await opened.acknowledge(b"".join(letter.parts))
+        await opened.acknowledge()
+        return False
 
     async def cast(self, recipients: list[PublicIdentity], message: WireMessage, *,
                    timeout_s: float = 30.0) -> set[str]:

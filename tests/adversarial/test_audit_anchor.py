@@ -9,15 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from fedpod.data.datasets import DatasetSpec
 from fedpod.governance.audit import _entry_hash, checkpoints_path
 from fedpod.modeller.client import Modeller
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
-from tests.conftest import PodFactory
+from tests.conftest import PodFactory, three_rows
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +33,7 @@ def said(result: subprocess.CompletedProcess[str]) -> str:
 def test_truncation_emptying_deletion_and_a_recomputed_chain_are_all_detected(
         pod_factory: PodFactory, broker: EmbeddedBroker, modeller_identity: Identity, keystore: Path,
         tmp_path: Path) -> None:
-    csv = tmp_path / "t.csv"
-    pd.DataFrame({"a": [1, 2, 3]}).to_csv(csv, index=False)
-    pod = pod_factory("alice", [DatasetSpec(name="t", type="csv", path=str(csv))], [modeller_identity])
+    pod = pod_factory("alice", [three_rows(tmp_path)], [modeller_identity])
     with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=20) as modeller:
         for _ in range(3):
             modeller.sql("SELECT SUM(a) AS s FROM t", datasets=["alice/t"])

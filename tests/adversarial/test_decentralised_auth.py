@@ -12,11 +12,9 @@ from pathlib import Path
 
 import nats
 import nats.errors
-import pandas as pd
 import pytest
 
 from fedpod.data.catalog import inspect
-from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import BrokerUnavailable
 from fedpod.modeller.client import Modeller
 from fedpod.pod.config import PodConfig
@@ -26,7 +24,7 @@ from fedpod.transport import subjects
 from fedpod.transport.accounts import AccountAuthority
 from fedpod.transport.broker import EmbeddedBroker, Party
 from fedpod.transport.bus import BrokerOptions
-from tests.conftest import start_pod_process
+from tests.conftest import start_pod_process, three_rows
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +62,8 @@ def test_parties_with_user_jwts_work_and_no_one_else_gets_in(cluster: EmbeddedBr
     keystore = tmp_path / "keys"
     modeller = Identity.generate("modeller")
     modeller.save(keystore)
-    csv = tmp_path / "t.csv"
-    pd.DataFrame({"a": [1, 2, 3]}).to_csv(csv, index=False)
     folder = tmp_path / "alice"
-    spec = inspect(DatasetSpec(name="t", type="csv", path=str(csv)), folder)
+    spec = inspect(three_rows(tmp_path), folder)
     config_path = write_pod(folder, "alice", cluster.url, [spec], [modeller])
     alice = Identity.load("alice", folder / "keys")
     token = issue(accounts, alice, "pod", folder / "keys")

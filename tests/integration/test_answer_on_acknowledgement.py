@@ -8,10 +8,8 @@ import asyncio
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from fedpod.data.datasets import DatasetSpec
 from fedpod.governance.audit import AuditLog
 from fedpod.modeller.client import Modeller
 from fedpod.security.envelope import ReplayGuard, open_envelope, seal
@@ -21,7 +19,7 @@ from fedpod.transport.broker import EmbeddedBroker
 from fedpod.transport.bus import BrokerOptions, Bus
 from fedpod.wire.codec import pack, table_from_bytes, unpack
 from fedpod.wire.messages import SqlQueryAlgorithm, TaskRequest, TaskResult
-from tests.conftest import PodFactory
+from tests.conftest import PodFactory, three_rows
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +27,7 @@ pytestmark = pytest.mark.integration
 def test_a_quick_result_comes_on_the_acknowledgement_and_a_resent_copy_gets_the_same(
         pod_factory: PodFactory, tmp_path: Path, modeller_identity: Identity, keystore: Path,
         broker: EmbeddedBroker) -> None:
-    csv = tmp_path / "t.csv"
-    pd.DataFrame({"a": [1, 2, 3]}).to_csv(csv, index=False)
-    pod = pod_factory("alice", [DatasetSpec(name="t", type="csv", path=str(csv))], [modeller_identity])
+    pod = pod_factory("alice", [three_rows(tmp_path)], [modeller_identity])
     with Modeller(modeller_identity, broker=broker.url, keystore=keystore, timeout_s=20) as modeller:
         warm = modeller.sql("SELECT SUM(a) AS s FROM t", datasets=["alice/t"])  # the pod's first query imports DuckDB
     assert isinstance(warm, dict) and int(warm["alice/t"]["s"][0]) == 6

@@ -7,10 +7,8 @@ import asyncio
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from fedpod.data.datasets import DatasetSpec
 from fedpod.modeller.client import Modeller
 from fedpod.security.envelope import seal
 from fedpod.security.identity import Identity
@@ -19,7 +17,7 @@ from fedpod.transport.broker import EmbeddedBroker
 from fedpod.transport.bus import BrokerOptions, Bus
 from fedpod.wire.codec import pack
 from fedpod.wire.messages import SqlQueryAlgorithm, TaskRequest
-from tests.conftest import Impersonator, PodFactory
+from tests.conftest import Impersonator, PodFactory, three_rows
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +29,7 @@ def audit_events(path: Path) -> list[dict]:  # type: ignore[type-arg]
 def test_bad_envelopes_are_rejected_audited_and_the_pod_keeps_serving(
         pod_factory: PodFactory, tmp_path: Path, modeller_identity: Identity, keystore: Path,
         broker: EmbeddedBroker) -> None:
-    csv = tmp_path / "t.csv"
-    pd.DataFrame({"a": [1, 2, 3]}).to_csv(csv, index=False)
-    pod = pod_factory("alice", [DatasetSpec(name="t", type="csv", path=str(csv))], [modeller_identity])
+    pod = pod_factory("alice", [three_rows(tmp_path)], [modeller_identity])
     request = TaskRequest(task_id="x1", dataset="t", algorithm=SqlQueryAlgorithm(query="SELECT 1"))
 
     async def attack() -> None:

@@ -678,10 +678,8 @@ class Pod:
         (broker restart, slow-consumer cut) still gets a result that took long to compute.
         Refusals are sent once: a stranger's flood must not pile up retrying tasks."""
         assert self.channel is not None
-        if answering is not None:
-            if await self.channel.answer(answering, letter):
-                return
-            await answering.acknowledge()  # a reply too large to ride goes on its own, the request acknowledged first
+        if answering is not None and await self.channel.answer(answering, letter):
+            return
         for attempt in range(attempts):
             try:
                 await self.channel.deliver(letter)
