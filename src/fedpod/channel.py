@@ -13,8 +13,9 @@ A reply ready while its request is not yet acknowledged rides on the acknowledge
 a quick task then costs two messages instead of four, on both sides. The sender's channel opens
 such an answer like anything arriving in its inbox. Should the answer be lost (a broker restarts
 under it), the sender sends its request again; the receiver refuses the copy as a replay, but
-answers it with what it answered the original (`_AnswersGiven`), so nothing is computed twice
-and nobody waits out a timeout for a reply that left.
+answers it with what it answered the original (`_AnswersGiven`) — waiting for that answer if
+the original is still being handled — so nothing is computed twice and nobody waits out a
+timeout for a reply that left.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fedpod.security.envelope import Opened, ReplayGuard, no_acknowledgement, op
 from fedpod.security.identity import Identity, PublicIdentity
 from fedpod.security.tickets import TICKET_TTL_S, Ticket, TicketRefused, check_ticket, issue_ticket
 from fedpod.transport import subjects
-from fedpod.transport.bus import Ack, Bus, CastRecipient, Payload, TicketIssuer
+from fedpod.transport.bus import ACK_PATIENCE_S, MAX_SENDS, Ack, Bus, CastRecipient, Payload, TicketIssuer
 from fedpod.wire.codec import Buffer, pack
 from fedpod.wire.messages import WireMessage
 
@@ -49,12 +50,28 @@ EnvelopeKey = tuple[bytes, bytes]  # the signer's key and the envelope's nonce
 
 class _AnswersGiven:
     """The answers carried on acknowledgements in the last ANSWER_KEPT_S, by the envelope each
-    answered, at most ANSWERS_KEPT_BYTES in all (the oldest go first). Anyone may replay an
-    envelope they saw and be answered: what they get is sealed for its sender."""
+    answered, at most ANSWERS_KEPT_BYTES in all (the oldest go first); and, for a request still
+    being handled, the answer to come. Anyone may replay an envelope they saw and be answered:
+    what they get is sealed for its sender."""
 
     def __init__(self) -> None:
         self._kept: OrderedDict[EnvelopeKey, tuple[float, bytes]] = OrderedDict()
         self._bytes = 0
+        self._coming: dict[EnvelopeKey, asyncio.Future[bytes]] = {}
+        self._waiting: Counter[EnvelopeKey] = Counter()
+
+    def begin(self, envelope: EnvelopeKey) -> None:
+        """`envelope` was opened: a copy arriving before it is acknowledged waits for its answer."""
+        self._coming[envelope] = asyncio.get_running_loop().create_future()
+
+    def settle(self, envelope: EnvelopeKey, answer: bytes = b"") -> None:
+        """`envelope` was acknowledged, carrying `answer` (empty: a plain acknowledgement, the
+        reply, if any, travels on its own), or its handling ended."""
+        coming = self._coming.pop(envelope, None)
+        if coming is not None and not coming.done():
+            coming.set_result(answer)
+        if answer:
+            self.keep(envelope, answer)
 
     def keep(self, envelope: EnvelopeKey, answer: bytes) -> None:
         now = time.monotonic()
@@ -67,6 +84,24 @@ class _AnswersGiven:
     def get(self, envelope: EnvelopeKey) -> bytes | None:
         kept = self._kept.get(envelope)
         return kept[1] if kept is not None and time.monotonic() - kept[0] <= ANSWER_KEPT_S else None
+
+    async def for_copy(self, envelope: EnvelopeKey) -> bytes | None:
+        """What to answer a copy of `envelope`: what its original was answered, waited for if the
+        original is still being handled (its sender lost the first send in a reconnection and sent
+        it again). At most as many copies wait as a sender sends (MAX_SENDS), and no longer than
+        a sender waits for an acknowledgement: others get what is known now."""
+        coming = self._coming.get(envelope)
+        if coming is None or self._waiting[envelope] >= MAX_SENDS:
+            return self.get(envelope)
+        self._waiting[envelope] += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(coming), ACK_PATIENCE_S)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiting[envelope] -= 1
+            if not self._waiting[envelope]:
+                del self._waiting[envelope]
 
 
 class _AcceptedSendersOnly(ReplayGuard):
@@ -229,20 +264,24 @@ class SecureChannel:
             except EnvelopeRejected as exc:
                 self.rejections[exc.reason] += 1
                 await on_rejected(exc)
-                answered = self._answers.get(exc.envelope) if exc.envelope is not None else None
-                if answered is not None:  # a copy of a request answered on its acknowledgement, which was lost
-                    await ack(answered)
+                if exc.envelope is not None:  # a copy of a request: answered as the original was
+                    answered = await self._answers.for_copy(exc.envelope)
+                    if answered:
+                        await ack(answered)
                 return
             del frame  # the ciphertext is not needed while the handler works (a pod trains for minutes)
             envelope = (opened.header.sign_public, opened.header.nonce)
+            self._answers.begin(envelope)
 
             async def acknowledge(answer: bytes = b"") -> bool:
                 carried = await ack(answer)
-                if carried:
-                    self._answers.keep(envelope, answer)
+                self._answers.settle(envelope, answer if carried else b"")
                 return carried
 
-            await on_opened(dataclasses.replace(opened, acknowledge=acknowledge))
+            try:
+                await on_opened(dataclasses.replace(opened, acknowledge=acknowledge))
+            finally:
+                self._answers.settle(envelope)
 
         self._inbox = on_frame
         await self.bus.subscribe(subjects.inbox(self.fingerprint), on_frame)

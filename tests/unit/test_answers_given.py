@@ -1,7 +1,10 @@
 """What a party remembers of the answers it carried on acknowledgements (`fedpod.channel`):
-enough to answer a resent request alike, never more than its bound in bytes or time."""
+enough to answer a resent request alike, never more than its bound in bytes or time; and how
+many copies of a request still being handled wait for its answer, and for how long."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -27,3 +30,17 @@ def test_an_answer_is_forgotten_after_its_time(monkeypatch: pytest.MonkeyPatch) 
     assert answers.get((b"k", b"old")) is None
     answers.keep((b"k", b"new"), b"b")  # keeping a new one lets the expired ones go
     assert answers.get((b"k", b"new")) == b"b" and len(answers._kept) == 1
+
+
+async def test_no_more_copies_wait_than_a_sender_sends_and_none_for_longer_than_it_waits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "ACK_PATIENCE_S", 0.2)
+    answers = _AnswersGiven()
+    envelope = (b"k", b"handled")
+    answers.begin(envelope)
+    waiting = [asyncio.ensure_future(answers.for_copy(envelope)) for _ in range(channel.MAX_SENDS)]
+    await asyncio.sleep(0)
+    assert await answers.for_copy(envelope) is None  # one copy more than a sender sends: told what is known now
+    assert await asyncio.gather(*waiting) == [None] * channel.MAX_SENDS  # the original took too long
+    answers.settle(envelope, b"late")
+    assert await answers.for_copy(envelope) == b"late"
