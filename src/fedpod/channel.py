@@ -46,6 +46,9 @@ REMEMBERED_TICKETS = 10_000
 ANSWER_KEPT_S = 60.0  # longer than a sender goes on resending (`transport.bus`: MAX_SENDS within its timeout)
 ANSWERS_KEPT_BYTES = 16 * 1024 * 1024
 EnvelopeKey = tuple[bytes, bytes]  # the signer's key and the envelope's nonce
+# how long a copy waits for its original's answer: longer than its sender waits for it, so that a
+# copy acknowledged empty (the original took too long) never reaches a sender still waiting
+COPY_PATIENCE_S = ACK_PATIENCE_S + 1.0
 
 
 class _AnswersGiven:
@@ -88,14 +91,14 @@ class _AnswersGiven:
     async def for_copy(self, envelope: EnvelopeKey) -> bytes | None:
         """What to answer a copy of `envelope`: what its original was answered, waited for if the
         original is still being handled (its sender lost the first send in a reconnection and sent
-        it again). At most as many copies wait as a sender sends (MAX_SENDS), and no longer than
-        a sender waits for an acknowledgement: others get what is known now."""
+        it again). At most as many copies wait as a sender sends (MAX_SENDS), for COPY_PATIENCE_S
+        at most: others get what is known now."""
         coming = self._coming.get(envelope)
         if coming is None or self._waiting[envelope] >= MAX_SENDS:
             return self.get(envelope)
         self._waiting[envelope] += 1
         try:
-            return await asyncio.wait_for(asyncio.shield(coming), ACK_PATIENCE_S)
+            return await asyncio.wait_for(asyncio.shield(coming), COPY_PATIENCE_S)
         except TimeoutError:
             return None
         finally:

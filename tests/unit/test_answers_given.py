@@ -32,9 +32,9 @@ def test_an_answer_is_forgotten_after_its_time(monkeypatch: pytest.MonkeyPatch) 
     assert answers.get((b"k", b"new")) == b"b" and len(answers._kept) == 1
 
 
-async def test_no_more_copies_wait_than_a_sender_sends_and_none_for_longer_than_it_waits(
+async def test_no_more_copies_wait_than_a_sender_sends_and_none_for_long(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(channel, "ACK_PATIENCE_S", 0.2)
+    monkeypatch.setattr(channel, "COPY_PATIENCE_S", 0.2)
     answers = _AnswersGiven()
     envelope = (b"k", b"handled")
     answers.begin(envelope)
