@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[str] = []
     verdicts: list[bool] = []
-    with federation(args.rows, "quantiles") as (modeller, identifiers, pooled):
+    with federation(args.rows, "quantiles") as setup:
+        modeller, identifiers, pooled = setup.modeller, setup.identifiers, setup.pooled
         for label, query in QUERIES.items():
             federated_s, pooled_s, steps = [], [], 0
             for run in range(args.runs + 1):

@@ -4,8 +4,8 @@ already released to the same modeller (on the same data) by 1 to `min_group_size
 Two answers over cohorts that differ by one person give that person's value by subtraction
 (AVG over a ward, then over the ward but for one patient). Each released cohort — a cell of an
 aggregate, or the rows one of its aggregates used within the cell — is kept as its size and the
-xor of its row ids' 64-bit hashes, both computed in the answer's own scan at no measurable cost,
-with the SQL and key values that select it again. A new cohort of the same size and xor is the
+xor of its row ids' 64-bit hashes, both computed in the answer's own scan (the hash is about a
+seventh of a 1,000,000-row GROUP BY's time here), with the SQL and key values that select it again. A new cohort of the same size and xor is the
 same cohort. Cohorts of different cells of one answer are disjoint, so never compared. A new
 cohort is compared only with kept ones whose size is within the threshold, and first by sketch:
 its `SKETCH` smallest row-id hashes, computed by selecting the cohort again, only then, and kept.
