@@ -61,14 +61,22 @@ class Federation:
     modeller: Modeller
     identifiers: list[str]  # the pods' datasets
     pooled: duckdb.DuckDBPyConnection  # all the rows in one table
-    pod_engines: list[SqlEngine]  # each pod's rows in an engine like the pod's own, in this process
+    specs: list[DatasetSpec]  # each pod's dataset
+    base: Path
+    _engines: list[SqlEngine] = field(default_factory=list)
 
     def pods_queries_alone(self) -> None:
         """Each pod's query as the pod runs it (the partial query with its disclosure columns),
-        one pod after the other."""
-        for engine in self.pod_engines:
+        one pod after the other, in engines like the pods' own (loaded on first use)."""
+        if not self._engines:
+            self._engines.extend(SqlEngine([spec], self.base) for spec in self.specs)
+        for engine in self._engines:
             query, _ = disclosed_query(plan_merge(QUERY).partial_sql, engine.non_null["measurements"])
             engine.run(query, "measurements", max_rows=100_000)
+
+    def close(self) -> None:
+        for engine in self._engines:
+            engine.close()
 
 
 @contextlib.contextmanager
@@ -82,18 +90,17 @@ def federation(rows: int, name: str) -> Iterator[Federation]:
     pooled = duckdb.connect()
     pooled.execute("CREATE TABLE measurements AS SELECT * FROM read_parquet(?)", [[str(f) for f in files]])
     specs = [DatasetSpec(name="measurements", kind="parquet", path=str(file)) for file in files]
-    engines = [SqlEngine([spec], work) for spec in specs]
-    try:
-        with EmbeddedBroker() as broker:
-            configs = [write_pod(work / pod, pod, broker, [spec], [modeller_identity])
-                       for pod, spec in zip(PODS, specs, strict=True)]
-            with pod_processes(configs, work / "logs") as processes, \
-                    Modeller(modeller_identity, broker=broker.url, keystore=work / "keys") as modeller:
-                wait_for_pods(modeller, set(PODS), processes, deadline_s=120)
-                yield Federation(modeller, [f"{p}/measurements" for p in PODS], pooled, engines)
-    finally:
-        for engine in engines:
-            engine.close()
+    with EmbeddedBroker() as broker:
+        configs = [write_pod(work / pod, pod, broker, [spec], [modeller_identity])
+                   for pod, spec in zip(PODS, specs, strict=True)]
+        with pod_processes(configs, work / "logs") as processes, \
+                Modeller(modeller_identity, broker=broker.url, keystore=work / "keys") as modeller:
+            wait_for_pods(modeller, set(PODS), processes, deadline_s=120)
+            setup = Federation(modeller, [f"{p}/measurements" for p in PODS], pooled, specs, work)
+            try:
+                yield setup
+            finally:
+                setup.close()
 
 
 @dataclass

@@ -1,19 +1,19 @@
 """Protection against differencing: a pod refuses an aggregate whose cohort differs from one it
 already released to the same modeller (on the same data) by 1 to `min_group_size - 1` rows.
 
-Two answers over cohorts that differ by one person give that person's value by subtraction
-(AVG over a ward, then over the ward but for one patient). Each released cohort — a cell of an
-aggregate, or the rows one of its aggregates used within the cell — is kept as its size and the
-xor of its row ids' 64-bit hashes, both computed in the answer's own scan (the hash is about a
-seventh of a 1,000,000-row GROUP BY's time here), with the SQL and key values that select it again. A new cohort of the same size and xor is the
-same cohort. Cohorts of different cells of one answer are disjoint, so never compared. A new
-cohort is compared only with kept ones whose size is within the threshold, and first by sketch:
-its `SKETCH` smallest row-id hashes, computed by selecting the cohort again, only then, and kept.
-Two cohorts that differ by d rows have sketches that differ by at most 2d hashes, so sketches
-differing by 2m or more prove a difference of at least m rows. Only a pair whose sketches are
-close is compared exactly, by selecting both cohorts' row ids (the pod holds the rows) — and the
-new one refused if it differs by fewer rows than the minimum. (Computing every sketch in the
-answer's scan tripled the time of a federated GROUP BY over a million rows.)
+Two answers over cohorts that differ by one person give that person's value by subtraction (AVG
+over a ward, then over the ward but for one patient). Each released cohort — a cell of an
+aggregate, or the rows one of its aggregates used within the cell — is kept as its size and the xor
+of its row ids' 64-bit hashes, both computed in the answer's own scan (the hash is about a seventh
+of a 1,000,000-row GROUP BY's time here), with the SQL and key values that select it again. A new
+cohort of the same size and xor is the same cohort. Cohorts of different cells of one answer are
+disjoint, so never compared. A new cohort is compared only with kept ones whose size is within the
+threshold, and first by sketch: its `SKETCH` smallest row-id hashes, computed by selecting the
+cohort again, only then, and kept. Two cohorts that differ by d rows have sketches that differ by
+at most 2d hashes, so sketches differing by 2m or more prove a difference of at least m rows. Only
+a pair whose sketches are close is compared exactly, by selecting both cohorts' row ids (the pod
+holds the rows) — and the new one refused if it differs by fewer rows than the minimum. (Computing
+every sketch in the answer's scan tripled the time of a federated GROUP BY over a million rows.)
 
 What it cannot catch: differences spread over three or more answers (A - B - C with each pair
 far apart), a value pulled out by the aggregate's own expression (SUM(CASE WHEN id = 42 ...)),
