@@ -8,8 +8,8 @@ sending the task, the pods' queries with their disclosure checks, replies, the m
 reference is the same query in DuckDB on one in-memory table holding all the rows. Runs
 alternate; medians are quoted. Targets: fedpod <= 1.5 x pooled + 100 ms (issue 4), and at
 most 2 x pooled (issue 11). Alongside, the pods' share on its own: each pod's query as the pod
-runs it (with its disclosure columns, through the pod's own SqlEngine), the three one after the
-other in this process — what DuckDB alone must do for the pods when they share one machine,
+runs it (with its disclosure columns, through an SqlEngine like the pod's), the three one after
+the other in this process — what DuckDB alone must do for the pods when they share one machine,
 before any messaging, policy or audit.
 """
 
