@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from fedpod.algorithms.sql.disclosure import shape, suppress_small_groups, with_group_size
+from fedpod.algorithms.sql.disclosure import group_sizes, shape, suppress_small_groups, with_group_size
 from fedpod.algorithms.sql.federated import plan_merge
 from fedpod.errors import ConfigError
 from fedpod.governance.policy import Policy, Request, decide, migrate_access, policy_changes
@@ -160,6 +161,8 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
     ("SELECT DISTINCT age FROM ehr", "sql_rows"),
     ("SELECT a FROM (SELECT age AS a FROM ehr) GROUP BY a", "sql_rows"),
     ("SELECT age, ROW_NUMBER() OVER () FROM ehr", "sql_rows"),
+    # an output named like the columns the pod judges an aggregate's cells by is not an aggregate's
+    ("SELECT sex, COUNT(*) AS __FEDPOD_n0 FROM ehr GROUP BY sex", "sql_rows"),
 ])
 def test_the_pod_judges_a_querys_kind_from_the_sql_itself(query: str, kind: str) -> None:
     assert shape(query, ("age", "sex", "ssn")).kind == kind
@@ -192,9 +195,17 @@ def test_small_cells_are_suppressed_and_counted_at_the_pod(query: str) -> None:
                        " ('M', 95, NULL), ('M', 60, NULL)) t(sex, age, rare)")
     for sql in (query, plan_merge(query).partial_sql):
         table, suppressed = suppress_small_groups(connection.sql(with_group_size(sql)).to_arrow_table(), 3)
-        assert "__fedpod_group_size" not in table.column_names
+        assert not [name for name in table.column_names if name.startswith("__fedpod_")]
         assert suppressed >= 1  # M (2 rows), the single age > 90, the single non-null `rare`
         assert table.num_rows <= 1
+
+
+def test_a_cells_group_size_is_the_fewest_rows_any_of_its_aggregates_used() -> None:
+    counts = pa.table({"avg": [1.0, 2.0, 3.0, 4.0], "__fedpod_n0": [5, 5, 0, 2], "__fedpod_n1": [5, 1, 0, 0]})
+    # a cell of 5; one whose AVG used 1 of its 5 rows; one from no rows; one whose AVG used none of its 2
+    assert group_sizes(counts).to_pylist() == [5, 1, 0, 2]
+    table, suppressed = suppress_small_groups(counts, 3)
+    assert table.to_pydict() == {"avg": [1.0, 3.0]} and suppressed == 2
 
 
 def test_a_grant_never_moves_a_name_to_another_key_nor_renames_a_key() -> None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpod.algorithms.sql.disclosure import GROUP_SIZE, HIDDEN, SKETCH, CohortPlan
+from fedpod.algorithms.sql.disclosure import HIDDEN, SKETCH, CohortPlan, group_sizes
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -64,8 +64,8 @@ def released_cohorts(table: pa.Table, plan: CohortPlan, min_size: int) -> list[C
     """The cohorts of the cells of an answer (with `disclosure.disclosed_query`'s hidden columns)
     that suppression will let out: a cell whose group size is 1 to `min_size - 1` releases nothing."""
     cohorts = []
-    for row in table.to_pylist():
-        if 0 < int(row[GROUP_SIZE]) < min_size:
+    for row, group_size in zip(table.to_pylist(), group_sizes(table).to_pylist(), strict=True):
+        if 0 < group_size < min_size:
             continue
         keys = [row[f"{HIDDEN}k{i}"] for i in range(plan.keys)]
         for j in range(len(plan.conditions)):
