@@ -200,6 +200,15 @@ def test_small_cells_are_suppressed_and_counted_at_the_pod(query: str) -> None:
         assert table.num_rows <= 1
 
 
+def test_a_count_of_distinct_pairs_stands_on_the_rows_that_hold_both() -> None:
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES ('F', 30, 1.0), ('F', 40, NULL), ('F', 50, NULL))"
+                       " t(sex, age, rare)")
+    query = with_group_size("SELECT sex, COUNT(DISTINCT age, rare) FROM ehr GROUP BY sex")
+    table, suppressed = suppress_small_groups(connection.sql(query).to_arrow_table(), 3)
+    assert table.num_rows == 0 and suppressed == 1  # F's three rows, but only one has both values
+
+
 def test_a_cells_group_size_is_the_fewest_rows_any_of_its_aggregates_used() -> None:
     counts = pa.table({"avg": [1.0, 2.0, 3.0, 4.0], "__fedpod_n0": [5, 5, 0, 2], "__fedpod_n1": [5, 1, 0, 0]})
     # a cell of 5; one whose AVG used 1 of its 5 rows; one from no rows; one whose AVG used none of its 2

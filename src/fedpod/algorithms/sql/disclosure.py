@@ -121,16 +121,18 @@ def _group_keys(tree: exp.Select) -> list[exp.Expr]:
 
 
 def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
-    """The whole cell, then the rows each aggregate used: its FILTER, and its argument not null
-    (left out for a column the table holds no null in: the same rows as the cell)."""
+    """The whole cell, then the rows each aggregate used: its FILTER, and its arguments not null
+    (every one of COUNT(DISTINCT a, b)'s, which counts only rows where all are; left out for a
+    column the table holds no null in: the same rows as the cell)."""
     conditions = ["TRUE"]
     for projection in tree.expressions:
         for node in projection.find_all(exp.AggFunc):
             parts = []
-            argument = node.this.expressions[0] if isinstance(node.this, exp.Distinct) else node.this
-            if argument is not None and not isinstance(argument, exp.Star) and not (
-                    isinstance(argument, exp.Column) and argument.name.lower() in non_null):
-                parts.append(f"({to_duckdb(argument)}) IS NOT NULL")
+            arguments = node.this.expressions if isinstance(node.this, exp.Distinct) else [node.this]
+            for argument in arguments:
+                if argument is not None and not isinstance(argument, exp.Star) and not (
+                        isinstance(argument, exp.Column) and argument.name.lower() in non_null):
+                    parts.append(f"({to_duckdb(argument)}) IS NOT NULL")
             if isinstance(node.parent, exp.Filter):
                 parts.append(f"COALESCE(({to_duckdb(node.parent.expression.this)}), FALSE)")
             condition = " AND ".join(parts) or "TRUE"
