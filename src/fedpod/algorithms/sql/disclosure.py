@@ -4,7 +4,10 @@ says it is), and the rewrite that lets the pod suppress small cells.
 A query is an *aggregate* (task kind `sql_aggregate`) when it is one SELECT over the dataset
 whose every output row is a group: GROUP BY keys and the aggregates below, nothing else — no
 subquery, CTE, set operation, window, DISTINCT or other aggregate (LIST, STRING_AGG, FIRST,
-ARG_MAX, MEDIAN... return members' own values). Anything else is a *row* query (`sql_rows`).
+ARG_MAX, MEDIAN... return members' own values). Aggregates sqlglot does not know (HISTOGRAM,
+ARBITRARY, FSUM, and macros over one such as JSON_GROUP_ARRAY) are found by their names in
+DuckDB's own catalogue: the pod cannot size the rows behind them, and some return every member's
+value. Anything else is a *row* query (`sql_rows`).
 
 For an aggregate the pod adds hidden columns that count, per cell, the rows each aggregate
 used (`COUNT(*) [FILTER (WHERE arg IS NOT NULL AND its FILTER)]`, once per distinct condition).
@@ -24,6 +27,8 @@ modeller by fewer than `min_group_size` rows.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -65,9 +70,32 @@ def _row_reason(tree: exp.Expr) -> str:
     other = next((a for a in aggregates if not isinstance(a, RELEASED_AGGREGATES)), None)
     if other is not None:
         return f"{to_duckdb(other)} returns members' own values"
+    unknown = next((f for f in tree.find_all(exp.Anonymous) if f.name.lower() in aggregating_functions()), None)
+    if unknown is not None:
+        return f"{to_duckdb(unknown)[:80]} is an aggregate the pod cannot size or check"
     if tree.args.get("group") is None and not any(p.find(exp.AggFunc) for p in tree.expressions):
         return "it selects rows, not aggregates"
     return ""
+
+
+@functools.cache
+def aggregating_functions() -> frozenset[str]:
+    """The lower-case names of every function DuckDB computes over a group: its aggregates, and
+    the macros that call one (JSON_GROUP_ARRAY is a STRING_AGG, WAVG a WEIGHTED_AVG of SUMs), read
+    once from the catalogue of the DuckDB this process runs, whose version decides what exists."""
+    import duckdb
+
+    with duckdb.connect() as connection:
+        rows = connection.sql("SELECT lower(function_name), function_type, lower(macro_definition) FROM "
+                              "duckdb_functions() WHERE function_type IN ('aggregate', 'macro')").fetchall()
+    found = {name for name, kind, _ in rows if kind == "aggregate"}
+    macros = [(name, body or "") for name, kind, body in rows if kind == "macro"]
+    while True:
+        calls = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(found))) + r")\s*\(")
+        more = {name for name, body in macros if name not in found and calls.search(body)}
+        if not more:
+            return frozenset(found)
+        found |= more
 
 
 def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:
