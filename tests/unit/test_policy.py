@@ -170,6 +170,7 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
     ("SELECT sex, WAVG(age, age) FROM ehr GROUP BY sex", "sql_rows"),  # a macro over a macro over SUM
     ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex HAVING ARBITRARY(ssn) = 'x'", "sql_rows"),
     ("SELECT sex, ROUND(AVG(age), 1), UPPER(sex) FROM ehr GROUP BY sex", "sql_aggregate"),  # scalars stay
+    ("SELECT SUM(\"F\") FROM ehr PIVOT (SUM(age) FOR sex IN ('F'))", "sql_rows"),  # an aggregate within
     # an output named like the columns the pod judges an aggregate's cells by is not an aggregate's
     ("SELECT sex, COUNT(*) AS __FEDPOD_n0 FROM ehr GROUP BY sex", "sql_rows"),
 ])

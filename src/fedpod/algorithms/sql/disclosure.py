@@ -45,7 +45,8 @@ SKETCH = 32  # the smallest row-id hashes a cohort's sketch keeps: see governanc
 RELEASED_AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max, exp.Variance, exp.VariancePop, exp.Stddev,
                        exp.StddevSamp, exp.StddevPop)
 _NOT_AGGREGATE_SHAPES = ((exp.Subquery, "a subquery"), (exp.With, "a CTE"), (exp.Window, "a window function"),
-                         (exp.Join, "a JOIN"), (exp.Lateral, "LATERAL"), (exp.Unnest, "UNNEST"))
+                         (exp.Join, "a JOIN"), (exp.Lateral, "LATERAL"), (exp.Unnest, "UNNEST"),
+                         (exp.Pivot, "PIVOT or UNPIVOT"))
 
 
 @dataclass(frozen=True)
@@ -138,10 +139,13 @@ class CohortPlan:
 
 
 def _group_keys(tree: exp.Select) -> list[exp.Expr]:
-    """The resolved GROUP BY keys, once ROLLUP, CUBE and GROUPING SETS are refused: their cells overlap."""
+    """The resolved GROUP BY keys, once ROLLUP, CUBE and GROUPING SETS are refused (their cells
+    overlap), and GROUP BY ALL (its keys are not named: each cohort must be selected again by them)."""
     group = tree.args.get("group")
     if group is None:
         return []
+    if group.args.get("all") is not None:
+        raise ValueError("GROUP BY ALL does not name the keys that select a cell's rows")
     if any(group.args.get(kind) for kind in ("rollup", "cube", "grouping_sets")) or \
             any(isinstance(key, exp.Rollup | exp.Cube | exp.GroupingSets) for key in group.expressions):
         raise ValueError("ROLLUP, CUBE and GROUPING SETS make overlapping cells")
