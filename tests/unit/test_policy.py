@@ -171,6 +171,12 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
     ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex HAVING ARBITRARY(ssn) = 'x'", "sql_rows"),
     ("SELECT sex, ROUND(AVG(age), 1), UPPER(sex) FROM ehr GROUP BY sex", "sql_aggregate"),  # scalars stay
     ("SELECT SUM(\"F\") FROM ehr PIVOT (SUM(age) FOR sex IN ('F'))", "sql_rows"),  # an aggregate within
+    # cells kept or ordered by an aggregate of one person: its presence (or the suppressed count) tells
+    ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex HAVING MAX(CASE WHEN ssn = 'x' THEN age END) > 40", "sql_rows"),
+    ("SELECT sex, COUNT(*) AS n FROM ehr GROUP BY sex HAVING COUNT(*) > 5", "sql_rows"),
+    ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex ORDER BY MAX(CASE WHEN ssn = 'x' THEN age END)", "sql_rows"),
+    ("SELECT sex, COUNT(*) AS n FROM ehr GROUP BY sex HAVING sex = 'F' ORDER BY n DESC, 2, COUNT(*), sex",
+     "sql_aggregate"),  # ordered by what it releases; HAVING on keys only
     # an output named like the columns the pod judges an aggregate's cells by is not an aggregate's
     ("SELECT sex, COUNT(*) AS __FEDPOD_n0 FROM ehr GROUP BY sex", "sql_rows"),
 ])

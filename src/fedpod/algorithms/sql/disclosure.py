@@ -4,7 +4,9 @@ says it is), and the rewrite that lets the pod suppress small cells.
 A query is an *aggregate* (task kind `sql_aggregate`) when it is one SELECT over the dataset
 whose every output row is a group: GROUP BY keys and the aggregates below, nothing else — no
 subquery, CTE, set operation, window, DISTINCT or other aggregate (LIST, STRING_AGG, FIRST,
-ARG_MAX, MEDIAN... return members' own values). Aggregates sqlglot does not know (HISTOGRAM,
+ARG_MAX, MEDIAN... return members' own values), no aggregate in HAVING or QUALIFY and none in ORDER
+BY but the outputs (they would pick or order cells by values the pod never sized: the federated
+plan applies them after the merge instead). Aggregates sqlglot does not know (HISTOGRAM,
 ARBITRARY, FSUM, and macros over one such as JSON_GROUP_ARRAY) are found by their names in
 DuckDB's own catalogue: the pod cannot size the rows behind them, and some return every member's
 value. Anything else is a *row* query (`sql_rows`).
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import group_keys, parse_statement, per_query, to_duckdb
+from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -74,9 +76,29 @@ def _row_reason(tree: exp.Expr) -> str:
     unknown = next((f for f in tree.find_all(exp.Anonymous) if f.name.lower() in aggregating_functions()), None)
     if unknown is not None:
         return f"{to_duckdb(unknown)[:80]} is an aggregate the pod cannot size or check"
+    filtering = next((c for c in ("having", "qualify") if (part := tree.args.get(c)) and part.find(exp.AggFunc)), None)
+    if filtering is not None:  # which cells survive, or are counted as suppressed, would tell what it is of
+        return f"its {filtering.upper()} keeps cells by an aggregate before the pod can size it"
+    if (unreleased := _unreleased_order(tree)) is not None:
+        return f"it orders cells by {to_duckdb(unreleased)[:80]}, an aggregate it does not release"
     if tree.args.get("group") is None and not any(p.find(exp.AggFunc) for p in tree.expressions):
         return "it selects rows, not aggregates"
     return ""
+
+
+def _unreleased_order(tree: exp.Select) -> exp.Expr | None:
+    """An ORDER BY key holding an aggregate that is not one of the query's outputs (the order
+    of cells by a value nobody sees, MAX(CASE WHEN id = 42 ...), says which cell holds whom)."""
+    order = tree.args.get("order")
+    outputs = [p.this if isinstance(p, exp.Alias) else p for p in tree.expressions]
+    aliases = {p.alias for p in tree.expressions if isinstance(p, exp.Alias)}
+    for ordered in order.expressions if order is not None else []:
+        key: exp.Expr = ordered.this
+        named = ordinal(tree, key, "ORDER BY") is not None or (
+            isinstance(key, exp.Column) and not key.table and key.name in aliases)
+        if not named and key not in outputs and key.find(exp.AggFunc):
+            return key
+    return None
 
 
 @functools.cache
