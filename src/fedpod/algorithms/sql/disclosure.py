@@ -123,13 +123,24 @@ def aggregating_functions() -> frozenset[str]:
 
 def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:
     """The dataset's columns a query reads: each column named (matched case-insensitively), and
-    all of them for a `*` that is not COUNT(*)'s. A select alias that shadows a column name
-    counts as that column — a stricter reading, never a looser one."""
+    all of them for a `*` that is not COUNT(*)'s, and for what reads columns without naming them:
+    DuckDB's COLUMNS('regex'), a positional `#3`, and a table or its alias used as a value (`MAX(t)`,
+    `CAST(ehr AS VARCHAR)`: the whole row). A select alias that shadows a column name counts as
+    that column — a stricter reading, never a looser one."""
     by_lower = {c.lower(): c for c in dataset_columns}
-    read = {by_lower[c.name.lower()] for c in tree.find_all(exp.Column) if c.name.lower() in by_lower}
+    tables = {name.lower() for t in tree.find_all(exp.Table) for name in (t.name, t.alias_or_name)}
+    read = set()
+    for column in tree.find_all(exp.Column):
+        name = column.name.lower()
+        if name in by_lower:
+            read.add(by_lower[name])
+        elif name in tables and not column.table:
+            read.update(dataset_columns)
     for star in tree.find_all(exp.Star):
         if not isinstance(star.parent, exp.Count):
             read.update(dataset_columns)
+    if tree.find(exp.Columns, exp.PositionalColumn) is not None:
+        read.update(dataset_columns)
     return frozenset(read)
 
 
