@@ -247,8 +247,8 @@ def with_group_size(query: str) -> str:
 def group_sizes(table: pa.Table) -> pa.Array:
     """Each cell's group size: the fewest rows any of its aggregates used, among the counts that
     are not zero (an aggregate over no rows describes nobody, and must not hide a COUNT(*) of one
-    beside it); 0 for a cell from no rows at all. A modeller's own column named like the pod's
-    counts can only lower a size, which suppresses more, never less."""
+    beside it); 0 for a cell from no rows at all. (A query with an output named like these
+    counts is a row query: `shape`.)"""
     import pyarrow.compute as pc
 
     counts = [table.column(name) for name in table.column_names if name.startswith(f"{HIDDEN}n")]
