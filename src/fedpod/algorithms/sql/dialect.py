@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
@@ -105,3 +106,30 @@ def _parse(query: str) -> exp.Expr:
 
 def to_duckdb(expression: exp.Expr) -> str:
     return expression.sql(dialect="duckdb")
+
+
+@functools.cache
+def aggregating_functions() -> frozenset[str]:
+    """The lower-case names of every function DuckDB computes over a group: its aggregates, and
+    the macros that call one (JSON_GROUP_ARRAY is a STRING_AGG, WAVG a WEIGHTED_AVG of SUMs), read
+    once from the catalogue of the DuckDB this process runs, whose version decides what exists."""
+    import duckdb
+
+    with duckdb.connect() as connection:
+        rows = connection.sql("SELECT lower(function_name), function_type, lower(macro_definition) FROM "
+                              "duckdb_functions() WHERE function_type IN ('aggregate', 'macro')").fetchall()
+    found = {name for name, kind, _ in rows if kind == "aggregate"}
+    macros = [(name, body or "") for name, kind, body in rows if kind == "macro"]
+    while True:
+        calls = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(found))) + r")\s*\(")
+        more = {name for name, body in macros if name not in found and calls.search(body)}
+        if not more:
+            return frozenset(found)
+        found |= more
+
+
+def unknown_aggregate(tree: exp.Expr) -> exp.Anonymous | None:
+    """The first call in `tree` to an aggregate sqlglot does not know (HISTOGRAM, FSUM, a macro
+    over one...), which neither the pod's disclosure check nor the modeller's merge can plan."""
+    known = aggregating_functions()
+    return next((call for call in tree.find_all(exp.Anonymous) if call.name.lower() in known), None)

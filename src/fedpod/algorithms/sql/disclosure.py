@@ -29,15 +29,20 @@ modeller by fewer than `min_group_size` rows.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb
+from fedpod.algorithms.sql.dialect import (
+    group_keys,
+    ordinal,
+    parse_statement,
+    per_query,
+    to_duckdb,
+    unknown_aggregate,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -73,8 +78,7 @@ def _row_reason(tree: exp.Expr) -> str:
     other = next((a for a in aggregates if not isinstance(a, RELEASED_AGGREGATES)), None)
     if other is not None:
         return f"{to_duckdb(other)} returns members' own values"
-    unknown = next((f for f in tree.find_all(exp.Anonymous) if f.name.lower() in aggregating_functions()), None)
-    if unknown is not None:
+    if (unknown := unknown_aggregate(tree)) is not None:
         return f"{to_duckdb(unknown)[:80]} is an aggregate the pod cannot size or check"
     filtering = next((c for c in ("having", "qualify") if (part := tree.args.get(c)) and part.find(exp.AggFunc)), None)
     if filtering is not None:  # which cells survive, or are counted as suppressed, would tell what it is of
@@ -99,26 +103,6 @@ def _unreleased_order(tree: exp.Select) -> exp.Expr | None:
         if not named and key not in outputs and key.find(exp.AggFunc):
             return key
     return None
-
-
-@functools.cache
-def aggregating_functions() -> frozenset[str]:
-    """The lower-case names of every function DuckDB computes over a group: its aggregates, and
-    the macros that call one (JSON_GROUP_ARRAY is a STRING_AGG, WAVG a WEIGHTED_AVG of SUMs), read
-    once from the catalogue of the DuckDB this process runs, whose version decides what exists."""
-    import duckdb
-
-    with duckdb.connect() as connection:
-        rows = connection.sql("SELECT lower(function_name), function_type, lower(macro_definition) FROM "
-                              "duckdb_functions() WHERE function_type IN ('aggregate', 'macro')").fetchall()
-    found = {name for name, kind, _ in rows if kind == "aggregate"}
-    macros = [(name, body or "") for name, kind, body in rows if kind == "macro"]
-    while True:
-        calls = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(found))) + r")\s*\(")
-        more = {name for name, body in macros if name not in found and calls.search(body)}
-        if not more:
-            return frozenset(found)
-        found |= more
 
 
 def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:

@@ -24,7 +24,14 @@ from typing import Any, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb
+from fedpod.algorithms.sql.dialect import (
+    group_keys,
+    ordinal,
+    parse_statement,
+    per_query,
+    to_duckdb,
+    unknown_aggregate,
+)
 from fedpod.errors import NotMergeable
 
 PARTIALS = "partials"
@@ -166,6 +173,9 @@ def _refuse_unmergeable(select: exp.Select) -> None:
         raise NotMergeable("GROUP BY ROLLUP/CUBE/GROUPING SETS/ALL", "only plain GROUP BY keys are merged")
     if select.args.get("qualify") is not None:
         raise NotMergeable("QUALIFY", "it filters on window functions")
+    if (unknown := unknown_aggregate(select)) is not None:
+        raise NotMergeable(to_duckdb(unknown)[:80], "it is an aggregate without an exact merge (COUNT, SUM, AVG, MIN, "
+                                                    "MAX, VARIANCE, STDDEV and quantiles have one)")
     distinct = select.args.get("distinct")
     if distinct is not None and distinct.args.get("on") is not None:
         raise NotMergeable("DISTINCT ON", "it picks arbitrary rows per key")
