@@ -35,14 +35,7 @@ from typing import TYPE_CHECKING, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import (
-    group_keys,
-    ordinal,
-    parse_statement,
-    per_query,
-    to_duckdb,
-    unknown_aggregate,
-)
+from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb, unknown_aggregate
 
 if TYPE_CHECKING:
     import pyarrow as pa

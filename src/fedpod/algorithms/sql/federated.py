@@ -24,14 +24,7 @@ from typing import Any, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import (
-    group_keys,
-    ordinal,
-    parse_statement,
-    per_query,
-    to_duckdb,
-    unknown_aggregate,
-)
+from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb, unknown_aggregate
 from fedpod.errors import NotMergeable
 
 PARTIALS = "partials"
