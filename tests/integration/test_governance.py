@@ -90,6 +90,7 @@ def test_small_groups_are_suppressed_and_the_result_says_so(alice: RunningPod, m
         modeller.sql(f"SELECT COUNT(*) AS n FROM {DATASET} WHERE age = (SELECT MIN(age) FROM {DATASET})",
                      datasets=[f"alice/{DATASET}"])
     for leaking in (f"SELECT sex, HISTOGRAM(age) AS ages FROM {DATASET} GROUP BY sex",  # every member's value
+                    f"SELECT sex, COUNT(*) AS n, MAX(age, 100000) AS ages FROM {DATASET} GROUP BY sex",  # so
                     # a cell kept (or counted as suppressed) by whether a patient is 41
                     f"SELECT sex, COUNT(*) AS n FROM {DATASET} GROUP BY sex "
                     "HAVING MAX(CASE WHEN age = 41 THEN 1 END) = 1"):

@@ -169,6 +169,10 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
     ("SELECT sex, JSON_GROUP_ARRAY(ssn) FROM ehr GROUP BY sex", "sql_rows"),  # a macro over STRING_AGG
     ("SELECT sex, WAVG(age, age) FROM ehr GROUP BY sex", "sql_rows"),  # a macro over a macro over SUM
     ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex HAVING ARBITRARY(ssn) = 'x'", "sql_rows"),
+    # DuckDB's MIN/MAX with a count: the n smallest or largest members' own values, as a list
+    ("SELECT sex, COUNT(*), MAX(ssn, 1000) FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT sex, MIN(age, n := 3) FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT sex, MIN(age), MAX(DISTINCT age) FROM ehr GROUP BY sex", "sql_aggregate"),
     ("SELECT sex, ROUND(AVG(age), 1), UPPER(sex) FROM ehr GROUP BY sex", "sql_aggregate"),  # scalars stay
     ("SELECT SUM(\"F\") FROM ehr PIVOT (SUM(age) FOR sex IN ('F'))", "sql_rows"),  # an aggregate within
     # cells kept or ordered by an aggregate of one person: its presence (or the suppressed count) tells

@@ -133,3 +133,9 @@ def unknown_aggregate(tree: exp.Expr) -> exp.Anonymous | None:
     over one...), which neither the pod's disclosure check nor the modeller's merge can plan."""
     known = aggregating_functions()
     return next((call for call in tree.find_all(exp.Anonymous) if call.name.lower() in known), None)
+
+
+def top_n(aggregate: exp.AggFunc) -> bool:
+    """DuckDB's MIN and MAX with a count, `MAX(x, n)`: the n largest members' own values as a
+    list — every one of them, for n as big as the group — where sqlglot still reads a MAX."""
+    return isinstance(aggregate, exp.Min | exp.Max) and bool(aggregate.args.get("count") or aggregate.expressions)

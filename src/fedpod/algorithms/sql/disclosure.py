@@ -4,12 +4,12 @@ says it is), and the rewrite that lets the pod suppress small cells.
 A query is an *aggregate* (task kind `sql_aggregate`) when it is one SELECT over the dataset
 whose every output row is a group: GROUP BY keys and the aggregates below, nothing else — no
 subquery, CTE, set operation, window, DISTINCT or other aggregate (LIST, STRING_AGG, FIRST,
-ARG_MAX, MEDIAN... return members' own values), no aggregate in HAVING or QUALIFY and none in ORDER
-BY but the outputs (they would pick or order cells by values the pod never sized: the federated
-plan applies them after the merge instead). Aggregates sqlglot does not know (HISTOGRAM,
-ARBITRARY, FSUM, and macros over one such as JSON_GROUP_ARRAY) are found by their names in
-DuckDB's own catalogue: the pod cannot size the rows behind them, and some return every member's
-value. Anything else is a *row* query (`sql_rows`).
+ARG_MAX, MEDIAN, DuckDB's `MAX(x, n)`... return members' own values), no aggregate in HAVING or
+QUALIFY and none in ORDER BY but the outputs (they would pick or order cells by values the pod
+never sized: the federated plan applies them after the merge instead). Aggregates sqlglot does
+not know (HISTOGRAM, ARBITRARY, FSUM, and macros over one such as JSON_GROUP_ARRAY) are found by
+their names in DuckDB's own catalogue: the pod cannot size the rows behind them, and some return
+every member's value. Anything else is a *row* query (`sql_rows`).
 
 For an aggregate the pod adds hidden columns that count, per cell, the rows each aggregate
 used (`COUNT(*) [FILTER (WHERE arg IS NOT NULL AND its FILTER)]`, once per distinct condition).
@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb, unknown_aggregate
+from fedpod.algorithms.sql.dialect import (
+    group_keys,
+    ordinal,
+    parse_statement,
+    per_query,
+    to_duckdb,
+    top_n,
+    unknown_aggregate,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -68,7 +76,7 @@ def _row_reason(tree: exp.Expr) -> str:
     if hiding is not None:  # an aggregate's answer is judged by columns of those names, then stripped
         return f"its output {hiding[:64]!r} is named like the pod's own hidden columns ({HIDDEN}...)"
     aggregates = [node for node in tree.find_all(exp.AggFunc)]
-    other = next((a for a in aggregates if not isinstance(a, RELEASED_AGGREGATES)), None)
+    other = next((a for a in aggregates if not isinstance(a, RELEASED_AGGREGATES) or top_n(a)), None)
     if other is not None:
         return f"{to_duckdb(other)} returns members' own values"
     if (unknown := unknown_aggregate(tree)) is not None:
