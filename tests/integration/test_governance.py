@@ -115,10 +115,12 @@ def test_live_policy_edits_apply_to_the_next_task_and_are_audited(alice: Running
         folder.replace_policy("datasets: {ehr: {grants: [{to: [ghost], kinds: [train]}]}}", "test")
     assert folder.config.policies.datasets[DATASET].min_group_size == 1000  # the running policy is untouched
     folder.set_limit(DATASET, "columns.deny", "sex")
-    # named, or read without being named: by DuckDB's COLUMNS(regex), by position, in the whole row
+    # named, or read without being named: by DuckDB's COLUMNS(regex), by position, in the whole row,
+    # renamed by the table's alias
     for reading in (f"SELECT sex, COUNT(*) AS n FROM {DATASET} GROUP BY sex",
                     f"SELECT MAX(COLUMNS('s.*')) AS m FROM {DATASET}", f"SELECT MAX(#2) AS m FROM {DATASET}",
-                    f"SELECT COUNT(*) AS n FROM {DATASET} t WHERE CAST(t AS VARCHAR) LIKE '%F%'"):
+                    f"SELECT COUNT(*) AS n FROM {DATASET} t WHERE CAST(t AS VARCHAR) LIKE '%F%'",
+                    f"SELECT c, COUNT(*) AS n FROM {DATASET} AS t(a, b, c) GROUP BY c"):  # c is sex
         with pytest.raises(AccessDenied, match=r"column\(s\) \[.*'sex'.*\] of alice/ehr are not released"):
             modeller.sql(reading, datasets=target)
 

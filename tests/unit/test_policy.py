@@ -202,7 +202,8 @@ def test_the_columns_a_query_reads_include_those_behind_a_star() -> None:
     assert shape("SELECT AVG(AGE) FROM ehr WHERE Ssn > 0", ("age", "ssn")).columns == {"age", "ssn"}
     assert shape("SELECT MIN(t.age) FROM ehr AS t", ("age", "ssn")).columns == {"age"}
     for unnamed in ("SELECT MAX(COLUMNS('s.*')) FROM ehr", "SELECT COUNT(*) FROM ehr WHERE #2 = 'x'",
-                    "SELECT MAX(t) FROM ehr AS t", "SELECT COUNT(*) FROM ehr WHERE CAST(ehr AS VARCHAR) LIKE '%x%'"):
+                    "SELECT MAX(t) FROM ehr AS t", "SELECT COUNT(*) FROM ehr WHERE CAST(ehr AS VARCHAR) LIKE '%x%'",
+                    "SELECT MAX(b) FROM ehr AS t(a, b)", "SELECT COUNT(*) FROM ehr t(x) WHERE x > 3"):
         assert shape(unnamed, ("age", "ssn")).columns == {"age", "ssn"}, unnamed  # read without being named
 
 

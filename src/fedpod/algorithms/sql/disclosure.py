@@ -109,9 +109,10 @@ def _unreleased_order(tree: exp.Select) -> exp.Expr | None:
 def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:
     """The dataset's columns a query reads: each column named (matched case-insensitively), and
     all of them for a `*` that is not COUNT(*)'s, and for what reads columns without naming them:
-    DuckDB's COLUMNS('regex'), a positional `#3`, and a table or its alias used as a value (`MAX(t)`,
-    `CAST(ehr AS VARCHAR)`: the whole row). A select alias that shadows a column name counts as
-    that column — a stricter reading, never a looser one."""
+    DuckDB's COLUMNS('regex'), a positional `#3`, a table or its alias used as a value (`MAX(t)`,
+    `CAST(ehr AS VARCHAR)`: the whole row), and a table whose alias renames its columns
+    (`FROM ehr AS t(a, b)`: `b` is the second column, whatever its name). A select alias that
+    shadows a column name counts as that column — a stricter reading, never a looser one."""
     by_lower = {c.lower(): c for c in dataset_columns}
     tables = {name.lower() for t in tree.find_all(exp.Table) for name in (t.name, t.alias_or_name)}
     read = set()
@@ -124,7 +125,8 @@ def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[st
     for star in tree.find_all(exp.Star):
         if not isinstance(star.parent, exp.Count):
             read.update(dataset_columns)
-    if tree.find(exp.Columns, exp.PositionalColumn) is not None:
+    renamed = any(isinstance(alias.parent, exp.Table) and alias.columns for alias in tree.find_all(exp.TableAlias))
+    if renamed or tree.find(exp.Columns, exp.PositionalColumn) is not None:
         read.update(dataset_columns)
     return frozenset(read)
 
