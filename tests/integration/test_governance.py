@@ -91,6 +91,8 @@ def test_small_groups_are_suppressed_and_the_result_says_so(alice: RunningPod, m
                      datasets=[f"alice/{DATASET}"])
     for leaking in (f"SELECT sex, HISTOGRAM(age) AS ages FROM {DATASET} GROUP BY sex",  # every member's value
                     f"SELECT sex, COUNT(*) AS n, MAX(age, 100000) AS ages FROM {DATASET} GROUP BY sex",  # so
+                    # a nullable column under the name of one without nulls, sized as if it had none
+                    f"SELECT sex, AVG(patient_id) AS bmi FROM {DATASET} AS t(a, b, sex, patient_id) GROUP BY sex",
                     # a cell kept (or counted as suppressed) by whether a patient is 41
                     f"SELECT sex, COUNT(*) AS n FROM {DATASET} GROUP BY sex "
                     "HAVING MAX(CASE WHEN age = 41 THEN 1 END) = 1"):

@@ -3,7 +3,8 @@ says it is), and the rewrite that lets the pod suppress small cells.
 
 A query is an *aggregate* (task kind `sql_aggregate`) when it is one SELECT over the dataset
 whose every output row is a group: GROUP BY keys and the aggregates below, nothing else — no
-subquery, CTE, set operation, window, DISTINCT or other aggregate (LIST, STRING_AGG, FIRST,
+subquery, CTE, set operation, window, DISTINCT, table alias that renames columns (the group size
+trusts a column's name to say whether it holds nulls) or other aggregate (LIST, STRING_AGG, FIRST,
 ARG_MAX, MEDIAN, DuckDB's `MAX(x, n)`... return members' own values), no aggregate in HAVING or
 QUALIFY and none in ORDER BY but the outputs (they would pick or order cells by values the pod
 never sized: the federated plan applies them after the merge instead). Aggregates sqlglot does
@@ -72,6 +73,8 @@ def _row_reason(tree: exp.Expr) -> str:
             return f"it uses {words}"
     if tree.args.get("distinct") is not None:
         return "it uses SELECT DISTINCT"
+    if _renames_columns(tree):  # the group size trusts a column's name to say whether it holds nulls
+        return "its table alias renames the columns"
     hiding = next((p.alias_or_name for p in tree.expressions if p.alias_or_name.lower().startswith(HIDDEN)), None)
     if hiding is not None:  # an aggregate's answer is judged by columns of those names, then stripped
         return f"its output {hiding[:64]!r} is named like the pod's own hidden columns ({HIDDEN}...)"
@@ -106,6 +109,12 @@ def _unreleased_order(tree: exp.Select) -> exp.Expr | None:
     return None
 
 
+def _renames_columns(tree: exp.Expr) -> bool:
+    """A table whose alias renames its columns, `FROM ehr AS t(a, b)`: `b` is the second column
+    whatever its name, and may bear the name of another."""
+    return any(isinstance(alias.parent, exp.Table) and alias.columns for alias in tree.find_all(exp.TableAlias))
+
+
 def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:
     """The dataset's columns a query reads: each column named (matched case-insensitively), and
     all of them for a `*` that is not COUNT(*)'s, and for what reads columns without naming them:
@@ -125,8 +134,7 @@ def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[st
     for star in tree.find_all(exp.Star):
         if not isinstance(star.parent, exp.Count):
             read.update(dataset_columns)
-    renamed = any(isinstance(alias.parent, exp.Table) and alias.columns for alias in tree.find_all(exp.TableAlias))
-    if renamed or tree.find(exp.Columns, exp.PositionalColumn) is not None:
+    if _renames_columns(tree) or tree.find(exp.Columns, exp.PositionalColumn) is not None:
         read.update(dataset_columns)
     return frozenset(read)
 
