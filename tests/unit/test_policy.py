@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from fedpod.algorithms.sql.disclosure import group_sizes, shape, suppress_small_groups, with_group_size
+from fedpod.algorithms.sql.disclosure import disclosed_query, group_sizes, shape, suppress_small_groups, with_group_size
 from fedpod.algorithms.sql.federated import plan_merge
 from fedpod.errors import ConfigError
 from fedpod.governance.policy import Policy, Request, decide, migrate_access, policy_changes
@@ -234,6 +234,20 @@ def test_a_count_of_distinct_pairs_stands_on_the_rows_that_hold_both() -> None:
     query = with_group_size("SELECT sex, COUNT(DISTINCT age, rare) FROM ehr GROUP BY sex")
     table, suppressed = suppress_small_groups(connection.sql(query).to_arrow_table(), 3)
     assert table.num_rows == 0 and suppressed == 1  # F's three rows, but only one has both values
+
+
+@pytest.mark.parametrize("argument", ["info.age", "ehr.info.age"])
+def test_a_structs_field_is_not_taken_for_the_column_of_its_name(argument: str) -> None:
+    """`age` holds no null, so an AVG over it needs no count of its own; `info.age`, a struct's
+    field of that name, was sized by that rule, and released one patient's value in a cell of 3."""
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES ('F', 30, {'age': 71}), ('F', 40, {'age': NULL}),"
+                       " ('F', 50, {'age': NULL})) t(sex, age, info)")
+    query, _ = disclosed_query(f"SELECT sex, COUNT(*), AVG({argument}) FROM ehr GROUP BY sex",
+                               frozenset({"age", "sex"}))
+    table, suppressed = suppress_small_groups(connection.sql(query).to_arrow_table(), 3)
+    assert table.num_rows == 0 and suppressed == 1
+    assert shape(f"SELECT MAX({argument}) FROM ehr", ("sex", "age", "info")).columns >= {"info"}  # its column rules
 
 
 def test_a_cells_group_size_is_the_fewest_rows_any_of_its_aggregates_used() -> None:

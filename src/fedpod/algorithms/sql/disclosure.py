@@ -115,22 +115,36 @@ def _renames_columns(tree: exp.Expr) -> bool:
     return any(isinstance(alias.parent, exp.Table) and alias.columns for alias in tree.find_all(exp.TableAlias))
 
 
+def _table_names(tree: exp.Expr) -> set[str]:
+    """The lower-case names the query's tables go by: their own, and their aliases."""
+    return {name.lower() for t in tree.find_all(exp.Table) for name in (t.name, t.alias_or_name)}
+
+
+def _plain(column: exp.Column, tables: set[str]) -> bool:
+    """A column of the table, named on its own or after the table (`ehr.age`, `t.age`), rather
+    than a field of a struct column (`info.age`, `ehr.info.age`), which may share a column's name."""
+    return not column.args.get("db") and not column.args.get("catalog") and (
+        not column.table or column.table.lower() in tables)
+
+
 def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:
     """The dataset's columns a query reads: each column named (matched case-insensitively), and
     all of them for a `*` that is not COUNT(*)'s, and for what reads columns without naming them:
     DuckDB's COLUMNS('regex'), a positional `#3`, a table or its alias used as a value (`MAX(t)`,
     `CAST(ehr AS VARCHAR)`: the whole row), and a table whose alias renames its columns
-    (`FROM ehr AS t(a, b)`: `b` is the second column, whatever its name). A select alias that
-    shadows a column name counts as that column — a stricter reading, never a looser one."""
+    (`FROM ehr AS t(a, b)`: `b` is the second column, whatever its name); a struct's field reads
+    its struct (`info.age` reads `info`, and `age` too should that be a column). A select alias
+    that shadows a column name counts as that column — a stricter reading, never a looser one."""
     by_lower = {c.lower(): c for c in dataset_columns}
-    tables = {name.lower() for t in tree.find_all(exp.Table) for name in (t.name, t.alias_or_name)}
-    read = set()
+    tables = _table_names(tree)
+    read: set[str] = set()
     for column in tree.find_all(exp.Column):
         name = column.name.lower()
-        if name in by_lower:
-            read.add(by_lower[name])
-        elif name in tables and not column.table:
+        if name in tables and not column.table:
             read.update(dataset_columns)
+        for part in (part.name.lower() for part in column.parts):  # a struct's field reads the struct
+            if part in by_lower:
+                read.add(by_lower[part])
     for star in tree.find_all(exp.Star):
         if not isinstance(star.parent, exp.Count):
             read.update(dataset_columns)
@@ -185,13 +199,15 @@ def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
     (every one of COUNT(DISTINCT a, b)'s, which counts only rows where all are; left out for a
     column the table holds no null in: the same rows as the cell)."""
     conditions = ["TRUE"]
+    tables = _table_names(tree)
     for projection in tree.expressions:
         for node in projection.find_all(exp.AggFunc):
             parts = []
             arguments = node.this.expressions if isinstance(node.this, exp.Distinct) else [node.this]
             for argument in arguments:
                 if argument is not None and not isinstance(argument, exp.Star) and not (
-                        isinstance(argument, exp.Column) and argument.name.lower() in non_null):
+                        isinstance(argument, exp.Column) and _plain(argument, tables)
+                        and argument.name.lower() in non_null):
                     parts.append(f"({to_duckdb(argument)}) IS NOT NULL")
             if isinstance(node.parent, exp.Filter):
                 parts.append(f"COALESCE(({to_duckdb(node.parent.expression.this)}), FALSE)")
