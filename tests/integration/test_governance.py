@@ -205,6 +205,20 @@ def test_a_differencing_pair_is_refused_and_the_refusal_audited(alice: RunningPo
                      datasets=target)
     wait_until(lambda: len(audit_events(alice, "task-failed")) == 2, 10, "both refusals in the audit log")
     assert all(e["error"] == "AccessDenied" for e in audit_events(alice, "task-failed"))
+    # her left out at random: an answer without her is refused, even where the comparison's own
+    # selection (random() again) would have kept her and found no difference
+    wandering = (f"SELECT AVG(age) AS a FROM {DATASET} WHERE sex = 'F' "
+                 f"AND NOT (patient_id = '{someone}' AND random() < 0.5)")
+    refused = 0
+    for _ in range(12):
+        try:
+            answer = modeller.sql(wandering, datasets=target)
+        except AccessDenied:
+            refused += 1
+            continue
+        assert isinstance(answer, dict)
+        assert answer[target[0]]["a"].iloc[0] == pytest.approx(first[target[0]]["a"].iloc[0])  # with her
+    assert refused
     PodFolder(alice.config_path).set_limit(DATASET, "protect_differencing", "false")  # the custodian's choice
     assert modeller.sql(f"SELECT AVG(age) AS a FROM {DATASET} WHERE sex = 'F' AND patient_id <> '{someone}'",
                         datasets=target)

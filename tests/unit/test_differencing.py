@@ -31,8 +31,10 @@ def released(engine: SqlEngine, query: str) -> list[Cohort]:
     return released_cohorts(engine.run(sql, "ehr"), plan, MIN)
 
 
-def ask(ledger: CohortLedger, engine: SqlEngine, query: str, modeller: str = "LAB") -> str | None:
-    return ledger.check_and_keep(modeller, "ehr", engine.versions["ehr"], released(engine, query), MIN,
+def ask(ledger: CohortLedger, engine: SqlEngine, query: str | list[Cohort], modeller: str = "LAB") -> str | None:
+    """The ledger's judgement of an answer to `query` (or of cohorts already read from one)."""
+    cohorts = released(engine, query) if isinstance(query, str) else query
+    return ledger.check_and_keep(modeller, "ehr", engine.versions["ehr"], cohorts, MIN,
                                  lambda sql, params: engine.row_ids(sql, params, "ehr"),
                                  lambda sql, params: engine.sketch(sql, params, "ehr"))
 
@@ -77,6 +79,28 @@ def test_the_ledger_survives_a_restart_and_is_per_dataset_version(engine: SqlEng
     assert changed.versions["ehr"] != engine.versions["ehr"]
 
 
+@pytest.mark.parametrize("selection", [
+    "USING SAMPLE 97 PERCENT (bernoulli, {seed})",  # a sample the cohort's own query does not repeat
+    "WHERE NOT (id = 'P7' AND random() < 0.5)",  # P7 left out of the answer, maybe not of its comparison
+])
+def test_a_cohort_that_its_query_does_not_select_again_is_never_compared_blindly(
+        engine: SqlEngine, tmp_path: Path, selection: str) -> None:
+    """One answer over all 60 rows, then answers that leave out a row or two at random: each
+    such cohort is near the first, and was compared with the rows its query selected again —
+    the whole table, for a sample — so the difference passed as none."""
+    ledger = CohortLedger(tmp_path / "cohorts.jsonl")
+    assert ask(ledger, engine, "SELECT COUNT(*), SUM(age) FROM ehr") is None
+    refused = 0
+    for seed in range(40):
+        query = f"SELECT COUNT(*), SUM(age) FROM ehr {selection.format(seed=seed)}"
+        [cohort] = released(engine, query)  # the answer, run once (random() differs from run to run)
+        why = ask(ledger, engine, [cohort])
+        if 60 - MIN < cohort.size < 60:  # fewer than MIN rows apart from the first
+            assert why is not None, f"{query}: released {cohort.size} of 60 rows"
+            refused += "not selected again as the answer selected it" in why
+    assert refused > 0
+
+
 def test_cohort_shapes_it_cannot_describe_are_named() -> None:
     with pytest.raises(ValueError, match="ROLLUP"):
         disclosed_query("SELECT sex, COUNT(*) FROM ehr GROUP BY ROLLUP (sex)")
@@ -94,11 +118,11 @@ def test_cells_of_one_answer_are_never_compared_and_near_ones_by_sketch_first(en
     selected once, and its row ids once, for the pairs whose sketches overlap."""
     fetched: dict[str, list[str]] = {"rows": [], "sketches": []}
 
-    def row_ids(sql: str, params: list[object]) -> np.ndarray:
+    def row_ids(sql: str, params: list[object]) -> tuple[np.ndarray, int]:
         fetched["rows"].append(f"{sql} {params}")
         return engine.row_ids(sql, params, "ehr")
 
-    def sketch(sql: str, params: list[object]) -> list[int]:
+    def sketch(sql: str, params: list[object]) -> tuple[list[int], int, int]:
         fetched["sketches"].append(f"{sql} {params}")
         return engine.sketch(sql, params, "ehr")
 

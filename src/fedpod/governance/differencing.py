@@ -14,6 +14,10 @@ at most 2d hashes, so sketches differing by 2m or more prove a difference of at 
 a pair whose sketches are close is compared exactly, by selecting both cohorts' row ids (the pod
 holds the rows) — and the new one refused if it differs by fewer rows than the minimum. (Computing
 every sketch in the answer's scan tripled the time of a federated GROUP BY over a million rows.)
+A cohort selected again must be the rows the answer described, by size and xor: a sample,
+random() or the clock in a query (`USING SAMPLE 97 PERCENT`, `WHERE NOT (id = 7 AND random() <
+0.5)`) would otherwise release one cohort and have another compared, and such an answer is
+refused whenever it needs comparing.
 
 What it cannot catch: differences spread over three or more answers (A - B - C with each pair
 far apart), a value pulled out by the aggregate's own expression (SUM(CASE WHEN id = 42 ...)),
@@ -75,8 +79,13 @@ def released_cohorts(table: pa.Table, plan: CohortPlan, min_size: int) -> list[C
     return cohorts
 
 
-RowIds = Callable[[str, list[Any]], np.ndarray]
-Sketch = Callable[[str, list[Any]], list[int]]
+RowIds = Callable[[str, list[Any]], tuple[np.ndarray, int]]  # a cohort's row ids, and their hashes' xor
+Sketch = Callable[[str, list[Any]], tuple[list[int], int, int]]  # its sketch, size and xor
+
+
+def not_selected_again(cohort: Cohort) -> str:
+    return (f"a cohort of {cohort.size} rows is not selected again as the answer selected it (a sample, random() "
+            "or the clock in its query?), so the pod cannot tell how far it lies from those already released")
 
 
 def far_apart(a: Cohort, b: Cohort, min_size: int) -> bool:
@@ -149,12 +158,14 @@ class CohortLedger:
                 return (f"this pod has released {len(kept.fingerprints):,} distinct cohorts of {dataset} to this "
                         "modeller, its limit for checking differences; ask the custodian to review and clear its "
                         "ledger")
-            loaded: dict[tuple[str, str], np.ndarray] = {}
+            loaded: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
 
-            def rows(cohort: Cohort) -> np.ndarray:
+            def rows(cohort: Cohort) -> np.ndarray | None:
+                """Its row ids, None unless they are the rows the answer described."""
                 if cohort.key not in loaded:
                     loaded[cohort.key] = row_ids(cohort.sql, cohort.params)
-                return loaded[cohort.key]
+                ids, xor = loaded[cohort.key]
+                return ids if (len(ids), xor) == cohort.fingerprint else None
 
             batch = _Kept()
             checks = 0
@@ -164,16 +175,25 @@ class CohortLedger:
                 for other in near:
                     if new.fingerprint == other.fingerprint or far_apart(new, other, min_size):
                         continue
-                    for cohort in (new, other):  # sizes are close: the sketches may still tell them apart
+                    # sizes are close: the sketches may still tell them apart. Each cohort is selected
+                    # again by its query, which must select the rows the answer described: else a
+                    # sample, or random(), could release one cohort and have another compared
+                    for cohort in (new, other):
                         if cohort.sketch is None:
-                            cohort.sketch = sketch(cohort.sql, cohort.params)
+                            found, size, xor = sketch(cohort.sql, cohort.params)
+                            if (size, xor) != cohort.fingerprint:
+                                return not_selected_again(cohort)
+                            cohort.sketch = found
                     if far_apart(new, other, min_size):
                         continue
                     checks += 1
                     if checks > MAX_EXACT_CHECKS:
                         return (f"it has more than {MAX_EXACT_CHECKS} cohorts of nearly the same size as ones already "
                                 "released to compare row by row; narrow it (fewer groups), or ask the custodian")
-                    difference = symmetric_difference(rows(new), rows(other))
+                    new_rows, other_rows = rows(new), rows(other)
+                    if new_rows is None or other_rows is None:
+                        return not_selected_again(new if new_rows is None else other)
+                    difference = symmetric_difference(new_rows, other_rows)
                     if 0 < difference < min_size:
                         return (f"its cohort ({new.size} rows) differs by {difference} row(s) from one already "
                                 f"released ({other.size} rows); answering both would single out fewer than "

@@ -90,16 +90,23 @@ class SqlEngine:
             nullable.update(c.lower() for c, count in zip(columns, row[2:], strict=True) if count)
         return hashlib.sha256("|".join(digests).encode()).hexdigest()[:16], frozenset(names - nullable)
 
-    def row_ids(self, sql: str, params: list[object], dataset: str, *, timeout_s: float = 60.0) -> np.ndarray:
+    def row_ids(self, sql: str, params: list[object], dataset: str, *,
+                timeout_s: float = 60.0) -> tuple[np.ndarray, int]:
         """The row ids an internal cohort query selects (`disclosure.CohortPlan.rows_sql`, built
-        from an aggregate this engine already accepted), as int64."""
-        return np.asarray(self._internal(sql, params, dataset, timeout_s)["rowid"], dtype=np.int64)
+        from an aggregate this engine already accepted), as int64, and the xor of their hashes:
+        with their count, what the answer said of the cohort, if the query selects it again."""
+        found = self._internal(f"SELECT rowid, HASH(rowid) AS h FROM ({sql})", params, dataset, timeout_s)
+        hashes = np.asarray(found["h"], dtype=np.uint64)
+        return np.asarray(found["rowid"], dtype=np.int64), int(np.bitwise_xor.reduce(hashes, initial=np.uint64(0)))
 
-    def sketch(self, sql: str, params: list[object], dataset: str, *, timeout_s: float = 60.0) -> list[int]:
-        """The SKETCH smallest row-id hashes of the cohort `sql` selects (see `row_ids`)."""
-        found = self._internal(f"SELECT MIN(HASH(rowid), {SKETCH}) AS sketch FROM ({sql})", params, dataset,
-                               timeout_s)["sketch"]
-        return [int(h) for h in (found[0] if len(found) and found[0] is not None else [])]
+    def sketch(self, sql: str, params: list[object], dataset: str, *,
+               timeout_s: float = 60.0) -> tuple[list[int], int, int]:
+        """The SKETCH smallest row-id hashes of the cohort `sql` selects, their count and their
+        xor (see `row_ids`)."""
+        found = self._internal(f"SELECT MIN(HASH(rowid), {SKETCH}) AS sketch, COUNT(*) AS n, "
+                               f"COALESCE(BIT_XOR(HASH(rowid)), 0) AS x FROM ({sql})", params, dataset, timeout_s)
+        smallest = found["sketch"][0]
+        return [int(h) for h in (smallest if smallest is not None else [])], int(found["n"][0]), int(found["x"][0])
 
     def _internal(self, sql: str, params: list[object], dataset: str, timeout_s: float) -> dict[str, Any]:
         cursor = self._connection.cursor()
