@@ -100,6 +100,25 @@ def test_small_groups_are_suppressed_and_the_result_says_so(alice: RunningPod, m
             modeller.sql(leaking, datasets=[f"alice/{DATASET}"])
 
 
+def test_a_column_that_hides_the_row_ids_gets_no_unchecked_aggregate(pod_factory: PodFactory, tmp_path: Path,
+                                                                     modeller_identity: Identity,
+                                                                     modeller: Modeller) -> None:
+    """A SQLite export often carries its rowid. As a column it hides DuckDB's row ids, by which the
+    differencing ledger tells cohorts apart: with one value in every row, an answer over all 40
+    patients and one over 39 looked like the same cohort, and both were released."""
+    csv = tmp_path / "visits.csv"
+    csv.write_text("rowid,age\n" + "".join(f"1,{20 + i}\n" for i in range(40)))
+    policies = Policy().grant(modeller_identity.name, modeller_identity.fingerprint, "visits", ["sql_aggregate"])
+    bob = pod_factory("bob", [DatasetSpec(name="visits", type="csv", path=str(csv))], [modeller_identity],
+                      policies=policies)
+    query, target = "SELECT COUNT(*) AS n, SUM(age) AS s FROM visits", ["bob/visits"]
+    with pytest.raises(AccessDenied, match=r"visits has a column named rowid.*\[rule: protect_differencing\]"):
+        modeller.sql(query, datasets=target)
+    PodFolder(bob.config_path).set_limit("visits", "protect_differencing", "false")  # the custodian's choice
+    answer = modeller.sql(query, datasets=target)
+    assert isinstance(answer, dict) and answer["bob/visits"]["n"].iloc[0] == 40
+
+
 def test_live_policy_edits_apply_to_the_next_task_and_are_audited(alice: RunningPod, modeller: Modeller) -> None:
     folder = PodFolder(alice.config_path)
     target = [f"alice/{DATASET}"]

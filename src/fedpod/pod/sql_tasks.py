@@ -81,6 +81,11 @@ class SqlTasks:
         aggregate = kind == "sql_aggregate"
         query, plan = request.algorithm.query, None
         if aggregate:
+            if limits.protect_differencing and request.dataset in self.engine.rowid_hidden:
+                raise AccessDenied(f"{request.dataset} has a column named rowid, which hides the row ids the pod "
+                                   "tells cohorts apart by, so it cannot check aggregates against differencing "
+                                   "[rule: protect_differencing]", where=f"dataset {request.dataset}",
+                                   hint="the custodian can rename that column, or set protect_differencing: false")
             try:
                 query, plan = disclosed_query(query, self.engine.non_null[request.dataset],
                                               cohorts=limits.protect_differencing)

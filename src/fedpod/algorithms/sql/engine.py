@@ -70,6 +70,10 @@ class SqlEngine:
         self.non_null: dict[str, frozenset[str]] = {}
         for spec in datasets:
             self.versions[spec.name], self.non_null[spec.name] = self._profile(spec.tables)
+        # datasets with a column named rowid, which hides DuckDB's row ids from every query: the
+        # differencing ledger, which describes cohorts by them, cannot check their aggregates
+        self.rowid_hidden = {spec.name for spec in datasets for table in spec.tables
+                             if "rowid" in (c.lower() for c in self.catalog.schemas[table][0])}
         self._connection.execute("SET python_enable_replacements = false")
         if memory_limit:
             self._connection.execute(f"SET memory_limit = '{memory_limit}'")
