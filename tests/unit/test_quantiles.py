@@ -103,12 +103,21 @@ def test_pods_withhold_counts_near_their_extremes_and_such_a_quantile_is_refused
         federated("SELECT MEDIAN(x) FROM ehr WHERE x > 3.5", pods, min_size=5)
 
 
+def test_a_quantiles_table_may_go_by_an_alias() -> None:
+    """The pods' counts once named the table alone, and `t.x` did not bind."""
+    pods: list[list[float | None]] = [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0]]
+    query = "SELECT MEDIAN(t.x), QUANTILE_DISC(t.x, 0.25) FROM ehr AS t WHERE t.y < -1"
+    assert federated(query, pods)[0] == pooled(query, pods)
+
+
 def test_what_cannot_be_searched_is_refused_naming_it() -> None:
     for query, named in [("SELECT sex, MEDIAN(x) FROM ehr GROUP BY sex", "GROUP"),
                          ("SELECT MEDIAN(x), COUNT(*) FROM ehr", "COUNT"),
                          ("SELECT QUANTILE_CONT(x, [0.1, 0.9]) FROM ehr", "fraction"),
                          ("SELECT QUANTILE_CONT(x, 1.5) FROM ehr", "outside"),
-                         ("SELECT MEDIAN(MAX(x)) FROM ehr", "row expression")]:
+                         ("SELECT MEDIAN(MAX(x)) FROM ehr", "row expression"),
+                         ("SELECT MEDIAN(x) FROM ehr USING SAMPLE 10 PERCENT (bernoulli)", "sample"),
+                         ("SELECT MEDIAN(x) FROM ehr TABLESAMPLE bernoulli(10) REPEATABLE (3)", "sample")]:
         with pytest.raises(NotMergeable, match=named):
             plan_quantiles(query)
 

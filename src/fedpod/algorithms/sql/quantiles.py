@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlglot import exp
 
 from fedpod.algorithms.sql.dialect import parse_statement, per_query, to_duckdb
-from fedpod.data.datasets import quote_identifier
 from fedpod.errors import FedpodError, NotMergeable
 
 if TYPE_CHECKING:  # Arrow loads with a pod's first answer, not with the pod
@@ -75,7 +74,7 @@ class QuantilePlan:
     """What the pods count over: each argument expression (as DOUBLE) on the query's table,
     under its WHERE clause; and the quantiles the query's outputs are, in order."""
 
-    table: str
+    table: str  # as the query names it, with its alias (`ehr AS t`), which the arguments may use
     where: str | None
     arguments: tuple[str, ...]
     quantiles: tuple[Quantile, ...]
@@ -119,6 +118,8 @@ def plan_quantiles(query: str) -> QuantilePlan:
     table = source.this if source is not None else None
     if not isinstance(table, exp.Table) or table.args.get("db"):
         raise NotMergeable("FROM", "quantiles read one dataset table by name")
+    if tree.find(exp.TableSample) is not None:  # was left out of the counts: a quantile of every row
+        raise NotMergeable("a sample beside a quantile", "every step of the search must count the same rows")
     arguments: list[str] = []
     quantiles: list[Quantile] = []
     for projection in tree.expressions:
@@ -138,7 +139,7 @@ def plan_quantiles(query: str) -> QuantilePlan:
     if len(arguments) > MAX_ARGUMENTS:
         raise NotMergeable("quantiles", f"at most {MAX_ARGUMENTS} different arguments per query")
     where = tree.args.get("where")
-    return QuantilePlan(table=table.name, where=to_duckdb(where.this) if where is not None else None,
+    return QuantilePlan(table=to_duckdb(table), where=to_duckdb(where.this) if where is not None else None,
                         arguments=tuple(arguments), quantiles=tuple(quantiles))
 
 
@@ -169,7 +170,7 @@ def count_sql(plan: QuantilePlan, thresholds: list[list[float]]) -> tuple[str, l
         else:
             parts.append(f"NULL AS h{index}")
     where = f" WHERE {plan.where}" if plan.where else ""
-    return f'SELECT {", ".join(parts)} FROM {quote_identifier(plan.table)}{where}', params
+    return f'SELECT {", ".join(parts)} FROM {plan.table}{where}', params
 
 
 def check_thresholds(plan: QuantilePlan, thresholds: list[list[float]]) -> list[list[float]]:
