@@ -4,6 +4,7 @@ epsilon ledger that charges both before anything trains."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -226,10 +227,12 @@ def test_noisy_sql_bounds_counts_and_clamped_sums_and_refuses_the_rest() -> None
     plan = plan_noisy("SELECT COUNT(*) AS n, AVG(age) AS mean_age, SUM(bmi) FILTER (WHERE age > 50) FROM ehr",
                       {"age": (0, 120), "BMI": (-10, 60)})
     assert plan.sensitivities == [1.0, 120.0, 1.0, 60.0]  # COUNT, AVG's SUM and COUNT, the filtered SUM
+    assert plan.scales == [0, 14, 0, 15]  # sums in units of 2^-g: 120 * 2^14 and 60 * 2^15 are 2^20 to 2^21
     connection = duckdb.connect()
     connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES (30, 500.0), (60, 20.0), (200, -99.0)) t(age, bmi)")
     exact = connection.execute(plan.partial_sql).fetchone()
-    assert exact == (3, 210.0, 3, 20.0 - 10.0)  # age 200 clamped to 120; bmi -99 clamped to -10 (age > 50 rows)
+    # age 200 clamped to 120; bmi -99 clamped to -10 (age > 50 rows)
+    assert exact == (3, 210 * 2**14, 3, (20 - 10) * 2**15)
     for query, why in [("SELECT MIN(age) FROM ehr", "COUNT, SUM and AVG only"),
                        ("SELECT SUM(age) FROM ehr", "declare bounds for age"),
                        ("SELECT sex, COUNT(*) FROM ehr GROUP BY sex", "GROUP BY"),
@@ -238,5 +241,27 @@ def test_noisy_sql_bounds_counts_and_clamped_sums_and_refuses_the_rest() -> None
             plan_noisy(query, {})
     counts = plan_noisy("SELECT COUNT(*) AS n FROM ehr", {})
     noisy = [add_noise(pa.table({"p0": [100]}), counts, epsilon=0.5).column("p0")[0].as_py() for _ in range(4000)]
-    assert np.std(noisy) == pytest.approx(math.sqrt(2) * 1 / 0.5, rel=0.08)  # Laplace of scale 1 / epsilon
+    q = math.exp(-0.5)  # the discrete Laplace distribution of scale 1 / epsilon
+    assert np.std(noisy) == pytest.approx(math.sqrt(2 * q) / (1 - q), rel=0.08)
     assert np.mean(noisy) == pytest.approx(100, abs=0.2)
+
+
+def test_noisy_sql_adds_its_noise_in_integers_so_no_answer_shows_in_the_low_bits() -> None:
+    """A double plus Laplace noise drawn as a double can land only on values some true answers
+    reach (Mironov 2012). Every noisy COUNT is a whole number and every noisy SUM a whole number
+    of its units, 2^-g, whatever the true answer: the set of possible answers is the same for all."""
+    import duckdb
+
+    from fedpod.algorithms.sql.noisy import add_noise, discrete_laplace, plan_noisy
+
+    plan = plan_noisy("SELECT COUNT(*) AS n, SUM(bmi) AS s FROM ehr", {"bmi": (0.0, 70.0)})
+    connection = duckdb.connect()
+    for value in (21.3, 21.4, 1 / 3):
+        connection.execute("CREATE OR REPLACE TABLE ehr AS SELECT ? AS bmi", [value])
+        partials = connection.execute(plan.partial_sql).to_arrow_table()
+        for _ in range(200):
+            n, total = add_noise(partials, plan, epsilon=1.0).to_pylist()[0].values()
+            assert float(n).is_integer() and math.ldexp(total, plan.scales[1]).is_integer()
+    draws = [discrete_laplace(Fraction(1, 3)) for _ in range(3000)]  # a scale below one: mostly zero
+    assert set(draws) <= set(range(-20, 21)) and draws.count(0) / len(draws) == pytest.approx(
+        (1 - math.exp(-3)) / (1 + math.exp(-3)), abs=0.03)
