@@ -175,6 +175,7 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
     ("SELECT sex, MIN(age), MAX(DISTINCT age) FROM ehr GROUP BY sex", "sql_aggregate"),
     # renamed columns: AVG(ssn) is AVG(age), sized as if over a column without nulls
     ("SELECT sex, AVG(ssn) FROM ehr AS t(ssn, sex) GROUP BY sex", "sql_rows"),
+    ("SELECT AVG(age) FROM ehr WHERE rowid NOT IN (7, 1024, 9001, 65537)", "sql_rows"),  # rows picked by id
     ("SELECT sex, ROUND(AVG(age), 1), UPPER(sex) FROM ehr GROUP BY sex", "sql_aggregate"),  # scalars stay
     ("SELECT SUM(\"F\") FROM ehr PIVOT (SUM(age) FOR sex IN ('F'))", "sql_rows"),  # an aggregate within
     # cells kept or ordered by an aggregate of one person: its presence (or the suppressed count) tells

@@ -4,13 +4,14 @@ says it is), and the rewrite that lets the pod suppress small cells.
 A query is an *aggregate* (task kind `sql_aggregate`) when it is one SELECT over the dataset
 whose every output row is a group: GROUP BY keys and the aggregates below, nothing else — no
 subquery, CTE, set operation, window, DISTINCT, table alias that renames columns (the group size
-trusts a column's name to say whether it holds nulls) or other aggregate (LIST, STRING_AGG, FIRST,
-ARG_MAX, MEDIAN, DuckDB's `MAX(x, n)`... return members' own values), no aggregate in HAVING or
-QUALIFY and none in ORDER BY but the outputs (they would pick or order cells by values the pod
-never sized: the federated plan applies them after the merge instead). Aggregates sqlglot does
-not know (HISTOGRAM, ARBITRARY, FSUM, and macros over one such as JSON_GROUP_ARRAY) are found by
-their names in DuckDB's own catalogue: the pod cannot size the rows behind them, and some return
-every member's value. Anything else is a *row* query (`sql_rows`).
+trusts a column's name to say whether it holds nulls), `rowid` (cohorts are told apart by row ids)
+or other aggregate (LIST, STRING_AGG, FIRST, ARG_MAX, MEDIAN, DuckDB's `MAX(x, n)`... return
+members' own values), no aggregate in HAVING or QUALIFY and none in ORDER BY but the outputs (they
+would pick or order cells by values the pod never sized: the federated plan applies them after the
+merge instead). Aggregates sqlglot does not know (HISTOGRAM, ARBITRARY, FSUM, and macros over one
+such as JSON_GROUP_ARRAY) are found by their names in DuckDB's own catalogue: the pod cannot size
+the rows behind them, and some return every member's value. Anything else is a *row* query
+(`sql_rows`).
 
 For an aggregate the pod adds hidden columns that count, per cell, the rows each aggregate
 used (`COUNT(*) [FILTER (WHERE arg IS NOT NULL AND its FILTER)]`, once per distinct condition).
@@ -75,6 +76,10 @@ def _row_reason(tree: exp.Expr) -> str:
         return "it uses SELECT DISTINCT"
     if _renames_columns(tree):  # the group size trusts a column's name to say whether it holds nulls
         return "its table alias renames the columns"
+    if any(column.name.lower() == "rowid" for column in tree.find_all(exp.Column)):
+        # cohorts are told apart by a 64-bit xor of their row ids' hashes: with rows picked by id,
+        # four whose hashes cancel out (found offline) would make two cohorts look the same
+        return "it reads the table's row ids (rowid), by which the pod tells cohorts apart"
     hiding = next((p.alias_or_name for p in tree.expressions if p.alias_or_name.lower().startswith(HIDDEN)), None)
     if hiding is not None:  # an aggregate's answer is judged by columns of those names, then stripped
         return f"its output {hiding[:64]!r} is named like the pod's own hidden columns ({HIDDEN}...)"
