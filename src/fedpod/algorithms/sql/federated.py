@@ -24,15 +24,8 @@ from typing import Any, Literal
 
 from sqlglot import exp
 
-from fedpod.algorithms.sql.dialect import (
-    group_keys,
-    ordinal,
-    parse_statement,
-    per_query,
-    to_duckdb,
-    top_n,
-    unknown_aggregate,
-)
+from fedpod.algorithms.sql import dialect
+from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb, unknown_aggregate
 from fedpod.errors import NotMergeable
 
 PARTIALS = "partials"
@@ -96,7 +89,7 @@ class _Rewriter:
             return exp.cast(_sum(self.add_partial(wrap(node.copy()))), "BIGINT")
         if isinstance(node, exp.Sum):
             return _sum(self.add_partial(wrap(node.copy())))
-        if top_n(node):
+        if dialect.top_n(node):
             raise NotMergeable(construct, "MIN and MAX with a count return lists of members' values: no exact merge")
         if isinstance(node, exp.Min | exp.Max):
             merged = node.copy()
