@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpod.algorithms.sql.disclosure import HIDDEN, SKETCH, CohortPlan, group_sizes
+from fedpod.algorithms.sql.disclosure import HIDDEN, SKETCH, CohortPlan, releasable
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -66,10 +66,10 @@ class Cohort:
 
 def released_cohorts(table: pa.Table, plan: CohortPlan, min_size: int) -> list[Cohort]:
     """The cohorts of the cells of an answer (with `disclosure.disclosed_query`'s hidden columns)
-    that suppression will let out: a cell whose group size is 1 to `min_size - 1` releases nothing."""
+    that suppression will let out (`disclosure.releasable`)."""
     cohorts = []
-    for row, group_size in zip(table.to_pylist(), group_sizes(table).to_pylist(), strict=True):
-        if 0 < group_size < min_size:
+    for row, released in zip(table.to_pylist(), releasable(table, min_size).to_pylist(), strict=True):
+        if not released:
             continue
         keys = [row[f"{HIDDEN}k{i}"] for i in range(plan.keys)]
         for j in range(len(plan.conditions)):

@@ -274,12 +274,17 @@ def group_sizes(table: pa.Table) -> pa.Array:
     return pc.fill_null(pc.min_element_wise(*nonzero, skip_nulls=True), 0)
 
 
-def suppress_small_groups(table: pa.Table, min_group_size: int) -> tuple[pa.Table, int]:
-    """Drop the rows computed from 1 to `min_group_size - 1` rows, and the hidden columns. A cell
-    from no rows at all (a COUNT of 0, a SUM of nothing) describes nobody and stays."""
+def releasable(table: pa.Table, min_group_size: int) -> pa.Array:
+    """Per cell, whether it may leave the pod: not computed from 1 to `min_group_size - 1` rows.
+    A cell from no rows at all (a COUNT of 0, a SUM of nothing) describes nobody and may."""
     import pyarrow.compute as pc
 
     sizes = group_sizes(table)
-    kept = table.filter(pc.or_(pc.equal(sizes, 0), pc.greater_equal(sizes, min_group_size)))
+    return pc.or_(pc.equal(sizes, 0), pc.greater_equal(sizes, min_group_size))
+
+
+def suppress_small_groups(table: pa.Table, min_group_size: int) -> tuple[pa.Table, int]:
+    """Drop the cells that may not leave (`releasable`), and the hidden columns."""
+    kept = table.filter(releasable(table, min_group_size))
     kept = kept.drop_columns([c for c in kept.column_names if c.startswith(HIDDEN)])
     return kept, table.num_rows - kept.num_rows
