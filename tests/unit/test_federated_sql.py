@@ -122,6 +122,28 @@ def test_unmergeable_constructs_are_named(query: str, construct: str) -> None:
     assert construct.lower() in str(info.value).lower()
 
 
+@pytest.mark.parametrize("sample", ["USING SAMPLE 0 PERCENT (bernoulli)", "USING SAMPLE 100 PERCENT (bernoulli)",
+                                    "TABLESAMPLE bernoulli(0 PERCENT)"])
+@pytest.mark.parametrize("keys", ["", "g1"])
+def test_a_percent_sample_is_taken_by_each_pod(sample: str, keys: str) -> None:
+    """USING SAMPLE was dropped from an aggregate's partial query: a sampled COUNT counted every row."""
+    data = frame([(i % 3, "abc"[i % 2], i, i / 2) for i in range(40)])
+    select, group = (f"{keys}, COUNT(*) AS n, SUM(x) AS s", f"GROUP BY {keys} ORDER BY {keys}") if keys else \
+        ("COUNT(*) AS n, SUM(x) AS s", "")
+    query = f"SELECT {select} FROM {TABLE} {sample} {group}"
+    assert_same(federated([data.iloc[:25], data.iloc[25:]], query), run_on(data, query).to_pandas())
+
+
+@pytest.mark.parametrize("query", ["SELECT COUNT(*) FROM ehr USING SAMPLE 10 ROWS",
+                                   "SELECT g1, AVG(y) FROM ehr USING SAMPLE 10 GROUP BY g1",
+                                   "SELECT COUNT(*) FROM ehr TABLESAMPLE (5 ROWS)",
+                                   "SELECT x FROM ehr USING SAMPLE reservoir(10 ROWS) REPEATABLE (1)"])
+def test_a_sample_of_n_rows_is_refused(query: str) -> None:
+    """Each pod would give n rows, and the merged answer would cover n per pod."""
+    with pytest.raises(NotMergeable, match=r"sample of .*ROWS.*PERCENT"):
+        plan_merge(query)
+
+
 @pytest.mark.parametrize(("query", "clause"), [
     ("SELECT g1, COUNT(*) FROM ehr GROUP BY 3", "GROUP BY 3"),
     ("SELECT g1, COUNT(*) FROM ehr GROUP BY 0", "GROUP BY 0"),

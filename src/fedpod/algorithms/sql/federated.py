@@ -11,8 +11,9 @@ sufficient statistics and is recombined exactly:
 
 GROUP BY keys are computed at the pods and become the merge's GROUP BY; WHERE runs at the
 pods; HAVING, ORDER BY, LIMIT/OFFSET and DISTINCT run only after the merge. A plain row
-query (no aggregate) is merged by concatenation, with ORDER BY/LIMIT re-applied. Anything
-that has no exact merge (COUNT(DISTINCT), MEDIAN, window functions, joins, ...) raises
+query (no aggregate) is merged by concatenation, with ORDER BY/LIMIT re-applied. A sample of
+a PERCENT of the rows is taken by each pod of its own rows; a sample of n rows would give n
+per pod, and is refused. Anything that has no exact merge (COUNT(DISTINCT), MEDIAN, window functions, joins, ...) raises
 NotMergeable naming the construct, rather than returning an approximation.
 """
 
@@ -175,6 +176,10 @@ def _refuse_unmergeable(select: exp.Select) -> None:
     distinct = select.args.get("distinct")
     if distinct is not None and distinct.args.get("on") is not None:
         raise NotMergeable("DISTINCT ON", "it picks arbitrary rows per key")
+    for sample in select.find_all(exp.TableSample):
+        if sample.args.get("percent") is None:
+            raise NotMergeable(f"a sample of {to_duckdb(sample)!r}", "each dataset would give that many rows; "
+                                                                     "sample a PERCENT of the rows instead")
 
 
 def _has_aggregate(select: exp.Select) -> bool:
@@ -267,9 +272,9 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
     partial = exp.select(*key_aliases, *rewriter.partials)
     from_clause = select.args.get("from_") or select.args.get("from")
     partial.set("from_" if "from_" in exp.Select.arg_types else "from", from_clause.copy() if from_clause else None)
-    where = select.args.get("where")
-    if where is not None:
-        partial.set("where", where.copy())
+    for clause in ("where", "sample"):  # each pod samples the same share of its own rows
+        if (kept := select.args.get(clause)) is not None:
+            partial.set(clause, kept.copy())
     if rewriter.keys:
         partial = partial.group_by(*[col(f"k{i}") for i in range(len(rewriter.keys))])
 
