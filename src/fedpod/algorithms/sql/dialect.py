@@ -54,7 +54,8 @@ def group_keys(select: exp.Select) -> list[exp.Expr]:
         if (position := ordinal(select, key, "GROUP BY")) is not None:
             projection = select.expressions[position]
             keys.append(projection.this if isinstance(projection, exp.Alias) else projection)
-        elif isinstance(key, exp.Column) and not key.table and key.name in aliases:
+        elif isinstance(key, exp.Column) and not key.table and key.name in aliases \
+                and aliases[key.name].find(exp.AggFunc) is None:  # else a column of that name, as DuckDB binds it
             keys.append(aliases[key.name])
         else:
             keys.append(key)

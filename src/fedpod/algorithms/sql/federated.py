@@ -244,16 +244,37 @@ def _plan_rows(select: exp.Select) -> MergePlan:
     return MergePlan(to_duckdb(partial), to_duckdb(merge), "rows", 0)
 
 
+def _bind_aliases(node: exp.Expr, aliases: dict[str, exp.Expr], key_names: set[str]) -> exp.Expr:
+    """`node` with its references to select aliases replaced by what they stand for, as DuckDB
+    binds them in HAVING and in later projections (`SUM(x) AS s, s / 2`): outside aggregates,
+    and unless a GROUP BY column has the name, which DuckDB binds first."""
+    def replace(node: exp.Expr) -> exp.Expr:
+        if isinstance(node, exp.Column) and not node.table and (name := node.name.lower()) in aliases \
+                and name not in key_names and node.find_ancestor(exp.AggFunc) is None:
+            return aliases[name].copy()
+        return node
+
+    return node.transform(replace)
+
+
 def _plan_aggregate(select: exp.Select) -> MergePlan:
     rewriter = _Rewriter(select)
     rewriter.keys = group_keys(select)
+    key_names = {key.name.lower() for key in rewriter.keys if isinstance(key, exp.Column)}
+    bound: dict[str, exp.Expr] = {}  # each alias (lower case) -> its projection, aliases within bound
+    outputs = []
+    for projection in select.expressions:
+        expression = _bind_aliases(projection.this if isinstance(projection, exp.Alias) else projection, bound,
+                                   key_names)
+        if isinstance(projection, exp.Alias):
+            bound.setdefault(projection.alias.lower(), expression)
+        outputs.append(rewriter.transform(expression))
     aliases = {p.alias for p in select.expressions if isinstance(p, exp.Alias)}
-    outputs = [rewriter.transform(p.this if isinstance(p, exp.Alias) else p) for p in select.expressions]
     for output in outputs:
         if isinstance(output, exp.Star) or (output.find(exp.Star) is not None and output.find(exp.Count) is None):
             raise NotMergeable("SELECT *", "an aggregated query must name its columns")
     having = select.args.get("having")
-    merged_having = rewriter.transform(having.this) if having is not None else None
+    merged_having = rewriter.transform(_bind_aliases(having.this, bound, key_names)) if having is not None else None
     order = select.args.get("order")
     merged_order: list[exp.Expr] = []
     for ordered in order.expressions if order is not None else []:
@@ -264,7 +285,7 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
             index = next(i for i, p in enumerate(select.expressions) if p.alias == target.name)
             replacement = exp.column(f"c{index}")
         else:
-            replacement = rewriter.transform(target)
+            replacement = rewriter.transform(_bind_aliases(target, bound, key_names))
         merged_order.append(exp.Ordered(this=replacement, desc=ordered.args.get("desc"),
                                         nulls_first=ordered.args.get("nulls_first")))
 
