@@ -93,6 +93,20 @@ def test_row_queries_concatenate_with_order_and_limit_reapplied(data: list, cut:
     assert list(merged.columns) == ["g2", "x"]
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=rows, cut=st.integers(0, 60), limit=st.integers(0, 4), order=st.sampled_from([
+    "g1 NULLS FIRST, g2 DESC NULLS LAST", "2 NULLS FIRST, 1 NULLS FIRST", "k NULLS FIRST, G2 NULLS LAST, 1 NULLS FIRST",
+    "ehr.g2 DESC NULLS FIRST, g1 % 2 NULLS FIRST, g1 NULLS FIRST"]))
+def test_distinct_rows_ordered_by_what_they_select(data: list, cut: int, limit: int,  # type: ignore[type-arg]
+                                                   order: str) -> None:
+    """SELECT DISTINCT ... ORDER BY was refused whatever the keys: DuckDB orders it by selected
+    expressions only, so the merge orders by their positions."""
+    pooled_frame = frame(data)
+    query = f"SELECT DISTINCT g1, g2, g1 % 2 AS k FROM {TABLE} ORDER BY {order} LIMIT {limit}"
+    merged = federated([pooled_frame.iloc[:cut], pooled_frame.iloc[cut:]], query)
+    assert_same(merged, run_on(pooled_frame, query).to_pandas())
+
+
 def test_unaliased_output_names_match_duckdb() -> None:
     query = f"SELECT g1, AVG(y), COUNT(*) FROM `{TABLE}` GROUP BY g1 ORDER BY g1"
     data = frame([(1, "a", 1, 1.0), (2, "b", 2, 2.0), (1, "c", 3, 4.0)])

@@ -207,6 +207,21 @@ def _limit_clauses(select: exp.Select) -> tuple[exp.Expr | None, exp.Expr | None
     return (limit.expression if limit is not None else None, offset.expression if offset is not None else None)
 
 
+def _selected(select: exp.Select, target: exp.Expr) -> int | None:
+    """The 0-based projection an ORDER BY key names: by its alias or its column's name (in any
+    case, as DuckDB reads unquoted names), or as the same expression."""
+    if isinstance(target, exp.Column):
+        for position, projection in enumerate(select.expressions):
+            named = projection.alias if isinstance(projection, exp.Alias) and not target.table else \
+                projection.name if isinstance(projection, exp.Column) else None  # one table: joins are refused
+            if named is not None and named.lower() == target.name.lower():
+                return position
+    for position, projection in enumerate(select.expressions):
+        if (projection.this if isinstance(projection, exp.Alias) else projection) == target:
+            return position
+    return None
+
+
 def _plan_rows(select: exp.Select) -> MergePlan:
     """Concatenate rows. ORDER BY keys travel as hidden columns, so that ORDER BY and
     LIMIT/OFFSET can be re-applied after the concatenation; each pod applies LIMIT+OFFSET."""
@@ -216,17 +231,22 @@ def _plan_rows(select: exp.Select) -> MergePlan:
     hidden: list[Any] = []
     merge_order: list[exp.Ordered] = []
     order = select.args.get("order")
+    distinct = select.args.get("distinct") is not None
     for ordered in order.expressions if order is not None else []:
-        name = f"__fedpod_order_{len(hidden)}"
         target = ordered.this
-        if (position := ordinal(select, target, "ORDER BY")) is not None:
-            projection = select.expressions[position]
-            target = projection.this if isinstance(projection, exp.Alias) else projection
-        hidden.append(exp.alias_(target.copy(), name))
-        merge_order.append(exp.Ordered(this=exp.column(name), desc=ordered.args.get("desc"),
+        position = ordinal(select, target, "ORDER BY")
+        if distinct:  # ordered by what it selects (DuckDB insists), so by its position: no hidden column
+            if position is None and (position := _selected(select, target)) is None:
+                raise NotMergeable("SELECT DISTINCT ... ORDER BY", "order by selected columns only")
+            merged: exp.Expr = exp.Literal.number(position + 1)
+        else:
+            if position is not None:
+                projection = select.expressions[position]
+                target = projection.this if isinstance(projection, exp.Alias) else projection
+            merged = exp.column(f"__fedpod_order_{len(hidden)}")
+            hidden.append(exp.alias_(target.copy(), merged.name))
+        merge_order.append(exp.Ordered(this=merged, desc=ordered.args.get("desc"),
                                        nulls_first=ordered.args.get("nulls_first")))
-    if hidden and select.args.get("distinct") is not None:
-        raise NotMergeable("SELECT DISTINCT ... ORDER BY", "order by selected columns only, or drop DISTINCT")
     if hidden:
         partial.set("expressions", [*partial.expressions, *hidden])
     if limit is not None and offset is not None:
