@@ -114,6 +114,18 @@ def test_unaliased_output_names_match_duckdb() -> None:
     assert list(merged.columns) == ["g1", "avg(y)", "count_star()"]
 
 
+def test_a_partial_that_no_pod_could_run_is_refused_at_the_modeller() -> None:
+    """AVG of a date binds in DuckDB, but travels as SUM(d), which does not: every pod failed it,
+    each with DuckDB's words about sum(DATE). The modeller binds the partial query too."""
+    schema = {"d": "DATE", "x": "INTEGER"}
+    query = "SELECT AVG(d) FROM ehr"
+    assert output_names(query, TABLE, schema) == ["avg(d)"]
+    with pytest.raises(NotMergeable, match=r"SUM\(d\).*does not bind against ehr's schema.*epoch"):
+        output_names(query, TABLE, schema, partial_sql=plan_merge(query).partial_sql)
+    assert output_names("SELECT AVG(x), MIN(d) FROM ehr", TABLE, schema,
+                        partial_sql=plan_merge("SELECT AVG(x), MIN(d) FROM ehr").partial_sql) == ["avg(x)", "min(d)"]
+
+
 @pytest.mark.parametrize(("query", "construct"), [
     ("SELECT COUNT(DISTINCT x) FROM ehr", "COUNT(DISTINCT x)"),
     ("SELECT MEDIAN(y) FROM ehr", "MEDIAN(y)"),

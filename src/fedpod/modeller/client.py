@@ -426,7 +426,7 @@ class AsyncModeller:
                                           secure, min_datasets)
         plan = plan_merge(query) if aggregate else None
         targets = await self.resolve(datasets, tags, min_datasets=min_datasets)
-        names = output_names_for(query, targets) if plan else []
+        names = output_names_for(query, targets, plan.partial_sql) if plan else []
         algorithm: SqlQueryAlgorithm | NoisyAggregateAlgorithm = SqlQueryAlgorithm(
             query=plan.partial_sql if plan else query, mode=plan.mode if plan else "rows")
         if dp is not None:
@@ -479,7 +479,7 @@ class AsyncModeller:
         plan, kinds = secure_partials(query)
         chosen = secagg_settings(settings)
         assert chosen is not None  # secure aggregation was asked for
-        names = output_names_for(query, targets)
+        names = output_names_for(query, targets, plan.partial_sql)
         algorithm = SqlQueryAlgorithm(query=plan.partial_sql, mode="partials")
 
         async def contribute(target: Target, masking: SecAggMasking) -> tuple[TaskResult, np.ndarray | None]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.federated import PARTIALS, MergePlan
 from fedpod.data.datasets import quote_identifier
-from fedpod.errors import SqlExecutionError
+from fedpod.errors import NotMergeable, SqlExecutionError
 
 if TYPE_CHECKING:
     from fedpod.modeller.discovery import Target
@@ -50,33 +50,45 @@ Schemas = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # (table, ((colum
 
 
 def output_names(query: str, table: str, columns: dict[str, str],
-                 other_tables: dict[str, dict[str, str]] | None = None) -> list[str]:
-    """`other_tables`: the dataset's further tables (an events dataset's static table)."""
+                 other_tables: dict[str, dict[str, str]] | None = None, partial_sql: str = "") -> list[str]:
+    """`other_tables`: the dataset's further tables (an events dataset's static table). With
+    `partial_sql`, the pods' part of the query must bind too: an AVG of dates travels as a SUM,
+    which DuckDB takes of numbers only, and every pod would fail it, each in its own words."""
     schemas = tuple((name, tuple(schema.items())) for name, schema in {table: columns, **(other_tables or {})}.items())
-    return list(_bound_names(query, schemas))
+    return list(_bound_names(query, schemas, partial_sql))
 
 
 @functools.lru_cache(maxsize=256)
-def _bound_names(query: str, schemas: Schemas) -> tuple[str, ...]:
+def _bound_names(query: str, schemas: Schemas, partial_sql: str) -> tuple[str, ...]:
     """Remembered per query and schemas: binding costs a millisecond or two on every query."""
     cursor = _cursor()
     try:
         for name, schema in schemas:
             definition = ", ".join(f"{quote_identifier(n)} {t}" for n, t in schema)
             cursor.execute(f"CREATE TEMP TABLE {quote_identifier(name)} ({definition})")
-        return tuple(cursor.sql(to_duckdb(parse_statement(query))).columns)
-    except duckdb.Error as exc:
-        raise SqlExecutionError(f"query does not bind against {schemas[0][0]}'s schema: "
-                                f"{str(exc).splitlines()[0]}") from exc
+        try:
+            names = tuple(cursor.sql(to_duckdb(parse_statement(query))).columns)
+        except duckdb.Error as exc:
+            raise SqlExecutionError(f"query does not bind against {schemas[0][0]}'s schema: "
+                                    f"{str(exc).splitlines()[0]}") from exc
+        if partial_sql:
+            try:
+                cursor.sql(partial_sql)
+            except duckdb.Error as exc:
+                raise NotMergeable(partial_sql, f"this partial query does not bind against {schemas[0][0]}'s schema "
+                                   f"({str(exc).splitlines()[0]}); AVG, VARIANCE and STDDEV travel as sums, which "
+                                   "DuckDB takes of numbers only (average epoch(d) for a date)") from exc
+        return names
     finally:
         cursor.close()
 
 
-def output_names_for(query: str, targets: Iterable[Target]) -> list[str]:
+def output_names_for(query: str, targets: Iterable[Target], partial_sql: str = "") -> list[str]:
     """`output_names` against the first dataset that advertised its schema; [] when none did
     (pods that do not know this modeller advertise none: their refusals say what to ask for)."""
     described = next((t.dataset for t in targets if t.dataset.columns), None)
-    return output_names(query, described.name, described.columns, described.tables) if described else []
+    return output_names(query, described.name, described.columns, described.tables, partial_sql) \
+        if described else []
 
 
 def merge(plan: MergePlan, partials: list[pa.Table], names: list[str]) -> pd.DataFrame:
