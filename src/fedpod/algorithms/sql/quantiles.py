@@ -129,6 +129,9 @@ def plan_quantiles(query: str) -> QuantilePlan:
             raise NotMergeable(to_duckdb(node), "a query with quantiles may select only quantiles (run the other "
                                                 "aggregates as a query of their own)")
         argument, kind, fraction = found
+        if isinstance(argument, exp.Distinct):  # was cast as CAST(DISTINCT x ...), which no pod could parse
+            raise NotMergeable(to_duckdb(node), "a quantile of distinct values needs every distinct value at the "
+                                                "modeller")
         if argument.find(exp.AggFunc, exp.Subquery, exp.Window) is not None:
             raise NotMergeable(to_duckdb(node), "a quantile's argument is a row expression")
         p = 0.5 if fraction is None else _fraction(fraction, node)
