@@ -239,6 +239,9 @@ def test_noisy_sql_bounds_counts_and_clamped_sums_and_refuses_the_rest() -> None
                        ("SELECT age FROM ehr", "aggregates")]:
         with pytest.raises(NotMergeable, match=why):
             plan_noisy(query, {})
+    # a partial named twice is computed and noised once: epsilon is split over fewer shares
+    twice = plan_noisy("SELECT SUM(age) AS s, s / COUNT(*), AVG(age) FROM ehr HAVING COUNT(*) > 0", {"age": (0, 120)})
+    assert twice.sensitivities == [120.0, 1.0, 1.0]  # SUM(age), COUNT(*), AVG's COUNT(age)
     counts = plan_noisy("SELECT COUNT(*) AS n FROM ehr", {})
     noisy = [add_noise(pa.table({"p0": [100]}), counts, epsilon=0.5).column("p0")[0].as_py() for _ in range(4000)]
     q = math.exp(-0.5)  # the discrete Laplace distribution of scale 1 / epsilon

@@ -72,6 +72,11 @@ class _Rewriter:
         self.variance_count = 0
 
     def add_partial(self, expression: exp.Expr) -> exp.Column:
+        """The partial column computing `expression`, added once however often the query names it
+        (`SUM(x) AS s, s / COUNT(*)`): noisy SQL splits its epsilon over the partials."""
+        for partial in self.partials:
+            if partial.this == expression:
+                return col(partial.alias)
         name = f"p{len(self.partials)}"
         self.partials.append(exp.alias_(expression, name))
         return col(name)
