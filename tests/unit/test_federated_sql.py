@@ -93,6 +93,20 @@ def test_row_queries_concatenate_with_order_and_limit_reapplied(data: list, cut:
     assert list(merged.columns) == ["g2", "x"]
 
 
+@pytest.mark.parametrize("query", [
+    "SELECT -x AS x FROM ehr WHERE x IS NOT NULL ORDER BY x, g1, y LIMIT 5",  # the alias, not the column
+    "SELECT y AS X, g1 FROM ehr WHERE y IS NOT NULL ORDER BY x DESC, 2 NULLS FIRST LIMIT 5",
+    "SELECT -x AS x FROM ehr WHERE x IS NOT NULL ORDER BY x + 0, g1, y LIMIT 5",  # in an expression: the column
+    "SELECT -x AS x FROM ehr WHERE x IS NOT NULL ORDER BY ehr.x, g1, y LIMIT 5",
+    "SELECT g1, SUM(x) AS x FROM ehr GROUP BY g1 ORDER BY X NULLS FIRST",
+])
+def test_order_by_a_name_binds_the_alias_first_as_duckdb_does(query: str) -> None:
+    """A row query ordered by a name that is both an alias and a column was ordered by the
+    column at the pods and after the merge: its LIMIT kept the wrong rows."""
+    data = frame([(i % 3, "abc"[i % 2], (i * 7) % 23 - 11, (i * 5) % 17 / 4) for i in range(40)])
+    assert_same(federated([data.iloc[:15], data.iloc[15:]], query), run_on(data, query).to_pandas())
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=rows, cut=st.integers(0, 60), limit=st.integers(0, 4), order=st.sampled_from([
     "g1 NULLS FIRST, g2 DESC NULLS LAST", "2 NULLS FIRST, 1 NULLS FIRST", "k NULLS FIRST, G2 NULLS LAST, 1 NULLS FIRST",

@@ -212,16 +212,25 @@ def _limit_clauses(select: exp.Select) -> tuple[exp.Expr | None, exp.Expr | None
     return (limit.expression if limit is not None else None, offset.expression if offset is not None else None)
 
 
-def _selected(select: exp.Select, target: exp.Expr) -> int | None:
-    """The 0-based projection an ORDER BY key names: by its alias or its column's name (in any
-    case, as DuckDB reads unquoted names), or as the same expression."""
-    if isinstance(target, exp.Column):
+def _alias_position(select: exp.Select, target: exp.Expr) -> int | None:
+    """The 0-based projection whose alias a bare name in ORDER BY names: DuckDB binds it before
+    a column of that name (`SELECT -x AS x ... ORDER BY x` orders by -x), in any case."""
+    if isinstance(target, exp.Column) and not target.table:
         for position, projection in enumerate(select.expressions):
-            named = projection.alias if isinstance(projection, exp.Alias) and not target.table else \
-                projection.name if isinstance(projection, exp.Column) else None  # one table: joins are refused
-            if named is not None and named.lower() == target.name.lower():
+            if isinstance(projection, exp.Alias) and projection.alias.lower() == target.name.lower():
                 return position
+    return None
+
+
+def _selected(select: exp.Select, target: exp.Expr) -> int | None:
+    """The 0-based projection an ORDER BY key names: by its alias, its column's name (in any
+    case, as DuckDB reads unquoted names), or as the same expression."""
+    if (position := _alias_position(select, target)) is not None:
+        return position
     for position, projection in enumerate(select.expressions):
+        if isinstance(target, exp.Column) and isinstance(projection, exp.Column) \
+                and projection.name.lower() == target.name.lower():  # one table: joins are refused
+            return position
         if (projection.this if isinstance(projection, exp.Alias) else projection) == target:
             return position
     return None
@@ -245,7 +254,7 @@ def _plan_rows(select: exp.Select) -> MergePlan:
                 raise NotMergeable("SELECT DISTINCT ... ORDER BY", "order by selected columns only")
             merged: exp.Expr = exp.Literal.number(position + 1)
         else:
-            if position is not None:
+            if position is not None or (position := _alias_position(select, target)) is not None:
                 projection = select.expressions[position]
                 target = projection.this if isinstance(projection, exp.Alias) else projection
             merged = exp.column(f"__fedpod_order_{len(hidden)}")
@@ -294,7 +303,6 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
         if isinstance(projection, exp.Alias):
             bound.setdefault(projection.alias.lower(), expression)
         outputs.append(rewriter.transform(expression))
-    aliases = {p.alias for p in select.expressions if isinstance(p, exp.Alias)}
     for output in outputs:
         if isinstance(output, exp.Star) or (output.find(exp.Star) is not None and output.find(exp.Count) is None):
             raise NotMergeable("SELECT *", "an aggregated query must name its columns")
@@ -306,9 +314,8 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
         target = ordered.this
         if (position := ordinal(select, target, "ORDER BY")) is not None:
             replacement: exp.Expr = exp.column(f"c{position}")
-        elif isinstance(target, exp.Column) and not target.table and target.name in aliases:
-            index = next(i for i, p in enumerate(select.expressions) if p.alias == target.name)
-            replacement = exp.column(f"c{index}")
+        elif (position := _alias_position(select, target)) is not None:
+            replacement = exp.column(f"c{position}")
         else:
             replacement = rewriter.transform(_bind_aliases(target, bound, key_names))
         merged_order.append(exp.Ordered(this=replacement, desc=ordered.args.get("desc"),
