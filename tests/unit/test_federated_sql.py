@@ -172,6 +172,7 @@ def test_unmergeable_constructs_are_named(query: str, construct: str) -> None:
     "SELECT g1, VARIANCE(y) AS v, SQRT(v) AS sd FROM ehr GROUP BY g1 ORDER BY g1 NULLS FIRST",
     "SELECT g1, SUM(x) AS s FROM ehr GROUP BY g1 ORDER BY s + 1 NULLS FIRST, g1 NULLS FIRST",
     "SELECT COUNT(*) AS g1 FROM ehr GROUP BY g1 HAVING g1 > 0 ORDER BY 1",  # g1: the column, grouped
+    "SELECT g2 AS Grp, SUM(x) FROM ehr GROUP BY GRP ORDER BY grp NULLS FIRST",  # names in any case
 ])
 def test_select_aliases_bind_as_in_duckdb(query: str) -> None:
     """HAVING, later projections and ORDER BY expressions may name a select alias, which DuckDB

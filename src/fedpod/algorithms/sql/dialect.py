@@ -48,15 +48,18 @@ def group_keys(select: exp.Select) -> list[exp.Expr]:
     group = select.args.get("group")
     if group is None:
         return []
-    aliases = {p.alias: p.this for p in select.expressions if isinstance(p, exp.Alias)}
+    aliases: dict[str, exp.Expr] = {}  # in lower case: DuckDB matches unquoted names in any case
+    for projection in select.expressions:
+        if isinstance(projection, exp.Alias):
+            aliases.setdefault(projection.alias.lower(), projection.this)
     keys: list[exp.Expr] = []
     for key in group.expressions:
         if (position := ordinal(select, key, "GROUP BY")) is not None:
             projection = select.expressions[position]
             keys.append(projection.this if isinstance(projection, exp.Alias) else projection)
-        elif isinstance(key, exp.Column) and not key.table and key.name in aliases \
-                and aliases[key.name].find(exp.AggFunc) is None:  # else a column of that name, as DuckDB binds it
-            keys.append(aliases[key.name])
+        elif isinstance(key, exp.Column) and not key.table and key.name.lower() in aliases \
+                and aliases[key.name.lower()].find(exp.AggFunc) is None:  # else the column, as DuckDB binds it
+            keys.append(aliases[key.name.lower()])
         else:
             keys.append(key)
     return [key.copy() for key in keys]
