@@ -99,10 +99,20 @@ def test_row_queries_concatenate_with_order_and_limit_reapplied(data: list, cut:
     "SELECT -x AS x FROM ehr WHERE x IS NOT NULL ORDER BY x + 0, g1, y LIMIT 5",  # in an expression: the column
     "SELECT -x AS x FROM ehr WHERE x IS NOT NULL ORDER BY ehr.x, g1, y LIMIT 5",
     "SELECT g1, SUM(x) AS x FROM ehr GROUP BY g1 ORDER BY X NULLS FIRST",
+    "SELECT * REPLACE (-x AS x) FROM ehr WHERE x IS NOT NULL ORDER BY x, g1, g2, y LIMIT 3",
+    "SELECT * RENAME (x AS z) FROM ehr WHERE x IS NOT NULL ORDER BY z, g1, g2, y LIMIT 3",
+    # DuckDB's ORDER BY ALL (was taken for a column named ALL) and LIMIT n PERCENT (taken as n rows)
+    "SELECT x, g1 FROM ehr WHERE x IS NOT NULL ORDER BY ALL DESC LIMIT 3",
+    "SELECT DISTINCT g2, g1 FROM ehr ORDER BY ALL NULLS FIRST",
+    "SELECT * FROM ehr ORDER BY ALL NULLS FIRST LIMIT 4",
+    "SELECT g1, COUNT(*) FROM ehr GROUP BY g1 ORDER BY ALL DESC NULLS FIRST LIMIT 2",
+    "SELECT x FROM ehr WHERE x > 0 ORDER BY x LIMIT 10 PERCENT OFFSET 1",
+    "SELECT g1, COUNT(*) FROM ehr GROUP BY g1 ORDER BY 1 NULLS FIRST LIMIT 50 PERCENT",
 ])
 def test_order_by_a_name_binds_the_alias_first_as_duckdb_does(query: str) -> None:
     """A row query ordered by a name that is both an alias and a column was ordered by the
-    column at the pods and after the merge: its LIMIT kept the wrong rows."""
+    column at the pods and after the merge: its LIMIT kept the wrong rows. The same for the
+    other ways DuckDB names outputs and limits."""
     data = frame([(i % 3, "abc"[i % 2], (i * 7) % 23 - 11, (i * 5) % 17 / 4) for i in range(40)])
     assert_same(federated([data.iloc[:15], data.iloc[15:]], query), run_on(data, query).to_pandas())
 
@@ -155,6 +165,9 @@ def test_a_partial_that_no_pod_could_run_is_refused_at_the_modeller() -> None:
     ("SELECT g1, HISTOGRAM(x) FROM ehr GROUP BY g1", "HISTOGRAM(x)"),
     ("SELECT COUNT(*), JSON_GROUP_ARRAY(x) FROM ehr", "JSON_GROUP_ARRAY(x)"),
     ("SELECT g1, MAX(x, 3) FROM ehr GROUP BY g1", "MAX(x, 3)"),  # a list of the 3 largest; was merged as MAX
+    ("SELECT * FROM ehr ORDER BY 2 LIMIT 3", "ORDER BY 2 beside *"),  # ordered by `* AS` a hidden column
+    ("SELECT DISTINCT * FROM ehr ORDER BY g1", "SELECT DISTINCT"),
+    ("SELECT x FROM ehr ORDER BY ALL, x", "ORDER BY ALL beside other keys"),
 ])
 def test_unmergeable_constructs_are_named(query: str, construct: str) -> None:
     with pytest.raises(NotMergeable) as info:

@@ -206,10 +206,35 @@ def plan_merge(query: str) -> MergePlan:
     return _plan_aggregate(tree)
 
 
-def _limit_clauses(select: exp.Select) -> tuple[exp.Expr | None, exp.Expr | None]:
+def _limit_clauses(select: exp.Select) -> tuple[exp.Limit | None, exp.Expr | None]:
+    """The LIMIT clause (whole: `LIMIT 10 PERCENT` is a share, not a count) and the OFFSET's expression."""
     limit = select.args.get("limit")
     offset = select.args.get("offset")
-    return (limit.expression if limit is not None else None, offset.expression if offset is not None else None)
+    return (limit if isinstance(limit, exp.Limit) else None, offset.expression if offset is not None else None)
+
+
+def _is_share(limit: exp.Limit) -> bool:
+    options = limit.args.get("limit_options")
+    return options is not None and bool(options.args.get("percent"))
+
+
+def _limits_merge(merge: exp.Select, limit: exp.Limit | None, offset: exp.Expr | None) -> exp.Select:
+    if limit is not None:
+        merge.set("limit", limit.copy())
+    if offset is not None:
+        merge = merge.offset(offset.copy())
+    return merge
+
+
+def _orders_by_all(ordered: exp.Ordered) -> bool:
+    """DuckDB's ORDER BY ALL: every output column, left to right."""
+    return isinstance(ordered.this, exp.Var) and ordered.this.name.upper() == "ALL"
+
+
+def _expands(projection: exp.Expr) -> bool:
+    """A projection that stands for a number of columns the planner cannot know (`*`, `t.*`, COLUMNS())."""
+    return isinstance(projection, exp.Star | exp.Columns) or (
+        isinstance(projection, exp.Column) and isinstance(projection.this, exp.Star))
 
 
 def _alias_position(select: exp.Select, target: exp.Expr) -> int | None:
@@ -220,6 +245,20 @@ def _alias_position(select: exp.Select, target: exp.Expr) -> int | None:
             if isinstance(projection, exp.Alias) and projection.alias.lower() == target.name.lower():
                 return position
     return None
+
+
+def _named_output(select: exp.Select, target: exp.Expr) -> exp.Expr | None:
+    """What a bare name in a row query's ORDER BY stands for when it names an output rather than
+    a column: a select alias, or a column `* REPLACE (-x AS x)` or `* RENAME (x AS z)` made."""
+    named: exp.Expr | None = None
+    if (position := _alias_position(select, target)) is not None:
+        named = select.expressions[position].this
+    elif isinstance(target, exp.Column) and not target.table:
+        for star in (p for p in select.expressions if isinstance(p, exp.Star)):
+            for made in [*(star.args.get("replace") or []), *(star.args.get("rename") or [])]:
+                if isinstance(made, exp.Alias) and made.alias.lower() == target.name.lower():
+                    named = made.this
+    return named
 
 
 def _selected(select: exp.Select, target: exp.Expr) -> int | None:
@@ -238,44 +277,56 @@ def _selected(select: exp.Select, target: exp.Expr) -> int | None:
 
 def _plan_rows(select: exp.Select) -> MergePlan:
     """Concatenate rows. ORDER BY keys travel as hidden columns, so that ORDER BY and
-    LIMIT/OFFSET can be re-applied after the concatenation; each pod applies LIMIT+OFFSET."""
+    LIMIT/OFFSET can be re-applied after the concatenation; each pod applies LIMIT+OFFSET
+    (all of its rows for a LIMIT that is a share of them)."""
     limit, offset = _limit_clauses(select)
     partial = select.copy()
     partial.set("offset", None)
     hidden: list[Any] = []
     merge_order: list[exp.Ordered] = []
     order = select.args.get("order")
+    keys: list[exp.Ordered] = order.expressions if order is not None else []
     distinct = select.args.get("distinct") is not None
-    for ordered in order.expressions if order is not None else []:
+    first_star = next((i for i, p in enumerate(select.expressions) if _expands(p)), None)
+    for ordered in keys:
         target = ordered.this
-        position = ordinal(select, target, "ORDER BY")
-        if distinct:  # ordered by what it selects (DuckDB insists), so by its position: no hidden column
+        if _orders_by_all(ordered):  # the pods and the merge order by the same columns
+            if len(keys) > 1:
+                raise NotMergeable("ORDER BY ALL beside other keys", "order by ALL alone, or name the columns")
+            merged: exp.Expr = target.copy()
+        elif distinct:  # ordered by what it selects (DuckDB insists), so by its position: no hidden column
+            position = ordinal(select, target, "ORDER BY")
             if position is None and (position := _selected(select, target)) is None:
                 raise NotMergeable("SELECT DISTINCT ... ORDER BY", "order by selected columns only")
-            merged: exp.Expr = exp.Literal.number(position + 1)
+            if first_star is not None and first_star <= position:
+                raise NotMergeable("SELECT DISTINCT * ... ORDER BY", "a * hides which output that is: name the "
+                                                                     "columns")
+            merged = exp.Literal.number(position + 1)
         else:
-            if position is not None or (position := _alias_position(select, target)) is not None:
+            if first_star is not None and isinstance(target, exp.Literal) and not target.is_string:
+                raise NotMergeable(f"ORDER BY {target.name} beside *", "a * hides which column that is: name it")
+            if (position := ordinal(select, target, "ORDER BY")) is not None:
                 projection = select.expressions[position]
                 target = projection.this if isinstance(projection, exp.Alias) else projection
+            elif (named := _named_output(select, target)) is not None:
+                target = named
             merged = exp.column(f"__fedpod_order_{len(hidden)}")
             hidden.append(exp.alias_(target.copy(), merged.name))
         merge_order.append(exp.Ordered(this=merged, desc=ordered.args.get("desc"),
                                        nulls_first=ordered.args.get("nulls_first")))
     if hidden:
         partial.set("expressions", [*partial.expressions, *hidden])
-    if limit is not None and offset is not None:
-        partial.set("limit", exp.Limit(expression=exp.Add(this=limit.copy(), expression=offset.copy())))
+    if limit is not None and _is_share(limit):
+        partial.set("limit", None)
+    elif limit is not None and offset is not None:
+        partial.set("limit", exp.Limit(expression=exp.Add(this=limit.expression.copy(), expression=offset.copy())))
     star = exp.Star(**({"except_": [exp.column(h.alias) for h in hidden]} if hidden else {}))
     merge = exp.select(star).from_(PARTIALS)
-    if select.args.get("distinct") is not None:
+    if distinct:
         merge.set("distinct", exp.Distinct())
     if merge_order:
         merge.set("order", exp.Order(expressions=merge_order))
-    if limit is not None:
-        merge = merge.limit(limit.copy())
-    if offset is not None:
-        merge = merge.offset(offset.copy())
-    return MergePlan(to_duckdb(partial), to_duckdb(merge), "rows", 0)
+    return MergePlan(to_duckdb(partial), to_duckdb(_limits_merge(merge, limit, offset)), "rows", 0)
 
 
 def _bind_aliases(node: exp.Expr, aliases: dict[str, exp.Expr], key_names: set[str]) -> exp.Expr:
@@ -343,12 +394,8 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
         merge.set("distinct", exp.Distinct())
     if merged_order:
         merge.set("order", exp.Order(expressions=merged_order))
-    limit, offset = _limit_clauses(select)
-    if limit is not None:
-        merge = merge.limit(limit.copy())
-    if offset is not None:
-        merge = merge.offset(offset.copy())
-    return MergePlan(to_duckdb(partial), to_duckdb(merge), "partials", len(outputs))
+    return MergePlan(to_duckdb(partial), to_duckdb(_limits_merge(merge, *_limit_clauses(select))), "partials",
+                     len(outputs))
 
 
 def additive_partials(query: str, purpose: str) -> tuple[MergePlan, exp.Select, list[exp.Count | exp.Sum]]:
