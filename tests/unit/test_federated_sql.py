@@ -78,6 +78,36 @@ def test_merged_partials_equal_the_pooled_query(data: list, cuts: list[int], key
     assert_same(federated(parts, query), pooled)
 
 
+def spelled(name: str, upper: list[bool]) -> str:
+    """`name` with the letters `upper` picks in upper case: DuckDB reads unquoted names in any case."""
+    return "".join(c.upper() if u else c for c, u in zip(name, [*upper, *[False] * len(name)][:len(name)], strict=True))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=rows, cut=st.integers(0, 60), key=st.sampled_from(["g1", "g2", "g1 % 2"]),
+       aggregates=st.lists(st.sampled_from(["COUNT(*)", "SUM(x)", "AVG(y)", "MIN(x)", "MAX(y)", "STDDEV(y)"]),
+                           min_size=1, max_size=3, unique=True),
+       cases=st.lists(st.booleans(), max_size=4), later=st.booleans(),
+       having=st.sampled_from(["", "HAVING a0 IS NOT NULL", "HAVING K > 0 OR a0 > 1", "HAVING COUNT(*) > 2"]),
+       order=st.sampled_from(["ORDER BY k NULLS FIRST", "ORDER BY 1 DESC NULLS LAST", "ORDER BY ALL NULLS FIRST",
+                              "ORDER BY A0 NULLS FIRST, k NULLS FIRST", "ORDER BY a0 + 0 NULLS LAST, 1 NULLS LAST"]),
+       limit=st.sampled_from(["", "LIMIT 2", "LIMIT 50 PERCENT", "LIMIT 1 OFFSET 1"]))
+def test_aliases_and_duckdbs_orderings_merge_as_on_the_pooled_rows(
+        data: list, cut: int, key: str, aggregates: list[str], cases: list[bool],  # type: ignore[type-arg]
+        later: bool, having: str, order: str, limit: str) -> None:
+    """Select aliases named (in any case) by GROUP BY, HAVING, ORDER BY and later projections;
+    ORDER BY ALL, positions and LIMIT n PERCENT: merged, as DuckDB answers on the pooled rows."""
+    pooled_frame = frame(data)
+    outputs = [f"{key} AS {spelled('k', cases)}", *[f"{a} AS a{i}" for i, a in enumerate(aggregates)]]
+    if later:
+        outputs.append(f"{spelled('a0', cases[1:])} * 2 AS twice")
+    if "K > 0" in having and key == "g2":
+        having = "HAVING k > 'a' OR a0 > 1"
+    query = f"SELECT {', '.join(outputs)} FROM {TABLE} GROUP BY {spelled('K', cases[2:])} {having} {order} {limit}"
+    merged = federated([pooled_frame.iloc[:cut], pooled_frame.iloc[cut:]], query)
+    assert_same(merged, run_on(pooled_frame, query).to_pandas())
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=rows, cut=st.integers(0, 60), limit=st.integers(0, 5), offset=st.integers(0, 3))
 def test_row_queries_concatenate_with_order_and_limit_reapplied(data: list, cut: int, limit: int,  # type: ignore[type-arg]
