@@ -176,6 +176,9 @@ def test_a_partial_that_no_pod_could_run_is_refused_at_the_modeller() -> None:
     assert output_names(query, TABLE, schema) == ["avg(d)"]
     with pytest.raises(NotMergeable, match=r"SUM\(d\).*does not bind against ehr's schema.*epoch"):
         output_names(query, TABLE, schema, partial_sql=plan_merge(query).partial_sql)
+    aliased = "SELECT x % 2 AS k, COUNT(*) FROM ehr WHERE k = 1 GROUP BY k"  # the partial names it k0
+    with pytest.raises(NotMergeable, match="select alias named in WHERE"):
+        output_names(aliased, TABLE, schema, partial_sql=plan_merge(aliased).partial_sql)
     assert output_names("SELECT AVG(x), MIN(d) FROM ehr", TABLE, schema,
                         partial_sql=plan_merge("SELECT AVG(x), MIN(d) FROM ehr").partial_sql) == ["avg(x)", "min(d)"]
 
@@ -216,6 +219,8 @@ def test_unmergeable_constructs_are_named(query: str, construct: str) -> None:
     "SELECT g1, SUM(x) AS s FROM ehr GROUP BY g1 ORDER BY s + 1 NULLS FIRST, g1 NULLS FIRST",
     "SELECT COUNT(*) AS g1 FROM ehr GROUP BY g1 HAVING g1 > 0 ORDER BY 1",  # g1: the column, grouped
     "SELECT g2 AS Grp, SUM(x) FROM ehr GROUP BY GRP ORDER BY grp NULLS FIRST",  # names in any case
+    "SELECT EHR.G1, COUNT(*) FROM ehr GROUP BY g1 HAVING ehr.g1 > 0 ORDER BY 1 NULLS FIRST",  # one key, named so
+    "SELECT t.G2, SUM(x) FROM ehr t GROUP BY T.g2 ORDER BY 1 NULLS FIRST",
 ])
 def test_select_aliases_bind_as_in_duckdb(query: str) -> None:
     """HAVING, later projections and ORDER BY expressions may name a select alias, which DuckDB

@@ -52,8 +52,9 @@ Schemas = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # (table, ((colum
 def output_names(query: str, table: str, columns: dict[str, str],
                  other_tables: dict[str, dict[str, str]] | None = None, partial_sql: str = "") -> list[str]:
     """`other_tables`: the dataset's further tables (an events dataset's static table). With
-    `partial_sql`, the pods' part of the query must bind too: an AVG of dates travels as a SUM,
-    which DuckDB takes of numbers only, and every pod would fail it, each in its own words."""
+    `partial_sql`, the pods' part of the query must bind too, or every pod would fail it, each in
+    DuckDB's words about the partial: an AVG of dates travels as a SUM, which DuckDB takes of
+    numbers only, and a WHERE that names a select alias names what the partial renamed."""
     schemas = tuple((name, tuple(schema.items())) for name, schema in {table: columns, **(other_tables or {})}.items())
     return list(_bound_names(query, schemas, partial_sql))
 
@@ -75,9 +76,10 @@ def _bound_names(query: str, schemas: Schemas, partial_sql: str) -> tuple[str, .
             try:
                 cursor.sql(partial_sql)
             except duckdb.Error as exc:
-                raise NotMergeable(partial_sql, f"this partial query does not bind against {schemas[0][0]}'s schema "
-                                   f"({str(exc).splitlines()[0]}); AVG, VARIANCE and STDDEV travel as sums, which "
-                                   "DuckDB takes of numbers only (average epoch(d) for a date)") from exc
+                raise NotMergeable(partial_sql, f"the pods' part does not bind against {schemas[0][0]}'s schema "
+                                   f"({str(exc).splitlines()[0]}); is a select alias named in WHERE (name its "
+                                   "expression there), or an AVG, VARIANCE or STDDEV taken of dates or times (they "
+                                   "travel as sums: take them of epoch(d))?") from exc
         return names
     finally:
         cursor.close()

@@ -42,6 +42,29 @@ def ordinal(select: exp.Select, key: exp.Expr, clause: str) -> int | None:
     return int(key.this) - 1
 
 
+def table_names(tree: exp.Expr) -> set[str]:
+    """The lower-case names the query's tables go by: their own, and their aliases."""
+    return {name.lower() for t in tree.find_all(exp.Table) for name in (t.name, t.alias_or_name)}
+
+
+def plain_column(column: exp.Column, tables: set[str]) -> bool:
+    """A column of the table, named on its own or after the table (`ehr.age`, `t.age`), rather
+    than a field of a struct column (`info.age`, `ehr.info.age`), which may share a column's name."""
+    return not column.args.get("db") and not column.args.get("catalog") and (
+        not column.table or column.table.lower() in tables)
+
+
+def canonical(expression: exp.Expr, tables: set[str]) -> exp.Expr:
+    """`expression` with each of the table's columns named alone and in lower case, as DuckDB
+    reads them: `ehr.Age` and `age` are one column, which equality of the trees does not see."""
+    def plain(node: exp.Expr) -> exp.Expr:
+        if isinstance(node, exp.Column) and not isinstance(node.this, exp.Star) and plain_column(node, tables):
+            return exp.column(node.name.lower())
+        return node
+
+    return expression.transform(plain)
+
+
 def group_keys(select: exp.Select) -> list[exp.Expr]:
     """Copies of the GROUP BY expressions with ordinals and select aliases resolved to what they
     stand for: the modeller's merge plan and the pod's disclosure plan must agree on the cells."""

@@ -42,6 +42,8 @@ from fedpod.algorithms.sql.dialect import (
     ordinal,
     parse_statement,
     per_query,
+    plain_column,
+    table_names,
     to_duckdb,
     top_n,
     unknown_aggregate,
@@ -120,18 +122,6 @@ def _renames_columns(tree: exp.Expr) -> bool:
     return any(isinstance(alias.parent, exp.Table) and alias.columns for alias in tree.find_all(exp.TableAlias))
 
 
-def _table_names(tree: exp.Expr) -> set[str]:
-    """The lower-case names the query's tables go by: their own, and their aliases."""
-    return {name.lower() for t in tree.find_all(exp.Table) for name in (t.name, t.alias_or_name)}
-
-
-def _plain(column: exp.Column, tables: set[str]) -> bool:
-    """A column of the table, named on its own or after the table (`ehr.age`, `t.age`), rather
-    than a field of a struct column (`info.age`, `ehr.info.age`), which may share a column's name."""
-    return not column.args.get("db") and not column.args.get("catalog") and (
-        not column.table or column.table.lower() in tables)
-
-
 def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[str]:
     """The dataset's columns a query reads: each column named (matched case-insensitively), and
     all of them for a `*` that is not COUNT(*)'s, and for what reads columns without naming them:
@@ -141,7 +131,7 @@ def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[st
     its struct (`info.age` reads `info`, and `age` too should that be a column). A select alias
     that shadows a column name counts as that column — a stricter reading, never a looser one."""
     by_lower = {c.lower(): c for c in dataset_columns}
-    tables = _table_names(tree)
+    tables = table_names(tree)
     read: set[str] = set()
     for column in tree.find_all(exp.Column):
         name = column.name.lower()
@@ -204,14 +194,14 @@ def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
     (every one of COUNT(DISTINCT a, b)'s, which counts only rows where all are; left out for a
     column the table holds no null in: the same rows as the cell)."""
     conditions = ["TRUE"]
-    tables = _table_names(tree)
+    tables = table_names(tree)
     for projection in tree.expressions:
         for node in projection.find_all(exp.AggFunc):
             parts = []
             arguments = node.this.expressions if isinstance(node.this, exp.Distinct) else [node.this]
             for argument in arguments:
                 if argument is not None and not isinstance(argument, exp.Star) and not (
-                        isinstance(argument, exp.Column) and _plain(argument, tables)
+                        isinstance(argument, exp.Column) and plain_column(argument, tables)
                         and argument.name.lower() in non_null):
                     parts.append(f"({to_duckdb(argument)}) IS NOT NULL")
             if isinstance(node.parent, exp.Filter):

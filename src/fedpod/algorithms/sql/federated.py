@@ -70,6 +70,7 @@ class _Rewriter:
         self.keys: list[exp.Expr] = []
         self.windows: list[Any] = []  # group totals for variance merges (aliased)
         self.variance_count = 0
+        self.tables = dialect.table_names(select)
 
     def add_partial(self, expression: exp.Expr) -> exp.Column:
         """The partial column computing `expression`, added once however often the query names it
@@ -145,10 +146,14 @@ class _Rewriter:
     def transform(self, expression: exp.Expr) -> exp.Expr:
         """Rewrite a select/HAVING/ORDER expression into its merge-side form."""
 
+        keys = [dialect.canonical(key, self.tables) for key in self.keys]  # `ehr.g1` is the key g1
+
         def replace(node: exp.Expr) -> exp.Expr:
-            for index, key in enumerate(self.keys):
-                if node == key:
-                    return col(f"k{index}")
+            if any(type(node) is type(key) for key in keys):
+                seen = dialect.canonical(node, self.tables)
+                for index, key in enumerate(keys):
+                    if seen == key:
+                        return col(f"k{index}")
             if isinstance(node, exp.Filter) and isinstance(node.this, exp.AggFunc):
                 condition = node.expression
 
