@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.disclosure import disclosed_query
 from fedpod.algorithms.sql.federated import plan_merge
-from fedpod.errors import NotMergeable, SqlRejected
+from fedpod.errors import NotMergeable, SqlExecutionError, SqlRejected
 from fedpod.modeller.sql import merge, output_names
 
 TABLE = "ehr"
@@ -181,6 +181,17 @@ def test_a_partial_that_no_pod_could_run_is_refused_at_the_modeller() -> None:
         output_names(aliased, TABLE, schema, partial_sql=plan_merge(aliased).partial_sql)
     assert output_names("SELECT AVG(x), MIN(d) FROM ehr", TABLE, schema,
                         partial_sql=plan_merge("SELECT AVG(x), MIN(d) FROM ehr").partial_sql) == ["avg(x)", "min(d)"]
+
+
+def test_datasets_answering_a_column_in_types_that_do_not_merge_are_named() -> None:
+    """One pod's CSV reads a code column as numbers, another's as text (a value "NA"): the merge
+    raised pyarrow's ArrowTypeError about `k0`; it names the column as the query does, and each type."""
+    plan = plan_merge("SELECT code, COUNT(*) AS n FROM ehr GROUP BY code")
+    numbers = pa.table({"k0": pa.array([1, 2]), "p0": pa.array([5, 6])})
+    text = pa.table({"k0": pa.array(["1", "NA"]), "p0": pa.array([7, 8])})
+    with pytest.raises(SqlExecutionError, match=r"answer code .*\(alice/ehr: int64, bob/ehr: string\)") as info:
+        merge(plan, [numbers, text], ["code", "n"], ["alice/ehr", "bob/ehr"])
+    assert "CAST(code AS VARCHAR)" in str(info.value)
 
 
 @pytest.mark.parametrize(("query", "construct"), [

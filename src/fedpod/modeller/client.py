@@ -460,7 +460,7 @@ class AsyncModeller:
         if plan.mode == "partials" and not names:
             raise FedpodError("the pods accepted this modeller while the query ran, before it had their schema",
                               hint="run the query again")
-        merged = merge(plan, tables, names)
+        merged = merge(plan, tables, names, [t.identifier for t in answered])
         merged.attrs.update(datasets=[t.identifier for t in answered], missing=answered.reasons(),
                             disclosure=disclosure)
         return merged

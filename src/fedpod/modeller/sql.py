@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 import pyarrow as pa
+from sqlglot import exp
 
 from fedpod.algorithms.sql.dialect import parse_statement, to_duckdb
 from fedpod.algorithms.sql.federated import PARTIALS, MergePlan
@@ -93,9 +94,14 @@ def output_names_for(query: str, targets: Iterable[Target], partial_sql: str = "
         if described else []
 
 
-def merge(plan: MergePlan, partials: list[pa.Table], names: list[str]) -> pd.DataFrame:
-    """Run the plan's merge query over the concatenated partial tables."""
-    combined = pa.concat_tables(partials, promote_options="permissive")
+def merge(plan: MergePlan, partials: list[pa.Table], names: list[str], sources: list[str] | None = None
+          ) -> pd.DataFrame:
+    """Run the plan's merge query over the concatenated partial tables (`sources`: the datasets
+    they came from, in order, to name them when they disagree)."""
+    try:
+        combined = pa.concat_tables(partials, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        raise _disagreement(plan, partials, sources) from exc
     cursor = _cursor()
     try:
         cursor.register(PARTIALS, combined)
@@ -107,3 +113,20 @@ def merge(plan: MergePlan, partials: list[pa.Table], names: list[str]) -> pd.Dat
     if plan.mode == "partials":
         frame.columns = pd.Index(names)
     return frame
+
+
+def _disagreement(plan: MergePlan, partials: list[pa.Table], sources: list[str] | None) -> SqlExecutionError:
+    """The datasets answered a column in types that do not merge (one pod's CSV read a code
+    column as numbers, another's as text, for a value like "NA"): which column, and each type."""
+    projections = parse_statement(plan.partial_sql).expressions
+    named = {p.alias: to_duckdb(p.this) for p in projections if isinstance(p, exp.Alias)}
+    labels = sources or [f"answer {i + 1}" for i in range(len(partials))]
+    for field in partials[0].schema.names:
+        types = [str(t.schema.field(field).type) if field in t.schema.names else "none" for t in partials]
+        if len(set(types)) > 1:
+            column = named.get(field, field)
+            typed = ", ".join(f"{label}: {kind}" for label, kind in zip(labels, types, strict=True))
+            return SqlExecutionError(f"the datasets answer {column} in types that do not merge ({typed})",
+                                     hint=f"CAST it to one type in the query, e.g. CAST({column} AS VARCHAR)")
+    return SqlExecutionError("the datasets' answers have columns that do not merge: "
+                             + "; ".join(f"{label}: {t.schema}" for label, t in zip(labels, partials, strict=True)))
