@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 
 
 def _without_using(tree: exp.Expr) -> str:
-    """The query for DuckDB's own table check, with `JOIN ... USING (...)` as `ON TRUE` and
-    parameters as NULL: that check binds no catalog and fails on USING and on parameters, and
-    which tables a query reads depends on neither."""
+    """The query for DuckDB's own table check, with what needs the columns' names or types
+    written without them: `JOIN ... USING (...)` as `ON TRUE`, parameters as NULL, `x COLLATE
+    NOCASE` as x, COLUMNS('regex') as COLUMNS(*) and `* LIKE 'g%'` as `*`. That check binds
+    against no catalog and fails on each of them, and which tables a query reads depends on none.
+    What is dropped holds no query of its own, or the check would no longer see its tables."""
     copy = tree.copy()
     for placeholder in list(copy.find_all(exp.Placeholder)):  # that check prepares nothing
         placeholder.replace(exp.Null())
@@ -42,6 +44,22 @@ def _without_using(tree: exp.Expr) -> str:
         if join.args.get("using"):
             join.set("using", None)
             join.set("on", exp.true())
+
+    def plain(dropped: exp.Expr | None) -> bool:
+        return dropped is None or dropped.find(exp.Query, exp.Table) is None
+
+    for collate in list(copy.find_all(exp.Collate)):
+        if plain(collate.expression):
+            collate.replace(collate.this)
+    for columns in list(copy.find_all(exp.Columns)):
+        if plain(columns.this):
+            columns.set("this", exp.Star())
+    for star in list(copy.find_all(exp.Star)):
+        if plain(star.args.get("ilike")):
+            star.set("ilike", None)
+        if isinstance(star.parent, exp.Like | exp.SimilarTo) and star.arg_key == "this" \
+                and plain(star.parent.expression):
+            star.parent.replace(star)
     return to_duckdb(copy)
 
 
