@@ -186,6 +186,21 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
      "sql_aggregate"),  # ordered by what it releases; HAVING on keys only
     # an output named like the columns the pod judges an aggregate's cells by is not an aggregate's
     ("SELECT sex, COUNT(*) AS __FEDPOD_n0 FROM ehr GROUP BY sex", "sql_rows"),
+    # what an aggregate adds up is a linear function of the row's columns: nothing else can weigh one
+    # row apart from the rest, as these did, each with one patient's age in a cell of a hundred
+    ("SELECT sex, SUM(age * (ssn = 'x')::INTEGER) FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT sex, MAX(age - 1000 * ABS(SIGN(ssn - 42))) FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT sex, SUM(age * smoker) FROM ehr GROUP BY sex", "sql_rows"),  # a product of columns
+    ("SELECT sex, SUM(CAST((ssn - 41.5) / 1e6 AS INTEGER)) FROM ehr GROUP BY sex", "sql_rows"),  # rounding steps
+    ("SELECT sex, SUM(CASE WHEN age > 40 THEN 1 ELSE 0 END + CASE WHEN ssn = 'x' THEN 100 ELSE 0 END) FROM ehr "
+     "GROUP BY sex", "sql_rows"),  # a second CASE: its branches' rows are not sized
+    ("SELECT sex, SUM(CASE WHEN age > 40 THEN age * age ELSE 0 END) FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT sex, COUNT(DISTINCT age % 7) FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT sex, AVG(age * 2 + 1), MIN(-age), MAX(age / 10.0), AVG(CAST(age AS DOUBLE)), COUNT(DISTINCT age), "
+     "COUNT(CASE WHEN ssn = 'x' THEN 1 END) FROM ehr GROUP BY sex", "sql_aggregate"),
+    # one CASE or IF choosing between linear values: each branch's rows are sized, as a FILTER's
+    ("SELECT sex, SUM(CASE WHEN ssn = 'x' THEN age ELSE 0 END), SUM(IF(age > 40, age, 0)), "
+     "AVG(age * CASE smoker WHEN 1 THEN 2 ELSE 1 END) FROM ehr GROUP BY sex", "sql_aggregate"),
 ])
 def test_the_pod_judges_a_querys_kind_from_the_sql_itself(query: str, kind: str) -> None:
     assert shape(query, ("age", "sex", "ssn")).kind == kind
@@ -226,6 +241,22 @@ def test_small_cells_are_suppressed_and_counted_at_the_pod(query: str) -> None:
         assert not [name for name in table.column_names if name.startswith("__fedpod_")]
         assert suppressed >= 1  # M (2 rows), the single age > 90, the single non-null `rare`
         assert table.num_rows <= 1
+
+
+def test_each_branch_of_a_case_inside_an_aggregate_is_sized_as_a_filters_rows_are() -> None:
+    """SUM(CASE WHEN id = 42 THEN age ELSE 0 END) released patient 42's age in a cell of a hundred:
+    the pod sized the rows with a non-null argument (all of them). It sizes each branch's rows."""
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE ehr AS SELECT i AS id, ['F', 'M'][i % 2 + 1] AS sex, 20 + i % 50 AS age "
+                       "FROM range(1, 201) t(i)")
+    query = ("SELECT sex, COUNT(*) AS n, SUM(CASE WHEN id = 42 THEN age ELSE 0 END) AS leak, "
+             "SUM(CASE WHEN age > 40 THEN 1 ELSE 0 END) AS older, AVG(IF(age > 40, 1.0, 0)) AS share "
+             "FROM ehr GROUP BY sex ORDER BY sex")
+    for sql in (query, plan_merge(query).partial_sql):
+        table, suppressed = suppress_small_groups(connection.sql(with_group_size(sql)).to_arrow_table(), 5)
+        assert suppressed == 1 and table.num_rows == 1  # patient 42's cell, F; M's branch for id 42 holds nobody
+    table, _ = suppress_small_groups(connection.sql(with_group_size(query)).to_arrow_table(), 5)
+    assert table.to_pylist() == [{"sex": "M", "n": 100, "leak": 0, "older": 60, "share": 0.6}]
 
 
 def test_a_count_of_distinct_pairs_stands_on_the_rows_that_hold_both() -> None:

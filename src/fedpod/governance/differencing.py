@@ -20,8 +20,7 @@ random() or the clock in a query (`USING SAMPLE 97 PERCENT`, `WHERE NOT (id = 7 
 refused whenever it needs comparing.
 
 What it cannot catch: differences spread over three or more answers (A - B - C with each pair
-far apart), a value pulled out by the aggregate's own expression (SUM(CASE WHEN id = 42 ...)),
-answers given to two modellers who pool them, and anything before the pod's history began (the
+far apart), answers given to two modellers who pool them, and anything before the pod's history began (the
 ledger is kept per dataset version: a changed dataset starts a new one). The ledger holds at
 most `MAX_COHORTS` cohorts per modeller and dataset; beyond, aggregates are refused until the
 custodian clears it (deleting the ledger file), never silently forgetting the oldest.

@@ -10,11 +10,16 @@ members' own values), no aggregate in HAVING or QUALIFY and none in ORDER BY but
 would pick or order cells by values the pod never sized: the federated plan applies them after the
 merge instead). Aggregates sqlglot does not know (HISTOGRAM, ARBITRARY, FSUM, and macros over one
 such as JSON_GROUP_ARRAY) are found by their names in DuckDB's own catalogue: the pod cannot size
-the rows behind them, and some return every member's value. Anything else is a *row* query
-(`sql_rows`).
+the rows behind them, and some return every member's value. What an aggregate other than COUNT
+takes in must be a linear function of the row's columns (+, -, constants, casts to floating
+point): a comparison, a function, a product of columns or a cast to a whole number can weigh one
+row apart from the rest (`SUM(CASE WHEN id = 42 THEN age ELSE 0 END)` is patient 42's age in a
+cell of any size). One CASE or IF may choose between linear values: the rows each branch takes
+are sized as a FILTER's. Anything else is a *row* query (`sql_rows`).
 
 For an aggregate the pod adds hidden columns that count, per cell, the rows each aggregate
-used (`COUNT(*) [FILTER (WHERE arg IS NOT NULL AND its FILTER)]`, once per distinct condition).
+used (`COUNT(*) [FILTER (WHERE arg IS NOT NULL AND its FILTER)]`, and the rows of each branch of
+its CASE, once per distinct condition).
 A cell's group size is the fewest of those counts that are not zero (`group_sizes`) — so an AVG
 over the one non-null value of a group, or a COUNT(*) FILTER that picks one person, counts as a
 group of one, and an aggregate over no rows beside a COUNT(*) of one does not hide it. Rows whose
@@ -68,6 +73,95 @@ class QueryShape:
     why_rows: str = ""  # for a row query: what made it one
 
 
+_FLOATING = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
+
+
+def _constant(node: exp.Expr) -> bool:
+    """A number written in the query, or arithmetic of such numbers."""
+    if isinstance(node, exp.Literal):
+        return not node.is_string
+    if isinstance(node, exp.Paren | exp.Neg):
+        return _constant(node.this)
+    if isinstance(node, exp.Add | exp.Sub | exp.Mul | exp.Div):
+        return _constant(node.this) and _constant(node.expression)
+    return False
+
+
+def _nonlinear(node: exp.Expr) -> exp.Expr | None:
+    """The part of an expression that is not a linear function of the row's columns (columns,
+    constants, + and -, products and quotients by constants, casts to floating point), or None.
+    A linear function gives every row the same weight: it cannot single one out. Anything else
+    can: a comparison, a function (`1 - ABS(SIGN(id - 42))` is 1 for one patient), a product of
+    columns (`age * smoker`), a cast to a whole number (rounding makes steps)."""
+    if isinstance(node, exp.Column):
+        return node if isinstance(node.this, exp.Star) else None
+    if isinstance(node, exp.Null) or _constant(node):
+        return None
+    if isinstance(node, exp.Paren | exp.Neg):
+        return _nonlinear(node.this)
+    if isinstance(node, exp.Add | exp.Sub):
+        return _nonlinear(node.this) or _nonlinear(node.expression)
+    if isinstance(node, exp.Mul) and (_constant(node.this) or _constant(node.expression)):
+        return _nonlinear(node.expression if _constant(node.this) else node.this)
+    if isinstance(node, exp.Div) and _constant(node.expression):
+        return _nonlinear(node.this)
+    if isinstance(node, exp.Cast | exp.TryCast) and node.to.this in _FLOATING:
+        return _nonlinear(node.this)
+    return node
+
+
+def _choice(argument: exp.Expr) -> exp.Case | exp.If | None:
+    """The one CASE (or IF) of an aggregate's argument; ValueError for more than one."""
+    choices = [node for node in argument.find_all(exp.Case, exp.If)
+               if isinstance(node, exp.Case | exp.If) and not isinstance(node.parent, exp.Case)]
+    if len(choices) > 1:
+        raise ValueError(to_duckdb(choices[1]))
+    return choices[0] if choices else None
+
+
+def _branches(choice: exp.Case | exp.If) -> list[tuple[str, exp.Expr]]:
+    """Each branch of a CASE or IF: the condition (in SQL) that selects its rows, and its value.
+    A row takes the first branch whose condition holds (NULL counts as false), else the ELSE."""
+    if isinstance(choice, exp.If):  # IF(p, a, b)
+        ifs, default, operand = [choice], choice.args.get("false"), None
+    else:
+        ifs, default, operand = choice.args.get("ifs") or [], choice.args.get("default"), choice.this
+    taken: list[str] = []
+    branches = []
+    for branch in ifs:
+        test = branch.this if operand is None else exp.EQ(this=operand.copy(), expression=branch.this.copy())
+        holds = f"COALESCE(({to_duckdb(test)}), FALSE)"
+        branches.append((" AND ".join([*(f"NOT {t}" for t in taken), holds]), branch.args["true"]))
+        taken.append(holds)
+    branches.append((" AND ".join(f"NOT {t}" for t in taken) or "TRUE", default or exp.Null()))
+    return branches
+
+
+def _weighing(aggregate: exp.AggFunc) -> exp.Expr | None:
+    """What in an aggregate's argument could weigh one row apart from the rest, or None. COUNT
+    counts rows whose argument is not null, which the pod sizes whatever it is; every other
+    aggregate must add up (or take the least or most of) a linear function of the row's columns
+    (`_nonlinear`). One CASE or IF may choose between such functions: the rows each branch takes
+    are sized as a FILTER's are (`_conditions`), so each is a cohort of its own."""
+    if isinstance(aggregate, exp.Count) and not isinstance(aggregate.this, exp.Distinct):
+        return None
+    arguments = aggregate.this.expressions if isinstance(aggregate.this, exp.Distinct) else [aggregate.this]
+    for argument in (a for a in arguments if a is not None and not isinstance(a, exp.Star)):
+        try:
+            choice = _choice(argument)
+        except ValueError as more:
+            return exp.Var(this=f"a second CASE ({more})")
+        if choice is None:
+            if (found := _nonlinear(argument)) is not None:
+                return found
+            continue
+        for _, value in _branches(choice):
+            chosen = argument.copy().transform(lambda node, c=choice, v=value: v.copy() if node == c else node)
+            if (found := _nonlinear(chosen)) is not None:
+                return found
+    return None
+
+
 def _row_reason(tree: exp.Expr) -> str:
     if not isinstance(tree, exp.Select):
         return f"it is a {tree.key.upper()}, not a single SELECT"
@@ -89,6 +183,11 @@ def _row_reason(tree: exp.Expr) -> str:
     other = next((a for a in aggregates if not isinstance(a, RELEASED_AGGREGATES) or top_n(a)), None)
     if other is not None:
         return f"{to_duckdb(other)} returns members' own values"
+    for aggregate in aggregates:
+        if (weighing := _weighing(aggregate)) is not None:
+            return (f"{to_duckdb(aggregate)[:80]} weighs rows by {to_duckdb(weighing)[:60]}, which can single one "
+                    "out (SUM(CASE WHEN id = 42 THEN age ELSE 0 END) is patient 42's age); pick rows with WHERE or "
+                    "FILTER (WHERE ...), whose rows the pod counts, and add up columns, + - and constants")
     if (unknown := unknown_aggregate(tree)) is not None:
         return f"{to_duckdb(unknown)[:80]} is an aggregate the pod cannot size or check"
     filtering = next((c for c in ("having", "qualify") if (part := tree.args.get(c)) and part.find(exp.AggFunc)), None)
@@ -192,7 +291,8 @@ def _group_keys(tree: exp.Select) -> list[exp.Expr]:
 def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
     """The whole cell, then the rows each aggregate used: its FILTER, and its arguments not null
     (every one of COUNT(DISTINCT a, b)'s, which counts only rows where all are; left out for a
-    column the table holds no null in: the same rows as the cell)."""
+    column the table holds no null in: the same rows as the cell); and the rows each branch of
+    an argument's CASE takes (`_weighing`), within its FILTER."""
     conditions = ["TRUE"]
     tables = table_names(tree)
     for projection in tree.expressions:
@@ -204,11 +304,14 @@ def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
                         isinstance(argument, exp.Column) and plain_column(argument, tables)
                         and argument.name.lower() in non_null):
                     parts.append(f"({to_duckdb(argument)}) IS NOT NULL")
-            if isinstance(node.parent, exp.Filter):
-                parts.append(f"COALESCE(({to_duckdb(node.parent.expression.this)}), FALSE)")
-            condition = " AND ".join(parts) or "TRUE"
-            if condition not in conditions:
-                conditions.append(condition)
+            within = [f"COALESCE(({to_duckdb(node.parent.expression.this)}), FALSE)"] \
+                if isinstance(node.parent, exp.Filter) else []
+            regions = [region for argument in arguments if argument is not None
+                       and (choice := _choice(argument)) is not None for region, _ in _branches(choice)]
+            for condition in [" AND ".join([*parts, *within]) or "TRUE",
+                              *(" AND ".join([region, *within]) for region in regions)]:
+                if condition not in conditions:
+                    conditions.append(condition)
     return conditions
 
 
