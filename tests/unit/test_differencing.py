@@ -26,9 +26,9 @@ def engine(tmp_path: Path) -> SqlEngine:
 
 def released(engine: SqlEngine, query: str) -> list[Cohort]:
     """What the pod does: the answer with its hidden columns, read for the cells it releases."""
-    sql, plan = disclosed_query(query, engine.non_null["ehr"])
-    assert plan is not None
-    return released_cohorts(engine.run(sql, "ehr"), plan, MIN)
+    sql, release = disclosed_query(query, engine.non_null["ehr"])
+    assert release.cohorts is not None
+    return released_cohorts(engine.run(sql, "ehr"), release, MIN)
 
 
 def ask(ledger: CohortLedger, engine: SqlEngine, query: str | list[Cohort], modeller: str = "LAB") -> str | None:
@@ -144,6 +144,8 @@ def test_an_aggregate_over_a_column_with_nulls_is_its_own_cohort() -> None:
     """A null pattern can single someone out (AVG over the non-null values of a cell); a column
     the table holds no null in adds no cohort, and no work."""
     query = "SELECT AVG(age), AVG(rare), COUNT(*) FILTER (WHERE age > 3) FROM ehr"
-    _, plan = disclosed_query(query, frozenset({"age"}))
+    _, release = disclosed_query(query, frozenset({"age"}))
+    plan = release.cohorts
     assert plan is not None
+    assert release.uses == ((0,), (1,), (2,))
     assert plan.conditions == ["TRUE", "(rare) IS NOT NULL", "COALESCE((age > 3), FALSE)"]

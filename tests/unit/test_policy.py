@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from fedpod.algorithms.sql.disclosure import disclosed_query, group_sizes, shape, suppress_small_groups, with_group_size
+from fedpod.algorithms.sql.disclosure import disclosed_query, shape, suppress_small_groups
 from fedpod.algorithms.sql.federated import plan_merge
 from fedpod.errors import ConfigError
 from fedpod.governance.policy import Policy, Request, decide, migrate_access, policy_changes
@@ -214,6 +214,12 @@ def test_a_querys_judgement_is_remembered_for_short_texts_only() -> None:
     assert shape(long, ("age", "ssn")) == shape(long, ("age", "ssn"))
 
 
+def let_out(connection: duckdb.DuckDBPyConnection, query: str, min_group_size: int) -> tuple[pa.Table, int, int]:
+    """What the pod lets out of `query`'s answer: the table, the cells held back and the values."""
+    sql, release = disclosed_query(query, cohorts=False)
+    return suppress_small_groups(connection.sql(sql).to_arrow_table(), min_group_size, release)
+
+
 def test_the_columns_a_query_reads_include_those_behind_a_star() -> None:
     assert shape("SELECT COUNT(*) FROM ehr", ("age", "ssn")).columns == frozenset()
     assert shape("SELECT * FROM ehr", ("age", "ssn")).columns == {"age", "ssn"}
@@ -225,22 +231,29 @@ def test_the_columns_a_query_reads_include_those_behind_a_star() -> None:
         assert shape(unnamed, ("age", "ssn")).columns == {"age", "ssn"}, unnamed  # read without being named
 
 
-@pytest.mark.parametrize("query", [
-    "SELECT sex, COUNT(*) AS n, AVG(age) FROM ehr GROUP BY sex",
-    "SELECT COUNT(*) FILTER (WHERE age > 90) FROM ehr",
-    "SELECT sex, AVG(rare) FROM ehr GROUP BY sex",
-    # an aggregate over no rows used to make the group size 0 ("describes nobody") and hid M's COUNT(*) of 2
-    "SELECT sex, COUNT(*), AVG(age) FILTER (WHERE age > 200) FROM ehr GROUP BY sex",
+SMALL = ("CREATE TABLE ehr AS SELECT * FROM (VALUES ('F', 30, 1.0), ('F', 40, NULL), ('F', 50, NULL), "
+         "('M', 95, NULL), ('M', 60, NULL)) t(sex, age, rare)")
+
+
+@pytest.mark.parametrize(("query", "released"), [
+    ("SELECT sex, COUNT(*) AS n, AVG(age) AS a FROM ehr GROUP BY sex ORDER BY sex",
+     [{"sex": "F", "n": 3, "a": 40.0}]),  # M: two rows
+    ("SELECT COUNT(*) FILTER (WHERE age > 90) AS old FROM ehr", [{"old": None}]),  # one row
+    ("SELECT COUNT(*) FILTER (WHERE age > 200) AS older FROM ehr", [{"older": None}]),  # none: as withheld
+    ("SELECT sex, COUNT(*) AS n, AVG(rare) AS r FROM ehr GROUP BY sex", [{"sex": "F", "n": 3, "r": None}]),
+    # an aggregate over no rows beside a COUNT(*) of 2 once hid it; now the cell goes, the value is withheld
+    ("SELECT sex, COUNT(*) AS n, AVG(age) FILTER (WHERE age > 200) AS a FROM ehr GROUP BY sex",
+     [{"sex": "F", "n": 3, "a": None}]),
 ])
-def test_small_cells_are_suppressed_and_counted_at_the_pod(query: str) -> None:
+def test_small_cells_are_suppressed_and_small_values_withheld_at_the_pod(query: str, released: list[dict[str, object]]
+                                                                         ) -> None:
     connection = duckdb.connect()
-    connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES ('F', 30, 1.0), ('F', 40, NULL), ('F', 50, NULL),"
-                       " ('M', 95, NULL), ('M', 60, NULL)) t(sex, age, rare)")
-    for sql in (query, plan_merge(query).partial_sql):
-        table, suppressed = suppress_small_groups(connection.sql(with_group_size(sql)).to_arrow_table(), 3)
-        assert not [name for name in table.column_names if name.startswith("__fedpod_")]
-        assert suppressed >= 1  # M (2 rows), the single age > 90, the single non-null `rare`
-        assert table.num_rows <= 1
+    connection.execute(SMALL)
+    table, suppressed, withheld = let_out(connection, query, 3)
+    assert table.to_pylist() == released
+    assert suppressed + withheld >= 1
+    _, cells, values = let_out(connection, plan_merge(query).partial_sql, 3)  # the federated partials:
+    assert cells == suppressed and (values > 0) == (withheld > 0)  # the same cells; AVG's SUM and COUNT withheld
 
 
 def test_each_branch_of_a_case_inside_an_aggregate_is_sized_as_a_filters_rows_are() -> None:
@@ -249,23 +262,37 @@ def test_each_branch_of_a_case_inside_an_aggregate_is_sized_as_a_filters_rows_ar
     connection = duckdb.connect()
     connection.execute("CREATE TABLE ehr AS SELECT i AS id, ['F', 'M'][i % 2 + 1] AS sex, 20 + i % 50 AS age "
                        "FROM range(1, 201) t(i)")
-    query = ("SELECT sex, COUNT(*) AS n, SUM(CASE WHEN id = 42 THEN age ELSE 0 END) AS leak, "
-             "SUM(CASE WHEN age > 40 THEN 1 ELSE 0 END) AS older, AVG(IF(age > 40, 1.0, 0)) AS share "
-             "FROM ehr GROUP BY sex ORDER BY sex")
-    for sql in (query, plan_merge(query).partial_sql):
-        table, suppressed = suppress_small_groups(connection.sql(with_group_size(sql)).to_arrow_table(), 5)
-        assert suppressed == 1 and table.num_rows == 1  # patient 42's cell, F; M's branch for id 42 holds nobody
-    table, _ = suppress_small_groups(connection.sql(with_group_size(query)).to_arrow_table(), 5)
-    assert table.to_pylist() == [{"sex": "M", "n": 100, "leak": 0, "older": 60, "share": 0.6}]
+    leak = ("SELECT sex, COUNT(*) AS n, SUM(CASE WHEN id = 42 THEN age ELSE 0 END) AS leak FROM ehr GROUP BY sex "
+            "ORDER BY sex")
+    common = ("SELECT sex, COUNT(*) AS n, SUM(CASE WHEN age > 40 THEN 1 ELSE 0 END) AS older, "
+              "AVG(IF(age > 40, 1.0, 0)) AS share FROM ehr GROUP BY sex ORDER BY sex")
+    table, suppressed, withheld = let_out(connection, leak, 5)
+    assert table.column("leak").to_pylist() == [None, None] and (suppressed, withheld) == (0, 2)  # 42's, or nobody
+    assert let_out(connection, common, 5)[0].to_pylist() == [{"sex": "F", "n": 100, "older": 56, "share": 0.56},
+                                                            {"sex": "M", "n": 100, "older": 60, "share": 0.6}]
+
+
+def test_an_aggregate_over_no_rows_is_withheld_as_one_over_a_few_is() -> None:
+    """Empty cells were released and small ones suppressed, so a FILTER naming one patient was
+    suppressed in just the cell that held the patient: GROUP BY bmi told patient 42's bmi."""
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE ehr AS SELECT i AS id, 20 + i % 17 AS bmi FROM range(1, 201) t(i)")
+    query = "SELECT bmi, COUNT(*) AS n, COUNT(*) FILTER (WHERE id = 42) AS hit FROM ehr GROUP BY bmi"
+    table, suppressed, withheld = let_out(connection, query, 5)
+    assert table.num_rows == 17 and table.column("hit").null_count == 17 and (suppressed, withheld) == (0, 17)
+    ordered = query + " ORDER BY hit DESC, bmi LIMIT 1"  # the order would tell 42's cell: the cells go instead
+    table, suppressed, _ = let_out(connection, ordered, 5)
+    assert table.num_rows == 0 and suppressed == 1
+    empty = "SELECT COUNT(*) AS n FROM ehr WHERE id = 1000"  # no row: held back as a cell of one is
+    assert let_out(connection, empty, 5)[1] == 1 and let_out(connection, empty, 1)[0].to_pylist() == [{"n": 0}]
 
 
 def test_a_count_of_distinct_pairs_stands_on_the_rows_that_hold_both() -> None:
     connection = duckdb.connect()
     connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES ('F', 30, 1.0), ('F', 40, NULL), ('F', 50, NULL))"
                        " t(sex, age, rare)")
-    query = with_group_size("SELECT sex, COUNT(DISTINCT age, rare) FROM ehr GROUP BY sex")
-    table, suppressed = suppress_small_groups(connection.sql(query).to_arrow_table(), 3)
-    assert table.num_rows == 0 and suppressed == 1  # F's three rows, but only one has both values
+    table, _, withheld = let_out(connection, "SELECT sex, COUNT(DISTINCT age, rare) AS d FROM ehr GROUP BY sex", 3)
+    assert table.to_pylist() == [{"sex": "F", "d": None}] and withheld == 1  # F's three rows; one has both
 
 
 @pytest.mark.parametrize("argument", ["info.age", "ehr.info.age"])
@@ -275,19 +302,22 @@ def test_a_structs_field_is_not_taken_for_the_column_of_its_name(argument: str) 
     connection = duckdb.connect()
     connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES ('F', 30, {'age': 71}), ('F', 40, {'age': NULL}),"
                        " ('F', 50, {'age': NULL})) t(sex, age, info)")
-    query, _ = disclosed_query(f"SELECT sex, COUNT(*), AVG({argument}) FROM ehr GROUP BY sex",
-                               frozenset({"age", "sex"}))
-    table, suppressed = suppress_small_groups(connection.sql(query).to_arrow_table(), 3)
-    assert table.num_rows == 0 and suppressed == 1
+    query, release = disclosed_query(f"SELECT sex, COUNT(*) AS n, AVG({argument}) AS a FROM ehr GROUP BY sex",
+                                     frozenset({"age", "sex"}))
+    table, _, withheld = suppress_small_groups(connection.sql(query).to_arrow_table(), 3, release)
+    assert table.to_pylist() == [{"sex": "F", "n": 3, "a": None}] and withheld == 1
     assert shape(f"SELECT MAX({argument}) FROM ehr", ("sex", "age", "info")).columns >= {"info"}  # its column rules
 
 
-def test_a_cells_group_size_is_the_fewest_rows_any_of_its_aggregates_used() -> None:
-    counts = pa.table({"avg": [1.0, 2.0, 3.0, 4.0], "__fedpod_n0": [5, 5, 0, 2], "__fedpod_n1": [5, 1, 0, 0]})
-    # a cell of 5; one whose AVG used 1 of its 5 rows; one from no rows; one whose AVG used none of its 2
-    assert group_sizes(counts).to_pylist() == [5, 1, 0, 2]
-    table, suppressed = suppress_small_groups(counts, 3)
-    assert table.to_pydict() == {"avg": [1.0, 3.0]} and suppressed == 2
+def test_an_outputs_value_stands_on_the_fewest_rows_its_aggregates_used() -> None:
+    connection = duckdb.connect()
+    connection.execute(SMALL)
+    query = ("SELECT sex, COUNT(*) AS n, SUM(age) FILTER (WHERE age > 35) / COUNT(rare) AS mixed, "
+             "AVG(age) AS a FROM ehr GROUP BY sex ORDER BY sex")
+    _, release = disclosed_query(query, cohorts=False)
+    assert release.uses == ((), (0,), (1, 2), (3,))  # keys use none; a ratio both its aggregates' rows
+    assert let_out(connection, query, 2)[0].to_pylist() == [{"sex": "F", "n": 3, "mixed": None, "a": 40.0},
+                                                           {"sex": "M", "n": 2, "mixed": None, "a": 77.5}]
 
 
 def test_a_grant_never_moves_a_name_to_another_key_nor_renames_a_key() -> None:

@@ -606,6 +606,9 @@ def disclosure_note(limits: dict[str, int | float]) -> str:
     if "suppressed_groups" in limits:
         notes.append(f"suppressed {limits['suppressed_groups']} group(s) of fewer than {limits['min_group_size']} rows "
                      "(their rows are left out of this result, which is therefore not exact)")
+    if "withheld_values" in limits:
+        notes.append(f"withheld {limits['withheld_values']} value(s) computed from fewer than "
+                     f"{limits['min_group_size']} rows (shown empty; in a merge, left out of their totals)")
     if "rows_capped_at" in limits:
         notes.append(f"capped its rows at {limits['rows_capped_at']:,} (its policy's max_rows)")
     if "withheld_counts" in limits:

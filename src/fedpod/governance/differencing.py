@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpod.algorithms.sql.disclosure import HIDDEN, SKETCH, CohortPlan, releasable
+from fedpod.algorithms.sql.disclosure import HIDDEN, SKETCH, Release, kept_cells
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -63,18 +63,21 @@ class Cohort:
         return self.sql, json.dumps(self.params, default=str)
 
 
-def released_cohorts(table: pa.Table, plan: CohortPlan, min_size: int) -> list[Cohort]:
-    """The cohorts of the cells of an answer (with `disclosure.disclosed_query`'s hidden columns)
-    that suppression will let out (`disclosure.releasable`)."""
-    cohorts = []
-    for row, released in zip(table.to_pylist(), releasable(table, min_size).to_pylist(), strict=True):
-        if not released:
+def released_cohorts(table: pa.Table, release: Release, min_size: int) -> list[Cohort]:
+    """The cohorts an answer (with `disclosure.disclosed_query`'s hidden columns) lets out: in
+    each cell it keeps (`disclosure.kept_cells`), the cell's rows, and those of each output whose
+    value it does not withhold (each from at least `min_size` rows)."""
+    plan = release.cohorts
+    assert plan is not None, "the answer was computed without its cohorts"
+    cohorts: list[Cohort] = []
+    for row, kept in zip(table.to_pylist(), kept_cells(table, min_size, release).to_pylist(), strict=True):
+        if not kept:
             continue
         keys = [row[f"{HIDDEN}k{i}"] for i in range(plan.keys)]
-        for j in range(len(plan.conditions)):
-            size = int(row[f"{HIDDEN}n{j}"])
-            if size:
-                cohorts.append(Cohort(size, int(row[f"{HIDDEN}x{j}"]), plan.rows_sql(j), keys))
+        sizes = [int(row[f"{HIDDEN}n{j}"]) for j in range(len(plan.conditions))]
+        shown = {0, *(j for used in release.uses if all(sizes[i] >= min_size for i in used) for j in used)}
+        cohorts.extend(Cohort(sizes[j], int(row[f"{HIDDEN}x{j}"]), plan.rows_sql(j), keys)
+                       for j in sorted(shown) if sizes[j] > 0)
     return cohorts
 
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from fedpod.algorithms.sql.dialect import parse_statement
 from fedpod.algorithms.sql.disclosure import (
-    CohortPlan,
     QueryShape,
+    Release,
     disclosed_query,
     read_columns,
     shape,
@@ -79,7 +79,7 @@ class SqlTasks:
         if isinstance(request.algorithm, NoisyAggregateAlgorithm):
             return self._noisy_aggregate(request, request.algorithm, requester, limits, config, started)
         aggregate = kind == "sql_aggregate"
-        query, plan = request.algorithm.query, None
+        query, release = request.algorithm.query, None
         if aggregate:
             if limits.protect_differencing and request.dataset in self.engine.rowid_hidden:
                 raise AccessDenied(f"{request.dataset} has a column named rowid, which hides the row ids the pod "
@@ -87,8 +87,8 @@ class SqlTasks:
                                    "[rule: protect_differencing]", where=f"dataset {request.dataset}",
                                    hint="the custodian can rename that column, or set protect_differencing: false")
             try:
-                query, plan = disclosed_query(query, self.engine.non_null[request.dataset],
-                                              cohorts=limits.protect_differencing)
+                query, release = disclosed_query(query, self.engine.non_null[request.dataset],
+                                                 cohorts=limits.protect_differencing)
             except ValueError as exc:
                 raise AccessDenied(f"the pod cannot check this aggregate against differencing ({exc}) "
                                    "[rule: protect_differencing]", where=f"dataset {request.dataset}",
@@ -96,21 +96,23 @@ class SqlTasks:
         table = self.engine.run(query, request.dataset, timeout_s=config.sql_timeout_s,
                                 max_rows=config.max_result_rows, cap_rows=None if aggregate else limits.max_rows)
         disclosure: dict[str, int | float] = {}
-        if aggregate:
-            if plan is not None:
-                self._check_differencing(table, plan, request, requester, limits.min_group_size, config)
-            table, suppressed = suppress_small_groups(table, limits.min_group_size)
+        if release is not None:
+            if release.cohorts is not None:
+                self._check_differencing(table, release, request, requester, limits.min_group_size, config)
+            table, suppressed, withheld = suppress_small_groups(table, limits.min_group_size, release)
             if request.secagg is not None:
-                return self._masked_partials(request, request.secagg, requester, table, suppressed, limits, config,
-                                             started)
+                return self._masked_partials(request, request.secagg, requester, table, suppressed + withheld, limits,
+                                             config, started)
             if limits.max_groups is not None and table.num_rows > limits.max_groups:
                 raise AccessDenied(f"the answer has {table.num_rows} groups; {request.dataset} releases at most "
                                    f"{limits.max_groups} per aggregate", rule="max_groups",
                                    where=f"dataset {request.dataset}",
                                    hint="group by fewer or coarser keys, filter with WHERE, or ask the custodian to "
                                         "raise max_groups")
-            if suppressed:
-                disclosure = {"suppressed_groups": suppressed, "min_group_size": limits.min_group_size}
+            if suppressed or withheld:
+                disclosure = {**({"suppressed_groups": suppressed} if suppressed else {}),
+                              **({"withheld_values": withheld} if withheld else {}),
+                              "min_group_size": limits.min_group_size}
         elif limits.max_rows is not None and table.num_rows > limits.max_rows:
             table = table.slice(0, limits.max_rows)
             disclosure = {"rows_capped_at": limits.max_rows}
@@ -176,13 +178,13 @@ class SqlTasks:
                       **({"dp_epsilon_remaining": spent.remaining} if spent.remaining is not None else {})}
         return _answer(request, add_noise(table, plan, algorithm.epsilon), disclosure, config, started)
 
-    def _check_differencing(self, table: pa.Table, plan: CohortPlan, request: TaskRequest, requester: str,
+    def _check_differencing(self, table: pa.Table, release: Release, request: TaskRequest, requester: str,
                             min_size: int, config: PodConfig) -> None:
         """Refuse an answer whose released cohorts differ from ones this modeller already got by 1
         to `min_size - 1` rows (`governance.differencing`); keep them otherwise."""
         engine, dataset = self.engine, request.dataset
         why = self.cohorts.check_and_keep(
-            requester, dataset, engine.versions[dataset], released_cohorts(table, plan, min_size), min_size,
+            requester, dataset, engine.versions[dataset], released_cohorts(table, release, min_size), min_size,
             lambda sql, params: engine.row_ids(sql, params, dataset, timeout_s=config.sql_timeout_s),
             lambda sql, params: engine.sketch(sql, params, dataset, timeout_s=config.sql_timeout_s))
         if why:

@@ -234,7 +234,8 @@ class TaskResult(WireMessage):
     table: BulkBytes
     seconds: float
     audit_checkpoint: dict[str, Any] | None = None  # the pod's latest signed audit checkpoint, for the modeller to keep
-    # what the pod's limits changed or spent: suppressed_groups, rows_capped_at, withheld_counts, dp_epsilon...
+    # what the pod's limits changed or spent: suppressed_groups, withheld_values, rows_capped_at, withheld_counts,
+    # dp_epsilon...
     disclosure: dict[str, int | float] = {}
 
 

@@ -20,15 +20,20 @@ are sized as a FILTER's. Anything else is a *row* query (`sql_rows`).
 For an aggregate the pod adds hidden columns that count, per cell, the rows each aggregate
 used (`COUNT(*) [FILTER (WHERE arg IS NOT NULL AND its FILTER)]`, and the rows of each branch of
 its CASE, once per distinct condition).
-A cell's group size is the fewest of those counts that are not zero (`group_sizes`) — so an AVG
-over the one non-null value of a group, or a COUNT(*) FILTER that picks one person, counts as a
-group of one, and an aggregate over no rows beside a COUNT(*) of one does not hide it. Rows whose
-group size is from 1 to below the policy's `min_group_size` are dropped before anything leaves the
-pod; how many is reported, never which. The size is taken from the counts after the query, not in
-SQL: DuckDB took about 0.4 ms to bind a `LEAST(NULLIF(...))` over them, half of a small query's time.
+A cell from fewer rows than the policy's `min_group_size` is dropped; in the cells kept, an
+output whose aggregates used fewer rows (an AVG over the one non-null value of a group, a COUNT(*)
+FILTER that picks one person, a CASE branch of one) is withheld, NULL (`suppress_small_groups`).
+How many of each is reported, never which. A count of none is held back as one of a few is, or
+the difference would tell: were empty cells released and small ones suppressed, a FILTER naming
+one person would be suppressed in just the cell that holds that person (`SELECT bmi, COUNT(*)
+FILTER (WHERE id = 42) ... GROUP BY bmi` told patient 42's bmi). Where cells are ordered by an
+aggregate, their order would tell a withheld value, and a cell with one is dropped instead. The
+counts are judged after the query, not in SQL: DuckDB took about 0.4 ms to bind a
+`LEAST(NULLIF(...))` over them, half of a small query's time.
 
 Against differencing, the pod also describes the *cohorts* an aggregate releases — each cell's
-rows, and within it the rows each aggregate used (its FILTER, its non-null argument) — by those
+rows, and within it the rows each output it lets out used (its FILTER, its non-null argument, its
+CASE's branches) — by those
 counts and a hash of their row ids, in the same scan (`disclosed_query`), so that
 `governance.differencing` can refuse a cohort that differs from one already released to the same
 modeller by fewer than `min_group_size` rows.
@@ -36,6 +41,7 @@ modeller by fewer than `min_group_size` rows.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -288,14 +294,17 @@ def _group_keys(tree: exp.Select) -> list[exp.Expr]:
     return group_keys(tree)
 
 
-def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
+def _conditions(tree: exp.Select, non_null: frozenset[str]) -> tuple[list[str], tuple[tuple[int, ...], ...]]:
     """The whole cell, then the rows each aggregate used: its FILTER, and its arguments not null
     (every one of COUNT(DISTINCT a, b)'s, which counts only rows where all are; left out for a
     column the table holds no null in: the same rows as the cell); and the rows each branch of
-    an argument's CASE takes (`_weighing`), within its FILTER."""
+    an argument's CASE takes (`_weighing`), within its FILTER. Also, per output, the conditions
+    its aggregates used."""
     conditions = ["TRUE"]
+    uses: list[tuple[int, ...]] = []
     tables = table_names(tree)
     for projection in tree.expressions:
+        used: set[int] = set()
         for node in projection.find_all(exp.AggFunc):
             parts = []
             arguments = node.this.expressions if isinstance(node.this, exp.Distinct) else [node.this]
@@ -312,21 +321,51 @@ def _conditions(tree: exp.Select, non_null: frozenset[str]) -> list[str]:
                               *(" AND ".join([region, *within]) for region in regions)]:
                 if condition not in conditions:
                     conditions.append(condition)
-    return conditions
+                used.add(conditions.index(condition))
+        uses.append(tuple(sorted(used)))
+    return conditions, tuple(uses)
+
+
+def _orders_by_aggregate(tree: exp.Select) -> bool:
+    """Whether the cells are ordered by an aggregate (named, by alias or by position)."""
+    order = tree.args.get("order")
+    aliases = {p.alias.lower(): p for p in tree.expressions if isinstance(p, exp.Alias)}
+    for ordered in order.expressions if order is not None else []:
+        key = ordered.this
+        if isinstance(key, exp.Literal) and key.is_int and 1 <= int(key.this) <= len(tree.expressions):
+            key = tree.expressions[int(key.this) - 1]
+        elif isinstance(key, exp.Column) and not key.table and key.name.lower() in aliases:
+            key = aliases[key.name.lower()]
+        if key.find(exp.AggFunc) is not None:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Release:
+    """How the pod lets an aggregate's answer out (`suppress_small_groups`): per output, the
+    conditions (hidden counts `n{j}`) of the rows its aggregates used; whether a small count
+    withholds the whole cell rather than the output's value (when the cells are ordered by an
+    aggregate, their order would tell a withheld value); and, for the differencing ledger, the
+    cohorts' plan."""
+
+    uses: tuple[tuple[int, ...], ...]
+    whole_cells: bool
+    cohorts: CohortPlan | None
 
 
 @per_query
 def disclosed_query(query: str, non_null: frozenset[str] = frozenset(),
-                    cohorts: bool = True) -> tuple[str, CohortPlan | None]:
+                    cohorts: bool = True) -> tuple[str, Release]:
     """The aggregate query with its hidden columns: per cell, how many rows each aggregate used
-    (from which `group_sizes` reads the cell's group size: see the module docstring) and, with
-    `cohorts`, what describes the cohorts each cell releases — computed in the same scan.
+    (by which `suppress_small_groups` judges it: see the module docstring) and, with `cohorts`,
+    what describes the cohorts each cell releases — computed in the same scan; and its `Release`.
     `non_null`: lower-case names of columns without nulls. ValueError for a shape whose cohorts
     it cannot describe. Remembered per query (a pure function, whose answer nobody changes):
     rewriting a query costs a pod more than running it on small data."""
     tree = parse_statement(query)
     assert isinstance(tree, exp.Select), "only aggregate queries get a group size"
-    conditions = _conditions(tree, non_null)
+    conditions, uses = _conditions(tree, non_null)
     hidden: list[exp.Expr] = []
     plan = None
     if cohorts:
@@ -344,40 +383,55 @@ def disclosed_query(query: str, non_null: frozenset[str] = frozenset(),
         for name, aggregate in described:
             hidden.append(exp.alias_(parse_statement(f"SELECT {aggregate}{within}").expressions[0],
                                      f"{HIDDEN}{name}{j}"))
+    release = Release(uses, _orders_by_aggregate(tree), plan)
     tree.set("expressions", [*tree.expressions, *hidden])
-    return to_duckdb(tree), plan
+    return to_duckdb(tree), release
 
 
-def with_group_size(query: str) -> str:
-    """The aggregate query with only the counts behind its group size appended (see `disclosed_query`)."""
-    return disclosed_query(query, cohorts=False)[0]
-
-
-def group_sizes(table: pa.Table) -> pa.Array:
-    """Each cell's group size: the fewest rows any of its aggregates used, among the counts that
-    are not zero (an aggregate over no rows describes nobody, and must not hide a COUNT(*) of one
-    beside it); 0 for a cell from no rows at all. (A query with an output named like these
-    counts is a row query: `shape`.)"""
+def _small(count: pa.ChunkedArray, min_group_size: int) -> pa.ChunkedArray:
+    """Fewer rows than the minimum, none included: were a count of 0 let out where one of 1 is
+    withheld, a FILTER naming one patient (`SELECT bmi, COUNT(*) FILTER (WHERE id = 42) ... GROUP
+    BY bmi`) would be withheld in just the cell that holds the patient, and tell the bmi."""
     import pyarrow.compute as pc
 
-    counts = [table.column(name) for name in table.column_names if name.startswith(f"{HIDDEN}n")]
-    if len(counts) == 1:
-        return counts[0]
-    nonzero = [pc.if_else(pc.equal(count, 0), None, count) for count in counts]
-    return pc.fill_null(pc.min_element_wise(*nonzero, skip_nulls=True), 0)
+    return pc.less(count, min_group_size)
 
 
-def releasable(table: pa.Table, min_group_size: int) -> pa.Array:
-    """Per cell, whether it may leave the pod: not computed from 1 to `min_group_size - 1` rows.
-    A cell from no rows at all (a COUNT of 0, a SUM of nothing) describes nobody and may."""
+def kept_cells(table: pa.Table, min_group_size: int, release: Release) -> pa.ChunkedArray:
+    """Per cell, whether it may leave the pod: from at least `min_group_size` rows (and each of
+    its aggregates too, where the release withholds whole cells)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    sizes = group_sizes(table)
-    return pc.or_(pc.equal(sizes, 0), pc.greater_equal(sizes, min_group_size))
+    if min_group_size <= 1:
+        return pa.chunked_array([pa.array([True] * table.num_rows)])
+    used = range(max((j for output in release.uses for j in output), default=0) + 1) if release.whole_cells \
+        else [0]
+    return pc.invert(functools.reduce(pc.or_, [_small(table.column(f"{HIDDEN}n{j}"), min_group_size) for j in used]))
 
 
-def suppress_small_groups(table: pa.Table, min_group_size: int) -> tuple[pa.Table, int]:
-    """Drop the cells that may not leave (`releasable`), and the hidden columns."""
-    kept = table.filter(releasable(table, min_group_size))
-    kept = kept.drop_columns([c for c in kept.column_names if c.startswith(HIDDEN)])
-    return kept, table.num_rows - kept.num_rows
+def suppress_small_groups(table: pa.Table, min_group_size: int, release: Release) -> tuple[pa.Table, int, int]:
+    """The answer as it may leave the pod, how many cells it held back and how many values: a
+    cell from fewer than `min_group_size` rows is dropped; in the others, an output whose
+    aggregates used fewer rows (a FILTER's, a CASE branch's, the non-null values') is NULL.
+    Withholding the value rather than the cell keeps the cell's other outputs (an AVG over a
+    column empty in that group beside its COUNT(*)), and is exact in a federated merge, where a
+    value from no rows adds nothing anyway. The hidden columns are dropped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kept = kept_cells(table, min_group_size, release)
+    visible = [name for name in table.column_names if not name.startswith(HIDDEN)]
+    columns = [table.column(i) for i, name in enumerate(table.column_names) if not name.startswith(HIDDEN)]
+    withheld = 0
+    if min_group_size > 1:
+        for index, used in enumerate(release.uses[:len(columns)]):
+            small = [_small(table.column(f"{HIDDEN}n{j}"), min_group_size) for j in used if j]
+            if not small:
+                continue
+            hidden = functools.reduce(pc.or_, small)
+            withheld += pc.sum(pc.and_(hidden, kept)).as_py() or 0
+            columns[index] = pc.if_else(hidden, pa.scalar(None, columns[index].type), columns[index])
+    answer = pa.Table.from_arrays(columns, names=visible).filter(kept)
+    return answer, table.num_rows - answer.num_rows, withheld
+
