@@ -42,6 +42,16 @@ def ordinal(select: exp.Select, key: exp.Expr, clause: str) -> int | None:
     return int(key.this) - 1
 
 
+def alias_position(select: exp.Select, name: exp.Expr) -> int | None:
+    """The 0-based projection whose alias a bare name (in ORDER BY) names, in any case: DuckDB
+    binds it before a column of that name (`SELECT -x AS x ... ORDER BY x` orders by -x)."""
+    if isinstance(name, exp.Column) and not name.table:
+        for position, projection in enumerate(select.expressions):
+            if isinstance(projection, exp.Alias) and projection.alias.lower() == name.name.lower():
+                return position
+    return None
+
+
 def table_names(tree: exp.Expr) -> set[str]:
     """The lower-case names the query's tables go by: their own, and their aliases."""
     return {name.lower() for t in tree.find_all(exp.Table) for name in (t.name, t.alias_or_name)}

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Literal
 from sqlglot import exp
 
 from fedpod.algorithms.sql.dialect import (
+    alias_position,
     group_keys,
     ordinal,
     parse_statement,
@@ -206,19 +207,26 @@ def _row_reason(tree: exp.Expr) -> str:
     return ""
 
 
+def _order_targets(tree: exp.Select) -> list[tuple[exp.Expr, exp.Expr | None]]:
+    """Each ORDER BY key, with the output it names by position or by alias (in any case, as
+    DuckDB reads it), or None."""
+    order = tree.args.get("order")
+    targets: list[tuple[exp.Expr, exp.Expr | None]] = []
+    for ordered in order.expressions if order is not None else []:
+        key = ordered.this
+        position = ordinal(tree, key, "ORDER BY")
+        if position is None:
+            position = alias_position(tree, key)
+        targets.append((key, None if position is None else tree.expressions[position]))
+    return targets
+
+
 def _unreleased_order(tree: exp.Select) -> exp.Expr | None:
     """An ORDER BY key holding an aggregate that is not one of the query's outputs (the order
     of cells by a value nobody sees, MAX(CASE WHEN id = 42 ...), says which cell holds whom)."""
-    order = tree.args.get("order")
     outputs = [p.this if isinstance(p, exp.Alias) else p for p in tree.expressions]
-    aliases = {p.alias for p in tree.expressions if isinstance(p, exp.Alias)}
-    for ordered in order.expressions if order is not None else []:
-        key: exp.Expr = ordered.this
-        named = ordinal(tree, key, "ORDER BY") is not None or (
-            isinstance(key, exp.Column) and not key.table and key.name in aliases)
-        if not named and key not in outputs and key.find(exp.AggFunc):
-            return key
-    return None
+    return next((key for key, named in _order_targets(tree)
+                 if named is None and key not in outputs and key.find(exp.AggFunc)), None)
 
 
 def _renames_columns(tree: exp.Expr) -> bool:
@@ -328,17 +336,7 @@ def _conditions(tree: exp.Select, non_null: frozenset[str]) -> tuple[list[str], 
 
 def _orders_by_aggregate(tree: exp.Select) -> bool:
     """Whether the cells are ordered by an aggregate (named, by alias or by position)."""
-    order = tree.args.get("order")
-    aliases = {p.alias.lower(): p for p in tree.expressions if isinstance(p, exp.Alias)}
-    for ordered in order.expressions if order is not None else []:
-        key = ordered.this
-        if isinstance(key, exp.Literal) and key.is_int and 1 <= int(key.this) <= len(tree.expressions):
-            key = tree.expressions[int(key.this) - 1]
-        elif isinstance(key, exp.Column) and not key.table and key.name.lower() in aliases:
-            key = aliases[key.name.lower()]
-        if key.find(exp.AggFunc) is not None:
-            return True
-    return False
+    return any((named or key).find(exp.AggFunc) is not None for key, named in _order_targets(tree))
 
 
 @dataclass(frozen=True)
@@ -405,9 +403,9 @@ def kept_cells(table: pa.Table, min_group_size: int, release: Release) -> pa.Chu
 
     if min_group_size <= 1:
         return pa.chunked_array([pa.array([True] * table.num_rows)])
-    used = range(max((j for output in release.uses for j in output), default=0) + 1) if release.whole_cells \
-        else [0]
-    return pc.invert(functools.reduce(pc.or_, [_small(table.column(f"{HIDDEN}n{j}"), min_group_size) for j in used]))
+    counts = [name for name in table.column_names if name.startswith(f"{HIDDEN}n")] if release.whole_cells \
+        else [f"{HIDDEN}n0"]
+    return pc.invert(functools.reduce(pc.or_, [_small(table.column(name), min_group_size) for name in counts]))
 
 
 def suppress_small_groups(table: pa.Table, min_group_size: int, release: Release) -> tuple[pa.Table, int, int]:

@@ -13,8 +13,9 @@ GROUP BY keys are computed at the pods and become the merge's GROUP BY; WHERE ru
 pods; HAVING, ORDER BY, LIMIT/OFFSET and DISTINCT run only after the merge. A plain row
 query (no aggregate) is merged by concatenation, with ORDER BY/LIMIT re-applied. A sample of
 a PERCENT of the rows is taken by each pod of its own rows; a sample of n rows would give n
-per pod, and is refused. Anything that has no exact merge (COUNT(DISTINCT), MEDIAN, window functions, joins, ...) raises
-NotMergeable naming the construct, rather than returning an approximation.
+per pod, and is refused. Anything that has no exact merge (COUNT(DISTINCT), MEDIAN, window
+functions, joins, ...) raises NotMergeable naming the construct, rather than returning an
+approximation.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from typing import Any, Literal
 from sqlglot import exp
 
 from fedpod.algorithms.sql import dialect
-from fedpod.algorithms.sql.dialect import group_keys, ordinal, parse_statement, per_query, to_duckdb, unknown_aggregate
+from fedpod.algorithms.sql.dialect import (
+    alias_position,
+    group_keys,
+    ordinal,
+    parse_statement,
+    per_query,
+    to_duckdb,
+    unknown_aggregate,
+)
 from fedpod.errors import NotMergeable
 
 PARTIALS = "partials"
@@ -242,21 +251,11 @@ def _expands(projection: exp.Expr) -> bool:
         isinstance(projection, exp.Column) and isinstance(projection.this, exp.Star))
 
 
-def _alias_position(select: exp.Select, target: exp.Expr) -> int | None:
-    """The 0-based projection whose alias a bare name in ORDER BY names: DuckDB binds it before
-    a column of that name (`SELECT -x AS x ... ORDER BY x` orders by -x), in any case."""
-    if isinstance(target, exp.Column) and not target.table:
-        for position, projection in enumerate(select.expressions):
-            if isinstance(projection, exp.Alias) and projection.alias.lower() == target.name.lower():
-                return position
-    return None
-
-
 def _named_output(select: exp.Select, target: exp.Expr) -> exp.Expr | None:
     """What a bare name in a row query's ORDER BY stands for when it names an output rather than
     a column: a select alias, or a column `* REPLACE (-x AS x)` or `* RENAME (x AS z)` made."""
     named: exp.Expr | None = None
-    if (position := _alias_position(select, target)) is not None:
+    if (position := alias_position(select, target)) is not None:
         named = select.expressions[position].this
     elif isinstance(target, exp.Column) and not target.table:
         for star in (p for p in select.expressions if isinstance(p, exp.Star)):
@@ -269,7 +268,7 @@ def _named_output(select: exp.Select, target: exp.Expr) -> exp.Expr | None:
 def _selected(select: exp.Select, target: exp.Expr) -> int | None:
     """The 0-based projection an ORDER BY key names: by its alias, its column's name (in any
     case, as DuckDB reads unquoted names), or as the same expression."""
-    if (position := _alias_position(select, target)) is not None:
+    if (position := alias_position(select, target)) is not None:
         return position
     for position, projection in enumerate(select.expressions):
         if isinstance(target, exp.Column) and isinstance(projection, exp.Column) \
@@ -370,7 +369,7 @@ def _plan_aggregate(select: exp.Select) -> MergePlan:
         target = ordered.this
         if (position := ordinal(select, target, "ORDER BY")) is not None:
             replacement: exp.Expr = exp.column(f"c{position}")
-        elif (position := _alias_position(select, target)) is not None:
+        elif (position := alias_position(select, target)) is not None:
             replacement = exp.column(f"c{position}")
         else:
             replacement = rewriter.transform(_bind_aliases(target, bound, key_names))
