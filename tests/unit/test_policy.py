@@ -196,6 +196,9 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
      "GROUP BY sex", "sql_rows"),  # a second CASE: its branches' rows are not sized
     ("SELECT sex, SUM(CASE WHEN age > 40 THEN age * age ELSE 0 END) FROM ehr GROUP BY sex", "sql_rows"),
     ("SELECT sex, COUNT(DISTINCT age % 7) FROM ehr GROUP BY sex", "sql_rows"),
+    ("SELECT SUM(CASE " + " ".join(f"WHEN age = {i} THEN {i}" for i in range(16)) + " ELSE 0 END) FROM ehr",
+     "sql_rows"),  # each branch is counted apart, and its condition repeats those before it: a bound
+    ("SELECT " + ", ".join(f"SUM(IF(age = {i}, 1, 0))" for i in range(100)) + " FROM ehr", "sql_rows"),  # 300 counts
     ("SELECT sex, AVG(age * 2 + 1), MIN(-age), MAX(age / 10.0), AVG(CAST(age AS DOUBLE)), COUNT(DISTINCT age), "
      "COUNT(CASE WHEN ssn = 'x' THEN 1 END) FROM ehr GROUP BY sex", "sql_aggregate"),
     # one CASE or IF choosing between linear values: each branch's rows are sized, as a FILTER's

@@ -81,6 +81,8 @@ class QueryShape:
 
 
 _FLOATING = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
+MAX_CASE_BRANCHES = 16  # a branch's condition repeats those before it: a CASE of n costs n^2
+MAX_SIZED = 256  # row counts per cell an aggregate query may need: each is a FILTERed COUNT and hash
 
 
 def _constant(node: exp.Expr) -> bool:
@@ -162,6 +164,8 @@ def _weighing(aggregate: exp.AggFunc) -> exp.Expr | None:
             if (found := _nonlinear(argument)) is not None:
                 return found
             continue
+        if len(choice.args.get("ifs") or []) >= MAX_CASE_BRANCHES:  # each branch's rows are counted apart
+            return exp.Var(this=f"a CASE of more than {MAX_CASE_BRANCHES} branches")
         for _, value in _branches(choice):
             chosen = argument.copy().transform(lambda node, c=choice, v=value: v.copy() if node == c else node)
             if (found := _nonlinear(chosen)) is not None:
@@ -195,6 +199,10 @@ def _row_reason(tree: exp.Expr) -> str:
             return (f"{to_duckdb(aggregate)[:80]} weighs rows by {to_duckdb(weighing)[:60]}, which can single one "
                     "out (SUM(CASE WHEN id = 42 THEN age ELSE 0 END) is patient 42's age); pick rows with WHERE or "
                     "FILTER (WHERE ...), whose rows the pod counts, and add up columns, + - and constants")
+    sized = sum(len(choice.args.get("ifs") or [choice]) + 1 for aggregate in aggregates
+                for choice in aggregate.find_all(exp.Case, exp.If) if not isinstance(choice.parent, exp.Case))
+    if len(aggregates) + sized > MAX_SIZED:
+        return f"it has the pod count the rows of more than {MAX_SIZED} aggregates and CASE branches"
     if (unknown := unknown_aggregate(tree)) is not None:
         return f"{to_duckdb(unknown)[:80]} is an aggregate the pod cannot size or check"
     filtering = next((c for c in ("having", "qualify") if (part := tree.args.get(c)) and part.find(exp.AggFunc)), None)
