@@ -119,10 +119,15 @@ def _nonlinear(node: exp.Expr) -> exp.Expr | None:
     return node
 
 
+def _choices(node: exp.Expr) -> list[exp.Case | exp.If]:
+    """The CASEs and IFs within `node` (not a CASE's own WHEN branches, which are IFs too)."""
+    return [found for found in node.find_all(exp.Case, exp.If)
+            if isinstance(found, exp.Case | exp.If) and not isinstance(found.parent, exp.Case)]
+
+
 def _choice(argument: exp.Expr) -> exp.Case | exp.If | None:
     """The one CASE (or IF) of an aggregate's argument; ValueError for more than one."""
-    choices = [node for node in argument.find_all(exp.Case, exp.If)
-               if isinstance(node, exp.Case | exp.If) and not isinstance(node.parent, exp.Case)]
+    choices = _choices(argument)
     if len(choices) > 1:
         raise ValueError(to_duckdb(choices[1]))
     return choices[0] if choices else None
@@ -200,7 +205,7 @@ def _row_reason(tree: exp.Expr) -> str:
                     "out (SUM(CASE WHEN id = 42 THEN age ELSE 0 END) is patient 42's age); pick rows with WHERE or "
                     "FILTER (WHERE ...), whose rows the pod counts, and add up columns, + - and constants")
     sized = sum(len(choice.args.get("ifs") or [choice]) + 1 for aggregate in aggregates
-                for choice in aggregate.find_all(exp.Case, exp.If) if not isinstance(choice.parent, exp.Case))
+                for choice in _choices(aggregate))
     if len(aggregates) + sized > MAX_SIZED:
         return f"it has the pod count the rows of more than {MAX_SIZED} aggregates and CASE branches"
     if (unknown := unknown_aggregate(tree)) is not None:
