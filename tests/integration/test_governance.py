@@ -13,7 +13,7 @@ import pytest
 
 from fedpod.data.datasets import DatasetSpec
 from fedpod.data.synth import generate, write
-from fedpod.errors import AccessDenied, ConfigError
+from fedpod.errors import AccessDenied, ConfigError, TaskFailed
 from fedpod.governance.policy import Policy
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment, RoundFailed
@@ -98,6 +98,23 @@ def test_small_groups_are_suppressed_and_the_result_says_so(alice: RunningPod, m
                     "HAVING MAX(CASE WHEN age = 41 THEN 1 END) = 1"):
         with pytest.raises(AccessDenied, match=r"no grant of sql_rows on alice/ehr \[rule: grants\]"):
             modeller.sql(leaking, datasets=[f"alice/{DATASET}"])
+
+
+def test_a_query_that_fails_on_a_value_does_not_send_the_value(alice: RunningPod, modeller: Modeller) -> None:
+    """DuckDB's errors quote the value they failed on: a modeller granted aggregates only read a
+    named patient's identifier (or diagnosis) out of `Could not convert string 'A00-000042' to
+    INT32`. The pod sends the error's kind; its custodian's log keeps the message."""
+    for query in (f"SELECT COUNT(*) AS n FROM {DATASET} WHERE age = 41 AND CAST(patient_id AS INTEGER) = 0",
+                  f"SELECT COUNT(*) AS n FROM {DATASET} WHERE age = 41 AND patient_id::DATE IS NULL",
+                  f"SELECT COUNT(*) AS n FROM {DATASET} WHERE age = 41 AND error(patient_id) IS NULL"):
+        with pytest.raises(TaskFailed) as failed:
+            modeller.sql(query, datasets=[f"alice/{DATASET}"], aggregate=True)
+        assert failed.value.kind == "SqlExecutionError" and "failed on a value in the data" in str(failed.value)
+        assert "A00-" not in str(failed.value), failed.value
+    wait_until(lambda: alice.output().count("told to its sender without this message") == 3, what="the pod's log")
+    assert "Could not convert string 'A00-" in alice.output()
+    answer = modeller.sql(f"SELECT COUNT(*) AS n FROM {DATASET}", datasets=[f"alice/{DATASET}"], aggregate=True)
+    assert isinstance(answer, pd.DataFrame) and int(answer["n"][0]) == 400
 
 
 def test_a_column_that_hides_the_row_ids_gets_no_unchecked_aggregate(pod_factory: PodFactory, tmp_path: Path,

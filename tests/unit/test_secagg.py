@@ -211,3 +211,14 @@ def test_settings_are_checked() -> None:
     with pytest.raises(SecAggError, match="above half"):
         make_plan(pods_named(5), b"", Settings(reconstruction_threshold=2))
     assert make_plan(pods_named(30), b"", Settings(num_shares=7)).threshold == 4
+
+
+def test_a_partial_too_large_to_add_is_refused_without_its_value() -> None:
+    """A secure sum hides each pod's partial from the modeller; the refusal quoted it (`partial 0
+    (4.4e+13) is too large`), and a query scaled by a constant made any sum too large."""
+    from fedpod.algorithms.sql.secure import encode_partials
+
+    with pytest.raises(ValueError, match=r"partial 0 is beyond \+-4\.39805e\+12, too large") as refused:
+        encode_partials({"p0": 43_980_465_111_776.5}, ["sum"])
+    assert "43980" not in str(refused.value) and "4.39805e+13" not in str(refused.value)
+    assert list(encode_partials({"p0": 1.5, "p1": 7}, ["sum", "count"]).view(np.int64)) == [3 * 2**19, 7]

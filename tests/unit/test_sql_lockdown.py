@@ -116,3 +116,30 @@ def test_a_result_over_max_rows_is_refused_not_truncated(engine: SqlEngine) -> N
 
     with pytest.raises(ResultTooLarge, match="more than 2 rows"):
         engine.run(f"SELECT * FROM `{DATASET}`", DATASET, max_rows=2)
+
+
+@pytest.mark.parametrize("condition", [
+    "CAST(sex AS INTEGER) = 0",  # Could not convert string 'M' to INT32
+    "sex::DATE IS NULL",
+    "error(sex || '!') IS NULL",  # the value itself as the message
+    "json_extract(sex, '$') IS NULL",
+    "strptime(sex, '%Y') IS NULL",
+    "CAST(age + 1000 AS UTINYINT) > 0",  # ... with value 1041 can't be cast
+])
+def test_an_error_raised_by_a_value_does_not_quote_it(engine: SqlEngine, condition: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Its kind is told; its text, which quotes the value, goes to the pod's log only."""
+    with pytest.raises(SqlExecutionError, match=r"failed on a value in the data \(\w+Exception\)") as failed:
+        engine.run(f"SELECT COUNT(*) AS n FROM `{DATASET}` WHERE age = 41 AND {condition}", DATASET)
+    assert not any(value in str(failed.value) for value in ("'M'", "M!", '"M"', "1041")), failed.value
+    assert any(value in caplog.text for value in ("'M'", "M!", '"M"', "1041")), caplog.text
+
+
+@pytest.mark.parametrize(("query", "told"), [
+    (f"SELECT nope FROM `{DATASET}`", 'Referenced column "nope" not found'),
+    (f"SELECT age + sex FROM `{DATASET}`", "Binder Error"),
+    (f"SELECT SUM(sex) FROM `{DATASET}`", r"No function matches .*sum\(VARCHAR\)"),
+])
+def test_an_error_about_the_query_is_told_as_duckdb_says_it(engine: SqlEngine, query: str, told: str) -> None:
+    with pytest.raises((SqlExecutionError, SqlRejected), match=told):
+        engine.run(query, DATASET)

@@ -573,8 +573,7 @@ class Pod:
             except Exception as exc:  # a task never kills the pod, and its requester always hears back
                 if not isinstance(exc, FedpodError):
                     log.exception("task %s failed unexpectedly", request.task_id)
-                message = exc.message if isinstance(exc, FedpodError) else str(exc)
-                hint = exc.hint if isinstance(exc, FedpodError) else "see the pod's log"
+                message, hint = reported_failure(exc)
                 self._journal.record("task-failed", task=request.task_id, dataset=request.dataset,
                                      error=type(exc).__name__, message=message)
                 if isinstance(exc, PlanNotApproved):
@@ -693,6 +692,16 @@ class Pod:
                         self._refused("reply-undelivered", f"to {to}: {exc}")
                     return
                 await asyncio.sleep(1.0 * 2**attempt)
+
+
+def reported_failure(exc: Exception) -> tuple[str, str | None]:
+    """What the requester hears of a failed task. fedpod's own errors are written to say nothing
+    of the data; another library's may quote it (pandas' `could not convert string to float:
+    'HIV positive'`, from a text column named as a feature), so only its kind leaves the pod."""
+    if isinstance(exc, FedpodError):
+        return exc.message, exc.hint
+    return (f"the task failed with {type(exc).__name__}; the pod does not send its message, which may quote the "
+            "data", "the pod's custodian can read the message in the pod's log")
 
 
 async def serve(config_path: Path, stop: asyncio.Event | None = None) -> None:

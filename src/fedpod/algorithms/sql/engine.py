@@ -21,6 +21,7 @@ from sqlglot import exp
 
 from fedpod.algorithms.sql.dialect import to_duckdb
 from fedpod.algorithms.sql.disclosure import SKETCH
+from fedpod.algorithms.sql.failures import failure
 from fedpod.algorithms.sql.guard import check_read_only
 from fedpod.algorithms.sql.watchdog import Watchdog
 from fedpod.data.catalog import Catalog
@@ -138,7 +139,7 @@ class SqlEngine:
         except duckdb.InterruptException as exc:
             raise TaskTimeout(f"a cohort query ran longer than {timeout_s}s", where=f"dataset {dataset}") from exc
         except duckdb.Error as exc:
-            raise SqlExecutionError(str(exc).splitlines()[0], where=f"dataset {dataset}") from exc
+            raise failure(exc, f"dataset {dataset}") from exc
         finally:
             cursor.close()
 
@@ -196,7 +197,7 @@ class SqlEngine:
             raise TaskTimeout(f"query ran longer than {timeout_s}s and was stopped",
                               where=f"dataset {dataset}") from exc
         except duckdb.Error as exc:
-            raise SqlExecutionError(str(exc).splitlines()[0], where=f"dataset {dataset}") from exc
+            raise failure(exc, f"dataset {dataset}") from exc
         finally:
             cursor.close()
         if not capped and max_rows is not None and table.num_rows > max_rows:

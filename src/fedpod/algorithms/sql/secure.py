@@ -48,7 +48,9 @@ def encode_partials(row: dict[str, Any], kinds: list[Kind]) -> np.ndarray:
             raise ValueError(f"partial {index} is {number}: not a finite number")
         scaled = int(value) if kind == "count" else round(number * 2**SCALE_BITS)
         if abs(scaled) >= LIMIT:
-            raise ValueError(f"partial {index} ({number:g}) is too large to add securely")
+            # the value itself is what secure aggregation hides from the modeller: not named
+            raise ValueError(f"partial {index} is beyond +-{LIMIT / 2**(0 if kind == 'count' else SCALE_BITS):g}, "
+                             "too large to add securely")
         encoded.append(scaled)
     return np.array(encoded, dtype=np.int64).view(np.uint64)
 

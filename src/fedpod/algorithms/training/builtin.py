@@ -86,9 +86,9 @@ def check_classes(target: np.ndarray, count: int, column: str, source: str) -> N
                           hint=f"encode its classes as 0..{count - 1}, or use sgd_regressor for a numeric target")
     values = np.unique(target[~np.isnan(target)] if np.issubdtype(target.dtype, np.floating) else target)
     if len(values) and (np.any(values != np.round(values)) or values.min() < 0 or values.max() >= count):
-        shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise ConfigError(f"target column {column!r} of dataset {source} holds {len(values)} distinct values "
-                          f"({shown}); this model was set up for {count} classes (0..{count - 1})",
+        # which values, or how many, is not said: a target expression can make them a patient's
+        raise ConfigError(f"target column {column!r} of dataset {source} holds values other than the labels of "
+                          f"the {count} classes this model was set up for (0..{count - 1})",
                           hint="give model_args n_classes=K for K classes labelled 0..K-1, or use sgd_regressor "
                                "for a continuous target")
 
