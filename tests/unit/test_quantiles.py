@@ -103,6 +103,20 @@ def test_pods_withhold_counts_near_their_extremes_and_such_a_quantile_is_refused
         federated("SELECT MEDIAN(x) FROM ehr WHERE x > 3.5", pods, min_size=5)
 
 
+def test_a_pod_with_none_or_a_few_values_refuses_alike_without_saying_how_many() -> None:
+    """A pod answered none as a count of 0 and one to four as `only 1 value(s)`: selecting one
+    patient by WHERE told whether they had a diagnosis, and how many a cohort held."""
+    values: list[float | None] = [float(v) for v in range(50)]
+    messages = set()
+    for cut in (49.5, 48.5, 46.5):  # none, one, three values above the cut
+        with pytest.raises(PermissionError, match=r"fewer than min_group_size \(5\) values") as refused:
+            federated(f"SELECT MEDIAN(x) FROM ehr WHERE x > {cut}", [values], min_size=5)
+        messages.add(str(refused.value))
+    assert len(messages) == 1
+    assert federated("SELECT MEDIAN(x) FROM ehr WHERE x > 19.5", [values], min_size=5)[0] == [34.5]
+    assert federated("SELECT MEDIAN(x) FROM ehr WHERE x > 46.5", [[], values], min_size=1)[0] == [48.0]
+
+
 def test_a_quantiles_table_may_go_by_an_alias() -> None:
     """The pods' counts once named the table alone, and `t.x` did not bind."""
     pods: list[list[float | None]] = [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0]]

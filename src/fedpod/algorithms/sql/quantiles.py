@@ -199,9 +199,10 @@ def pod_counts(row: dict[str, Any], plan: QuantilePlan, thresholds: list[list[fl
     withheld = 0
     for index in range(len(plan.arguments)):
         total = int(row[f"n{index}"] or 0)
-        if 0 < total < min_size:
-            raise PermissionError(f"only {total} value(s) of quantile argument {index + 1} here, fewer than "
-                                  f"min_group_size ({min_size})")
+        if min_size > 1 and total < min_size:  # none alike: a 0 told apart from a refusal said whether a
+            # patient was selected (`WHERE id = 42 AND diagnosis = ...`), and the refusal said how many
+            raise PermissionError(f"fewer than min_group_size ({min_size}) values of quantile argument {index + 1} "
+                                  "here")
         histogram = row[f"h{index}"] or []  # a MAP: pairs (upper bound, count), the empty buckets left out
         buckets = sorted(histogram.items() if isinstance(histogram, dict) else histogram)
         arguments.append(index)
