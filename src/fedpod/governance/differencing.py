@@ -86,7 +86,7 @@ Sketch = Callable[[str, list[Any]], tuple[list[int], int, int]]  # its sketch, s
 
 
 def not_selected_again(cohort: Cohort) -> str:
-    return (f"a cohort of {cohort.size} rows is not selected again as the answer selected it (a sample, random() "
+    return ("a cohort is not selected again as the answer selected it (a sample, random() "
             "or the clock in its query?), so the pod cannot tell how far it lies from those already released")
 
 
@@ -197,9 +197,9 @@ class CohortLedger:
                         return not_selected_again(new if new_rows is None else other)
                     difference = symmetric_difference(new_rows, other_rows)
                     if 0 < difference < min_size:
-                        return (f"its cohort ({new.size} rows) differs by {difference} row(s) from one already "
-                                f"released ({other.size} rows); answering both would single out fewer than "
-                                f"{min_size} people")
+                        # by how many, or the sizes, is not said: that is the small count withheld
+                        return (f"its cohort differs by fewer than {min_size} rows from one already released; "
+                                f"answering both would single out fewer than {min_size} people")
                 batch.add(new)
             if fresh:
                 for cohort in fresh:
