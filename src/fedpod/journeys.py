@@ -14,11 +14,16 @@ Binning, exactly:
 - `anchor=<date>` or `anchor=<static column>` (a per-patient date, e.g. the prediction time):
   only events strictly before the anchor count, and bins run backwards from it: the last bin
   holds [anchor - size, anchor), the one before [anchor - 2*size, anchor - size), and so on.
-  `max_bins` keeps the *latest* bins (those nearest the anchor). Either way the time axis of
-  the tensor runs from oldest to newest.
+  A patient without an anchor date (a null `death_date`) gets an empty row. `max_bins` keeps
+  the *latest* bins (those nearest the anchor). Either way the time axis of the tensor runs
+  from oldest to newest.
 - Patients: the static table's, in its order (those without events get empty rows), or else
-  every patient of the events, sorted. Events of patients not in the static table, and of codes
-  not in `codes`, are left out. Unsorted input and duplicate timestamps change nothing.
+  every patient of the events, sorted; an identifier stands once in the static table. Ids
+  match as text, a whole number read as a float (a column with a blank cell) as the integer
+  it is. Events of patients not in the static table, of codes not in `codes` and without a
+  timestamp are left out. Unsorted input and duplicate timestamps change nothing.
+- At most `max_cells` cells (patients x bins x codes): a bin size a thousand times too fine
+  fails saying so, rather than asking for terabytes.
 - `aggregate="count"` (one-hot, summed over the bin's events), `"presence"` (0/1) or `"mean"`
   (the mean of the events' values). A cell with no event of its code holds `fill_value`.
 
@@ -39,9 +44,12 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
+from fedpod.algorithms.sql.watchdog import Watchdog
 from fedpod.algorithms.training.layout import report_features
+from fedpod.errors import ConfigError, SqlRejected, TaskTimeout
 
 Aggregate = Literal["count", "presence", "mean"]
+_deadlines = Watchdog()  # its thread starts with the first target computed
 
 
 class TemporalTensor(NamedTuple):
@@ -50,18 +58,37 @@ class TemporalTensor(NamedTuple):
     feature_names: list[str]
 
 
+NOT_A_TIME = np.iinfo(np.int64).min  # NaT, as nanoseconds
+
+
 def _utc_ns(values: pd.Series | pd.Index | np.ndarray) -> np.ndarray:
     stamps = pd.to_datetime(pd.Series(values), utc=True, format="mixed") if not isinstance(
         getattr(values, "dtype", None), pd.DatetimeTZDtype) else pd.Series(values).dt.tz_convert("UTC")
     return stamps.to_numpy(dtype="datetime64[ns]").astype(np.int64)
 
 
+def _as_text(values: pd.Series | pd.Index) -> np.ndarray:
+    """Identifiers as text: 1.0 (an integer column with a blank cell reads as floats) as "1"."""
+    if pd.api.types.is_float_dtype(values.dtype):
+        numbers = np.asarray(values, dtype=np.float64)
+        whole = np.isfinite(numbers) & (numbers == np.round(numbers))
+        return np.where(whole, pd.Series(numbers).map("{:.0f}".format).to_numpy(), np.asarray(values).astype(str))
+    return np.asarray(values).astype(str)
+
+
 def _positions(column: pd.Series, universe: Sequence[str] | np.ndarray) -> np.ndarray:
     """Each value's index in `universe` (-1 when absent). Factorised first, so that each distinct
     value is looked up once instead of once per event (10x faster on a million events)."""
     codes, uniques = pd.factorize(column)
-    lookup = pd.Index(list(universe)).get_indexer(pd.Index(np.asarray(uniques).astype(str)))
+    lookup = pd.Index(list(universe)).get_indexer(pd.Index(_as_text(pd.Index(uniques))))
     return np.where(codes >= 0, lookup[codes], -1)
+
+
+def _distinct(values: np.ndarray, what: str, *, name_one: bool) -> None:
+    repeated = pd.Index(values)[pd.Index(values).duplicated()].unique()
+    if len(repeated):  # a patient's identifier is the pod's data: not named in an error a modeller may see
+        example = f", e.g. {str(repeated[0])[:64]!r}" if name_one else ""
+        raise ConfigError(f"{what} repeat ({len(repeated)} stand more than once{example}); each must stand once")
 
 
 def top_codes(events: pd.DataFrame, k: int, code_column: str = "code") -> list[str]:
@@ -91,7 +118,7 @@ def to_tensor(events: pd.DataFrame | Any, static: pd.DataFrame | None = None, *,
               top_k: int = 30, bin_size: str | pd.Timedelta = "360D", max_bins: int | None = None,
               anchor: str | pd.Timestamp = "first_event", aggregate: Aggregate = "count", fill_value: float = 0.0,
               id_column: str = "patient_id", time_column: str = "timestamp", code_column: str = "code",
-              value_column: str = "value") -> TemporalTensor:
+              value_column: str = "value", max_cells: int = 50_000_000) -> TemporalTensor:
     """See the module docstring. `codes`: the vocabulary, in feature order (by default this
     table's `top_k` most frequent codes)."""
     if is_tanat_pool(events):
@@ -99,17 +126,21 @@ def to_tensor(events: pd.DataFrame | Any, static: pd.DataFrame | None = None, *,
         static = pool_static if static is None else static
     size = pd.Timedelta(bin_size).value
     if size <= 0:
-        raise ValueError(f"bin_size {bin_size!r} must be positive")
+        raise ConfigError(f"bin_size {bin_size!r} must be positive")
     if max_bins is not None and max_bins < 1:
-        raise ValueError("max_bins must be at least 1")
-    vocabulary = list(codes) if codes is not None else top_codes(events, top_k, code_column)
+        raise ConfigError("max_bins must be at least 1")
+    vocabulary = [str(code) for code in codes] if codes is not None else top_codes(events, top_k, code_column)
+    _distinct(np.asarray(vocabulary), "the vocabulary's codes", name_one=True)
     report_features(vocabulary)  # at a pod, lets the modeller refuse to average mismatched layouts
-    ids = (static[id_column].astype(str).to_numpy() if static is not None
-           else np.sort(events[id_column].astype(str).unique()))
+    if static is not None:
+        ids = _as_text(static[id_column])
+        _distinct(ids, f"the static table's {id_column} values", name_one=False)
+    else:
+        ids = np.sort(pd.unique(_as_text(events[id_column].dropna())))
     patient = _positions(events[id_column], ids)
     feature = _positions(events[code_column], vocabulary)
-    keep = (patient >= 0) & (feature >= 0)
     time = _utc_ns(events[time_column])
+    keep = (patient >= 0) & (feature >= 0) & (time != NOT_A_TIME)
     patient, feature, time = patient[keep], feature[keep], time[keep]
     values = (pd.to_numeric(events[value_column], errors="coerce").to_numpy(dtype=float)[keep]
               if aggregate == "mean" else None)
@@ -128,12 +159,16 @@ def to_tensor(events: pd.DataFrame | Any, static: pd.DataFrame | None = None, *,
             anchors = _utc_ns(static[anchor])
         else:
             anchors = np.full(n, _utc_ns(pd.Index([pd.Timestamp(anchor)]))[0])
-        before = anchors[patient] - time  # > 0 strictly before the anchor
+        anchored = anchors[patient] != NOT_A_TIME
+        before = np.where(anchored, anchors[patient], time) - time  # > 0 strictly before the anchor
         back = np.where(before > 0, -((-before) // size) - 1, -1)  # 0 = [anchor - size, anchor)
         bins = int(back.max()) + 1 if (back >= 0).any() else 1
         bins = min(bins, max_bins) if max_bins else bins
         inside = (back >= 0) & (back < bins)
         position = bins - 1 - back
+    if n * bins * k > max_cells:
+        raise ConfigError(f"the tensor would hold {n:,} patients x {bins:,} bins x {k:,} codes, more than max_cells "
+                         f"({max_cells:,}): choose a larger bin_size, fewer max_bins or fewer codes")
     cell = (patient[inside] * bins + position[inside]) * k + feature[inside]
     counts = np.bincount(cell, minlength=n * bins * k).astype(np.float64)
     if aggregate == "count":
@@ -152,18 +187,39 @@ def to_tensor(events: pd.DataFrame | Any, static: pd.DataFrame | None = None, *,
     return TemporalTensor(flat.reshape(n, bins, k).astype(np.float32), ids, vocabulary)
 
 
-def target(static: pd.DataFrame, expression: str) -> np.ndarray:
+def target(static: pd.DataFrame, expression: str, *, timeout_s: float = 60.0,
+           memory_limit: str = "1GB") -> np.ndarray:
     """A target computed from the static table by a SQL expression over its columns (DuckDB),
-    e.g. `"diabetes_next_year"` or `"gender = 'F'"`, in the static table's row order."""
+    e.g. `"diabetes_next_year"` or `"gender = 'F'"`, in the static table's row order.
+
+    At a pod the expression is the modeller's, and a built-in model needs no approval: it must be
+    one expression over that table (text that closes its parenthesis to add a clause or a second
+    statement is refused, as are the functions and tables a pod's SQL guard refuses), and it runs
+    within `timeout_s` and `memory_limit`. An error raised by a value tells its kind, not the
+    value (`fedpod.algorithms.sql.failures`)."""
     import duckdb
 
+    from fedpod.algorithms.sql.dialect import to_duckdb
+    from fedpod.algorithms.sql.failures import failure
+    from fedpod.algorithms.sql.guard import check_read_only
+
+    query = check_read_only(f"SELECT ({expression}) AS target FROM static_rows", {"static_rows"})
+    clauses = {name for name, value in query.args.items() if value}
+    if clauses != {"expressions", "from_"} or len(query.expressions) != 1:
+        raise SqlRejected(f"the target {expression[:200]!r} is not one expression over the static table's columns",
+                          hint="e.g. diabetes_next_year, or gender = 'F'")
     connection = duckdb.connect(":memory:")
     try:
         connection.register("static_rows", static)
-        for setting in ("python_enable_replacements = false", "enable_external_access = false",
-                        "lock_configuration = true"):  # the expression reads the table and nothing else
+        for setting in ("python_enable_replacements = false", f"memory_limit = '{memory_limit}'",
+                        "enable_external_access = false", "lock_configuration = true"):
             connection.execute(f"SET {setting}")
-        result = connection.sql(f"SELECT ({expression}) AS target FROM static_rows").fetchnumpy()["target"]
+        with _deadlines.deadline(timeout_s, connection.interrupt):
+            result = connection.execute(to_duckdb(query)).fetchnumpy()["target"]
+    except duckdb.InterruptException as exc:
+        raise TaskTimeout(f"the target expression ran longer than {timeout_s:g}s and was stopped") from exc
+    except duckdb.Error as exc:
+        raise failure(exc, "the target expression") from exc
     finally:
         connection.close()
     return np.asarray(result)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from fedpod.data.journeys import generate_journeys, write_journeys
+from fedpod.errors import ConfigError, SqlExecutionError, SqlRejected, TaskTimeout
 from fedpod.journeys import target, to_tensor, top_codes
 
 
@@ -81,6 +82,39 @@ def test_codes_outside_the_vocabulary_and_unknown_patients_are_left_out() -> Non
         to_tensor(EVENTS, STATIC, bin_size="0D")
 
 
+def test_events_without_a_time_and_patients_without_an_anchor_count_for_nothing() -> None:
+    """An event with no timestamp crashed forward binning ("'list' argument must have no negative
+    elements"); a patient whose anchor date is null was binned back from the year 1677, which
+    made 5,000 bins and counted all their events."""
+    untimed = pd.concat([EVENTS, frame([("p1", None, "A", 1.0)])])  # type: ignore[list-item]
+    for anchor in ("first_event", "index_date"):
+        assert np.array_equal(to_tensor(untimed, STATIC, codes=["A", "B"], bin_size="10D", anchor=anchor).tensor,
+                              to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="10D", anchor=anchor).tensor)
+    no_anchor = STATIC.assign(index_date=["2024-01-21", None, "2024-01-01"])
+    tensor = to_tensor(EVENTS, no_anchor, codes=["A", "B"], bin_size="10D", anchor="index_date").tensor
+    assert tensor.shape == (3, 2, 2) and tensor[0].tolist() == [[1, 1], [1, 0]] and not tensor[1].any()
+
+
+def test_ids_match_as_whole_numbers_and_repeats_are_refused_without_naming_a_patient() -> None:
+    """An integer id column with a blank cell reads as floats: 1.0 never matched the static
+    table's 1, and every event was dropped without a word."""
+    events = EVENTS.assign(patient_id=[1.0, 1.0, 1.0, 2.0, np.nan])
+    static = STATIC.assign(patient_id=[1, 2, 3])
+    tensor = to_tensor(events, static, codes=["A", "B"], bin_size="10D").tensor
+    assert tensor.sum(axis=(1, 2)).tolist() == [3, 1, 0]
+    with pytest.raises(ConfigError, match=r"patient_id values repeat \(1 stand more than once\)") as refused:
+        to_tensor(EVENTS, pd.concat([STATIC, STATIC.iloc[[1]]]), codes=["A"])
+    assert "p2" not in str(refused.value)
+    with pytest.raises(ConfigError, match=r"vocabulary's codes repeat .*'A'"):
+        to_tensor(EVENTS, STATIC, codes=["A", "B", "A"])
+
+
+def test_a_tensor_beyond_max_cells_is_refused_before_it_is_allocated() -> None:
+    with pytest.raises(ConfigError, match=r"3 patients x 864,001 bins x 2 codes, more than max_cells \(1,000,000\)"):
+        to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="1s", max_cells=1_000_000)  # p1's events span 10 days
+    assert to_tensor(EVENTS, STATIC, codes=["A", "B"], bin_size="1s", max_bins=10).tensor.shape == (3, 10, 2)
+
+
 def test_a_pod_reports_the_feature_order_and_the_modeller_sees_only_whether_pods_agree() -> None:
     from fedpod.algorithms.training.layout import disagreement, layout_digest, recording
 
@@ -102,8 +136,32 @@ def test_a_pod_reports_the_feature_order_and_the_modeller_sees_only_whether_pods
 
 def test_targets_come_from_an_expression_over_the_static_table() -> None:
     assert target(STATIC, "gender = 'F'").tolist() == [True, False, True]
-    with pytest.raises(Exception, match=r"(?i)external|disabled|permission"):
+    assert target(STATIC, "index_date > (SELECT MIN(index_date) FROM static_rows)").tolist() == [True, True, False]
+    with pytest.raises(SqlRejected, match=r"read_csv\(\) is not allowed"):
         target(STATIC, "(SELECT COUNT(*) FROM read_csv('/etc/passwd'))")
+
+
+@pytest.mark.parametrize("expression", [
+    "1) AS target FROM static_rows; SELECT (2",  # a second statement
+    "gender) AS target FROM static_rows ORDER BY random() LIMIT 3 OFFSET (0",  # labels shuffled against patients
+    "gender) AS target, * FROM static_rows WHERE (true",
+    "(SELECT COUNT(*) FROM range(3000000000))",
+])
+def test_a_target_is_one_expression_and_nothing_more(expression: str) -> None:
+    """A built-in journey model needs no approval, and its target is the modeller's text, run by
+    the pod: it closed the parenthesis to run statements of its own."""
+    with pytest.raises(SqlRejected):
+        target(STATIC, expression)
+
+
+def test_a_target_stops_at_its_deadline_and_does_not_quote_the_value_it_failed_on() -> None:
+    many = pd.DataFrame({"patient_id": [f"p{i}" for i in range(400)], "note": ["HIV positive"] * 400})
+    with pytest.raises(TaskTimeout, match=r"ran longer than 0\.5s"):
+        target(many, "(SELECT COUNT(*) FROM static_rows a, static_rows b, static_rows c, static_rows d) > 0",
+               timeout_s=0.5)
+    with pytest.raises(SqlExecutionError, match=r"ConversionException") as failed:
+        target(many, "CAST(note AS INTEGER) > 0")
+    assert "HIV" not in str(failed.value)
 
 
 def test_synthetic_journeys_are_deterministic_realistic_and_differ_by_centre(tmp_path: Path) -> None:
