@@ -199,3 +199,21 @@ def test_heartbeats_and_other_tasks_continue_during_a_long_query(pod_factory: Po
     assert failure and "TaskTimeout" in str(failure[0])
     gaps = [b - a for a, b in itertools.pairwise(during)]
     assert len(during) >= 10 and max(gaps) < 1.0, gaps
+
+
+def test_a_query_that_asks_for_too_much_memory_fails_and_the_pod_goes_on(pod_factory: PodFactory,
+                                                                       centres: list[Path], modeller: Modeller,
+                                                                       modeller_identity: Identity) -> None:
+    """DuckDB's memory_limit bounds its buffers, not the values its functions make: a list of
+    age x 10M numbers for each row asks for gigabytes a row, which had the machine's kernel kill
+    processes. Under the pod's cap the allocation fails, and with it the task alone."""
+    pod = pod_factory("frank", [DatasetSpec(name=DATASET, type="csv", path=str(centres[0]))], [modeller_identity],
+                      max_memory="1GB")
+    target = [f"frank/{DATASET}"]
+    before = modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", datasets=target)
+    # checked before asking for more: 1GB is 10^9 bytes
+    assert isinstance(before, dict) and "memory capped at 0.9 GiB (max_memory: 1.0GB)" in pod.output()
+    with pytest.raises(TaskFailed, match=r"Out of Memory Error"):
+        modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}` WHERE len(range(age * 10000000)) > 0", datasets=target)
+    answer = modeller.sql(f"SELECT COUNT(*) AS n FROM `{DATASET}`", datasets=target)
+    assert isinstance(answer, dict) and answer[target[0]].equals(before[target[0]]) and pod.process.poll() is None

@@ -9,6 +9,7 @@ start`, and the full app registers the same command for `fedpod pod --help`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +19,7 @@ import typer
 from fedpod.cli.options import ConfigPath
 from fedpod.pod.config import PodConfig
 from fedpod.pod.custodian import PodFolder
+from fedpod.pod.memory_cap import cap_process
 from fedpod.pod.ui.server import PageAddress, open_page, serve_page
 
 UiHost = Annotated[str, typer.Option("--ui-host", help="address the page listens on (keep it local)")]
@@ -60,6 +62,7 @@ def pod_start(
 
     settings = PodConfig.load(config)
     logs.configure(pod_storage(config), log_level)
+    logging.getLogger("fedpod.pod").info("%s", cap_process(settings))  # before any task can allocate
     pod = Pod(settings, config)
     page = open_page(PodFolder(config), ui_host, ui_port) if ui else None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedpod.data.datasets import DatasetSpec
 from fedpod.errors import ConfigError, invalid_fields, yaml_syntax
@@ -53,6 +53,16 @@ class PodConfig(BaseModel):
     max_result_rows: int = Field(default=100_000, ge=1)
     max_result_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # what a task may make the pod allocate (`fedpod.pod.memory_cap`): "auto" (half this machine's
+    # memory), "none", or a size such as "8GB"
+    max_memory: Literal["auto", "none"] | ByteSize = "auto"
+
+    @field_validator("max_memory")
+    @classmethod
+    def _room_to_run(cls, value: str | ByteSize) -> str | ByteSize:
+        if isinstance(value, ByteSize) and value < 512 * 2**20:
+            raise ValueError(f"{value.human_readable(decimal=True)} is below 512 MiB, too little for a pod")
+        return value
 
     @model_validator(mode="before")
     @classmethod

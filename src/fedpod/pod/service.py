@@ -39,6 +39,7 @@ from fedpod.governance.rejections import RejectionTally, truncated
 from fedpod.governance.requests import AccessRequests
 from fedpod.pod.casts import ModelCasts
 from fedpod.pod.config import PodConfig
+from fedpod.pod.memory_cap import duckdb_limit
 from fedpod.pod.status import PID_FILE, mark_running
 from fedpod.security.envelope import Opened
 from fedpod.security.identity import Identity, PublicIdentity
@@ -636,7 +637,7 @@ class Pod:
         """The pod's DuckDB, loaded on its first SQL or training task (see `data.catalog`)."""
         from fedpod.algorithms.sql.engine import SqlEngine
 
-        return SqlEngine(self.config.datasets, self.base)
+        return SqlEngine(self.config.datasets, self.base, memory_limit=duckdb_limit(self.config))
 
     def _secagg_sessions(self) -> SecAggSessions:
         from fedpod.pod.secure_aggregation import SecAggSessions
@@ -702,9 +703,3 @@ def reported_failure(exc: Exception) -> tuple[str, str | None]:
         return exc.message, exc.hint
     return (f"the task failed with {type(exc).__name__}; the pod does not send its message, which may quote the "
             "data", "the pod's custodian can read the message in the pod's log")
-
-
-async def serve(config_path: Path, stop: asyncio.Event | None = None) -> None:
-    """Run a pod until `stop` is set (or SIGINT/SIGTERM when run from the CLI)."""
-    pod = Pod(PodConfig.load(config_path), config_path)
-    await pod.run(stop or asyncio.Event())
