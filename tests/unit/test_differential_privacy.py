@@ -249,6 +249,27 @@ def test_noisy_sql_bounds_counts_and_clamped_sums_and_refuses_the_rest() -> None
     assert np.mean(noisy) == pytest.approx(100, abs=0.2)
 
 
+def test_a_noisy_query_answers_whatever_the_data_so_failing_tells_nothing() -> None:
+    """`WHERE id = 42 AND CAST(diagnosis AS INT) = 0` failed exactly when patient 42 was in the
+    data: a bit outside the noise, as often as asked at an epsilon near zero. Under TRY a value's
+    error drops the row, or its value, and the query answers."""
+    import duckdb
+
+    from fedpod.algorithms.sql.noisy import plan_noisy
+
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE ehr AS SELECT * FROM (VALUES (42, 'HIV', 30), (7, '12', 40)) t(id, dx, age)")
+    for query, exact in [("SELECT COUNT(*) FROM ehr WHERE id = 42 AND CAST(dx AS INT) = 0", (0,)),
+                         ("SELECT COUNT(*) FILTER (WHERE CAST(dx AS INT) > 0), COUNT(CAST(dx AS INT)) FROM ehr",
+                          (1, 1)),
+                         ("SELECT SUM(dx) FROM ehr", (12 * 2**16,))]:
+        assert connection.execute(plan_noisy(query, {"dx": (0, 20)}).partial_sql).fetchone() == exact, query
+    for refused in ("SELECT COUNT(*) FROM ehr WHERE error(dx) IS NULL",  # whatever the data: a volatile function
+                    "SELECT COUNT(*) FROM ehr WHERE random() < 0.5"):
+        with pytest.raises(duckdb.BinderException, match="TRY can not be used"):
+            connection.execute(plan_noisy(refused, {}).partial_sql)
+
+
 def test_noisy_sql_adds_its_noise_in_integers_so_no_answer_shows_in_the_low_bits() -> None:
     """A double plus Laplace noise drawn as a double can land only on values some true answers
     reach (Mironov 2012). Every noisy COUNT is a whole number and every noisy SUM a whole number

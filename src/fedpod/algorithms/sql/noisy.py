@@ -53,6 +53,7 @@ def plan_noisy(query: str, bounds: dict[str, tuple[float, float]]) -> NoisyPlan:
     """The clamped partial query of an aggregate `query` and each partial's sensitivity; what
     cannot be bounded raises NotMergeable naming it."""
     _, partial, aggregates = additive_partials(query, "noise")
+    _total(partial, aggregates)
     lowered = {column.lower(): (float(low), float(high)) for column, (low, high) in bounds.items()}
     sensitivities: list[float] = []
     scales: list[int] = []
@@ -74,13 +75,31 @@ def plan_noisy(query: str, bounds: dict[str, tuple[float, float]]) -> NoisyPlan:
             raise NotMergeable(to_duckdb(aggregate), f"the bounds of {column} are empty")
         sensitivity = max(abs(low), abs(high))
         g = max(-MAX_SCALE_BITS, min(MAX_SCALE_BITS, SENSITIVITY_BITS - math.frexp(sensitivity)[1]))
-        clamped = exp.func("LEAST", exp.func("GREATEST", exp.cast(aggregate.this.copy(), "DOUBLE"),
+        clamped = exp.func("LEAST", exp.func("GREATEST", exp.Try(this=exp.cast(aggregate.this.copy(), "DOUBLE")),
                                              exp.Literal.number(low)), exp.Literal.number(high))
         scaled = exp.Mul(this=clamped, expression=exp.Literal.number(repr(math.ldexp(1.0, g))))
         aggregate.set("this", exp.cast(exp.func("ROUND", scaled), "BIGINT"))
         sensitivities.append(sensitivity)
         scales.append(g)
     return NoisyPlan(to_duckdb(partial), sensitivities, scales)
+
+
+def _total(partial: exp.Select, aggregates: list[exp.Count | exp.Sum]) -> None:
+    """Make the partial query answer for any data. One that fails on some values (`WHERE id = 42
+    AND CAST(diagnosis AS INT) = 0`) tells by failing or not one bit that no noise covers, as
+    often as the modeller asks at an epsilon near zero. Under TRY a value's error is a NULL:
+    the row is not selected, or its value not counted. TRY refuses, whatever the data, what it
+    cannot cover: volatile functions and subqueries."""
+    where = partial.args.get("where")
+    if where is not None:
+        where.set("this", exp.Try(this=where.this))
+    for projection in partial.expressions:
+        node = projection.this if isinstance(projection, exp.Alias) else projection
+        if isinstance(node, exp.Filter):
+            node.expression.set("this", exp.Try(this=node.expression.this))
+    for aggregate in aggregates:
+        if isinstance(aggregate, exp.Count) and aggregate.this is not None and not isinstance(aggregate.this, exp.Star):
+            aggregate.set("this", exp.Try(this=aggregate.this))
 
 
 def _bernoulli(p: Fraction) -> bool:
