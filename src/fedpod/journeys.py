@@ -194,9 +194,10 @@ def target(static: pd.DataFrame, expression: str, *, timeout_s: float = 60.0,
 
     At a pod the expression is the modeller's, and a built-in model needs no approval: it must be
     one expression over that table (text that closes its parenthesis to add a clause or a second
-    statement is refused, as are the functions and tables a pod's SQL guard refuses), and it runs
-    within `timeout_s` and `memory_limit`. An error raised by a value tells its kind, not the
-    value (`fedpod.algorithms.sql.failures`)."""
+    statement is refused, as are the functions and tables a pod's SQL guard refuses), it is
+    stopped after `timeout_s`, and DuckDB's buffers stay within `memory_limit` (the values its
+    functions make, within the pod's own cap: `fedpod.pod.memory_cap`). An error raised by a
+    value tells its kind, not the value (`fedpod.algorithms.sql.failures`)."""
     import duckdb
 
     from fedpod.algorithms.sql.dialect import to_duckdb
