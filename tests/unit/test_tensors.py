@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -120,3 +121,35 @@ def test_a_model_file_is_written_part_by_part_and_safetensors_reads_it(tmp_path:
     for name, value in params.items():
         np.testing.assert_array_equal(read[name], value)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def stream(table: object, compression: str | None = None) -> bytes:
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def test_a_compressed_answer_table_is_refused_unread() -> None:
+    """12 KB of zstd held 400 MB of zeros: a pod's answer of megabytes could ask the modeller for
+    terabytes. fedpod's pods never compress, so the modeller reads no compressed stream."""
+    import pyarrow as pa
+
+    from fedpod.wire.codec import table_from_bytes, table_to_bytes
+
+    table = pa.table({"n": pa.array(np.zeros(50_000, dtype=np.int64)),
+                      "code": pa.array(["a", "b"] * 25_000).dictionary_encode()})
+    assert table_from_bytes(table_to_bytes(table)).equals(table)
+    for compression in ("zstd", "lz4"):
+        blob = stream(table, compression)
+        assert len(blob) < table.nbytes / 20
+        with pytest.raises(DecodeError, match="compressed"):
+            table_from_bytes(blob)
+    plain = table_to_bytes(table)
+    for cut in range(0, len(plain), max(1, len(plain) // 97)):  # truncated or corrupted: refused, never a crash
+        for blob in (plain[:cut], plain[:cut] + bytes([plain[cut] ^ 0xFF]) + plain[cut + 1:]):
+            with contextlib.suppress(DecodeError):
+                table_from_bytes(blob)

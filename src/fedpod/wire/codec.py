@@ -72,6 +72,10 @@ def unpack(data: Buffer, model: type[Model]) -> Model:
         raise DecodeError(f"payload is not a valid {model.__name__}: {exc}") from exc
 
 
+DICTIONARY_BATCH = 2  # Arrow's MessageHeader union: DictionaryBatch; its field 1 is a RecordBatch
+RECORD_BATCH_COMPRESSION = 3  # RecordBatch's fields: length, nodes, buffers, compression
+
+
 def table_to_bytes(table: pa.Table) -> bytes:
     import pyarrow as pa
     import pyarrow.ipc
@@ -83,10 +87,61 @@ def table_to_bytes(table: pa.Table) -> bytes:
 
 
 def table_from_bytes(data: Buffer) -> pa.Table:
+    """A pod's answer. Pods never compress one (`table_to_bytes`), and a compressed stream is
+    refused before it is read: 12 KB of zstd held 400 MB of zeros, so a pod's answer of a few
+    megabytes could have asked the modeller for terabytes."""
     import pyarrow as pa
     import pyarrow.ipc
 
     try:
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+        buffer = pa.py_buffer(data)
+        messages = pa.ipc.MessageReader.open_stream(buffer)
+        while (message := _next_message(messages)) is not None:
+            if message.type in ("record batch", "dictionary") and _compressed(message.metadata.to_pybytes()):
+                raise DecodeError("result table is compressed, which pods never do: refused unread")
+        return pa.ipc.open_stream(buffer).read_all()
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise DecodeError(f"result table does not decode: {exc}") from exc
+
+
+def _next_message(reader: Any) -> Any:
+    try:
+        return reader.read_next_message()
+    except StopIteration:
+        return None
+
+
+def _compressed(metadata: bytes) -> bool:
+    """Whether an Arrow IPC message's flatbuffer (a RecordBatch, or a DictionaryBatch's) sets
+    its `compression` field, read without decoding the body; malformed metadata counts as
+    compressed (it would not decode anyway)."""
+
+    def read(kind: str, position: int) -> int:  # struct reads negative positions from the end: not here
+        if not 0 <= position <= len(metadata) - struct.calcsize(kind):
+            raise struct.error("outside the metadata")
+        return int(struct.unpack_from(kind, metadata, position)[0])
+
+    def field(table: int, index: int) -> int | None:  # where field `index` of the table at `table` lies
+        vtable = table - read("<i", table)
+        if 4 + 2 * index + 2 > read("<H", vtable):
+            return None
+        offset = read("<H", vtable + 4 + 2 * index)
+        return table + offset if offset else None
+
+    def table_at(position: int) -> int:
+        return position + read("<I", position)
+
+    try:
+        message = table_at(0)
+        kind_at, header_at = field(message, 1), field(message, 2)
+        if kind_at is None or header_at is None:
+            return False
+        header = table_at(header_at)
+        if metadata[kind_at] == DICTIONARY_BATCH:
+            data_at = field(header, 1)
+            if data_at is None:
+                return False
+            header = table_at(data_at)
+        return field(header, RECORD_BATCH_COMPRESSION) is not None
+    except (struct.error, IndexError):
+        return True
