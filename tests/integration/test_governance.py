@@ -189,7 +189,12 @@ def test_training_refusals_name_their_rule_and_evaluate_is_its_own_grant(alice: 
     folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["evaluate"]), "test")
     scored = experiment.evaluate()["alice"]  # validation only: granted without train
     assert scored["num_samples"] == 100 and 0.0 <= scored["global_auc"] <= 1.0
+    experiment.set_test_ratio(0.005)  # 2 of the 400 rows: a metric that all but names their labels
+    assert "the test rows are fewer than 3, this pod's min_group_size" in experiment.evaluate()["alice"]["error"]
     folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["train"]), "test")
+    with pytest.raises(RoundFailed, match=r"the test rows are fewer than 3.*\[rule: min_group_size\]"):
+        experiment.run_once()
+    experiment.set_test_ratio(0.25)
     folder.set_limit(DATASET, "models", "[mlp]")
     with pytest.raises(RoundFailed, match=r"model 'logistic_regression' is not among .*\[rule: models\]"):
         experiment.run_once()

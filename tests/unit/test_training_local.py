@@ -12,13 +12,13 @@ from safetensors.numpy import load_file
 from fedpod.aggregation import FedAverage, Reply, Scaffold
 from fedpod.aggregation.scaffold import CONTROL_DELTA
 from fedpod.algorithms.training.args import TrainingArgs
-from fedpod.algorithms.training.local import run_local_round
+from fedpod.algorithms.training.local import run_evaluation, run_local_round, split
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import DataManager, DatasetHandle, TrainingPlan
 from fedpod.algorithms.training.registry import builtin_plan
 from fedpod.algorithms.training.torch_plan import TorchTrainingPlan
 from fedpod.data.synth import generate
-from fedpod.errors import ConfigError
+from fedpod.errors import AccessDenied, ConfigError
 
 FEATURES = ["age", "bmi", "smoker", "diabetes", "systolic_bp", "cholesterol", "hba1c"]
 CENTRES = generate(3, 3000, seed=11)
@@ -56,6 +56,9 @@ def test_training_args_list_valid_keys_and_prefer_num_updates() -> None:
         TrainingArgs.parse({"epoch": 3})
     with pytest.raises(ConfigError, match="unknown test_metric"):
         TrainingArgs.parse({"test_metric": "happiness"})
+    for seed in (-1, 2**64):  # numpy's generators take neither: the pod failed with a bare ValueError
+        with pytest.raises(ConfigError, match="random_seed"):
+            TrainingArgs.parse({"random_seed": seed})
     assert TrainingArgs.parse({"num_updates": 5, "epochs": 3}).local_budget() == (5, 0, None)
     assert TrainingArgs.parse({}).local_budget() == (None, 1, None)
 
@@ -145,6 +148,27 @@ def test_validation_reports_global_and_local_metrics() -> None:
     metrics = run_local_round(plan, plan.get_params(), args, {}).metrics
     assert {"global_auc", "local_auc", "local_samples", "loss"} <= set(metrics)
     assert metrics["local_samples"] == round(len(CENTRES[0].patients) * 0.25)
+
+
+def test_neither_split_may_hold_fewer_rows_than_the_pods_min_group_size() -> None:
+    assert [len(part) for part in split(400, 0.01, 0, min_rows=3)] == [396, 4]
+    for seed in range(50):  # test parts a step apart in size are not one inside the other
+        three, four = (set(split(400, ratio, seed)[1]) for ratio in (0.0075, 0.01))
+        assert len(three) == 3 and len(four) == 4 and not three <= four
+        assert all(np.array_equal(a, b) for a, b in zip(split(400, 0.01, seed), split(400, 0.01, seed), strict=True))
+    with pytest.raises(AccessDenied, match=r"the test rows are fewer than 5.*\[rule: min_group_size\]"):
+        split(400, 0.01, 0, min_rows=5)  # 4 test rows: a metric of 4 people's labels
+    with pytest.raises(AccessDenied, match=r"the training rows are fewer than 5"):
+        split(400, 0.99, 0, min_rows=5)  # a model update from 4 people
+    with pytest.raises(AccessDenied, match=r"the training rows are fewer than 5"):
+        split(4, 0.0, 0, min_rows=5)  # no test split: evaluation scores all of them
+    args = TrainingArgs.parse({"num_updates": 2, "test_ratio": 0.002, "test_metric": "mse", "random_seed": 0})
+    plan = plan_for("logistic_regression", CENTRES[0].patients, MODEL_ARGS, args)  # 3 of its 1,449 rows to test
+    assert run_local_round(plan, plan.get_params(), args, {}, min_rows=3).num_samples == 1446
+    for refused in (lambda: run_local_round(plan, plan.get_params(), args, {}, min_rows=4),
+                    lambda: run_evaluation(plan, plan.get_params(), args, min_rows=4)):
+        with pytest.raises(AccessDenied, match="min_group_size"):
+            refused()
 
 
 def test_scaffold_round_returns_a_control_delta_and_needs_num_updates() -> None:

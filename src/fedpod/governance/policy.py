@@ -11,7 +11,8 @@ The `policies:` section of a pod config names who the pod knows and what each ma
             - to: [researchers]           # modellers or groups
               kinds: [sql_aggregate, train]
               expires: 2027-06-30         # optional; the grant ends when this day is over (UTC)
-          min_group_size: 3               # aggregate cells computed from fewer rows are suppressed
+          min_group_size: 3               # aggregate cells from fewer rows are suppressed; no model
+                                          # update or test metric from fewer rows leaves either
           max_rows: 1000                  # row queries are capped here (and say so)
           max_groups: 40                  # an aggregate answer with more cells is refused; null: no cap
           columns: {allow: null, deny: [ssn]}

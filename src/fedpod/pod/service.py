@@ -625,7 +625,7 @@ class Pod:
         name = self.config.policies.name_of(requester) or requester
         privacy = privacy_round(request, requester, name, limits, self.secagg, self.privacy)
         trained = self.trainer().run(request, requester, lambda phase: self._set_phase(request.task_id, phase),
-                                     released, masker, privacy)
+                                     released, masker, privacy, limits.min_group_size)
         return trained, describe_training(trained)
 
     @property

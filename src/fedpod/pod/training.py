@@ -133,9 +133,11 @@ class TrainingRunner:
 
     def run(self, request: TrainRequest, requester: str, phase: Callable[[str], None] = lambda _: None,
             released: list[str] | None = None, masker: Masker | None = None,
-            privacy: PrivacyRound | None = None) -> TrainResult:
+            privacy: PrivacyRound | None = None, min_rows: int = 1) -> TrainResult:
         """`phase` hears "preparing" (imports, plan and data: the first round pays PyTorch's
         import) and then "training". `released`: the columns the policy lets the plan read.
+        `min_rows`: the dataset's `min_group_size`, the fewest rows a model update or a test
+        metric may come from (`algorithms.training.local.split`).
         `masker`: under secure aggregation, turns the flat update (new minus global parameters,
         in name order) and the sample count into the masked vector, the only thing sent.
         `privacy`: how the pod privatises a round with `dp_args` (`algorithms.training.privacy`)."""
@@ -161,11 +163,11 @@ class TrainingRunner:
         device = resolve_device(self.device_setting, plan)
         phase("evaluating" if request.evaluate_only else "training")
         if request.evaluate_only:
-            result = run_evaluation(plan, groups.get("params", {}), args)
+            result = run_evaluation(plan, groups.get("params", {}), args, min_rows)
         else:
             # the received model becomes the plan's, unless secure aggregation needs it after training
             result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state,
-                                     privacy=privacy, hand_over=request.secagg is None)
+                                     privacy=privacy, hand_over=request.secagg is None, min_rows=min_rows)
         if state and not request.evaluate_only:
             self._save_state(key, state)
         if request.secagg is not None and not request.evaluate_only:

@@ -41,7 +41,7 @@ class TrainingArgs(BaseModel):
     epochs: int | None = Field(default=None, ge=1)
     batch_maxnum: int | None = Field(default=None, ge=1)
     optimizer_args: dict[str, Any] = {}
-    random_seed: int | None = None
+    random_seed: int | None = Field(default=None, ge=0, lt=2**64)  # what numpy's and torch's generators take
     dry_run: bool = False
     test_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     test_metric: str | None = None

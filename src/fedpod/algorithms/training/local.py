@@ -21,7 +21,7 @@ from fedpod.algorithms.training.layout import layout_digest, recording
 from fedpod.algorithms.training.metrics import evaluate
 from fedpod.algorithms.training.plans import LocalResult, TrainingPlan
 from fedpod.algorithms.training.privacy import PrivacyRound, Spent, check_delta, clip_and_noise, recording_charges
-from fedpod.errors import ConfigError, invalid_fields
+from fedpod.errors import AccessDenied, ConfigError, invalid_fields
 
 
 def seed_everything(seed: int | None) -> None:
@@ -35,13 +35,25 @@ def seed_everything(seed: int | None) -> None:
         torch.manual_seed(seed)
 
 
-def split(count: int, test_ratio: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+def split(count: int, test_ratio: float, seed: int | None, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """A fixed train/test split per pod (the same every round for a given seed). Each part keeps
-    the dataset's row order: shuffling is the loader's to do, and `shuffle=False` means it."""
-    order = np.random.default_rng(0 if seed is None else seed).permutation(count)
+    the dataset's row order: shuffling is the loader's to do, and `shuffle=False` means it.
+
+    `min_rows`: a pod's `min_group_size`. Neither part may hold fewer rows, for what leaves the
+    pod is computed from one or the other: a model update from a handful of rows all but holds
+    them, and a test metric from one row is that row's label (the mean squared error of a model
+    the modeller chose is its value, squared). The rows are shuffled by the seed and the test
+    part's size together: with one order for every size, the test parts of 3 and of 4 rows (two
+    test_ratios a step apart) would differ by one row, and their metrics by its value."""
     n_test = round(count * test_ratio)
+    order = np.random.default_rng([0 if seed is None else seed, n_test]).permutation(count)
     if test_ratio > 0 and (n_test == 0 or n_test == count):
         raise ConfigError(f"test_ratio {test_ratio} leaves no training or no test rows out of {count}")
+    for part, rows in (("the training rows", count - n_test), ("the test rows", n_test)):
+        if 0 < rows < min_rows:
+            raise AccessDenied(f"{part} are fewer than {min_rows}, this pod's min_group_size: nothing computed "
+                               "from them may leave it", rule="min_group_size",
+                               hint="a test_ratio that leaves more rows in each part" if test_ratio > 0 else None)
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
@@ -69,7 +81,7 @@ def with_plan_loader_args(args: TrainingArgs, plan_kwargs: dict[str, Any]) -> Tr
 
 
 def _prepare(plan: TrainingPlan, global_params: Params, args: TrainingArgs, adopt: bool = False,
-             ) -> tuple[np.ndarray, np.ndarray, TrainingArgs, np.ndarray, np.ndarray, str | None]:
+             min_rows: int = 1) -> tuple[np.ndarray, np.ndarray, TrainingArgs, np.ndarray, np.ndarray, str | None]:
     """Seed, load the global parameters (`adopt`: handed over to the plan, see
     `TrainingPlan.adopt_params`) and the plan's data, and split it (the same way every round);
     the last item is the digest of the feature names the data was built with, where known."""
@@ -84,7 +96,7 @@ def _prepare(plan: TrainingPlan, global_params: Params, args: TrainingArgs, adop
     if target is None:
         raise ConfigError("training_data() returned no target")
     args = with_plan_loader_args(args, data.loader_kwargs)
-    train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed)
+    train_rows, test_rows = split(len(features), args.test_ratio, args.random_seed, min_rows)
     return features, target, args, train_rows, test_rows, layout_digest(reported)
 
 
@@ -93,10 +105,10 @@ DP_KEPT_METRICS = ("steps", "train_seconds")  # under DP, the pod reports nothin
 
 def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArgs, round_config: dict[str, Any],
                     *, device: str = "cpu", state: dict[str, Params] | None = None,
-                    privacy: PrivacyRound | None = None, hand_over: bool = False) -> LocalResult:
+                    privacy: PrivacyRound | None = None, hand_over: bool = False, min_rows: int = 1) -> LocalResult:
     """One round; with `dp_args`, `privacy` (from the pod, never the modeller) privatises it: the
     ledger is charged before anything trains, and the reply carries only what epsilon covers (the
-    parameters) plus epsilon itself — no loss, no validation scores.
+    parameters) plus epsilon itself — no loss, no validation scores. `min_rows`: see `split`.
 
     `hand_over`: the caller gives `global_params` to the plan to train in place (unless central DP
     needs them after training) and takes the result in the plan's own memory, which the plan's
@@ -106,7 +118,7 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
     if dp is not None and privacy is None:
         raise ConfigError("dp_args need the pod's privacy ledger", hint="run the round through a pod")
     adopt = hand_over and (dp is None or dp.type != "central")
-    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args, adopt)
+    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args, adopt, min_rows)
     spent: list[Spent] = []
     if dp is not None and privacy is not None:
         check_delta(dp, len(train_rows))
@@ -142,10 +154,11 @@ def run_local_round(plan: TrainingPlan, global_params: Params, args: TrainingArg
     return result
 
 
-def run_evaluation(plan: TrainingPlan, global_params: Params, args: TrainingArgs) -> LocalResult:
+def run_evaluation(plan: TrainingPlan, global_params: Params, args: TrainingArgs, min_rows: int = 1) -> LocalResult:
     """Validate the given parameters on this pod's test split (all rows when `test_ratio` is 0),
-    training nothing: task kind `evaluate`, which a custodian may grant without `train`."""
-    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args)
+    training nothing: task kind `evaluate`, which a custodian may grant without `train`.
+    `min_rows`: see `split`."""
+    features, target, args, train_rows, test_rows, layout = _prepare(plan, global_params, args, min_rows=min_rows)
     rows = test_rows if len(test_rows) else train_rows
     metrics = _validate(plan, features[rows], target[rows], args, "global")
     return LocalResult(params=dict(global_params), num_samples=len(rows), metrics=metrics, extra={},
