@@ -18,6 +18,7 @@ from fedpod.governance.policy import Policy
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment, RoundFailed
 from fedpod.pod.custodian import PodFolder
+from fedpod.security.digest import bulk_digest
 from fedpod.security.identity import Identity
 from fedpod.transport.broker import EmbeddedBroker
 from tests.conftest import PodFactory, RunningPod, wait_until
@@ -189,6 +190,12 @@ def test_training_refusals_name_their_rule_and_evaluate_is_its_own_grant(alice: 
     folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["evaluate"]), "test")
     scored = experiment.evaluate()["alice"]  # validation only: granted without train
     assert scored["num_samples"] == 100 and 0.0 <= scored["global_auc"] <= 1.0
+    def evaluations() -> list[dict[str, object]]:  # the others are the SQL of the features' standardisation
+        return [e for e in audit_events(alice, "task-completed") if "num_samples" in e]
+
+    wait_until(lambda: len(evaluations()) == 1, 10, "the evaluation in the audit log")
+    evaluated = evaluations()[0]  # the scores went back, not the modeller's own model
+    assert evaluated["returned"] == "scores" and evaluated["result_blake3"] == bulk_digest([]).hex()
     experiment.set_test_ratio(0.005)  # 2 of the 400 rows: a metric that all but names their labels
     assert "the test rows are fewer than 3, this pod's min_group_size" in experiment.evaluate()["alice"]["error"]
     folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["train"]), "test")

@@ -95,7 +95,8 @@ def what_left(returned: dict[str, Any]) -> str:
     """The console's words for what a completed task sent back (its audit entry has the hashes)."""
     if "returned_rows" in returned:
         return f"{returned['returned_rows']:,} row(s) of {', '.join(returned['returned_columns'])[:200]}"
-    return f"a model update from {returned['num_samples']:,} samples"
+    what = "scores" if returned["returned"] == "scores" else "a model update"
+    return f"{what} from {returned['num_samples']:,} samples"
 
 
 if TYPE_CHECKING:

@@ -162,15 +162,18 @@ class TrainingRunner:
                 state = self._state[key] = self._load_state(key)
         device = resolve_device(self.device_setting, plan)
         phase("evaluating" if request.evaluate_only else "training")
-        if request.evaluate_only:
-            result = run_evaluation(plan, groups.get("params", {}), args, min_rows)
-        else:
-            # the received model becomes the plan's, unless secure aggregation needs it after training
-            result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state,
-                                     privacy=privacy, hand_over=request.secagg is None, min_rows=min_rows)
-        if state and not request.evaluate_only:
+        if request.evaluate_only:  # the scores alone go back: the model is the modeller's own
+            scored = run_evaluation(plan, groups.get("params", {}), args, min_rows)
+            return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
+                               num_samples=scored.num_samples, metrics=scored.metrics,
+                               seconds=time.perf_counter() - started, device=device, tensors=[],
+                               feature_layout=scored.feature_layout)
+        # the received model becomes the plan's, unless secure aggregation needs it after training
+        result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state,
+                                 privacy=privacy, hand_over=request.secagg is None, min_rows=min_rows)
+        if state:
             self._save_state(key, state)
-        if request.secagg is not None and not request.evaluate_only:
+        if request.secagg is not None:
             if masker is None or result.extra:
                 raise ConfigError("secure aggregation carries the model update only (no aggregator extras)")
             update = flat_update(result.params, groups.get("params", {}))
@@ -189,8 +192,9 @@ class TrainingRunner:
 
 
 def describe_training(result: TrainResult) -> dict[str, Any]:
-    """What the audit log records about a returned model update."""
-    return {"returned": "model update", "num_samples": result.num_samples, "metrics": result.metrics,
+    """What the audit log records about a returned model update, or an evaluation's scores."""
+    return {"returned": "model update" if result.tensors else "scores", "num_samples": result.num_samples,
+            "metrics": result.metrics,
             "result_blake3": bulk_digest(result.tensors).hex(), "device": result.device,
             "seconds": round(result.seconds, 4)}
 
