@@ -17,6 +17,7 @@ from fedpod.errors import AccessDenied, ConfigError, TaskFailed
 from fedpod.governance.policy import Policy
 from fedpod.modeller.client import Modeller
 from fedpod.modeller.experiment import Experiment, RoundFailed
+from fedpod.modeller.histogram import federated_histogram
 from fedpod.pod.custodian import PodFolder
 from fedpod.security.digest import bulk_digest
 from fedpod.security.identity import Identity
@@ -162,6 +163,19 @@ def test_live_policy_edits_apply_to_the_next_task_and_are_audited(alice: Running
                     f"SELECT c, COUNT(*) AS n FROM {DATASET} AS t(a, b, c) GROUP BY c"):  # c is sex
         with pytest.raises(AccessDenied, match=r"column\(s\) \[.*'sex'.*\] of alice/ehr are not released"):
             modeller.sql(reading, datasets=target)
+
+
+def test_a_custodian_can_withhold_min_and_max(alice: RunningPod, modeller: Modeller) -> None:
+    target = [f"alice/{DATASET}"]
+    oldest = f"SELECT sex, MAX(age) AS oldest FROM {DATASET} GROUP BY sex"
+    assert len(modeller.sql(oldest, datasets=target, aggregate=True)) == 2  # released by default
+    PodFolder(alice.config_path).set_limit(DATASET, "release_extremes", "false")
+    with pytest.raises(AccessDenied, match=r"releases no MIN or MAX: each is one member's value.*release_extremes"):
+        modeller.sql(oldest, datasets=target, aggregate=True)
+    with pytest.raises(AccessDenied, match=r"give a histogram its value_range"):  # by default it spans MIN to MAX
+        federated_histogram(modeller, "age", table=DATASET, datasets=target)
+    ages = federated_histogram(modeller, "age", table=DATASET, datasets=target, bins=4, value_range=(0, 120))
+    assert sum(ages.counts) == 400 and ages.below == ages.above == 0
 
 
 def test_row_queries_are_capped_at_max_rows_and_say_so(alice: RunningPod, modeller: Modeller) -> None:

@@ -68,6 +68,10 @@ CASES: list[tuple[str, Policy, Request, str | None]] = [
     ("rate limit reached", policy(tasks_per_hour=5), request(recent_tasks=5), "tasks_per_hour"),
     ("under the rate limit", policy(tasks_per_hour=5), request(recent_tasks=4), None),
     ("evaluate needs its own grant", policy(), request(kind="evaluate", model="mlp"), "grants"),
+    ("MIN and MAX by default", policy(), request(extremes=True), None),
+    ("MIN and MAX where extremes are withheld", policy(release_extremes=False), request(extremes=True),
+     "release_extremes"),
+    ("other aggregates where extremes are withheld", policy(release_extremes=False), request(), None),
 ]
 
 
@@ -207,6 +211,17 @@ def test_access_requests_are_one_per_key_and_dataset_and_bounded(tmp_path: Path)
 ])
 def test_the_pod_judges_a_querys_kind_from_the_sql_itself(query: str, kind: str) -> None:
     assert shape(query, ("age", "sex", "ssn")).kind == kind
+
+
+def test_an_aggregate_that_releases_a_min_or_max_says_so() -> None:
+    columns = ("age", "sex")
+    for query in ("SELECT sex, MIN(age) FROM ehr GROUP BY sex", "SELECT MAX(age) - MIN(age) AS span FROM ehr",
+                  "SELECT sex, MAX(age) AS oldest FROM ehr GROUP BY sex ORDER BY oldest"):
+        judged = shape(query, columns)
+        assert judged.kind == "sql_aggregate" and judged.extremes, query
+    for query in ("SELECT sex, AVG(age), COUNT(*) FROM ehr GROUP BY sex", "SELECT LEAST(age, 90) FROM ehr",
+                  "SELECT age FROM ehr WHERE age = (SELECT MAX(age) FROM ehr)"):  # rows: their own grant
+        assert not shape(query, columns).extremes, query
 
 
 def test_a_querys_judgement_is_remembered_for_short_texts_only() -> None:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from fedpod.cli.options import BrokerUrl, ConfigPath, Creds, IdentityName, Keystore, Timeout, TlsCa, TlsCert, TlsKey
 from fedpod.errors import ConfigError
-from fedpod.pod.custodian import PodFolder, parse_kinds, policy_yaml
+from fedpod.pod.custodian import LIMIT_FIELDS, PodFolder, parse_kinds, policy_yaml
 
 console = Console()
 access_app = typer.Typer(help="Access requests and grants (custodian), and your own requests' state (modeller).",
@@ -143,9 +143,7 @@ def policy_budget(config: ConfigPath = Path("pod.yaml")) -> None:
 @policy_app.command("set")
 def policy_set(
     dataset: Annotated[str, typer.Argument(help="a dataset of the pod, or '*' for every dataset without its own")],
-    field: Annotated[str, typer.Argument(help="min_group_size, max_rows, max_groups, columns.allow, columns.deny, "
-                                               "models, require_secure_aggregation, protect_differencing, "
-                                               "epsilon_budget, epsilon_budget_scope or tasks_per_hour")],
+    field: Annotated[str, typer.Argument(help=", ".join(LIMIT_FIELDS))],
     value: Annotated[str, typer.Argument(help="YAML: 5, null, true, [a, b] (or a,b for columns)")],
     config: ConfigPath = Path("pod.yaml"),
 ) -> None:

@@ -19,6 +19,7 @@ The `policies:` section of a pod config names who the pod knows and what each ma
           models: null                    # built-in model names (or "custom" for approved plans); null: any
           require_secure_aggregation: false
           protect_differencing: true      # refuse aggregates differing from a released one by < min_group_size rows
+          release_extremes: true          # false: refuse MIN and MAX, each one member's value
           epsilon_budget: null            # set: training must be DP, and DP tasks are charged to it
           epsilon_budget_scope: per_modeller  # or total: one budget shared by every modeller
           tasks_per_hour: null            # per modeller on this dataset
@@ -88,6 +89,7 @@ class DatasetPolicy(BaseModel):
     models: list[str] | None = None
     require_secure_aggregation: bool = False
     protect_differencing: bool = True  # refuse an aggregate whose cohort is within min_group_size of one released
+    release_extremes: bool = True  # false: an aggregate with MIN or MAX (each one member's value) is refused
     epsilon_budget: float | None = Field(default=None, gt=0)  # set: training must be differentially private
     epsilon_budget_scope: Literal["per_modeller", "total"] = "per_modeller"
     tasks_per_hour: int | None = Field(default=None, ge=1)
@@ -221,9 +223,9 @@ def own_entry(data: dict[str, Any], dataset: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Request:
     """What the pod measured about a task before deciding on it. `columns`: the dataset columns
-    the task reads (a query's references, `*` expanded); `model`: a training task's built-in
-    model name, or "custom"; `recent_tasks`: this modeller's tasks on this dataset in the last
-    hour."""
+    the task reads (a query's references, `*` expanded); `extremes`: an aggregate releases a MIN
+    or MAX; `model`: a training task's built-in model name, or "custom"; `recent_tasks`: this
+    modeller's tasks on this dataset in the last hour."""
 
     pod: str
     requester: str
@@ -233,6 +235,7 @@ class Request:
     at: dt.datetime
     served: bool = True
     columns: frozenset[str] = frozenset()
+    extremes: bool = False
     model: str | None = None
     secure_aggregation: bool = False
     differentially_private: bool = False
@@ -304,6 +307,10 @@ def decide(policy: Policy, request: Request) -> Decision:
     if hidden:
         violations.append(Violation("columns", f"column(s) {hidden} of {where} are not released",
                                     f"leave out {', '.join(hidden)}, or ask the custodian to release them"))
+    if request.kind == "sql_aggregate" and request.extremes and not limits.release_extremes:
+        violations.append(Violation("release_extremes", f"{where} releases no MIN or MAX: each is one member's value",
+                                    "ask for quantiles (withheld near the extremes), give a histogram its value_range, "
+                                    "or ask the custodian to set release_extremes: true"))
     if request.kind in ("train", "evaluate") and limits.models is not None and request.model not in limits.models:
         violations.append(Violation("models", f"model {request.model!r} is not among {where}'s allowed models "
                                     f"{limits.models}", f"use one of {limits.models}, or ask the custodian to allow "

@@ -26,8 +26,8 @@ from fedpod.pod.config import PodConfig, edit_policies
 from fedpod.security.identity import Identity
 
 LIMIT_FIELDS = ("min_group_size", "max_rows", "max_groups", "columns.allow", "columns.deny", "models",
-                "require_secure_aggregation", "protect_differencing", "epsilon_budget", "epsilon_budget_scope",
-                "tasks_per_hour")
+                "require_secure_aggregation", "protect_differencing", "release_extremes", "epsilon_budget",
+                "epsilon_budget_scope", "tasks_per_hour")
 
 
 def parse_kinds(text: str) -> list[TaskKind]:

@@ -470,7 +470,7 @@ class Pod:
             from fedpod.pod.sql_tasks import query_shape  # sqlglot: on the first SQL task, not at start
 
             query = query_shape(request.algorithm, columns)
-            return Request(kind=query.kind, columns=query.columns, **common)
+            return Request(kind=query.kind, columns=query.columns, extremes=query.extremes, **common)
         plan = request.plan
         return Request(kind="evaluate" if request.evaluate_only else "train",
                        model=plan.name if plan.kind == "builtin" else CUSTOM_PLAN,

@@ -78,6 +78,7 @@ class QueryShape:
     kind: Literal["sql_aggregate", "sql_rows"]
     columns: frozenset[str]  # dataset columns the query reads
     why_rows: str = ""  # for a row query: what made it one
+    extremes: bool = False  # an aggregate with a MIN or MAX, each one member's value (policy: release_extremes)
 
 
 _FLOATING = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
@@ -278,7 +279,8 @@ def read_columns(tree: exp.Expr, dataset_columns: Sequence[str]) -> frozenset[st
 def shape(query: str, dataset_columns: tuple[str, ...]) -> QueryShape:
     tree = parse_statement(query)
     why = _row_reason(tree)
-    return QueryShape("sql_rows" if why else "sql_aggregate", read_columns(tree, dataset_columns), why)
+    return QueryShape("sql_rows" if why else "sql_aggregate", read_columns(tree, dataset_columns), why,
+                      not why and tree.find(exp.Min, exp.Max) is not None)
 
 
 
