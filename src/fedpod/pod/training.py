@@ -163,31 +163,26 @@ class TrainingRunner:
         device = resolve_device(self.device_setting, plan)
         phase("evaluating" if request.evaluate_only else "training")
         if request.evaluate_only:  # the scores alone go back: the model is the modeller's own
-            scored = run_evaluation(plan, groups.get("params", {}), args, min_rows)
-            return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
-                               num_samples=scored.num_samples, metrics=scored.metrics,
-                               seconds=time.perf_counter() - started, device=device, tensors=[],
-                               feature_layout=scored.feature_layout)
-        # the received model becomes the plan's, unless secure aggregation needs it after training
-        result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state,
-                                 privacy=privacy, hand_over=request.secagg is None, min_rows=min_rows)
-        if state:
-            self._save_state(key, state)
-        if request.secagg is not None:
-            if masker is None or result.extra:
-                raise ConfigError("secure aggregation carries the model update only (no aggregator extras)")
-            update = flat_update(result.params, groups.get("params", {}))
-            masked, clipped = masker(update, result.num_samples)
-            tensors = encode_parts({MASKED: {"y": masked}})
-            return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset, num_samples=0,
-                               metrics=result.metrics | {"secagg_clipped": float(clipped)},
-                               seconds=time.perf_counter() - started, device=device, tensors=tensors,
-                               feature_layout=result.feature_layout)
-        tensors = encode_parts({"params": result.params,
-                                 **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
-        return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset,
-                           num_samples=result.num_samples, metrics=result.metrics,
-                           seconds=time.perf_counter() - started, device=device, tensors=tensors,
+            result = run_evaluation(plan, groups.get("params", {}), args, min_rows)
+            tensors, samples, metrics = [], result.num_samples, result.metrics
+        else:
+            # the received model becomes the plan's, unless secure aggregation needs it after training
+            result = run_local_round(plan, groups.get("params", {}), args, round_config, device=device, state=state,
+                                     privacy=privacy, hand_over=request.secagg is None, min_rows=min_rows)
+            if state:
+                self._save_state(key, state)
+            if request.secagg is None:
+                tensors = encode_parts({"params": result.params,
+                                         **{f"{EXTRA_PREFIX}{k}": v for k, v in result.extra.items()}})
+                samples, metrics = result.num_samples, result.metrics
+            else:
+                if masker is None or result.extra:
+                    raise ConfigError("secure aggregation carries the model update only (no aggregator extras)")
+                masked, clipped = masker(flat_update(result.params, groups.get("params", {})), result.num_samples)
+                tensors, samples = encode_parts({MASKED: {"y": masked}}), 0
+                metrics = result.metrics | {"secagg_clipped": float(clipped)}
+        return TrainResult(task_id=request.task_id, round=request.round, dataset=request.dataset, num_samples=samples,
+                           metrics=metrics, seconds=time.perf_counter() - started, device=device, tensors=tensors,
                            feature_layout=result.feature_layout)
 
 
