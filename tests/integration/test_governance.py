@@ -169,13 +169,17 @@ def test_a_custodian_can_withhold_min_and_max(alice: RunningPod, modeller: Model
     target = [f"alice/{DATASET}"]
     oldest = f"SELECT sex, MAX(age) AS oldest FROM {DATASET} GROUP BY sex"
     assert len(modeller.sql(oldest, datasets=target, aggregate=True)) == 2  # released by default
-    PodFolder(alice.config_path).set_limit(DATASET, "release_extremes", "false")
-    with pytest.raises(AccessDenied, match=r"releases no MIN or MAX: each is one member's value.*release_extremes"):
+    folder = PodFolder(alice.config_path)
+    folder.set_limit(DATASET, "release_extremes", "false")
+    with pytest.raises(AccessDenied, match=r"releases MIN and MAX, each one member's value, only to holders of "
+                                           r"sql_rows.*\[rule: release_extremes\]"):
         modeller.sql(oldest, datasets=target, aggregate=True)
     with pytest.raises(AccessDenied, match=r"give a histogram its value_range"):  # by default it spans MIN to MAX
         federated_histogram(modeller, "age", table=DATASET, datasets=target)
     ages = federated_histogram(modeller, "age", table=DATASET, datasets=target, bins=4, value_range=(0, 120))
     assert sum(ages.counts) == 400 and ages.below == ages.above == 0
+    folder.change_policy(lambda p: p.grant("modeller", p.modellers["modeller"], DATASET, ["sql_rows"]), "test")
+    assert len(modeller.sql(oldest, datasets=target, aggregate=True)) == 2  # its rows grant covers them
 
 
 def test_row_queries_are_capped_at_max_rows_and_say_so(alice: RunningPod, modeller: Modeller) -> None:

@@ -72,6 +72,8 @@ CASES: list[tuple[str, Policy, Request, str | None]] = [
     ("MIN and MAX where extremes are withheld", policy(release_extremes=False), request(extremes=True),
      "release_extremes"),
     ("other aggregates where extremes are withheld", policy(release_extremes=False), request(), None),
+    ("MIN and MAX where extremes are withheld, to a holder of sql_rows",
+     policy(release_extremes=False, grants=[{"to": ["lab"], "kinds": ["sql_rows"]}]), request(extremes=True), None),
 ]
 
 

@@ -19,7 +19,7 @@ The `policies:` section of a pod config names who the pod knows and what each ma
           models: null                    # built-in model names (or "custom" for approved plans); null: any
           require_secure_aggregation: false
           protect_differencing: true      # refuse aggregates differing from a released one by < min_group_size rows
-          release_extremes: true          # false: refuse MIN and MAX, each one member's value
+          release_extremes: true          # false: MIN and MAX, each one member's value, need sql_rows
           epsilon_budget: null            # set: training must be DP, and DP tasks are charged to it
           epsilon_budget_scope: per_modeller  # or total: one budget shared by every modeller
           tasks_per_hour: null            # per modeller on this dataset
@@ -89,7 +89,7 @@ class DatasetPolicy(BaseModel):
     models: list[str] | None = None
     require_secure_aggregation: bool = False
     protect_differencing: bool = True  # refuse an aggregate whose cohort is within min_group_size of one released
-    release_extremes: bool = True  # false: an aggregate with MIN or MAX (each one member's value) is refused
+    release_extremes: bool = True  # false: an aggregate with MIN or MAX (each one member's value) needs sql_rows
     epsilon_budget: float | None = Field(default=None, gt=0)  # set: training must be differentially private
     epsilon_budget_scope: Literal["per_modeller", "total"] = "per_modeller"
     tasks_per_hour: int | None = Field(default=None, ge=1)
@@ -295,22 +295,26 @@ def decide(policy: Policy, request: Request) -> Decision:
     violations: list[Violation] = []
     today = request.at.astimezone(dt.UTC).date()
     principals = policy.principals(name)
-    covering = [g for g in limits.grants if principals & set(g.to) and request.kind in g.kinds]
-    if not covering:
-        violations.append(Violation("grants", f"{name} holds no grant of {request.kind} on {where}",
-                                    f"ask the custodian to grant {request.kind} on {where} to {name}"))
+    kind = request.kind
+    if kind == "sql_aggregate" and request.extremes and not limits.release_extremes:
+        kind = "sql_rows"  # a MIN or MAX is one member's value, as a row is
+    covering = [g for g in limits.grants if principals & set(g.to) and kind in g.kinds]
+    if not covering and kind != request.kind:
+        violations.append(Violation("release_extremes", f"{where} releases MIN and MAX, each one member's value, only "
+                                    f"to holders of sql_rows, which {name} is not",
+                                    "ask for quantiles (withheld near the extremes), give a histogram its value_range, "
+                                    "or ask the custodian to set release_extremes: true"))
+    elif not covering:
+        violations.append(Violation("grants", f"{name} holds no grant of {kind} on {where}",
+                                    f"ask the custodian to grant {kind} on {where} to {name}"))
     elif not any(g.active(today) for g in covering):
         ended = max(g.expires for g in covering if g.expires is not None)
-        violations.append(Violation("expires", f"{name}'s grant of {request.kind} on {where} expired on {ended}",
-                                    f"ask the custodian to renew {request.kind} on {where} for {name}"))
+        violations.append(Violation("expires", f"{name}'s grant of {kind} on {where} expired on {ended}",
+                                    f"ask the custodian to renew {kind} on {where} for {name}"))
     hidden = sorted(c for c in request.columns if not limits.columns.permits(c))
     if hidden:
         violations.append(Violation("columns", f"column(s) {hidden} of {where} are not released",
                                     f"leave out {', '.join(hidden)}, or ask the custodian to release them"))
-    if request.kind == "sql_aggregate" and request.extremes and not limits.release_extremes:
-        violations.append(Violation("release_extremes", f"{where} releases no MIN or MAX: each is one member's value",
-                                    "ask for quantiles (withheld near the extremes), give a histogram its value_range, "
-                                    "or ask the custodian to set release_extremes: true"))
     if request.kind in ("train", "evaluate") and limits.models is not None and request.model not in limits.models:
         violations.append(Violation("models", f"model {request.model!r} is not among {where}'s allowed models "
                                     f"{limits.models}", f"use one of {limits.models}, or ask the custodian to allow "
