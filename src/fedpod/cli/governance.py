@@ -144,7 +144,8 @@ def policy_budget(config: ConfigPath = Path("pod.yaml")) -> None:
 def policy_set(
     dataset: Annotated[str, typer.Argument(help="a dataset of the pod, or '*' for every dataset without its own")],
     field: Annotated[str, typer.Argument(help=", ".join(LIMIT_FIELDS))],
-    value: Annotated[str, typer.Argument(help="YAML: 5, null, true, [a, b] (or a,b for columns)")],
+    # \[: rich took the list's brackets for markup and dropped them
+    value: Annotated[str, typer.Argument(help=r"YAML: 5, null, true, \[a, b] (or a,b for columns)")],
     config: ConfigPath = Path("pod.yaml"),
 ) -> None:
     """Change one limit of a dataset's policy (checked whole; refused naming the field if invalid)."""
