@@ -10,6 +10,8 @@ import numpy as np
 from fedpod.algorithms.training.plans import LocalResult
 from fedpod.training import DataManager, TrainingPlan
 
+ROWS = 20
+
 
 class AddOne(TrainingPlan):
     def post_init(self, model_args, training_args):
@@ -29,8 +31,8 @@ class AddOne(TrainingPlan):
     def predict_scores(self, features):
         return np.zeros(len(features))
 
-    def training_data(self):
-        return DataManager(np.zeros((1, 1), dtype=np.float32), np.zeros(1))
+    def training_data(self):  # as many rows as each pod's data file: no fewer than its min_group_size
+        return DataManager(np.zeros((ROWS, 1), dtype=np.float32), np.zeros(ROWS))
 
     def train_round(self, features, target, args, round_config, device, state):
         if self.dataset_path is not None and "drop_out" in Path(self.dataset_path).read_text():
